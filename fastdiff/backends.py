@@ -1,0 +1,271 @@
+"""Backend dispatch shared by every fastdiff op.
+
+Each op (group_norm, attention, ...) owns a :class:`Dispatcher` holding its
+backends. A backend declares what it supports by answering
+``not_supported_reasons(inputs) -> list[str]``; an empty list means it can run.
+
+Selection, per call:
+
+1. the op's ``backend=`` keyword, if given;
+2. else the innermost ``with fastdiff.use_backend(...)`` block (per thread);
+3. else the ``FASTDIFF_BACKEND`` environment variable;
+4. else ``"auto"``: the first backend with no reasons, in the op's priority
+   order for the input's device (and GPU architecture).
+
+A forced backend that cannot run raises :class:`BackendNotSupportedError`
+listing every backend with its reasons. Nothing ever falls back silently.
+
+``FASTDIFF_BACKEND`` and ``use_backend`` take either one name for every op
+(``"triton"``) or per-op choices (``"group_norm=triton,attention=sdpa"`` /
+``use_backend(group_norm="triton")``). A name an op does not have is an error.
+
+``with fastdiff.trace_dispatch() as calls:`` records ``(op_name, backend_name)``
+for each op call made inside the block, and ``explain_dispatch`` reports the
+reasons every backend gives for one set of inputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+AUTO = "auto"
+ENV_VAR = "FASTDIFF_BACKEND"
+
+
+class BackendNotSupportedError(ValueError):
+    """A requested backend cannot run these inputs (or does not exist)."""
+
+
+def triton_interpret_enabled() -> bool:
+    """True when Triton kernels run on the CPU through the interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:  # noqa: BLE001 - any import failure means "not available"
+        return False
+    return True
+
+
+def device_reasons(tensors: Sequence[torch.Tensor], *, allow_cpu_interpret: bool) -> List[str]:
+    """Shared device check for GPU kernels.
+
+    CUDA tensors are accepted. CPU tensors are accepted only when
+    ``allow_cpu_interpret`` and TRITON_INTERPRET=1 (Triton's CPU interpreter).
+    """
+    devices = {t.device for t in tensors if t is not None}
+    if len(devices) > 1:
+        return [f"inputs are on different devices: {sorted(str(d) for d in devices)}"]
+    device = devices.pop()
+    if device.type == "cuda":
+        return []
+    if device.type == "cpu" and allow_cpu_interpret and triton_interpret_enabled():
+        return []
+    if allow_cpu_interpret:
+        return [f"needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {device.type}"]
+    return [f"needs CUDA tensors, got {device.type}"]
+
+
+@dataclass
+class Backend:
+    """One implementation of an op.
+
+    ``not_supported_reasons(inputs)`` returns why it cannot run ``inputs``
+    (a dict the op builds, documented in the op's module); ``[]`` means it can.
+    ``run(inputs)`` computes the op's result.
+    """
+
+    name: str
+    not_supported_reasons: Callable[[Mapping[str, Any]], List[str]]
+    run: Callable[[Mapping[str, Any]], Any]
+    description: str = ""
+
+
+class Dispatcher:
+    """The backends of one op and the rule that orders them for ``auto``.
+
+    ``priority(inputs)`` returns backend names, best first. Ops keep their
+    priority table next to their kernels, with the benchmark that set it.
+    """
+
+    def __init__(self, op_name: str, backends: Sequence[Backend], priority: Callable[[Mapping[str, Any]], Sequence[str]]):
+        self.op_name = op_name
+        self.backends: Dict[str, Backend] = {b.name: b for b in backends}
+        self.priority = priority
+
+    def reasons(self, inputs: Mapping[str, Any]) -> Dict[str, List[str]]:
+        """Every backend's reasons for ``inputs`` (empty list = can run)."""
+        return {name: list(b.not_supported_reasons(inputs)) for name, b in self.backends.items()}
+
+    def requested(self, backend: Optional[str]) -> Tuple[str, str]:
+        """The backend name asked for, and where the request came from."""
+        if backend is not None:
+            return backend, "backend= argument"
+        forced = _forced_for(self.op_name)
+        if forced is not None:
+            return forced, "fastdiff.use_backend"
+        env = _choice_for(_parse_choice(os.environ.get(ENV_VAR, ""), ENV_VAR), self.op_name)
+        if env is not None:
+            return env, f"{ENV_VAR} environment variable"
+        return AUTO, "auto"
+
+    def select(self, inputs: Mapping[str, Any], backend: Optional[str] = None) -> Backend:
+        name, source = self.requested(backend)
+        if name != AUTO and name not in self.backends:
+            raise BackendNotSupportedError(
+                f"{self.op_name}: unknown backend {name!r} (from {source}); "
+                f"expected one of {[AUTO, *self.backends]}"
+            )
+        if name == AUTO:
+            order = list(self.priority(inputs))
+            for candidate in order:
+                reasons = self.backends[candidate].not_supported_reasons(inputs)
+                if not reasons:
+                    chosen = self.backends[candidate]
+                    break
+            else:
+                raise BackendNotSupportedError(self._report(f"no backend can run these inputs (auto order {order})", inputs))
+        else:
+            chosen = self.backends[name]
+            if chosen.not_supported_reasons(inputs):
+                raise BackendNotSupportedError(self._report(f"backend {name!r} (from {source}) cannot run these inputs", inputs))
+        _record(self.op_name, chosen.name)
+        return chosen
+
+    def __call__(self, inputs: Mapping[str, Any], backend: Optional[str] = None):
+        return self.select(inputs, backend).run(inputs)
+
+    def _report(self, headline: str, inputs: Mapping[str, Any]) -> str:
+        lines = [f"{self.op_name}: {headline}:"]
+        for name, reasons in self.reasons(inputs).items():
+            lines.append(f"  {name}: " + ("; ".join(reasons) if reasons else "supported"))
+        return "\n".join(lines)
+
+    def explain(self, inputs: Mapping[str, Any], backend: Optional[str] = None) -> str:
+        """A readable account of which backend would run, why, and every backend's reasons."""
+        name, source = self.requested(backend)
+        order = list(self.priority(inputs))
+        lines = [f"{self.op_name}: requested {name!r} (from {source}); auto order {order}"]
+        for bname, reasons in self.reasons(inputs).items():
+            lines.append(f"  {bname}: " + ("; ".join(reasons) if reasons else "supported"))
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# Forcing: per-thread (and per-asyncio-task) stack of choices via contextvars.
+# ---------------------------------------------------------------------------
+
+_FORCED: contextvars.ContextVar[Tuple[Dict[str, str], ...]] = contextvars.ContextVar("fastdiff_forced_backends", default=())
+_TRACES: contextvars.ContextVar[Tuple[list, ...]] = contextvars.ContextVar("fastdiff_dispatch_traces", default=())
+
+_ALL_OPS = "*"
+
+
+def _parse_choice(text: str, source: str) -> Dict[str, str]:
+    """Parse ``"triton"`` or ``"group_norm=triton,attention=sdpa"``."""
+    text = text.strip()
+    if not text:
+        return {}
+    if "=" not in text:
+        return {_ALL_OPS: text}
+    choice = {}
+    for item in text.split(","):
+        op, sep, name = item.partition("=")
+        if not sep or not op.strip() or not name.strip():
+            raise ValueError(f"{source}: expected 'backend' or 'op=backend,op=backend', got {text!r}")
+        choice[op.strip()] = name.strip()
+    return choice
+
+
+def _choice_for(choice: Mapping[str, str], op_name: str) -> Optional[str]:
+    return choice.get(op_name, choice.get(_ALL_OPS))
+
+
+def _forced_for(op_name: str) -> Optional[str]:
+    for choice in reversed(_FORCED.get()):
+        name = _choice_for(choice, op_name)
+        if name is not None:
+            return name
+    return None
+
+
+@contextlib.contextmanager
+def use_backend(name: Optional[str] = None, **per_op: str) -> Iterator[None]:
+    """Force backends inside a ``with`` block.
+
+    ``use_backend("triton")`` forces Triton for every op; ``use_backend(group_norm="cuda")``
+    forces one op. Blocks nest; the innermost wins. The choice is local to the
+    current thread (and asyncio task), so concurrent callers do not interfere.
+    """
+    if name is not None and per_op:
+        raise ValueError("use_backend: give either one backend name for every op or op=backend keywords, not both")
+    if name is None and not per_op:
+        raise ValueError("use_backend: expected a backend name such as 'triton', or op=backend keywords")
+    choice: Dict[str, str] = {_ALL_OPS: name} if name is not None else dict(per_op)
+    token = _FORCED.set(_FORCED.get() + (choice,))
+    try:
+        yield
+    finally:
+        _FORCED.reset(token)
+
+
+@contextlib.contextmanager
+def trace_dispatch() -> Iterator[List[Tuple[str, str]]]:
+    """Record ``(op_name, backend_name)`` for every op call made inside the block."""
+    calls: List[Tuple[str, str]] = []
+    token = _TRACES.set(_TRACES.get() + (calls,))
+    try:
+        yield calls
+    finally:
+        _TRACES.reset(token)
+
+
+def _record(op_name: str, backend_name: str) -> None:
+    traces = _TRACES.get()
+    for calls in traces:
+        calls.append((op_name, backend_name))
+    if logger.isEnabledFor(logging.DEBUG):
+        logger.debug("%s -> %s", op_name, backend_name)
+
+
+_DISPATCHERS: Dict[str, Dispatcher] = {}
+
+
+def register_dispatcher(dispatcher: Dispatcher) -> Dispatcher:
+    if dispatcher.op_name in _DISPATCHERS:
+        raise ValueError(f"a dispatcher for {dispatcher.op_name!r} is already registered")
+    _DISPATCHERS[dispatcher.op_name] = dispatcher
+    return dispatcher
+
+
+def get_dispatcher(op_name: str) -> Dispatcher:
+    if op_name not in _DISPATCHERS:
+        import fastdiff.ops  # noqa: F401 - importing the ops registers their dispatchers
+
+        getattr(fastdiff.ops, op_name, None)
+    try:
+        return _DISPATCHERS[op_name]
+    except KeyError:
+        raise ValueError(f"unknown op {op_name!r}; expected one of {sorted(_DISPATCHERS)}") from None
+
+
+def explain_dispatch(op_name: str, *args, **kwargs) -> str:
+    """Which backend ``fastdiff.ops.<op_name>(*args, **kwargs)`` would run, and every backend's reasons."""
+    import fastdiff.ops
+
+    op = getattr(fastdiff.ops, op_name, None)
+    explain = getattr(op, "explain", None)
+    if explain is None:
+        raise ValueError(f"unknown op {op_name!r}")
+    return explain(*args, **kwargs)
