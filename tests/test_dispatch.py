@@ -1,0 +1,126 @@
+"""Backend dispatch: auto selection, the three ways to force, tracing, and error reports."""
+
+import threading
+
+import pytest
+import torch
+
+import fastdiff
+from fastdiff import backends
+from fastdiff.backends import Backend, BackendNotSupportedError, Dispatcher
+
+
+def _toy_dispatcher(name="toy"):
+    """Two backends: 'fast' runs only on even-length inputs, 'slow' runs on anything."""
+    return Dispatcher(
+        name,
+        [
+            Backend("fast", lambda i: [] if i["x"].numel() % 2 == 0 else ["odd length"], lambda i: ("fast", i["x"] * 2)),
+            Backend("slow", lambda i: [], lambda i: ("slow", i["x"] * 2)),
+        ],
+        lambda i: ["fast", "slow"],
+    )
+
+
+def test_auto_takes_first_backend_without_reasons():
+    d = _toy_dispatcher()
+    assert d({"x": torch.randn(4)})[0] == "fast"
+    assert d({"x": torch.randn(5)})[0] == "slow"
+
+
+def test_forced_backend_that_cannot_run_lists_every_backend():
+    d = _toy_dispatcher()
+    with pytest.raises(BackendNotSupportedError) as info:
+        d({"x": torch.randn(5)}, backend="fast")
+    message = str(info.value)
+    assert "fast: odd length" in message and "slow: supported" in message and "backend= argument" in message
+
+
+def test_unknown_backend_name_is_an_error():
+    d = _toy_dispatcher()
+    with pytest.raises(BackendNotSupportedError, match="unknown backend 'nope'"):
+        d({"x": torch.randn(4)}, backend="nope")
+
+
+def test_precedence_argument_then_context_then_env(monkeypatch):
+    d = _toy_dispatcher()
+    x = {"x": torch.randn(4)}
+    monkeypatch.setenv("FASTDIFF_BACKEND", "slow")
+    assert d(x)[0] == "slow"
+    with fastdiff.use_backend("fast"):
+        assert d(x)[0] == "fast"
+        assert d(x, backend="slow")[0] == "slow"
+        with fastdiff.use_backend(toy="slow"):
+            assert d(x)[0] == "slow"
+        assert d(x)[0] == "fast"
+
+
+def test_env_var_per_op_syntax(monkeypatch):
+    d = _toy_dispatcher()
+    monkeypatch.setenv("FASTDIFF_BACKEND", "other_op=fast,toy=slow")
+    assert d({"x": torch.randn(4)})[0] == "slow"
+    monkeypatch.setenv("FASTDIFF_BACKEND", "toy=")
+    with pytest.raises(ValueError, match="FASTDIFF_BACKEND"):
+        d({"x": torch.randn(4)})
+
+
+def test_use_backend_rejects_ambiguous_arguments():
+    with pytest.raises(ValueError):
+        with fastdiff.use_backend("fast", toy="slow"):
+            pass
+    with pytest.raises(ValueError):
+        with fastdiff.use_backend():
+            pass
+
+
+def test_use_backend_is_thread_local():
+    d = _toy_dispatcher()
+    x = {"x": torch.randn(4)}
+    inside, outside = threading.Event(), threading.Event()
+    seen = {}
+
+    def other_thread():
+        inside.wait(5)
+        seen["other"] = d(x)[0]
+        outside.set()
+
+    t = threading.Thread(target=other_thread)
+    t.start()
+    with fastdiff.use_backend("slow"):
+        inside.set()
+        outside.wait(5)
+        seen["main"] = d(x)[0]
+    t.join()
+    assert seen == {"other": "fast", "main": "slow"}
+
+
+def test_trace_dispatch_records_each_call_and_nests():
+    d = _toy_dispatcher()
+    with fastdiff.trace_dispatch() as outer:
+        d({"x": torch.randn(4)})
+        with fastdiff.trace_dispatch() as inner:
+            d({"x": torch.randn(3)})
+    assert outer == [("toy", "fast"), ("toy", "slow")]
+    assert inner == [("toy", "slow")]
+    d({"x": torch.randn(4)})
+    assert len(outer) == 2
+
+
+def test_explain_names_request_and_reasons():
+    d = _toy_dispatcher()
+    text = d.explain({"x": torch.randn(5)})
+    assert "requested 'auto'" in text and "fast: odd length" in text
+
+
+def test_group_norm_is_registered_and_explainable():
+    x = torch.randn(2, 6, 5)
+    text = fastdiff.explain_dispatch("group_norm", x, 3)
+    assert "reference: supported" in text
+    assert "cuda:" in text and "needs CUDA tensors" in text
+
+
+def test_device_reasons():
+    cpu = torch.randn(3)
+    assert backends.device_reasons([cpu], allow_cpu_interpret=False)
+    meta = torch.empty(3, device="meta")
+    assert "different devices" in backends.device_reasons([cpu, meta], allow_cpu_interpret=True)[0]
