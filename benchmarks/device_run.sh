@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The one script to run on a GPU machine (fits in ~8 minutes on an H100):
+#   bash benchmarks/device_run.sh [OUT_DIR]      (default: $OUT, else benchmarks/results/device-<date>)
+# 1. builds the CUDA extension for this card,
+# 2. runs the GPU tests (the same test files as CI, now on CUDA instead of the interpreter),
+# 3. runs every benchmark, each writing its full results under OUT_DIR,
+# 4. prints a short summary table last.
+# Wheels the device image lacks (e.g. diffusers for the oracle tests) can travel in .whl/
+# (see the device tool's README); they are installed to /tmp/site when present.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR="${1:-${OUT:-benchmarks/results/device-$(date -u +%Y%m%d-%H%M%S)}}"
+mkdir -p "$OUT_DIR"
+export PYTHONUNBUFFERED=1
+status=0
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+echo "== environment =="
+python3 - <<'PY' | tee "$OUT_DIR/env.txt"
+import subprocess, torch, triton
+print("card:", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none")
+print("capability:", torch.cuda.get_device_capability(0) if torch.cuda.is_available() else "none")
+print("torch:", torch.__version__, "cuda:", torch.version.cuda, "triton:", triton.__version__)
+print("commit:", subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown")
+PY
+
+echo "== build: CUDA extension (sm_$(python3 -c 'import torch; a,b=torch.cuda.get_device_capability(0); print(f"{a}{b}")')) =="
+arch=$(python3 -c 'import torch; a,b=torch.cuda.get_device_capability(0); print(f"{a}{b}")')
+start=$(date +%s)
+if FASTDIFF_CUDA_ARCHS="$arch" python3 -m pip install -q --no-build-isolation --no-deps -e . >"$OUT_DIR/build.log" 2>&1; then
+  echo "built in $(( $(date +%s) - start )) s"
+else
+  echo "BUILD FAILED (see build.log)"; tail -30 "$OUT_DIR/build.log"; status=1
+fi
+
+echo "== GPU tests =="
+python3 -m pytest -q -x --timeout=0 -p no:cacheprovider \
+  tests/test_group_norm.py tests/test_group_norm_triton.py tests/test_group_norm_cuda.py \
+  $(ls tests/test_attention.py tests/test_scheduler_step.py 2>/dev/null) \
+  2>&1 | tee "$OUT_DIR/tests.log" | tail -15
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+echo "== benchmarks =="
+for bench in benchmarks/bench_group_norm.py benchmarks/bench_attention.py benchmarks/bench_scheduler_step.py; do
+  [ -f "$bench" ] || continue
+  name=$(basename "$bench" .py)
+  timeout 240 python3 "$bench" --out "$OUT_DIR" >"$OUT_DIR/$name.log" 2>&1 || { echo "$name FAILED"; tail -20 "$OUT_DIR/$name.log"; status=1; }
+done
+
+echo "== summary =="
+for log in "$OUT_DIR"/bench_*.log; do
+  [ -f "$log" ] || continue
+  echo "-- $(basename "$log" .log)"
+  # each benchmark prints its own short table last, after a line '== table =='
+  sed -n '/^== table ==$/,$p' "$log" | tail -n +2
+done
+exit $status
