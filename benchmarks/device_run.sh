@@ -38,7 +38,7 @@ else
 fi
 
 echo "== GPU tests =="
-python3 -m pytest -q -x --timeout=0 -p no:cacheprovider \
+python3 -m pytest -q -x -p no:cacheprovider \
   tests/test_group_norm.py tests/test_group_norm_triton.py tests/test_group_norm_cuda.py \
   $(ls tests/test_attention.py tests/test_scheduler_step.py 2>/dev/null) \
   2>&1 | tee "$OUT_DIR/tests.log" | tail -15
