@@ -112,3 +112,107 @@ def test_euler_matches_diffusers(config, step_kwargs):
 def test_euler_custom_timesteps_and_sigmas_match_diffusers():
     assert_loops_match("EulerDiscreteScheduler", {}, None, set_kwargs={"timesteps": [999, 800, 650, 400, 120, 3]})
     assert_loops_match("EulerDiscreteScheduler", {}, None, set_kwargs={"sigmas": [14.6, 7.0, 3.2, 1.1, 0.3, 0.0]})
+
+
+DDPM_CASES = [
+    *[({"variance_type": v}, {}) for v in ("fixed_small", "fixed_small_log", "fixed_large")],
+    *[(b, {}) for b in BETAS],
+    *[(s, {}) for s in SPACINGS],
+    ({"beta_schedule": "sigmoid"}, {}),
+    ({"steps_offset": 1, "clip_sample_range": 0.7}, {}),
+    ({"prediction_type": "v_prediction", "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}, {}),
+    ({"prediction_type": "sample", "clip_sample": False}, {}),
+    ({"thresholding": True, "sample_max_value": 1.3}, {}),
+]
+
+
+@pytest.mark.parametrize("config,step_kwargs", DDPM_CASES)
+def test_ddpm_matches_diffusers(config, step_kwargs):
+    assert_loops_match("DDPMScheduler", config, step_kwargs=step_kwargs)
+
+
+def test_ddpm_custom_timesteps_and_learned_range_match_diffusers():
+    assert_loops_match("DDPMScheduler", {}, None, set_kwargs={"timesteps": [990, 700, 640, 300, 41, 0]})
+    # learned_range: the model returns eps and a variance interpolation channel block.
+    ours, ref = fs.DDPMScheduler(variance_type="learned_range"), diffusers.DDPMScheduler(variance_type="learned_range")
+    for s in (ours, ref):
+        s.set_timesteps(8)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(SHAPE, generator=gen)
+    out = torch.randn(SHAPE[0], 2 * SHAPE[1], *SHAPE[2:], generator=gen).clamp(-1, 1)
+    for t in ours.timesteps:
+        got = ours.step(out, t, x, generator=torch.Generator().manual_seed(int(t))).prev_sample
+        want = ref.step(out, t, x, generator=torch.Generator().manual_seed(int(t))).prev_sample
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+PNDM_CASES = [
+    {},
+    {"skip_prk_steps": True},
+    {"skip_prk_steps": True, "set_alpha_to_one": False, "steps_offset": 1,
+     "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012},
+    *[{**s, "skip_prk_steps": True} for s in SPACINGS],
+    *[{**b} for b in BETAS[2:]],
+    {"prediction_type": "v_prediction", "skip_prk_steps": True},
+    {"timestep_spacing": "trailing"},
+]
+
+
+@pytest.mark.parametrize("config", PNDM_CASES)
+def test_pndm_matches_diffusers(config):
+    assert_loops_match("PNDMScheduler", config, num_steps=15)
+
+
+EULER_A_CASES = [
+    *[(b, {}) for b in BETAS],
+    *[(s, {}) for s in SPACINGS],
+    ({"timestep_spacing": "leading", "steps_offset": 1}, {}),
+    ({"prediction_type": "v_prediction", "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}, {}),
+]
+
+
+@pytest.mark.parametrize("config,step_kwargs", EULER_A_CASES)
+def test_euler_ancestral_matches_diffusers(config, step_kwargs):
+    assert_loops_match("EulerAncestralDiscreteScheduler", config, step_kwargs=step_kwargs)
+
+
+HEUN_CASES = [
+    {},
+    *BETAS[1:],
+    {"beta_schedule": "exp"},
+    *SPACINGS,
+    {"timestep_spacing": "leading", "steps_offset": 1},
+    {"use_karras_sigmas": True},
+    {"use_exponential_sigmas": True},
+    {"prediction_type": "v_prediction"},
+    {"prediction_type": "sample", "clip_sample": True, "clip_sample_range": 2.0},
+]
+
+
+@pytest.mark.parametrize("config", HEUN_CASES)
+def test_heun_matches_diffusers(config):
+    assert_loops_match("HeunDiscreteScheduler", config, num_steps=8)
+
+
+def test_heun_custom_timesteps_match_diffusers():
+    assert_loops_match("HeunDiscreteScheduler", {}, None, set_kwargs={"timesteps": [999, 700, 501, 200, 10]})
+
+
+LMS_CASES = [
+    ({}, {}),
+    *[(b, {}) for b in BETAS[1:]],
+    *[(s, {}) for s in SPACINGS],
+    ({"timestep_spacing": "leading", "steps_offset": 1}, {}),
+    ({"use_karras_sigmas": True}, {}),
+    ({"use_exponential_sigmas": True}, {}),
+    ({"prediction_type": "v_prediction"}, {}),
+    ({"prediction_type": "sample"}, {"order": 3}),
+    ({}, {"order": 2}),
+    ({}, {"order": 6}),
+]
+
+
+@pytest.mark.parametrize("config,step_kwargs", LMS_CASES)
+def test_lms_matches_diffusers(config, step_kwargs):
+    pytest.importorskip("scipy")  # diffusers' LMS (the oracle) needs it; fastdiff's does not
+    assert_loops_match("LMSDiscreteScheduler", config, step_kwargs=step_kwargs)
