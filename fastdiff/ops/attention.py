@@ -1,0 +1,219 @@
+"""Scaled dot-product attention: the op, its reference twin, and its backends.
+
+Public entry point: :func:`attention` (layout (B, H, L, D), like
+``torch.nn.functional.scaled_dot_product_attention``). Backends:
+
+* ``reference``: :func:`attention_ref`, plain PyTorch math in fp32 (fp64 stays
+  fp64). The test oracle; never picked by ``auto``.
+* ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention``, the vendor
+  baseline and the CPU path.
+
+The ``auto`` priority table is :func:`_priority`; the reason for each entry is
+written next to it.
+
+Fully-masked rows (a query whose every key is masked out, by ``False`` or by
+``-inf``) produce zeros, and zero gradients. That is what torch >= 2.5's SDPA
+returns on every backend we checked (torch 2.13 CPU: flash and math), and all
+our backends do the same.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Mapping, Optional
+
+import torch
+import torch.nn.functional as F
+
+from fastdiff import backends
+
+OP_NAME = "attention"
+#: dtypes the op accepts; fp64 runs on ``reference`` and ``sdpa`` only.
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: head dims the op accepts: every multiple of 8 in [8, 256].
+HEAD_DIM_MULTIPLE = 8
+MAX_HEAD_DIM = 256
+
+
+# ---------------------------------------------------------------------------
+# Reference twin (plain PyTorch): the oracle.
+# ---------------------------------------------------------------------------
+
+
+def attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    upcast: bool = True,
+) -> torch.Tensor:
+    """softmax(q @ k^T * scale + mask) @ v in plain PyTorch.
+
+    With ``upcast`` (the default) fp16/bf16 inputs are computed in fp32 and the
+    result is cast back: the math the fused kernel does. ``upcast=False``
+    computes in the inputs' dtype. A boolean ``attn_mask`` keeps the positions
+    where it is True; a floating one is added to the scores. Fully-masked rows
+    give zeros (see the module docstring). Returns (B, H, Lq, D) in q's dtype.
+    """
+    compute = torch.float32 if upcast and q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    qc, kc, vc = q.to(compute), k.to(compute), v.to(compute)
+    scores = torch.matmul(qc, kc.transpose(-2, -1)) * scale
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask.to(compute)
+    row_max = scores.amax(dim=-1, keepdim=True)
+    # A fully-masked row has max -inf; shift it by 0 instead so exp() gives 0, not NaN.
+    row_max = torch.where(torch.isneginf(row_max), torch.zeros_like(row_max), row_max)
+    weights = torch.exp(scores - row_max)
+    denom = weights.sum(dim=-1, keepdim=True)
+    probs = weights / torch.where(denom == 0, torch.ones_like(denom), denom)
+    return torch.matmul(probs, vc).to(q.dtype)
+
+
+# ---------------------------------------------------------------------------
+# Input validation: concise errors naming the argument.
+# ---------------------------------------------------------------------------
+
+
+def _check_inputs(q, k, v, attn_mask, scale) -> None:
+    for arg_name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"attention: {arg_name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"attention: {arg_name} must have shape (B, H, L, D), got shape {tuple(t.shape)}")
+        if t.numel() == 0:
+            raise ValueError(f"attention: {arg_name} is empty (shape {tuple(t.shape)})")
+        if t.dtype not in DTYPES:
+            raise ValueError(f"attention: {arg_name} must be fp16, bf16, fp32 or fp64, got {t.dtype}")
+    for arg_name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise ValueError(f"attention: {arg_name} dtype {t.dtype} does not match q's dtype {q.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"attention: {arg_name} is on {t.device} but q is on {q.device}")
+        for dim, what in ((0, "batch size B"), (1, "head count H"), (3, "head dim D")):
+            if t.shape[dim] != q.shape[dim]:
+                raise ValueError(
+                    f"attention: {arg_name} has {what} {t.shape[dim]} but q has {q.shape[dim]} "
+                    f"(q {tuple(q.shape)}, {arg_name} {tuple(t.shape)})"
+                )
+    if v.shape[2] != k.shape[2]:
+        raise ValueError(f"attention: v has length {v.shape[2]} but k has {k.shape[2]}; they must match (Lk)")
+    head_dim = q.shape[3]
+    if head_dim % HEAD_DIM_MULTIPLE != 0 or head_dim > MAX_HEAD_DIM:
+        raise ValueError(f"attention: head dim {head_dim} is unsupported; expected a multiple of 8 from 8 to 256")
+    if attn_mask is not None:
+        if not isinstance(attn_mask, torch.Tensor):
+            raise ValueError(f"attention: attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+        if attn_mask.dtype != torch.bool and attn_mask.dtype != q.dtype:
+            raise ValueError(f"attention: attn_mask must be bool or q's dtype {q.dtype}, got {attn_mask.dtype}")
+        if attn_mask.device != q.device:
+            raise ValueError(f"attention: attn_mask is on {attn_mask.device} but q is on {q.device}")
+        target = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        if not _broadcastable(tuple(attn_mask.shape), target):
+            raise ValueError(f"attention: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to (B, H, Lq, Lk) = {target}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale != scale):
+        raise ValueError(f"attention: scale must be a float or None, got {scale!r}")
+
+
+def _broadcastable(shape: tuple, target: tuple) -> bool:
+    """True when ``shape`` broadcasts to exactly ``target`` (not merely with it)."""
+    if len(shape) > len(target):
+        return False
+    return all(s in (1, t) for s, t in zip(reversed(shape), reversed(target)))
+
+
+# ---------------------------------------------------------------------------
+# Backends. ``inputs`` is the dict built by :func:`_inputs`:
+# q, k, v (B, H, L, D), attn_mask (broadcastable to (B, H, Lq, Lk)) or None,
+# scale (a float; None already resolved to D ** -0.5).
+# ---------------------------------------------------------------------------
+
+
+def _reference_reasons(inputs: Mapping[str, Any]) -> List[str]:
+    return []
+
+
+def _reference_run(inputs: Mapping[str, Any]) -> torch.Tensor:
+    return attention_ref(inputs["q"], inputs["k"], inputs["v"], inputs["attn_mask"], inputs["scale"])
+
+
+def _sdpa_reasons(inputs: Mapping[str, Any]) -> List[str]:
+    return []
+
+
+def _sdpa_run(inputs: Mapping[str, Any]) -> torch.Tensor:
+    return F.scaled_dot_product_attention(inputs["q"], inputs["k"], inputs["v"], attn_mask=inputs["attn_mask"], scale=inputs["scale"])
+
+
+def _priority(inputs: Mapping[str, Any]) -> List[str]:
+    """The ``auto`` order.
+
+    * CPU tensors -> ``sdpa``: torch's CPU flash kernel is the fastest CPU
+      path we have; ``reference`` is the oracle and never auto.
+    """
+    return ["sdpa"]
+
+
+_DISPATCHER = backends.register_dispatcher(
+    backends.Dispatcher(
+        OP_NAME,
+        [
+            backends.Backend("reference", _reference_reasons, _reference_run, "plain PyTorch math in fp32 (the oracle)"),
+            backends.Backend("sdpa", _sdpa_reasons, _sdpa_run, "torch.nn.functional.scaled_dot_product_attention"),
+        ],
+        _priority,
+    )
+)
+
+
+# ---------------------------------------------------------------------------
+# Public op
+# ---------------------------------------------------------------------------
+
+
+def _inputs(q, k, v, attn_mask, scale) -> Dict[str, Any]:
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return {"q": q, "k": k, "v": v, "attn_mask": attn_mask, "scale": scale}
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """softmax(q @ k^T * scale + attn_mask) @ v, non-causal, no dropout.
+
+    Args:
+        q: (B, H, Lq, D) queries; fp16, bf16 or fp32 (fp64 on ``reference``
+            and ``sdpa``). D is a multiple of 8 from 8 to 256.
+        k: (B, H, Lk, D) keys, same dtype and device as q. Lk may differ from Lq.
+        v: (B, H, Lk, D) values.
+        attn_mask: None, or a mask broadcastable to (B, H, Lq, Lk): boolean
+            (True = attend) or additive in q's dtype.
+        scale: multiplies q @ k^T; None means D ** -0.5.
+        backend: "auto", "reference" or "sdpa"; None follows
+            ``fastdiff.use_backend`` / FASTDIFF_BACKEND, else auto.
+
+    Returns:
+        (B, H, Lq, D) in q's dtype. Fully-masked rows are zeros.
+
+    Gradients flow to q, k and v (and an additive attn_mask) through PyTorch's
+    autograd on both backends.
+    """
+    _check_inputs(q, k, v, attn_mask, scale)
+    return _DISPATCHER(_inputs(q, k, v, attn_mask, scale), backend)
+
+
+def explain(q, k, v, attn_mask=None, scale=None, backend=None) -> str:
+    """Which backend :func:`attention` would run on these inputs, and every backend's reasons."""
+    _check_inputs(q, k, v, attn_mask, scale)
+    return _DISPATCHER.explain(_inputs(q, k, v, attn_mask, scale), backend)
+
+
+attention.explain = explain
