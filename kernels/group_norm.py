@@ -1,0 +1,751 @@
+"""Triton GroupNorm (+SiLU): forward and fused backward, NCHW and NHWC without copies.
+
+Public launchers (called by the custom ops in ``fastdiff/ops/group_norm.py``):
+
+* :func:`layout_reasons` -- why the kernels cannot read ``x`` in place ([] if they can);
+* :func:`group_norm_forward` -- ``(y, mean, rstd)``;
+* :func:`group_norm_backward` -- ``(dx, dw, db)``;
+* :func:`launch_config` -- the one launch heuristic (block sizes, warps, split).
+
+Indexing. ``x`` is (N, C, *spatial). The spatial dims are collapsed to at most
+two ``(size, stride)`` pairs (:func:`_collapse_spatial`), so element ``(n, c, s)``
+with flat spatial index ``s`` lives at::
+
+    n * stride_n + c * stride_c + (s // S1) * stride_s0 + (s % S1) * stride_s1   # TWO_D
+    n * stride_n + c * stride_c + s * stride_s1                                  # otherwise
+
+Contiguous NCHW collapses to one dim with stride 1, channels_last (NHWC/NDHWC)
+to one dim with stride C, a channel slice or batch-strided view keeps its
+strides, and ``x[..., ::2]`` with an odd last dim needs the TWO_D form. Every
+kernel loads 2-D ``[BLOCK_C, BLOCK_S]`` tiles through these explicit strides;
+Triton specialises integer arguments equal to 1, so the contiguous axis (s for
+NCHW, c for NHWC) is known at compile time and its loads are vectorised.
+
+Forward, two paths (chosen by :func:`launch_config`):
+
+* **single pass** (a group fits in one tile, ``BLOCK_C * BLOCK_S <= 4096``):
+  one program per (n, group) loads the group once, computes mean and variance
+  in registers (two-pass over the registers, exact) and writes y. Traffic:
+  1 read + 1 write.
+* **split** (larger groups): at batch 2 with 32 groups there are only 64
+  (n, group) pairs, far under a wave of 132 SMs, so each program owns a
+  (n, channel block, spatial chunk) tile instead:
+
+  1. ``_stats_kernel``: per-channel (mean, M2) of its chunk, merging tile
+     partials with Chan's parallel formula (no naive sum / sum-of-squares);
+  2. ``_combine_kernel``: one tiny program per (n, group) merges the
+     channel x chunk partials into the group's mean and rstd;
+  3. ``_apply_kernel``: normalise, affine, optional SiLU, store in x's dtype.
+
+  Traffic: 1 read for the statistics + 1 read + 1 write.
+
+Backward (``_bwd_reduce_kernel`` then ``_bwd_dx_kernel``), with
+x_hat = (x - mean) * rstd, z = x_hat * w + b, y = act(z)::
+
+    dz        = dy * act'(z)          silu'(z) = s * (1 + z * (1 - s)),  s = sigmoid(z)
+    dw[c]     = sum_{n,s} dz * x_hat        db[c] = sum_{n,s} dz
+    A[n,g]    = mean_{c in g, s} (dz * w)   B[n,g] = mean_{c in g, s} (dz * w * x_hat)
+    dx        = rstd * (dz * w - A - x_hat * B)
+
+The reduce kernel writes per-(n, c, chunk) partial sums of ``dz * x_hat`` and
+``dz`` (z is recomputed from x, never stored); a few tiny torch sums turn them
+into dw, db, A and B; the dx kernel then reads x and dy once more.
+
+All arithmetic is fp32: every load is cast with ``.to(tl.float32)`` right away
+and every store casts back to the output's dtype.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import math
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_SPATIAL_DIMS = 2  # collapsed (size, stride) pairs the kernels index
+_INT32_MAX = 2**31 - 1
+
+
+# ---------------------------------------------------------------------------
+# Launch heuristics (the one place that picks block sizes, warps and split).
+# ---------------------------------------------------------------------------
+
+# A group of at most this many tile elements (padded to powers of two) is held
+# in registers by one program: 4096 fp32 values over 8 warps is 16 per thread
+# for x plus as many for the centred copy, comfortably without spills.
+SINGLE_PASS_MAX_ELEMS = 4096
+# Split-path tile: 2048 elements (4 KiB of fp16) per load with 4 warps is 16
+# elements (32 B) per thread, two 16-byte vector loads along the contiguous axis.
+SPLIT_TILE_ELEMS = 2048
+SPLIT_NUM_WARPS = 4
+# NHWC: a channel block wide enough for 128-byte fp16 rows along the contiguous
+# channel axis. NCHW: rows along the contiguous spatial axis of up to 1 KiB fp16.
+SPLIT_MAX_BLOCK_C_NHWC = 64
+SPLIT_MAX_BLOCK_S_NCHW = 512
+# Aim for this many programs per SM on the split path: with 4-warp programs
+# several are resident per SM, so 4 per SM is at least two full waves and keeps
+# enough bytes in flight to cover DRAM latency.
+PROGRAMS_PER_SM = 4
+# Under TRITON_INTERPRET=1 there is no GPU; pretend to have a few SMs so the
+# heuristic still splits moderately large groups in tests.
+INTERPRET_NUM_SMS = 4
+COMBINE_BLOCK = 256  # partials merged per step by _combine_kernel
+
+
+@dataclass(frozen=True)
+class GroupNormConfig:
+    """How one GroupNorm call is launched.
+
+    single_pass: one program per (n, group) holds the whole group
+        (needs block_c >= C / num_groups and block_s >= spatial size).
+    block_c, block_s: tile shape [block_c channels, block_s spatial positions],
+        powers of two.
+    num_warps: warps per program.
+    split: number of spatial chunks per (n, channel block) on the split path
+        (1 on the single-pass path). The launcher rounds each chunk up to a
+        multiple of block_s, so the number of chunks launched may be smaller.
+    """
+
+    single_pass: bool
+    block_c: int
+    block_s: int
+    num_warps: int
+    split: int = 1
+
+
+def _next_pow2(v: int) -> int:
+    return max(2, triton.next_power_of_2(v))
+
+
+def launch_config(n: int, c: int, s: int, num_groups: int, channels_contiguous: bool, num_sms: int) -> GroupNormConfig:
+    """Pick the forward/backward launch for x of shape (n, c, s) with ``num_groups`` groups.
+
+    ``channels_contiguous`` is True for NHWC-like strides (the channel stride is
+    1), which makes the channel axis the wide one of the tile. ``num_sms`` is the
+    device's multiprocessor count (132 on an H100/H200).
+    """
+    cpg = c // num_groups
+    group_tile = _next_pow2(cpg) * _next_pow2(s)
+    if group_tile <= SINGLE_PASS_MAX_ELEMS:
+        num_warps = max(1, min(8, group_tile // 512))
+        return GroupNormConfig(True, _next_pow2(cpg), _next_pow2(s), num_warps, 1)
+    if channels_contiguous:
+        block_c = min(_next_pow2(c), SPLIT_MAX_BLOCK_C_NHWC)
+        block_s = min(_next_pow2(s), SPLIT_TILE_ELEMS // block_c)
+    else:
+        block_s = min(_next_pow2(s), SPLIT_MAX_BLOCK_S_NCHW)
+        block_c = min(_next_pow2(c), SPLIT_TILE_ELEMS // block_s)
+    base_programs = n * triton.cdiv(c, block_c)
+    want = triton.cdiv(PROGRAMS_PER_SM * num_sms, base_programs)
+    split = max(1, min(want, triton.cdiv(s, block_s)))
+    return GroupNormConfig(False, block_c, block_s, SPLIT_NUM_WARPS, split)
+
+
+def _chunking(s: int, config: GroupNormConfig) -> Tuple[int, int]:
+    """(chunk, n_chunks): spatial positions per program and programs along s.
+
+    The chunk is a multiple of block_s, rounded down from s / split so that at
+    least ``split`` chunks are launched whenever s allows it.
+    """
+    chunk = max(config.block_s, (triton.cdiv(s, config.split) // config.block_s) * config.block_s)
+    return chunk, triton.cdiv(s, chunk)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return _cuda_num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return INTERPRET_NUM_SMS
+
+
+def _check_config(config: GroupNormConfig, cpg: int, s: int) -> None:
+    for name in ("block_c", "block_s"):
+        v = getattr(config, name)
+        if v < 1 or v & (v - 1):
+            raise ValueError(f"group_norm config: {name} must be a power of two, got {v}")
+    if config.split < 1:
+        raise ValueError(f"group_norm config: split must be >= 1, got {config.split}")
+    if config.single_pass and (config.block_c < cpg or config.block_s < s):
+        raise ValueError(
+            f"group_norm config: single_pass needs block_c >= {cpg} and block_s >= {s}, got {config.block_c} x {config.block_s}"
+        )
+
+
+# ---------------------------------------------------------------------------
+# Layout: collapse the spatial dims to at most two (size, stride) pairs.
+# ---------------------------------------------------------------------------
+
+
+def _collapse_spatial(sizes: Sequence[int], strides: Sequence[Sequence[int]]) -> List[Tuple[int, List[int]]]:
+    """Merge adjacent spatial dims wherever every tensor's strides allow it.
+
+    ``strides`` holds one stride tuple per tensor that the kernel indexes with
+    the same flat spatial index. Dims of size 1 are dropped; dim i and i+1
+    merge when ``stride[i] == size[i+1] * stride[i+1]`` for every tensor.
+    Returns ``[(size, [stride per tensor]), ...]``, outermost first, never empty.
+    """
+    out: List[Tuple[int, List[int]]] = []
+    for i, size in enumerate(sizes):
+        if size == 1:
+            continue
+        sts = [st[i] for st in strides]
+        if out and all(prev == size * cur for prev, cur in zip(out[-1][1], sts)):
+            out[-1] = (out[-1][0] * size, sts)
+        else:
+            out.append((size, sts))
+    return out or [(1, [0] * len(strides))]
+
+
+def _spatial_args(dims: List[Tuple[int, List[int]]], k: int) -> Tuple[int, int, int, bool]:
+    """(S1, stride_s0, stride_s1, TWO_D) for tensor number ``k`` of a collapse."""
+    if len(dims) == 1:
+        return dims[0][0], 0, dims[0][1][k], False
+    return dims[1][0], dims[0][1][k], dims[1][1][k], True
+
+
+def layout_reasons(x: torch.Tensor, num_groups: int) -> List[str]:
+    """Why the Triton kernels cannot read ``x`` in place; [] when they can.
+
+    Accepted without a copy: contiguous NCHW/NCDHW, channels_last(_3d), channel
+    slices, batch-strided views and anything else whose spatial dims collapse to
+    at most two (size, stride) pairs, e.g. ``x[..., ::2]``.
+    """
+    if x.dim() < 3:
+        return [f"x must have at least one spatial dim, got shape {tuple(x.shape)}"]
+    dims = _collapse_spatial(x.shape[2:], [x.stride()[2:]])
+    reasons = []
+    if len(dims) > MAX_SPATIAL_DIMS:
+        reasons.append(
+            f"x's spatial strides {tuple(x.stride()[2:])} collapse to {len(dims)} (size, stride) pairs; the kernel indexes at most {MAX_SPATIAL_DIMS}"
+        )
+    span = (x.shape[1] - 1) * x.stride(1) + sum((size - 1) * sts[0] for size, sts in dims)
+    if span > _INT32_MAX:
+        reasons.append(f"one sample of x spans {span + 1} elements; the kernel's per-sample offsets are 32-bit")
+    return reasons
+
+
+# ---------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------
+
+
+@triton.jit
+def _spatial_offsets(offs_s, S1, stride_s0, stride_s1, TWO_D: tl.constexpr):
+    """Element offsets of flat spatial indices ``offs_s`` (see the module docstring)."""
+    if TWO_D:
+        return (offs_s // S1) * stride_s0 + (offs_s % S1) * stride_s1
+    else:
+        return offs_s * stride_s1
+
+
+@triton.jit
+def _single_pass_kernel(
+    X,  # pointer to x, (N, C, *spatial), any collapsible strides
+    Y,  # pointer to y, same shape as x, its own strides
+    W,  # pointer to weight, (C,) contiguous
+    B,  # pointer to bias, (C,) contiguous
+    MEAN,  # pointer to the fp32 mean output, (N, G) contiguous
+    RSTD,  # pointer to the fp32 1/std output, (N, G) contiguous
+    S,  # number of spatial positions (product of the spatial sizes)
+    S1,  # size of the inner collapsed spatial dim (TWO_D only)
+    stride_xn, stride_xc, stride_xs0, stride_xs1,  # x strides: batch, channel, outer/inner spatial
+    stride_yn, stride_yc, stride_ys0, stride_ys1,  # y strides, same order
+    G,  # number of groups
+    CPG,  # channels per group
+    eps,  # added to the variance
+    SILU: tl.constexpr,  # apply SiLU after the affine
+    TWO_D: tl.constexpr,  # spatial index needs two (size, stride) pairs
+    BLOCK_C: tl.constexpr,  # >= CPG, power of two
+    BLOCK_S: tl.constexpr,  # >= S, power of two
+):
+    # One program per (n, group): pid = n * G + g. The whole group is one tile.
+    pid = tl.program_id(0)
+    n = pid // G
+    g = pid % G
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_s = tl.arange(0, BLOCK_S)
+    mask_c = offs_c < CPG
+    mask = mask_c[:, None] & (offs_s < S)[None, :]
+    chan = g * CPG + offs_c
+    x_ptrs = X + n.to(tl.int64) * stride_xn + chan[:, None] * stride_xc + _spatial_offsets(offs_s, S1, stride_xs0, stride_xs1, TWO_D)[None, :]
+    x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+    # Statistics from registers: mean first, then the centred second moment.
+    count = CPG * S * 1.0
+    mean = tl.sum(tl.sum(x, axis=1), axis=0) / count
+    xc = tl.where(mask, x - mean, 0.0)
+    var = tl.sum(tl.sum(xc * xc, axis=1), axis=0) / count
+    rstd = 1.0 / tl.sqrt(var + eps)
+    w = tl.load(W + chan, mask=mask_c, other=0.0).to(tl.float32)
+    b = tl.load(B + chan, mask=mask_c, other=0.0).to(tl.float32)
+    y = xc * (rstd * w)[:, None] + b[:, None]
+    if SILU:
+        y = y * tl.sigmoid(y)
+    y_ptrs = Y + n.to(tl.int64) * stride_yn + chan[:, None] * stride_yc + _spatial_offsets(offs_s, S1, stride_ys0, stride_ys1, TWO_D)[None, :]
+    tl.store(y_ptrs, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(MEAN + pid, mean)
+    tl.store(RSTD + pid, rstd)
+
+
+@triton.jit
+def _stats_kernel(
+    X,  # pointer to x, (N, C, *spatial)
+    PMEAN,  # pointer to fp32 partial means, (N, C, n_chunks) contiguous
+    PM2,  # pointer to fp32 partial sums of squared deviations, (N, C, n_chunks)
+    C,  # number of channels
+    S,  # number of spatial positions
+    S1,  # size of the inner collapsed spatial dim (TWO_D only)
+    stride_xn, stride_xc, stride_xs0, stride_xs1,  # x strides: batch, channel, outer/inner spatial
+    chunk,  # spatial positions per program (a multiple of BLOCK_S)
+    n_chunks,  # programs along the spatial axis
+    n_cblocks,  # programs along the channel axis, cdiv(C, BLOCK_C)
+    TWO_D: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    # pid = (n * n_chunks + chunk_id) * n_cblocks + cblock: neighbouring programs
+    # take neighbouring channel blocks of the same chunk, which are adjacent in
+    # memory for NHWC.
+    pid = tl.program_id(0)
+    cb = pid % n_cblocks
+    sp = (pid // n_cblocks) % n_chunks
+    n = pid // (n_cblocks * n_chunks)
+    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    x_base = X + n.to(tl.int64) * stride_xn + offs_c[:, None] * stride_xc
+    s_begin = sp * chunk
+    s_end = tl.minimum(s_begin + chunk, S)
+    # Running per-channel count / mean / M2 of this chunk, merged tile by tile
+    # with Chan et al.'s formula: for partials (n_a, m_a, M2_a), (n_b, m_b, M2_b),
+    #   n = n_a + n_b, d = m_b - m_a, m = m_a + d * n_b / n, M2 = M2_a + M2_b + d^2 n_a n_b / n.
+    cnt = 0.0
+    mean = tl.zeros([BLOCK_C], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for s0 in range(s_begin, s_end, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        mask_s = offs_s < s_end
+        mask = mask_c[:, None] & mask_s[None, :]
+        x = tl.load(x_base + _spatial_offsets(offs_s, S1, stride_xs0, stride_xs1, TWO_D)[None, :], mask=mask, other=0.0).to(tl.float32)
+        cnt_t = tl.sum(mask_s.to(tl.float32), axis=0)
+        mean_t = tl.sum(x, axis=1) / cnt_t
+        xc = tl.where(mask, x - mean_t[:, None], 0.0)
+        m2_t = tl.sum(xc * xc, axis=1)
+        cnt_new = cnt + cnt_t
+        delta = mean_t - mean
+        mean = mean + delta * (cnt_t / cnt_new)
+        m2 = m2 + m2_t + delta * delta * (cnt * cnt_t / cnt_new)
+        cnt = cnt_new
+    p_offs = (n * C + offs_c) * n_chunks + sp
+    tl.store(PMEAN + p_offs, mean, mask=mask_c)
+    tl.store(PM2 + p_offs, m2, mask=mask_c)
+
+
+@triton.jit
+def _combine_kernel(
+    PMEAN,  # pointer to fp32 partial means, (N, C, n_chunks) contiguous
+    PM2,  # pointer to fp32 partial M2, (N, C, n_chunks) contiguous
+    MEAN,  # pointer to the fp32 mean output, (N, G)
+    RSTD,  # pointer to the fp32 1/std output, (N, G)
+    C,  # number of channels
+    S,  # number of spatial positions
+    G,  # number of groups
+    CPG,  # channels per group
+    chunk,  # spatial positions per chunk (the last chunk may be shorter)
+    n_chunks,  # chunks per channel
+    eps,
+    BLOCK_P: tl.constexpr,  # partials merged per step
+):
+    # One program per (n, group): pid = n * G + g. A group's CPG * n_chunks
+    # partials are contiguous; partial p belongs to chunk p % n_chunks, whose
+    # element count is min(chunk, S - chunk_id * chunk).
+    pid = tl.program_id(0)
+    n = pid // G
+    g = pid % G
+    base = (n * C + g * CPG) * n_chunks
+    total = CPG * n_chunks
+    cnt = 0.0
+    mean = 0.0
+    m2 = 0.0
+    for p0 in range(0, total, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        mask = p < total
+        m_i = tl.load(PMEAN + base + p, mask=mask, other=0.0)
+        q_i = tl.load(PM2 + base + p, mask=mask, other=0.0)
+        c_i = tl.where(mask, tl.minimum(chunk, S - (p % n_chunks) * chunk), 0).to(tl.float32)
+        # Merge the block's partials at once (exact parallel formula), then
+        # merge the block into the running total with Chan's formula.
+        cnt_b = tl.sum(c_i, axis=0)
+        mean_b = tl.sum(c_i * m_i, axis=0) / cnt_b
+        d_i = m_i - mean_b
+        m2_b = tl.sum(q_i + c_i * d_i * d_i, axis=0)
+        cnt_new = cnt + cnt_b
+        delta = mean_b - mean
+        mean = mean + delta * (cnt_b / cnt_new)
+        m2 = m2 + m2_b + delta * delta * (cnt * cnt_b / cnt_new)
+        cnt = cnt_new
+    tl.store(MEAN + pid, mean)
+    tl.store(RSTD + pid, 1.0 / tl.sqrt(m2 / cnt + eps))
+
+
+@triton.jit
+def _apply_kernel(
+    X,  # pointer to x, (N, C, *spatial)
+    Y,  # pointer to y, same shape, its own strides
+    W,  # pointer to weight, (C,) contiguous
+    B,  # pointer to bias, (C,) contiguous
+    MEAN,  # pointer to fp32 group means, (N, G)
+    RSTD,  # pointer to fp32 group 1/std, (N, G)
+    C,  # number of channels
+    S,  # number of spatial positions
+    S1,  # size of the inner collapsed spatial dim (TWO_D only)
+    stride_xn, stride_xc, stride_xs0, stride_xs1,  # x strides: batch, channel, outer/inner spatial
+    stride_yn, stride_yc, stride_ys0, stride_ys1,  # y strides, same order
+    G,  # number of groups
+    CPG,  # channels per group
+    chunk,  # spatial positions per program
+    n_chunks,  # programs along the spatial axis
+    n_cblocks,  # programs along the channel axis
+    SILU: tl.constexpr,
+    TWO_D: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    # Same program mapping as _stats_kernel: (n, chunk, channel block).
+    pid = tl.program_id(0)
+    cb = pid % n_cblocks
+    sp = (pid // n_cblocks) % n_chunks
+    n = pid // (n_cblocks * n_chunks)
+    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    # Per-channel affine folded with the group statistics: y = (x - mean) * scale + b.
+    grp = n * G + offs_c // CPG
+    mean = tl.load(MEAN + grp, mask=mask_c, other=0.0)
+    rstd = tl.load(RSTD + grp, mask=mask_c, other=0.0)
+    scale = rstd * tl.load(W + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+    shift = tl.load(B + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+    x_base = X + n.to(tl.int64) * stride_xn + offs_c[:, None] * stride_xc
+    y_base = Y + n.to(tl.int64) * stride_yn + offs_c[:, None] * stride_yc
+    s_begin = sp * chunk
+    s_end = tl.minimum(s_begin + chunk, S)
+    for s0 in range(s_begin, s_end, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        mask = mask_c[:, None] & (offs_s < s_end)[None, :]
+        x = tl.load(x_base + _spatial_offsets(offs_s, S1, stride_xs0, stride_xs1, TWO_D)[None, :], mask=mask, other=0.0).to(tl.float32)
+        y = (x - mean[:, None]) * scale[:, None] + shift[:, None]
+        if SILU:
+            y = y * tl.sigmoid(y)
+        tl.store(y_base + _spatial_offsets(offs_s, S1, stride_ys0, stride_ys1, TWO_D)[None, :], y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bwd_reduce_kernel(
+    DY,  # pointer to dy, same shape as x, its own strides
+    X,  # pointer to x, (N, C, *spatial)
+    W,  # pointer to weight, (C,) contiguous
+    B,  # pointer to bias, (C,) contiguous
+    MEAN,  # pointer to fp32 group means, (N, G)
+    RSTD,  # pointer to fp32 group 1/std, (N, G)
+    PDS,  # pointer to fp32 partial sum(dz * x_hat), (N, C, n_chunks) contiguous
+    PDB,  # pointer to fp32 partial sum(dz), (N, C, n_chunks) contiguous
+    C,  # number of channels
+    S,  # number of spatial positions
+    S1,  # size of the inner collapsed spatial dim (TWO_D only)
+    stride_xn, stride_xc, stride_xs0, stride_xs1,  # x strides: batch, channel, outer/inner spatial
+    stride_dyn, stride_dyc, stride_dys0, stride_dys1,  # dy strides, same order
+    G,  # number of groups
+    CPG,  # channels per group
+    chunk,  # spatial positions per program
+    n_chunks,  # programs along the spatial axis
+    n_cblocks,  # programs along the channel axis
+    SILU: tl.constexpr,
+    TWO_D: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    # Program mapping as in _stats_kernel: pid -> (n, chunk, channel block).
+    pid = tl.program_id(0)
+    cb = pid % n_cblocks
+    sp = (pid // n_cblocks) % n_chunks
+    n = pid // (n_cblocks * n_chunks)
+    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    grp = n * G + offs_c // CPG
+    mean = tl.load(MEAN + grp, mask=mask_c, other=0.0)
+    rstd = tl.load(RSTD + grp, mask=mask_c, other=0.0)
+    w = tl.load(W + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+    b = tl.load(B + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+    x_base = X + n.to(tl.int64) * stride_xn + offs_c[:, None] * stride_xc
+    dy_base = DY + n.to(tl.int64) * stride_dyn + offs_c[:, None] * stride_dyc
+    s_begin = sp * chunk
+    s_end = tl.minimum(s_begin + chunk, S)
+    # Accumulate elementwise over the chunk, reduce along s once at the end.
+    acc_ds = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
+    acc_db = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
+    for s0 in range(s_begin, s_end, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        mask = mask_c[:, None] & (offs_s < s_end)[None, :]
+        x = tl.load(x_base + _spatial_offsets(offs_s, S1, stride_xs0, stride_xs1, TWO_D)[None, :], mask=mask, other=0.0).to(tl.float32)
+        dz = tl.load(dy_base + _spatial_offsets(offs_s, S1, stride_dys0, stride_dys1, TWO_D)[None, :], mask=mask, other=0.0).to(tl.float32)
+        x_hat = (x - mean[:, None]) * rstd[:, None]
+        if SILU:
+            # z is recomputed from x; dz = dy * silu'(z).
+            z = x_hat * w[:, None] + b[:, None]
+            sig = tl.sigmoid(z)
+            dz = dz * sig * (1.0 + z * (1.0 - sig))
+        acc_ds += tl.where(mask, dz * x_hat, 0.0)
+        acc_db += tl.where(mask, dz, 0.0)
+    p_offs = (n * C + offs_c) * n_chunks + sp
+    tl.store(PDS + p_offs, tl.sum(acc_ds, axis=1), mask=mask_c)
+    tl.store(PDB + p_offs, tl.sum(acc_db, axis=1), mask=mask_c)
+
+
+@triton.jit
+def _bwd_dx_kernel(
+    DY,  # pointer to dy, same shape as x, its own strides
+    X,  # pointer to x, (N, C, *spatial)
+    DX,  # pointer to dx, same shape as x, its own strides
+    W,  # pointer to weight, (C,) contiguous
+    B,  # pointer to bias, (C,) contiguous
+    MEAN,  # pointer to fp32 group means, (N, G)
+    RSTD,  # pointer to fp32 group 1/std, (N, G)
+    COEF_A,  # pointer to fp32 A = mean_group(dz * w), (N, G)
+    COEF_B,  # pointer to fp32 B = mean_group(dz * w * x_hat), (N, G)
+    C,  # number of channels
+    S,  # number of spatial positions
+    S1,  # size of the inner collapsed spatial dim (TWO_D only)
+    stride_xn, stride_xc, stride_xs0, stride_xs1,  # x strides: batch, channel, outer/inner spatial
+    stride_dyn, stride_dyc, stride_dys0, stride_dys1,  # dy strides, same order
+    stride_dxn, stride_dxc, stride_dxs0, stride_dxs1,  # dx strides, same order
+    G,  # number of groups
+    CPG,  # channels per group
+    chunk,  # spatial positions per program
+    n_chunks,  # programs along the spatial axis
+    n_cblocks,  # programs along the channel axis
+    SILU: tl.constexpr,
+    TWO_D: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    # Program mapping as in _stats_kernel. dx = rstd * (dz * w - A - x_hat * B).
+    pid = tl.program_id(0)
+    cb = pid % n_cblocks
+    sp = (pid // n_cblocks) % n_chunks
+    n = pid // (n_cblocks * n_chunks)
+    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    grp = n * G + offs_c // CPG
+    mean = tl.load(MEAN + grp, mask=mask_c, other=0.0)
+    rstd = tl.load(RSTD + grp, mask=mask_c, other=0.0)
+    coef_a = tl.load(COEF_A + grp, mask=mask_c, other=0.0)
+    coef_b = tl.load(COEF_B + grp, mask=mask_c, other=0.0)
+    w = tl.load(W + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+    b = tl.load(B + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+    x_base = X + n.to(tl.int64) * stride_xn + offs_c[:, None] * stride_xc
+    dy_base = DY + n.to(tl.int64) * stride_dyn + offs_c[:, None] * stride_dyc
+    dx_base = DX + n.to(tl.int64) * stride_dxn + offs_c[:, None] * stride_dxc
+    s_begin = sp * chunk
+    s_end = tl.minimum(s_begin + chunk, S)
+    for s0 in range(s_begin, s_end, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        mask = mask_c[:, None] & (offs_s < s_end)[None, :]
+        x = tl.load(x_base + _spatial_offsets(offs_s, S1, stride_xs0, stride_xs1, TWO_D)[None, :], mask=mask, other=0.0).to(tl.float32)
+        dz = tl.load(dy_base + _spatial_offsets(offs_s, S1, stride_dys0, stride_dys1, TWO_D)[None, :], mask=mask, other=0.0).to(tl.float32)
+        x_hat = (x - mean[:, None]) * rstd[:, None]
+        if SILU:
+            z = x_hat * w[:, None] + b[:, None]
+            sig = tl.sigmoid(z)
+            dz = dz * sig * (1.0 + z * (1.0 - sig))
+        dx = rstd[:, None] * (dz * w[:, None] - coef_a[:, None] - x_hat * coef_b[:, None])
+        tl.store(dx_base + _spatial_offsets(offs_s, S1, stride_dxs0, stride_dxs1, TWO_D)[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------
+
+
+def _check_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int) -> None:
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"group_norm (triton): x dtype must be fp32, fp16 or bf16, got {x.dtype}")
+    if x.dim() < 3 or x.numel() == 0:
+        raise ValueError(f"group_norm (triton): x must be a non-empty (N, C, *spatial) tensor, got shape {tuple(x.shape)}")
+    c = x.shape[1]
+    if num_groups <= 0 or c % num_groups:
+        raise ValueError(f"group_norm (triton): num_groups ({num_groups}) must divide the channel count ({c})")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t.shape != (c,) or t.dtype != x.dtype or t.device != x.device:
+            raise ValueError(f"group_norm (triton): {name} must be a ({c},) {x.dtype} tensor on {x.device}, got {tuple(t.shape)} {t.dtype} on {t.device}")
+    reasons = layout_reasons(x, num_groups)
+    if reasons:
+        raise ValueError("group_norm (triton): " + "; ".join(reasons))
+
+
+def _strides4(t: torch.Tensor, dims: List[Tuple[int, List[int]]], k: int) -> Tuple[int, int, int, int]:
+    """(stride_n, stride_c, stride_s0, stride_s1) of tensor number ``k`` of a collapse."""
+    _, s0, s1, _ = _spatial_args(dims, k)
+    return t.stride(0), t.stride(1), s0, s1
+
+
+def _device_ctx(x: torch.Tensor):
+    """Launch on x's GPU (Triton launches on the current device); nothing on the CPU."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+def _resolve_config(x: torch.Tensor, num_groups: int, config: Optional[GroupNormConfig]) -> GroupNormConfig:
+    n, c = x.shape[:2]
+    s = math.prod(x.shape[2:])
+    if config is None:
+        config = launch_config(n, c, s, num_groups, c > 1 and x.stride(1) == 1, _num_sms(x.device))
+        logger.debug("group_norm %s strides %s -> %s", tuple(x.shape), tuple(x.stride()), config)
+    else:
+        _check_config(config, c // num_groups, s)
+    return config
+
+
+def group_norm_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    num_groups: int,
+    eps: float,
+    silu: bool,
+    config: Optional[GroupNormConfig] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GroupNorm (+SiLU) forward.
+
+    Args:
+        x: (N, C, *spatial), fp32/fp16/bf16, any layout :func:`layout_reasons` accepts.
+        weight, bias: (C,) in x's dtype.
+        num_groups: G, dividing C.
+        eps: added to the variance.
+        silu: apply SiLU to the normalised, affine result.
+        config: launch override (tests, benchmarks); default :func:`launch_config`.
+
+    Returns:
+        y: ``torch.empty_like(x)`` (x's dtype and memory format) holding the result;
+        mean, rstd: fp32 (N, G) group statistics.
+    """
+    _check_args(x, weight, bias, num_groups)
+    n, c = x.shape[:2]
+    s = math.prod(x.shape[2:])
+    cpg = c // num_groups
+    config = _resolve_config(x, num_groups, config)
+    y = torch.empty_like(x)
+    mean = torch.empty((n, num_groups), dtype=torch.float32, device=x.device)
+    rstd = torch.empty((n, num_groups), dtype=torch.float32, device=x.device)
+    weight, bias = weight.contiguous(), bias.contiguous()
+    dims = _collapse_spatial(x.shape[2:], [x.stride()[2:], y.stride()[2:]])
+    s1, _, _, two_d = _spatial_args(dims, 0)
+    x_strides, y_strides = _strides4(x, dims, 0), _strides4(y, dims, 1)
+    with _device_ctx(x):
+        if config.single_pass:
+            _single_pass_kernel[(n * num_groups,)](
+                x, y, weight, bias, mean, rstd, s, s1, *x_strides, *y_strides, num_groups, cpg, eps,
+                SILU=silu, TWO_D=two_d, BLOCK_C=config.block_c, BLOCK_S=config.block_s, num_warps=config.num_warps,
+            )
+            return y, mean, rstd
+        chunk, n_chunks = _chunking(s, config)
+        n_cblocks = triton.cdiv(c, config.block_c)
+        grid = (n * n_chunks * n_cblocks,)
+        pmean = torch.empty((n, c, n_chunks), dtype=torch.float32, device=x.device)
+        pm2 = torch.empty_like(pmean)
+        _stats_kernel[grid](
+            x, pmean, pm2, c, s, s1, *x_strides, chunk, n_chunks, n_cblocks,
+            TWO_D=two_d, BLOCK_C=config.block_c, BLOCK_S=config.block_s, num_warps=config.num_warps,
+        )
+        _combine_kernel[(n * num_groups,)](
+            pmean, pm2, mean, rstd, c, s, num_groups, cpg, chunk, n_chunks, eps, BLOCK_P=COMBINE_BLOCK, num_warps=4,
+        )
+        _apply_kernel[grid](
+            x, y, weight, bias, mean, rstd, c, s, s1, *x_strides, *y_strides, num_groups, cpg, chunk, n_chunks, n_cblocks,
+            SILU=silu, TWO_D=two_d, BLOCK_C=config.block_c, BLOCK_S=config.block_s, num_warps=config.num_warps,
+        )
+    return y, mean, rstd
+
+
+def group_norm_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    num_groups: int,
+    silu: bool,
+    config: Optional[GroupNormConfig] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused GroupNorm (+SiLU) backward; the math is in the module docstring.
+
+    Args:
+        dy: gradient of y, x's shape and dtype, any strides (strides the kernel
+            cannot index together with x's are first copied into x's layout).
+        x, weight, bias: the forward's inputs.
+        mean, rstd: fp32 (N, G) statistics returned by :func:`group_norm_forward`.
+        num_groups, silu: as in the forward.
+        config: launch override; only its split-path tiling is used (a
+            single-pass config runs the backward with one chunk per channel block).
+
+    Returns:
+        dx (``torch.empty_like(x)``), dw and db (like weight and bias).
+    """
+    _check_args(x, weight, bias, num_groups)
+    if dy.shape != x.shape or dy.dtype != x.dtype or dy.device != x.device:
+        raise ValueError(f"group_norm backward: dy must match x ({tuple(x.shape)} {x.dtype}), got {tuple(dy.shape)} {dy.dtype} on {dy.device}")
+    n, c = x.shape[:2]
+    s = math.prod(x.shape[2:])
+    cpg = c // num_groups
+    expected = (n, num_groups)
+    for name, t in (("mean", mean), ("rstd", rstd)):
+        if t.shape != expected or t.dtype != torch.float32:
+            raise ValueError(f"group_norm backward: {name} must be fp32 of shape {expected}, got {t.dtype} {tuple(t.shape)}")
+    config = _resolve_config(x, num_groups, config)
+    if config.single_pass:
+        # The backward always reduces through partials; one chunk covers all of s.
+        config = GroupNormConfig(False, config.block_c, config.block_s, config.num_warps, 1)
+    dx = torch.empty_like(x)
+    strides = [x.stride()[2:], dy.stride()[2:], dx.stride()[2:]]
+    dims = _collapse_spatial(x.shape[2:], strides)
+    if len(dims) > MAX_SPATIAL_DIMS:
+        logger.debug("group_norm backward: copying dy with strides %s into x's layout", tuple(dy.stride()))
+        dy = torch.empty_like(x).copy_(dy)
+        dims = _collapse_spatial(x.shape[2:], [x.stride()[2:], dy.stride()[2:], dx.stride()[2:]])
+    s1, _, _, two_d = _spatial_args(dims, 0)
+    x_strides, dy_strides, dx_strides = (_strides4(t, dims, k) for k, t in enumerate((x, dy, dx)))
+    weight, bias, mean, rstd = weight.contiguous(), bias.contiguous(), mean.contiguous(), rstd.contiguous()
+    chunk, n_chunks = _chunking(s, config)
+    n_cblocks = triton.cdiv(c, config.block_c)
+    grid = (n * n_chunks * n_cblocks,)
+    pds = torch.empty((n, c, n_chunks), dtype=torch.float32, device=x.device)
+    pdb = torch.empty_like(pds)
+    with _device_ctx(x):
+        _bwd_reduce_kernel[grid](
+            dy, x, weight, bias, mean, rstd, pds, pdb, c, s, s1, *x_strides, *dy_strides, num_groups, cpg, chunk, n_chunks, n_cblocks,
+            SILU=silu, TWO_D=two_d, BLOCK_C=config.block_c, BLOCK_S=config.block_s, num_warps=config.num_warps,
+        )
+        # Tiny reductions: (N, C, n_chunks) partials -> per-channel and per-group sums.
+        ds_nc = pds.sum(dim=2)
+        db_nc = pdb.sum(dim=2)
+        w32 = weight.float()
+        group_size = float(cpg * s)
+        coef_a = (db_nc * w32).view(n, num_groups, cpg).sum(dim=2) / group_size
+        coef_b = (ds_nc * w32).view(n, num_groups, cpg).sum(dim=2) / group_size
+        _bwd_dx_kernel[grid](
+            dy, x, dx, weight, bias, mean, rstd, coef_a, coef_b, c, s, s1, *x_strides, *dy_strides, *dx_strides,
+            num_groups, cpg, chunk, n_chunks, n_cblocks,
+            SILU=silu, TWO_D=two_d, BLOCK_C=config.block_c, BLOCK_S=config.block_s, num_warps=config.num_warps,
+        )
+    dw = ds_nc.sum(dim=0).to(weight.dtype)
+    db = db_nc.sum(dim=0).to(bias.dtype)
+    return dx, dw, db
