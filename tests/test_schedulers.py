@@ -216,3 +216,38 @@ LMS_CASES = [
 def test_lms_matches_diffusers(config, step_kwargs):
     pytest.importorskip("scipy")  # diffusers' LMS (the oracle) needs it; fastdiff's does not
     assert_loops_match("LMSDiscreteScheduler", config, step_kwargs=step_kwargs)
+
+
+DPM_CASES = [
+    *[({"solver_order": o, "lower_order_final": lof}, 12) for o in (1, 2, 3) for lof in (True, False)],
+    *[({"solver_order": o, "use_karras_sigmas": True}, 12) for o in (2, 3)],
+    ({"solver_order": 3}, 20),
+    ({"solver_type": "heun", "solver_order": 2}, 12),
+    ({"euler_at_final": True, "solver_order": 3, "final_sigmas_type": "sigma_min"}, 16),
+    *[(b, 10) for b in BETAS[1:]],
+    *[(s, 10) for s in SPACINGS],
+    ({"timestep_spacing": "leading", "steps_offset": 1}, 10),
+    ({"use_karras_sigmas": True, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}, 10),
+    ({"use_exponential_sigmas": True}, 10),
+    ({"use_lu_lambdas": True}, 10),
+    ({"use_flow_sigmas": True, "flow_shift": 3.0, "prediction_type": "flow_prediction"}, 10),
+    ({"prediction_type": "v_prediction", "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}, 10),
+    ({"prediction_type": "sample", "thresholding": True, "sample_max_value": 1.5}, 10),
+    ({"lambda_min_clipped": -5.1}, 10),
+    ({"algorithm_type": "sde-dpmsolver++", "solver_order": 2}, 10),
+    ({"algorithm_type": "sde-dpmsolver++", "solver_order": 3, "solver_type": "heun"}, 10),
+    ({"algorithm_type": "sde-dpmsolver++", "solver_order": 1}, 10),
+    ({"algorithm_type": "dpmsolver", "solver_order": 3, "final_sigmas_type": "sigma_min"}, 10),
+    ({"algorithm_type": "dpmsolver", "solver_type": "heun", "final_sigmas_type": "sigma_min"}, 10),
+    ({"algorithm_type": "sde-dpmsolver", "final_sigmas_type": "sigma_min"}, 10),
+    ({"algorithm_type": "sde-dpmsolver", "solver_type": "heun", "final_sigmas_type": "sigma_min"}, 10),
+]
+
+
+@pytest.mark.parametrize("config,num_steps", DPM_CASES)
+def test_dpmsolver_multistep_matches_diffusers(config, num_steps):
+    assert_loops_match("DPMSolverMultistepScheduler", config, num_steps=num_steps)
+
+
+def test_dpmsolver_custom_timesteps_match_diffusers():
+    assert_loops_match("DPMSolverMultistepScheduler", {"solver_order": 3}, None, set_kwargs={"timesteps": [999, 850, 600, 420, 300, 80, 5]})

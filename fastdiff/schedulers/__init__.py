@@ -2,6 +2,7 @@
 
 from .scheduling_ddim import DDIMScheduler
 from .scheduling_ddpm import DDPMScheduler
+from .scheduling_dpmsolver_multistep import DPMSolverMultistepScheduler
 from .scheduling_euler_ancestral_discrete import EulerAncestralDiscreteScheduler
 from .scheduling_euler_discrete import EulerDiscreteScheduler
 from .scheduling_heun_discrete import HeunDiscreteScheduler
@@ -12,6 +13,7 @@ from .scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin, Schedul
 __all__ = [
     "DDIMScheduler",
     "DDPMScheduler",
+    "DPMSolverMultistepScheduler",
     "EulerAncestralDiscreteScheduler",
     "EulerDiscreteScheduler",
     "HeunDiscreteScheduler",

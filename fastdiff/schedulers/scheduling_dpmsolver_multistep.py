@@ -1,0 +1,544 @@
+"""DPM-Solver and DPM-Solver++ multistep samplers (Lu et al. 2022, https://arxiv.org/abs/2206.00927, https://arxiv.org/abs/2211.01095)."""
+
+import math
+
+import numpy as np
+import torch
+
+from .scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin, SchedulerOutput, randn_tensor, register_to_config
+
+ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++", "dpmsolver", "sde-dpmsolver")
+
+
+# Copied from fastdiff.schedulers.scheduling_ddim.betas_for_alpha_bar
+def betas_for_alpha_bar(num_diffusion_timesteps, max_beta=0.999, alpha_transform_type="cosine"):
+    """Betas that discretise a continuous alpha_bar(t), t in [0, 1].
+
+    ``cosine`` is the squared-cosine schedule of Nichol and Dhariwal 2021 (improved DDPM, eq. 17);
+    ``exp`` is alpha_bar(t) = exp(-12 t). Each beta is capped at ``max_beta``.
+    """
+    if alpha_transform_type == "cosine":
+
+        def alpha_bar(t):
+            return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    elif alpha_transform_type == "exp":
+
+        def alpha_bar(t):
+            return math.exp(t * -12.0)
+
+    else:
+        raise ValueError(f"alpha_transform_type must be 'cosine' or 'exp', got {alpha_transform_type!r}")
+    n = num_diffusion_timesteps
+    betas = [min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), max_beta) for i in range(n)]
+    return torch.tensor(betas, dtype=torch.float32)
+
+
+# Copied from fastdiff.schedulers.scheduling_ddim.rescale_zero_terminal_snr
+def rescale_zero_terminal_snr(betas):
+    """Rescale betas so that the last timestep has zero SNR (Lin et al. 2023, https://arxiv.org/abs/2305.08891, Alg. 1)."""
+    sqrt_ab = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
+    sqrt_ab -= last
+    sqrt_ab *= first / (first - last)
+    alphas_bar = sqrt_ab**2
+    alphas = torch.cat([alphas_bar[0:1], alphas_bar[1:] / alphas_bar[:-1]])
+    return 1 - alphas
+
+
+# Copied from fastdiff.schedulers.scheduling_ddim.make_betas
+def make_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, schedules):
+    """The training beta schedule as float32, from ``trained_betas`` or the named ``beta_schedule``."""
+    if trained_betas is not None:
+        return torch.tensor(np.asarray(trained_betas), dtype=torch.float32)
+    if beta_schedule not in schedules:
+        raise ValueError(f"beta_schedule must be one of {list(schedules)}, got {beta_schedule!r}")
+    if beta_schedule == "linear":
+        return torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
+    if beta_schedule == "scaled_linear":
+        return torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32) ** 2
+    if beta_schedule == "squaredcos_cap_v2":
+        return betas_for_alpha_bar(num_train_timesteps)
+    if beta_schedule == "exp":
+        return betas_for_alpha_bar(num_train_timesteps, alpha_transform_type="exp")
+    if beta_schedule == "sigmoid":
+        return torch.sigmoid(torch.linspace(-6, 6, num_train_timesteps)) * (beta_end - beta_start) + beta_start
+    raise AssertionError(beta_schedule)
+
+
+# Copied from fastdiff.schedulers.scheduling_ddim.threshold_sample
+def threshold_sample(sample, ratio, max_value):
+    """Dynamic thresholding (Saharia et al. 2022, Imagen, https://arxiv.org/abs/2205.11487, sec. 2.3).
+
+    Per sample, s = clamp(quantile(|x|, ratio), 1, max_value); x is clamped to [-s, s] and divided by s.
+    """
+    dtype = sample.dtype
+    batch, channels, *rest = sample.shape
+    flat = sample.float() if dtype not in (torch.float32, torch.float64) else sample
+    flat = flat.reshape(batch, channels * int(np.prod(rest)))
+    s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1, max=max_value).unsqueeze(1)
+    return (torch.clamp(flat, -s, s) / s).reshape(batch, channels, *rest).to(dtype)
+
+
+# Copied from fastdiff.schedulers.scheduling_euler_discrete.sigma_to_t
+def sigma_to_t(sigma, log_sigmas):
+    """The (fractional) training timestep whose sigma is ``sigma``, interpolating log-sigma linearly."""
+    log_sigma = np.log(np.maximum(sigma, 1e-10))
+    dists = log_sigma - log_sigmas[:, np.newaxis]
+    low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
+    high = low + 1
+    w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[high]), 0, 1)
+    return ((1 - w) * low + w * high).reshape(sigma.shape)
+
+
+# Copied from fastdiff.schedulers.scheduling_euler_discrete.karras_sigmas
+def karras_sigmas(sigma_min, sigma_max, num_inference_steps, rho=7.0):
+    """Karras et al. 2022, eq. 5: sigmas evenly spaced in sigma^(1/rho) from sigma_max down to sigma_min."""
+    ramp = np.linspace(0, 1, num_inference_steps)
+    min_inv_rho, max_inv_rho = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+
+
+# Copied from fastdiff.schedulers.scheduling_euler_discrete.exponential_sigmas
+def exponential_sigmas(sigma_min, sigma_max, num_inference_steps):
+    """Sigmas evenly spaced in log(sigma) from sigma_max down to sigma_min."""
+    return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), num_inference_steps))
+
+
+def alpha_sigma_from_sigma(sigma, flow=False):
+    """(alpha_t, sigma_t) of the VP process for a VE sigma: alpha = 1 / sqrt(sigma^2 + 1), sigma_t = sigma alpha.
+
+    With ``flow`` (rectified-flow sigmas) alpha = 1 - sigma and sigma_t = sigma.
+    """
+    if flow:
+        return 1 - sigma, sigma
+    alpha_t = 1 / ((sigma**2 + 1) ** 0.5)
+    return alpha_t, sigma * alpha_t
+
+
+def log_snr(alpha_t, sigma_t):
+    """lambda = log(alpha_t) - log(sigma_t), the half log-SNR that DPM-Solver steps in."""
+    return torch.log(alpha_t) - torch.log(sigma_t)
+
+
+class DPMSolverMultistepScheduler(SchedulerMixin):
+    """Multistep DPM-Solver++ (Lu et al. 2022b, Algorithm 2) and its relatives.
+
+    DPM-Solver++ integrates the data-prediction ODE in lambda = log(alpha_t / sigma_t):
+    order 1 is x_t = (sigma_t / sigma_s) x_s - alpha_t (e^{-h} - 1) x0_s (the DDIM step); orders 2
+    and 3 add finite differences D1, D2 of past x0 predictions (eq. 8 and the third-order
+    multistep of Lu et al. 2022a, Algorithm 3/4, ``solver_type`` midpoint or heun).
+    ``algorithm_type``:
+
+    * ``dpmsolver++`` (default): the deterministic solver above;
+    * ``sde-dpmsolver++``: its SDE variant (Lu et al. 2022b, sec. 5.1), x_t = (sigma_t / sigma_s)
+      e^{-h} x_s + alpha_t (1 - e^{-2h}) x0_s + ... + sigma_t sqrt(1 - e^{-2h}) z; the noise z
+      comes from ``generator`` (or ``variance_noise``) and is scaled by an attached temperature
+      scheduler;
+    * ``dpmsolver`` / ``sde-dpmsolver``: the noise-prediction forms of Lu et al. 2022a.
+
+    The order ramps up from 1 over the first steps; ``lower_order_final`` drops it again on the
+    last steps of short (< 15 step) schedules, which stabilises few-step sampling.
+
+    Config keys and defaults are diffusers' ``DPMSolverMultistepScheduler``'s. Not supported:
+    ``use_beta_sigmas`` (needs scipy) and ``use_dynamic_shifting``.
+    """
+
+    _compatibles = [e.name for e in KarrasDiffusionSchedulers]
+    order = 1
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas=None,
+        solver_order: int = 2,
+        prediction_type: str = "epsilon",
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        sample_max_value: float = 1.0,
+        algorithm_type: str = "dpmsolver++",
+        solver_type: str = "midpoint",
+        lower_order_final: bool = True,
+        euler_at_final: bool = False,
+        use_karras_sigmas: bool = False,
+        use_exponential_sigmas: bool = False,
+        use_beta_sigmas: bool = False,
+        use_lu_lambdas: bool = False,
+        use_flow_sigmas: bool = False,
+        flow_shift: float = 1.0,
+        final_sigmas_type: str = "zero",
+        lambda_min_clipped: float = -float("inf"),
+        variance_type: str | None = None,
+        timestep_spacing: str = "linspace",
+        steps_offset: int = 0,
+        rescale_betas_zero_snr: bool = False,
+        use_dynamic_shifting: bool = False,
+        time_shift_type: str = "exponential",
+    ):
+        if solver_order not in (1, 2, 3):
+            raise ValueError(f"solver_order must be 1, 2 or 3, got {solver_order}")
+        if algorithm_type == "deis":
+            algorithm_type = "dpmsolver++"
+            self.register_to_config(algorithm_type=algorithm_type)
+        if algorithm_type not in ALGORITHMS:
+            raise ValueError(f"algorithm_type must be one of {list(ALGORITHMS)}, got {algorithm_type!r}")
+        if solver_type in ("logrho", "bh1", "bh2"):
+            solver_type = "midpoint"
+            self.register_to_config(solver_type=solver_type)
+        if solver_type not in ("midpoint", "heun"):
+            raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
+        if algorithm_type == "sde-dpmsolver" and solver_order == 3:
+            raise ValueError("algorithm_type='sde-dpmsolver' supports solver_order 1 or 2, got 3")
+        if algorithm_type in ("dpmsolver", "sde-dpmsolver") and final_sigmas_type == "zero":
+            raise ValueError(f"final_sigmas_type='zero' needs a dpmsolver++ algorithm; use 'sigma_min' with {algorithm_type!r}")
+        if final_sigmas_type not in ("zero", "sigma_min"):
+            raise ValueError(f"final_sigmas_type must be 'zero' or 'sigma_min', got {final_sigmas_type!r}")
+        if prediction_type not in ("epsilon", "sample", "v_prediction", "flow_prediction"):
+            raise ValueError(
+                f"prediction_type must be 'epsilon', 'sample', 'v_prediction' or 'flow_prediction', got {prediction_type!r}"
+            )
+        if use_beta_sigmas:
+            raise ValueError("use_beta_sigmas=True is not supported by fastdiff (it needs scipy's beta quantile).")
+        if use_dynamic_shifting:
+            raise ValueError("use_dynamic_shifting=True is not supported by fastdiff's DPMSolverMultistepScheduler.")
+        if sum([use_karras_sigmas, use_exponential_sigmas, use_lu_lambdas, use_flow_sigmas]) > 1:
+            raise ValueError("set at most one of use_karras_sigmas, use_exponential_sigmas, use_lu_lambdas, use_flow_sigmas.")
+        self.betas = make_betas(
+            num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
+            ("linear", "scaled_linear", "squaredcos_cap_v2"),
+        )  # fmt: skip
+        if rescale_betas_zero_snr:
+            self.betas = rescale_zero_terminal_snr(self.betas)
+        self.alphas = 1.0 - self.betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        if rescale_betas_zero_snr:
+            self.alphas_cumprod[-1] = 2**-24  # keeps the largest sigma finite
+        self.alpha_t = torch.sqrt(self.alphas_cumprod)
+        self.sigma_t = torch.sqrt(1 - self.alphas_cumprod)
+        self.lambda_t = torch.log(self.alpha_t) - torch.log(self.sigma_t)
+        self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
+        self.init_noise_sigma = 1.0
+        self.num_inference_steps = None
+        self.timesteps = torch.from_numpy(np.linspace(0, num_train_timesteps - 1, num_train_timesteps, dtype=np.float32)[::-1].copy())
+        self.model_outputs = [None] * solver_order
+        self.lower_order_nums = 0
+        self._step_index = None
+        self._begin_index = None
+
+    @property
+    def step_index(self):
+        """Index of the current step in ``timesteps``; None before the first step."""
+        return self._step_index
+
+    @property
+    def begin_index(self):
+        """First step index, set by the pipeline (img2img) through :meth:`set_begin_index`."""
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0):
+        self._begin_index = begin_index
+
+    def set_timesteps(self, num_inference_steps=None, device=None, timesteps=None):
+        """Build the schedule from ``num_inference_steps`` or custom descending integer ``timesteps``."""
+        config = self.config
+        if (num_inference_steps is None) == (timesteps is None):
+            raise ValueError("pass exactly one of num_inference_steps or timesteps to set_timesteps().")
+        if timesteps is not None and (config.use_karras_sigmas or config.use_lu_lambdas or config.use_exponential_sigmas):
+            raise ValueError("custom timesteps cannot be combined with use_karras_sigmas/use_lu_lambdas/use_exponential_sigmas.")
+        if num_inference_steps is not None and num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
+        total = config.num_train_timesteps
+        if timesteps is not None:
+            timesteps = np.array(timesteps).astype(np.int64)
+        else:
+            n = num_inference_steps
+            clipped_idx = torch.searchsorted(torch.flip(self.lambda_t, [0]), config.lambda_min_clipped)
+            last = (total - clipped_idx).numpy().item()
+            if config.timestep_spacing == "linspace":
+                timesteps = np.linspace(0, last - 1, n + 1).round()[::-1][:-1].copy().astype(np.int64)
+            elif config.timestep_spacing == "leading":
+                ratio = last // (n + 1)
+                timesteps = (np.arange(0, n + 1) * ratio).round()[::-1][:-1].copy().astype(np.int64)
+                timesteps += config.steps_offset
+            elif config.timestep_spacing == "trailing":
+                timesteps = np.arange(last, 0, -total / n).round().copy().astype(np.int64) - 1
+            else:
+                raise ValueError(
+                    f"timestep_spacing must be 'linspace', 'leading' or 'trailing', got {config.timestep_spacing!r}"
+                )
+
+        sigmas = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).numpy()
+        log_sigmas = np.log(sigmas)
+        n = num_inference_steps
+        keep_fractional = config.beta_schedule == "squaredcos_cap_v2"
+        if config.use_karras_sigmas or config.use_exponential_sigmas:
+            sigmas = np.flip(sigmas).copy()
+            lo = config.get("sigma_min")
+            hi = config.get("sigma_max")
+            lo = lo if lo is not None else sigmas[-1].item()
+            hi = hi if hi is not None else sigmas[0].item()
+            sigmas = (karras_sigmas if config.use_karras_sigmas else exponential_sigmas)(lo, hi, n)
+            timesteps = np.array([sigma_to_t(s, log_sigmas) for s in sigmas])
+            if config.use_karras_sigmas and not keep_fractional:
+                timesteps = timesteps.round()
+        elif config.use_lu_lambdas:
+            # Lu et al. 2022b, sec. 6: steps uniform in lambda (here log-sigma, as diffusers).
+            lambdas = np.flip(log_sigmas.copy())
+            lam_min, lam_max = lambdas[-1].item(), lambdas[0].item()
+            lambdas = lam_max + np.linspace(0, 1, n) * (lam_min - lam_max)
+            sigmas = np.exp(lambdas)
+            timesteps = np.array([sigma_to_t(s, log_sigmas) for s in sigmas])
+            if not keep_fractional:
+                timesteps = timesteps.round()
+        elif config.use_flow_sigmas:
+            alphas = np.linspace(1, 1 / total, n + 1)
+            s = 1.0 - alphas
+            sigmas = np.flip(config.flow_shift * s / (1 + (config.flow_shift - 1) * s))[:-1].copy()
+            timesteps = (sigmas * total).copy()
+        else:
+            sigmas = np.interp(timesteps, np.arange(0, len(sigmas)), sigmas)
+
+        if config.final_sigmas_type == "sigma_min":
+            sigma_last = ((1 - self.alphas_cumprod[0]) / self.alphas_cumprod[0]) ** 0.5
+        else:
+            sigma_last = 0
+        self.sigmas = torch.from_numpy(np.concatenate([sigmas, [sigma_last]]).astype(np.float32))
+        self.timesteps = torch.from_numpy(timesteps).to(device=device, dtype=torch.int64)
+        self.num_inference_steps = len(timesteps)
+        self.model_outputs = [None] * config.solver_order
+        self.lower_order_nums = 0
+        self._step_index = None
+        self._begin_index = None
+
+    def _alpha_sigma(self, index):
+        return alpha_sigma_from_sigma(self.sigmas[index], self.config.use_flow_sigmas)
+
+    def convert_model_output(self, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        """Turn the model output into what the solver integrates: x0 for the ++ variants, eps otherwise."""
+        config = self.config
+        kind = config.prediction_type
+        if config.algorithm_type in ("dpmsolver++", "sde-dpmsolver++"):
+            if kind == "epsilon":
+                if config.variance_type in ("learned", "learned_range"):
+                    model_output = model_output[:, :3]
+                alpha_t, sigma_t = self._alpha_sigma(self.step_index)
+                x0 = (sample - sigma_t * model_output) / alpha_t
+            elif kind == "sample":
+                x0 = model_output
+            elif kind == "v_prediction":
+                alpha_t, sigma_t = self._alpha_sigma(self.step_index)
+                x0 = alpha_t * sample - sigma_t * model_output
+            else:  # flow_prediction
+                x0 = sample - self.sigmas[self.step_index] * model_output
+            if config.thresholding:
+                x0 = threshold_sample(x0, config.dynamic_thresholding_ratio, config.sample_max_value)
+            return x0
+        if kind == "epsilon":
+            eps = model_output[:, :3] if config.variance_type in ("learned", "learned_range") else model_output
+        elif kind == "sample":
+            alpha_t, sigma_t = self._alpha_sigma(self.step_index)
+            eps = (sample - alpha_t * model_output) / sigma_t
+        elif kind == "v_prediction":
+            alpha_t, sigma_t = self._alpha_sigma(self.step_index)
+            eps = alpha_t * model_output + sigma_t * sample
+        else:
+            raise ValueError(f"prediction_type {kind!r} needs a dpmsolver++ algorithm_type")
+        if config.thresholding:
+            alpha_t, sigma_t = self._alpha_sigma(self.step_index)
+            x0 = threshold_sample((sample - sigma_t * eps) / alpha_t, config.dynamic_thresholding_ratio, config.sample_max_value)
+            eps = (sample - alpha_t * x0) / sigma_t
+        return eps
+
+    def dpm_solver_first_order_update(self, model_output, sample, noise=None):
+        """One first-order step (DDIM in lambda), from sigmas[i] to sigmas[i+1]."""
+        i = self.step_index
+        alpha_t, sigma_t = self._alpha_sigma(i + 1)
+        alpha_s, sigma_s = self._alpha_sigma(i)
+        h = log_snr(alpha_t, sigma_t) - log_snr(alpha_s, sigma_s)
+        algo = self.config.algorithm_type
+        if algo == "dpmsolver++":
+            return sigma_t / sigma_s * sample - alpha_t * (torch.exp(-h) - 1.0) * model_output
+        if algo == "dpmsolver":
+            return alpha_t / alpha_s * sample - sigma_t * (torch.exp(h) - 1.0) * model_output
+        if algo == "sde-dpmsolver++":
+            return (
+                sigma_t / sigma_s * torch.exp(-h) * sample
+                + alpha_t * (1 - torch.exp(-2.0 * h)) * model_output
+                + sigma_t * torch.sqrt(1.0 - torch.exp(-2 * h)) * noise
+            )
+        return (  # sde-dpmsolver
+            alpha_t / alpha_s * sample
+            - 2.0 * (sigma_t * (torch.exp(h) - 1.0)) * model_output
+            + sigma_t * torch.sqrt(torch.exp(2 * h) - 1.0) * noise
+        )
+
+    def multistep_dpm_solver_second_order_update(self, model_output_list, sample, noise=None):
+        """Second-order multistep step using the last two converted outputs (Lu et al. 2022b, eq. 8)."""
+        i = self.step_index
+        alpha_t, sigma_t = self._alpha_sigma(i + 1)
+        alpha_s0, sigma_s0 = self._alpha_sigma(i)
+        alpha_s1, sigma_s1 = self._alpha_sigma(i - 1)
+        lambda_t, lambda_s0 = log_snr(alpha_t, sigma_t), log_snr(alpha_s0, sigma_s0)
+        lambda_s1 = log_snr(alpha_s1, sigma_s1)
+        m0, m1 = model_output_list[-1], model_output_list[-2]
+        h, h_0 = lambda_t - lambda_s0, lambda_s0 - lambda_s1
+        r0 = h_0 / h
+        D0, D1 = m0, 1.0 / r0 * (m0 - m1)
+        algo, midpoint = self.config.algorithm_type, self.config.solver_type == "midpoint"
+        if algo == "dpmsolver++":
+            x = sigma_t / sigma_s0 * sample - alpha_t * (torch.exp(-h) - 1.0) * D0
+            if midpoint:
+                return x - 0.5 * (alpha_t * (torch.exp(-h) - 1.0)) * D1
+            return x + alpha_t * ((torch.exp(-h) - 1.0) / h + 1.0) * D1
+        if algo == "dpmsolver":
+            x = alpha_t / alpha_s0 * sample - sigma_t * (torch.exp(h) - 1.0) * D0
+            if midpoint:
+                return x - 0.5 * (sigma_t * (torch.exp(h) - 1.0)) * D1
+            return x - sigma_t * ((torch.exp(h) - 1.0) / h - 1.0) * D1
+        if algo == "sde-dpmsolver++":
+            x = sigma_t / sigma_s0 * torch.exp(-h) * sample + alpha_t * (1 - torch.exp(-2.0 * h)) * D0
+            if midpoint:
+                x = x + 0.5 * (alpha_t * (1 - torch.exp(-2.0 * h))) * D1
+            else:
+                x = x + alpha_t * ((1.0 - torch.exp(-2.0 * h)) / (-2.0 * h) + 1.0) * D1
+            return x + sigma_t * torch.sqrt(1.0 - torch.exp(-2 * h)) * noise
+        x = alpha_t / alpha_s0 * sample - 2.0 * (sigma_t * (torch.exp(h) - 1.0)) * D0  # sde-dpmsolver
+        if midpoint:
+            x = x - sigma_t * (torch.exp(h) - 1.0) * D1
+        else:
+            x = x - 2.0 * (sigma_t * ((torch.exp(h) - 1.0) / h - 1.0)) * D1
+        return x + sigma_t * torch.sqrt(torch.exp(2 * h) - 1.0) * noise
+
+    def multistep_dpm_solver_third_order_update(self, model_output_list, sample, noise=None):
+        """Third-order multistep step using the last three converted outputs (Lu et al. 2022a, Algorithm 4)."""
+        i = self.step_index
+        alpha_t, sigma_t = self._alpha_sigma(i + 1)
+        alpha_s0, sigma_s0 = self._alpha_sigma(i)
+        alpha_s1, sigma_s1 = self._alpha_sigma(i - 1)
+        alpha_s2, sigma_s2 = self._alpha_sigma(i - 2)
+        lambda_t, lambda_s0 = log_snr(alpha_t, sigma_t), log_snr(alpha_s0, sigma_s0)
+        lambda_s1, lambda_s2 = log_snr(alpha_s1, sigma_s1), log_snr(alpha_s2, sigma_s2)
+        m0, m1, m2 = model_output_list[-1], model_output_list[-2], model_output_list[-3]
+        h, h_0, h_1 = lambda_t - lambda_s0, lambda_s0 - lambda_s1, lambda_s1 - lambda_s2
+        r0, r1 = h_0 / h, h_1 / h
+        D0 = m0
+        D1_0, D1_1 = 1.0 / r0 * (m0 - m1), 1.0 / r1 * (m1 - m2)
+        D1 = D1_0 + r0 / (r0 + r1) * (D1_0 - D1_1)
+        D2 = 1.0 / (r0 + r1) * (D1_0 - D1_1)
+        algo = self.config.algorithm_type
+        if algo == "dpmsolver++":
+            return (
+                sigma_t / sigma_s0 * sample
+                - alpha_t * (torch.exp(-h) - 1.0) * D0
+                + alpha_t * ((torch.exp(-h) - 1.0) / h + 1.0) * D1
+                - alpha_t * ((torch.exp(-h) - 1.0 + h) / h**2 - 0.5) * D2
+            )
+        if algo == "dpmsolver":
+            return (
+                alpha_t / alpha_s0 * sample
+                - sigma_t * (torch.exp(h) - 1.0) * D0
+                - sigma_t * ((torch.exp(h) - 1.0) / h - 1.0) * D1
+                - sigma_t * ((torch.exp(h) - 1.0 - h) / h**2 - 0.5) * D2
+            )
+        return (  # sde-dpmsolver++
+            sigma_t / sigma_s0 * torch.exp(-h) * sample
+            + alpha_t * (1.0 - torch.exp(-2.0 * h)) * D0
+            + alpha_t * ((1.0 - torch.exp(-2.0 * h)) / (-2.0 * h) + 1.0) * D1
+            + alpha_t * ((1.0 - torch.exp(-2.0 * h) - 2.0 * h) / (2.0 * h) ** 2 - 0.5) * D2
+            + sigma_t * torch.sqrt(1.0 - torch.exp(-2 * h)) * noise
+        )
+
+    def index_for_timestep(self, timestep, schedule_timesteps=None) -> int:
+        """Position of ``timestep`` in the schedule (the second match if it occurs twice, as diffusers)."""
+        if schedule_timesteps is None:
+            schedule_timesteps = self.timesteps
+        indices = (schedule_timesteps == timestep).nonzero()
+        if len(indices) == 0:
+            raise ValueError(f"timestep {timestep} is not in this scheduler's timesteps; pass one of `.timesteps`.")
+        return indices[1 if len(indices) > 1 else 0].item()
+
+    # Copied from fastdiff.schedulers.scheduling_euler_discrete.EulerDiscreteScheduler._init_step_index
+    def _init_step_index(self, timestep):
+        if self.begin_index is None:
+            if isinstance(timestep, torch.Tensor):
+                timestep = timestep.to(self.timesteps.device)
+            self._step_index = self.index_for_timestep(timestep)
+        else:
+            self._step_index = self._begin_index
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None, variance_noise=None, return_dict: bool = True):
+        """One multistep update from the current timestep to the next.
+
+        Args:
+            model_output (`torch.Tensor`): the model's prediction (per ``config.prediction_type``).
+            timestep (`int` or 0-d tensor): one of ``self.timesteps``.
+            sample (`torch.Tensor`): the current sample.
+            generator (`torch.Generator`, *optional*): noise source for the SDE variants.
+            variance_noise (`torch.Tensor`, *optional*): the SDE noise itself, instead of ``generator``.
+            return_dict (`bool`): return a :class:`SchedulerOutput` rather than a tuple.
+        """
+        if self.num_inference_steps is None:
+            raise ValueError("step() called before set_timesteps(); call set_timesteps(num_inference_steps) first.")
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        config = self.config
+        n = len(self.timesteps)
+        final = self.step_index == n - 1
+        lower_order_final = final and (
+            config.euler_at_final or (config.lower_order_final and n < 15) or config.final_sigmas_type == "zero"
+        )
+        lower_order_second = self.step_index == n - 2 and config.lower_order_final and n < 15
+
+        dtype = model_output.dtype
+        sample = sample.to(torch.float32)
+        model_output = self.convert_model_output(model_output.to(torch.float32), sample=sample)
+        self.model_outputs = self.model_outputs[1:] + [model_output]
+
+        noise = None
+        if config.algorithm_type in ("sde-dpmsolver", "sde-dpmsolver++"):
+            if variance_noise is None:
+                noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device, dtype=torch.float32)
+            else:
+                noise = variance_noise.to(device=model_output.device, dtype=torch.float32)
+            noise = self._scale_step_noise(noise, self.step_index)
+
+        if config.solver_order == 1 or self.lower_order_nums < 1 or lower_order_final:
+            prev_sample = self.dpm_solver_first_order_update(model_output, sample, noise)
+        elif config.solver_order == 2 or self.lower_order_nums < 2 or lower_order_second:
+            prev_sample = self.multistep_dpm_solver_second_order_update(self.model_outputs, sample, noise)
+        else:
+            prev_sample = self.multistep_dpm_solver_third_order_update(self.model_outputs, sample, noise)
+        if self.lower_order_nums < config.solver_order:
+            self.lower_order_nums += 1
+        prev_sample = prev_sample.to(dtype)
+        self._step_index += 1
+        if not return_dict:
+            return (prev_sample,)
+        return SchedulerOutput(prev_sample=prev_sample)
+
+    def scale_model_input(self, sample: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """DPM-Solver needs no input scaling; returns ``sample``."""
+        return sample
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """alpha_t x_0 + sigma_t noise at ``timesteps`` (or the current/begin step if set)."""
+        sigmas = self.sigmas.to(device=original_samples.device, dtype=original_samples.dtype)
+        schedule_timesteps = self.timesteps.to(original_samples.device)
+        timesteps = timesteps.to(original_samples.device)
+        if self.begin_index is None:
+            indices = [self.index_for_timestep(t, schedule_timesteps) for t in timesteps]
+        elif self.step_index is not None:
+            indices = [self.step_index] * timesteps.shape[0]
+        else:
+            indices = [self.begin_index] * timesteps.shape[0]
+        sigma = sigmas[indices].flatten()
+        sigma = sigma.reshape(sigma.shape + (1,) * (original_samples.ndim - 1))
+        alpha_t, sigma_t = alpha_sigma_from_sigma(sigma, self.config.use_flow_sigmas)
+        return alpha_t * original_samples + sigma_t * noise
+
+    def __len__(self):
+        return self.config.num_train_timesteps
