@@ -58,6 +58,19 @@ class BaseOutput:
         return tuple(getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None)
 
 
+def call_maybe_checkpointed(module: nn.Module, checkpointed: bool, *args):
+    """``module(*args)``, recomputed in the backward pass when ``checkpointed`` and grad is on.
+
+    Blocks call this with their ``gradient_checkpointing`` flag, which
+    :meth:`ModelMixin.enable_gradient_checkpointing` sets.
+    """
+    if checkpointed and torch.is_grad_enabled():
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(module, *args, use_reentrant=False)
+    return module(*args)
+
+
 def add_variant(name: str, variant: Optional[str]) -> str:
     """``diffusion_pytorch_model.safetensors`` -> ``diffusion_pytorch_model.fp16.safetensors``."""
     if variant is None:
