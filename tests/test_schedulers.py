@@ -57,6 +57,7 @@ def assert_loops_match(name, config, num_steps=12, step_kwargs=None, set_kwargs=
     torch.testing.assert_close(ours.timesteps, ref.timesteps, rtol=0, atol=0, check_dtype=True)
     for i, (g, w) in enumerate(zip(got, want)):
         assert g.dtype == w.dtype and g.shape == w.shape
+        assert torch.isfinite(w).all(), f"{name} step {i}: the oracle itself is not finite"
         scale = w.abs().max().item()
         torch.testing.assert_close(g, w, rtol=rtol, atol=rtol * scale, msg=lambda m: f"{name} step {i}: {m}")
     return got
@@ -251,3 +252,41 @@ def test_dpmsolver_multistep_matches_diffusers(config, num_steps):
 
 def test_dpmsolver_custom_timesteps_match_diffusers():
     assert_loops_match("DPMSolverMultistepScheduler", {"solver_order": 3}, None, set_kwargs={"timesteps": [999, 850, 600, 420, 300, 80, 5]})
+
+
+# A zero final sigma makes lambda infinite on the last step; like diffusers, a third-order last step,
+# bh1 and predict_x0=False then give NaN, so those cases end at sigma_min.
+UNIPC_CASES = [
+    *[({"solver_order": o}, 12) for o in (1, 2, 3)],
+    *[({"solver_order": o, "lower_order_final": False, "final_sigmas_type": "sigma_min"}, 12) for o in (1, 2, 3)],
+    ({"solver_order": 3}, 20),
+    ({"solver_type": "bh1", "solver_order": 3, "final_sigmas_type": "sigma_min"}, 10),
+    ({"predict_x0": False, "solver_order": 3, "final_sigmas_type": "sigma_min"}, 10),
+    ({"predict_x0": False, "prediction_type": "v_prediction", "final_sigmas_type": "sigma_min"}, 10),
+    ({"disable_corrector": [0, 3]}, 10),
+    ({"use_karras_sigmas": True, "solver_order": 3}, 10),
+    ({"use_karras_sigmas": True, "final_sigmas_type": "sigma_min", "sigma_min": 0.05}, 10),
+    ({"use_exponential_sigmas": True}, 10),
+    ({"use_flow_sigmas": True, "flow_shift": 3.0, "prediction_type": "flow_prediction"}, 10),
+    ({"use_flow_sigmas": True, "shift_terminal": 0.1, "prediction_type": "flow_prediction"}, 10),
+    *[(b, 10) for b in BETAS[1:]],
+    *[(s, 10) for s in SPACINGS],
+    ({"timestep_spacing": "leading", "steps_offset": 1}, 10),
+    ({"prediction_type": "v_prediction", "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}, 10),
+    ({"prediction_type": "sample", "thresholding": True, "sample_max_value": 1.5}, 10),
+    ({"final_sigmas_type": "sigma_min"}, 10),
+]
+
+
+@pytest.mark.parametrize("config,num_steps", UNIPC_CASES)
+def test_unipc_matches_diffusers(config, num_steps):
+    assert_loops_match("UniPCMultistepScheduler", config, num_steps=num_steps)
+
+
+def test_unipc_with_solver_p_matches_diffusers():
+    # Trailing spacing gives UniPC and DDIM the same timesteps, so DDIM can step on UniPC's schedule.
+    kw = {"timestep_spacing": "trailing"}
+    ours = fs.UniPCMultistepScheduler(**kw, solver_p=fs.DDIMScheduler(clip_sample=False, **kw))
+    ref = diffusers.UniPCMultistepScheduler(**kw, solver_p=diffusers.DDIMScheduler(clip_sample=False, **kw))
+    for a, b in zip(run_loop(ours, 8, 1), run_loop(ref, 8, 1)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
