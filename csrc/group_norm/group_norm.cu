@@ -1,0 +1,589 @@
+// GroupNorm (+SiLU) forward kernels for fp32 / fp16 / bf16, NCHW and NHWC.
+//
+// Plain CUDA with no torch headers: scripts/compile_cuda.sh compiles this file
+// with nvcc alone. The torch binding is group_norm_binding.cpp.
+//
+// Math, per sample n and group g (cpg = C / G channels, S spatial positions):
+//   mean, var = moments of the cpg * S values of x[n, group g]   (fp32, biased var)
+//   rstd      = 1 / sqrt(var + eps)
+//   z[c, s]   = (x[c, s] - mean) * (rstd * w[c]) + b[c]
+//   y[c, s]   = z * sigmoid(z) if silu else z
+// Statistics are accumulated with Welford's update per loaded pack and merged
+// across threads, warps and CTAs with Chan et al.'s pairwise formula, all in
+// fp32; the output is rounded once to x's dtype.
+//
+// Index space. Each (n, g) group is viewed as a 2-D array [outer][inner] whose
+// inner dimension has unit stride on the fast paths:
+//   spatial-inner (NCHW):  outer = channel of the group (cpg), inner = spatial (S)
+//   channels-inner (NHWC): outer = spatial (S), inner = channel of the group (cpg)
+// Loads and stores move "packs" of VEC consecutive inner elements (16 bytes
+// when the sizes, strides and pointer alignment allow it; see pick_vec). A
+// group holds group_packs = outer * inner / VEC packs, numbered j = o * (inner /
+// VEC) + i, and a CTA owns a contiguous range of j. VEC == 1 is the scalar
+// fallback and takes arbitrary strides (up to 3 spatial dims, not collapsed).
+//
+// Algorithms (chosen by make_plan, the one place holding launch heuristics):
+//   one-pass: grid (N*G); a CTA loads its whole group into shared memory while
+//             accumulating the moments, reduces them, then normalises from
+//             shared memory. Traffic: 1 read + 1 write of x.
+//   two-pass: grid (N*G, splits); _stats_kernel writes one partial (n, mean,
+//             M2) per CTA, then _apply_kernel has every CTA merge the `splits`
+//             partials of its group (a few hundred bytes) and normalise its
+//             range. Traffic: 2 reads + 1 write of x (the second read often
+//             hits L2). Splitting over the group gives a full wave at Stable
+//             Diffusion shapes, where N*G is only 64 at batch 2.
+#include "group_norm.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+namespace fastdiff {
+namespace group_norm {
+namespace {
+
+// ---------------------------------------------------------------------------
+// Launch heuristics: every tuning constant of this op lives here.
+// ---------------------------------------------------------------------------
+
+constexpr int kThreads = 256;                      // threads per CTA, all kernels
+constexpr int kWarps = kThreads / 32;
+constexpr int kUnroll = 4;                         // packs in flight per thread per loop trip
+constexpr int kTargetCtasPerSm = 4;                // two-pass: aim for this many CTAs per SM
+constexpr int64_t kMinElemsPerCta = 8192;          // ... but give each CTA at least this much work
+constexpr int kMaxSplits = 256;                    // partials merged per group in _apply_kernel
+constexpr size_t kOnePassSharedBytes = 48 * 1024;  // largest group cached on chip (no opt-in needed)
+
+// ---------------------------------------------------------------------------
+// dtype helpers
+// ---------------------------------------------------------------------------
+
+template <typename T>
+__device__ __forceinline__ float to_float(T v);
+template <>
+__device__ __forceinline__ float to_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
+template <>
+__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// VEC consecutive elements moved by one load or store instruction.
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T v[VEC];
+};
+
+// ---------------------------------------------------------------------------
+// Geometry: where element (n, c, s) of x and y lives. Passed by value.
+// ---------------------------------------------------------------------------
+
+struct Strides {
+  int64_t n, c, s0, s1, s2;  // elements; on the fast paths s0 = s1 = 0 and s2 is the collapsed spatial stride
+};
+
+struct Geometry {
+  int64_t groups;       // G
+  int64_t cpg;          // channels per group
+  int inner_packs;      // inner extent / VEC
+  int group_packs;      // packs per (n, g) group = outer * inner_packs (< 2^31, checked by valid())
+  int64_t d1, d2;       // sizes of spatial dims 1 and 2 (strided path only)
+  Strides x, y;
+};
+
+// Offset of element (n, c, s) of a tensor with strides `st`. The fast paths
+// (VEC > 1) have collapsed spatial dims; the scalar path splits s into 3 dims.
+template <bool kStrided>
+__device__ __forceinline__ int64_t element_offset(const Strides& st, const Geometry& geo, int64_t n, int64_t c, int64_t s) {
+  if constexpr (kStrided) {
+    const int64_t s2 = s % geo.d2;
+    const int64_t rest = s / geo.d2;
+    const int64_t s1 = rest % geo.d1;
+    const int64_t s0 = rest / geo.d1;
+    return n * st.n + c * st.c + s0 * st.s0 + s1 * st.s1 + s2 * st.s2;
+  } else {
+    return n * st.n + c * st.c + s * st.s2;
+  }
+}
+
+// Pack (o, i) of group g: its first channel and its spatial position.
+template <int VEC, bool kChannelsInner>
+__device__ __forceinline__ void pack_position(const Geometry& geo, int64_t g, int o, int i, int64_t* c, int64_t* s) {
+  if constexpr (kChannelsInner) {
+    *c = g * geo.cpg + static_cast<int64_t>(i) * VEC;
+    *s = o;
+  } else {
+    *c = g * geo.cpg + o;
+    *s = static_cast<int64_t>(i) * VEC;
+  }
+}
+
+// Calls use(load(o, i, j), o, i, j) for every pack j in [j0, j1) owned by this
+// thread (j = j0 + threadIdx.x + k * kThreads), with o = j / inner_packs and
+// i = j % inner_packs tracked incrementally (one division per thread, not per
+// pack). kUnroll loads are issued before any is used, to keep memory busy.
+template <typename Load, typename Use>
+__device__ __forceinline__ void for_each_pack(int j0, int j1, int inner_packs, Load load, Use use) {
+  int j = j0 + static_cast<int>(threadIdx.x);
+  if (j >= j1) return;
+  int o = j / inner_packs;
+  int i = j - o * inner_packs;
+  const int step_o = kThreads / inner_packs;
+  const int step_i = kThreads - step_o * inner_packs;
+  using PackT = decltype(load(o, i, j));
+  while (j < j1) {
+    PackT packs[kUnroll];
+    int os[kUnroll], is[kUnroll], js[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      js[u] = j;
+      os[u] = o;
+      is[u] = i;
+      if (j < j1) packs[u] = load(o, i, j);
+      j += kThreads;
+      o += step_o;
+      i += step_i;  // step_i < inner_packs, so one wrap at most
+      if (i >= inner_packs) {
+        i -= inner_packs;
+        ++o;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (js[u] < j1) use(packs[u], os[u], is[u], js[u]);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Moments: Welford within a pack, Chan's merge everywhere else.
+// ---------------------------------------------------------------------------
+
+struct Moments {
+  float n;     // number of values
+  float mean;  // their mean
+  float m2;    // sum of squared deviations from the mean
+};
+
+__device__ __forceinline__ Moments merge(const Moments& a, const Moments& b) {
+  // Chan, Golub & LeVeque: combine two disjoint sets' (n, mean, M2).
+  const float n = a.n + b.n;
+  if (n == 0.f) return a;
+  const float wb = b.n / n;
+  const float d = b.mean - a.mean;
+  return Moments{n, a.mean + d * wb, a.m2 + b.m2 + d * d * a.n * wb};
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ Moments pack_moments(const Pack<T, VEC>& p) {
+  float v[VEC];
+  float sum = 0.f;
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) {
+    v[k] = to_float(p.v[k]);
+    sum += v[k];
+  }
+  const float mean = sum * (1.f / VEC);
+  float m2 = 0.f;
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) m2 += (v[k] - mean) * (v[k] - mean);
+  return Moments{static_cast<float>(VEC), mean, m2};
+}
+
+__device__ __forceinline__ Moments warp_reduce(Moments m) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    Moments other;
+    other.n = __shfl_down_sync(0xffffffffu, m.n, offset);
+    other.mean = __shfl_down_sync(0xffffffffu, m.mean, offset);
+    other.m2 = __shfl_down_sync(0xffffffffu, m.m2, offset);
+    m = merge(m, other);
+  }
+  return m;  // complete in lane 0
+}
+
+// Every thread of the CTA gets the merged moments of the whole CTA.
+__device__ __forceinline__ Moments block_reduce(Moments m) {
+  __shared__ Moments per_warp[kWarps];
+  __shared__ Moments total;
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  m = warp_reduce(m);
+  if (lane == 0) per_warp[warp] = m;
+  __syncthreads();
+  if (warp == 0) {
+    m = lane < kWarps ? per_warp[lane] : Moments{0.f, 0.f, 0.f};
+    m = warp_reduce(m);
+    if (lane == 0) total = m;
+  }
+  __syncthreads();
+  return total;
+}
+
+__device__ __forceinline__ float rstd_of(const Moments& m, float eps) {
+  return rsqrtf(fmaxf(m.m2 / m.n, 0.f) + eps);
+}
+
+// Normalises one pack with the group's mean and rstd, applies the affine and
+// optionally SiLU, and returns it in T.
+template <typename T, int VEC, bool kChannelsInner>
+__device__ __forceinline__ Pack<T, VEC> normalize_pack(const Pack<T, VEC>& p, int64_t c, float mean, float rstd,
+                                                       const T* __restrict__ weight, const T* __restrict__ bias, bool silu) {
+  Pack<T, VEC> out;
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) {
+    // channels-inner packs span VEC channels; spatial-inner packs share one.
+    const int64_t ck = kChannelsInner ? c + k : c;
+    const float scale = rstd * to_float(weight[ck]);
+    float z = (to_float(p.v[k]) - mean) * scale + to_float(bias[ck]);
+    if (silu) z = z / (1.f + __expf(-z));
+    out.v[k] = from_float<T>(z);
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------
+// Kernels. Program-id mapping, all three:
+//   blockIdx.x = n * G + g   (one (sample, group) pair; up to 2^31 - 1 of them)
+//   blockIdx.y = split k     (two-pass only: packs [k * P / splits, (k + 1) * P / splits)
+//                             of the group's P = group_packs packs)
+// ---------------------------------------------------------------------------
+
+// One-pass: the whole group is cached in dynamic shared memory (group_packs packs).
+template <typename T, int VEC, bool kChannelsInner>
+__global__ void __launch_bounds__(kThreads) _one_pass_kernel(
+    const T* __restrict__ x,       // input, element (n, c, s) at element_offset(geo.x, ...)
+    T* __restrict__ y,             // output, element (n, c, s) at element_offset(geo.y, ...)
+    const T* __restrict__ weight,  // (C,) contiguous
+    const T* __restrict__ bias,    // (C,) contiguous
+    float* __restrict__ mean_out,  // (N * G,) contiguous
+    float* __restrict__ rstd_out,  // (N * G,) contiguous
+    Geometry geo, float eps, bool silu) {
+  constexpr bool kStrided = VEC == 1;
+  using PackT = Pack<T, VEC>;
+  extern __shared__ __align__(16) unsigned char shared_raw[];
+  PackT* cache = reinterpret_cast<PackT*>(shared_raw);
+
+  const int64_t ng = blockIdx.x;
+  const int64_t n = ng / geo.groups;
+  const int64_t g = ng - n * geo.groups;
+
+  auto load_x = [&](int o, int i, int) {
+    int64_t c, s;
+    pack_position<VEC, kChannelsInner>(geo, g, o, i, &c, &s);
+    return *reinterpret_cast<const PackT*>(x + element_offset<kStrided>(geo.x, geo, n, c, s));
+  };
+  Moments acc{0.f, 0.f, 0.f};
+  for_each_pack(0, geo.group_packs, geo.inner_packs, load_x, [&](const PackT& p, int, int, int j) {
+    cache[j] = p;
+    acc = merge(acc, pack_moments<T, VEC>(p));
+  });
+  const Moments total = block_reduce(acc);
+  const float mean = total.mean;
+  const float rstd = rstd_of(total, eps);
+  if (threadIdx.x == 0) {
+    mean_out[ng] = mean;
+    rstd_out[ng] = rstd;
+  }
+  // Each thread reads back only the packs it cached itself: no barrier needed.
+  auto load_cache = [&](int, int, int j) { return cache[j]; };
+  for_each_pack(0, geo.group_packs, geo.inner_packs, load_cache, [&](const PackT& p, int o, int i, int) {
+    int64_t c, s;
+    pack_position<VEC, kChannelsInner>(geo, g, o, i, &c, &s);
+    *reinterpret_cast<PackT*>(y + element_offset<kStrided>(geo.y, geo, n, c, s)) =
+        normalize_pack<T, VEC, kChannelsInner>(p, c, mean, rstd, weight, bias, silu);
+  });
+}
+
+// Two-pass, step 1: moments of packs [j0, j1) of one group -> one partial.
+template <typename T, int VEC, bool kChannelsInner>
+__global__ void __launch_bounds__(kThreads) _stats_kernel(
+    const T* __restrict__ x,         // input, as in _one_pass_kernel
+    float* __restrict__ partials,    // (N * G, splits, 3) contiguous: n, mean, M2 of each CTA's range
+    Geometry geo) {
+  constexpr bool kStrided = VEC == 1;
+  using PackT = Pack<T, VEC>;
+  const int64_t ng = blockIdx.x;
+  const int64_t n = ng / geo.groups;
+  const int64_t g = ng - n * geo.groups;
+  const int64_t splits = gridDim.y;
+  const int j0 = static_cast<int>(blockIdx.y * static_cast<int64_t>(geo.group_packs) / splits);
+  const int j1 = static_cast<int>((blockIdx.y + 1) * static_cast<int64_t>(geo.group_packs) / splits);
+
+  auto load_x = [&](int o, int i, int) {
+    int64_t c, s;
+    pack_position<VEC, kChannelsInner>(geo, g, o, i, &c, &s);
+    return *reinterpret_cast<const PackT*>(x + element_offset<kStrided>(geo.x, geo, n, c, s));
+  };
+  Moments acc{0.f, 0.f, 0.f};
+  for_each_pack(j0, j1, geo.inner_packs, load_x,
+                [&](const PackT& p, int, int, int) { acc = merge(acc, pack_moments<T, VEC>(p)); });
+  const Moments total = block_reduce(acc);
+  if (threadIdx.x == 0) {
+    float* out = partials + (ng * splits + blockIdx.y) * 3;
+    out[0] = total.n;
+    out[1] = total.mean;
+    out[2] = total.m2;
+  }
+}
+
+// Two-pass, step 2: merge the group's partials, then normalise packs [j0, j1).
+template <typename T, int VEC, bool kChannelsInner>
+__global__ void __launch_bounds__(kThreads) _apply_kernel(
+    const T* __restrict__ x,              // input, as in _one_pass_kernel
+    T* __restrict__ y,                    // output, as in _one_pass_kernel
+    const T* __restrict__ weight,         // (C,) contiguous
+    const T* __restrict__ bias,           // (C,) contiguous
+    const float* __restrict__ partials,   // (N * G, splits, 3) from _stats_kernel
+    float* __restrict__ mean_out,         // (N * G,); written by the split-0 CTA
+    float* __restrict__ rstd_out,         // (N * G,); written by the split-0 CTA
+    Geometry geo, float eps, bool silu) {
+  constexpr bool kStrided = VEC == 1;
+  using PackT = Pack<T, VEC>;
+  __shared__ float group_mean, group_rstd;
+  const int64_t ng = blockIdx.x;
+  const int64_t n = ng / geo.groups;
+  const int64_t g = ng - n * geo.groups;
+  const int64_t splits = gridDim.y;
+
+  // Warp 0 merges the partials in a fixed order, so every CTA of the group
+  // computes bit-identical statistics.
+  if (threadIdx.x < 32) {
+    Moments m{0.f, 0.f, 0.f};
+    for (int64_t k = threadIdx.x; k < splits; k += 32) {
+      const float* p = partials + (ng * splits + k) * 3;
+      m = merge(m, Moments{p[0], p[1], p[2]});
+    }
+    m = warp_reduce(m);
+    if (threadIdx.x == 0) {
+      group_mean = m.mean;
+      group_rstd = rstd_of(m, eps);
+      if (blockIdx.y == 0) {
+        mean_out[ng] = group_mean;
+        rstd_out[ng] = group_rstd;
+      }
+    }
+  }
+  __syncthreads();
+  const float mean = group_mean;
+  const float rstd = group_rstd;
+
+  const int j0 = static_cast<int>(blockIdx.y * static_cast<int64_t>(geo.group_packs) / splits);
+  const int j1 = static_cast<int>((blockIdx.y + 1) * static_cast<int64_t>(geo.group_packs) / splits);
+  auto load_x = [&](int o, int i, int) {
+    int64_t c, s;
+    pack_position<VEC, kChannelsInner>(geo, g, o, i, &c, &s);
+    return *reinterpret_cast<const PackT*>(x + element_offset<kStrided>(geo.x, geo, n, c, s));
+  };
+  for_each_pack(j0, j1, geo.inner_packs, load_x, [&](const PackT& p, int o, int i, int) {
+    int64_t c, s;
+    pack_position<VEC, kChannelsInner>(geo, g, o, i, &c, &s);
+    *reinterpret_cast<PackT*>(y + element_offset<kStrided>(geo.y, geo, n, c, s)) =
+        normalize_pack<T, VEC, kChannelsInner>(p, c, mean, rstd, weight, bias, silu);
+  });
+}
+
+// ---------------------------------------------------------------------------
+// Host side: layout analysis, the plan, and the launch.
+// ---------------------------------------------------------------------------
+
+size_t element_size(DType dtype) { return dtype == DType::kFloat32 ? 4 : 2; }
+
+// The single stride of the spatial dims when they collapse into one dim
+// (size-1 dims ignored), else -1. All-size-1 spatial dims collapse with stride 1.
+int64_t collapsed_spatial_stride(const int64_t* sizes, const int64_t* strides) {
+  int64_t stride = -1;     // stride of the innermost non-trivial dim seen so far
+  int64_t expected = -1;   // stride the next outer non-trivial dim must have
+  for (int d = kMaxSpatialDims - 1; d >= 0; --d) {
+    if (sizes[d] == 1) continue;
+    if (stride < 0) {
+      stride = strides[d];
+    } else if (strides[d] != expected) {
+      return -1;
+    }
+    expected = strides[d] * sizes[d];
+  }
+  return stride < 0 ? 1 : stride;
+}
+
+struct LayoutInfo {
+  bool fast;            // a fast-path layout (collapsed spatial, unit inner stride) holds for x and y
+  bool channels_inner;  // which dim is inner
+  int64_t inner;        // inner extent of a group (elements)
+  int64_t x_spatial, y_spatial;  // collapsed spatial strides (fast path)
+  int vec;              // chosen pack width
+};
+
+bool aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+
+LayoutInfo analyse_layout(const ForwardArgs& a) {
+  LayoutInfo info{};
+  const int64_t cpg = a.channels / a.groups;
+  const int64_t S = a.spatial_sizes[0] * a.spatial_sizes[1] * a.spatial_sizes[2];
+  info.x_spatial = collapsed_spatial_stride(a.spatial_sizes, a.x_strides.spatial);
+  info.y_spatial = collapsed_spatial_stride(a.spatial_sizes, a.y_strides.spatial);
+  const bool collapsed = info.x_spatial > 0 && info.y_spatial > 0;
+  const bool spatial_inner = collapsed && (S == 1 || (info.x_spatial == 1 && info.y_spatial == 1));
+  const bool channels_inner = collapsed && (cpg == 1 || (a.x_strides.c == 1 && a.y_strides.c == 1));
+  info.fast = spatial_inner || channels_inner;
+  if (info.fast) {
+    // Prefer spatial-inner when both hold (S == 1 or cpg == 1): either is correct.
+    info.channels_inner = !spatial_inner;
+    info.inner = info.channels_inner ? cpg : S;
+  } else {
+    // Scalar strided path: iterate the dim with the smaller stride fastest, for coalescing.
+    int64_t min_spatial = INT64_MAX;
+    for (int d = 0; d < kMaxSpatialDims; ++d) {
+      if (a.spatial_sizes[d] > 1 && a.x_strides.spatial[d] < min_spatial) min_spatial = a.x_strides.spatial[d];
+    }
+    info.channels_inner = a.x_strides.c < min_spatial;
+    info.inner = info.channels_inner ? cpg : S;
+    info.vec = 1;
+    return info;
+  }
+  // The widest pack (16 bytes at most) that never straddles a group row and
+  // keeps every pack start aligned: inner extent, every stride that moves a
+  // pack (n, outer) and both base pointers must be multiples of VEC elements.
+  const size_t esize = element_size(a.dtype);
+  const int64_t x_outer = info.channels_inner ? info.x_spatial : a.x_strides.c;
+  const int64_t y_outer = info.channels_inner ? info.y_spatial : a.y_strides.c;
+  info.vec = 1;
+  for (int vec = static_cast<int>(16 / esize); vec > 1; vec /= 2) {
+    const bool ok = info.inner % vec == 0 && x_outer % vec == 0 && y_outer % vec == 0 && a.x_strides.n % vec == 0 &&
+                    a.y_strides.n % vec == 0 && aligned(a.x, vec * esize) && aligned(a.y, vec * esize);
+    if (ok) {
+      info.vec = vec;
+      break;
+    }
+  }
+  return info;
+}
+
+bool valid(const ForwardArgs& a) {
+  if (a.batch <= 0 || a.channels <= 0 || a.groups <= 0 || a.channels % a.groups != 0) return false;
+  for (int d = 0; d < kMaxSpatialDims; ++d) {
+    if (a.spatial_sizes[d] <= 0) return false;
+  }
+  if (a.batch * a.groups > INT32_MAX) return false;  // blockIdx.x
+  const int64_t S = a.spatial_sizes[0] * a.spatial_sizes[1] * a.spatial_sizes[2];
+  if (a.channels / a.groups * S > INT32_MAX) return false;  // pack indices within a group are 32-bit
+  if (!a.x || !a.y || !a.weight || !a.bias || !a.mean || !a.rstd) return false;
+  if (!(a.eps >= 0.f)) return false;
+  return a.dtype == DType::kFloat32 || a.dtype == DType::kFloat16 || a.dtype == DType::kBFloat16;
+}
+
+Geometry make_geometry(const ForwardArgs& a, const LayoutInfo& info) {
+  Geometry geo{};
+  const int64_t S = a.spatial_sizes[0] * a.spatial_sizes[1] * a.spatial_sizes[2];
+  geo.groups = a.groups;
+  geo.cpg = a.channels / a.groups;
+  geo.inner_packs = static_cast<int>(info.inner / info.vec);
+  geo.group_packs = static_cast<int>(geo.cpg * S / info.vec);
+  geo.d1 = a.spatial_sizes[1];
+  geo.d2 = a.spatial_sizes[2];
+  if (info.vec == 1) {
+    geo.x = Strides{a.x_strides.n, a.x_strides.c, a.x_strides.spatial[0], a.x_strides.spatial[1], a.x_strides.spatial[2]};
+    geo.y = Strides{a.y_strides.n, a.y_strides.c, a.y_strides.spatial[0], a.y_strides.spatial[1], a.y_strides.spatial[2]};
+  } else {
+    geo.x = Strides{a.x_strides.n, a.x_strides.c, 0, 0, info.x_spatial};
+    geo.y = Strides{a.y_strides.n, a.y_strides.c, 0, 0, info.y_spatial};
+  }
+  return geo;
+}
+
+template <typename T, int VEC, bool kChannelsInner>
+cudaError_t launch(const ForwardArgs& a, const Plan& plan, const Geometry& geo, void* workspace, cudaStream_t stream) {
+  const T* x = static_cast<const T*>(a.x);
+  T* y = static_cast<T*>(a.y);
+  const T* w = static_cast<const T*>(a.weight);
+  const T* b = static_cast<const T*>(a.bias);
+  const unsigned int groups = static_cast<unsigned int>(a.batch * a.groups);
+  if (plan.algorithm == Algorithm::kOnePass) {
+    _one_pass_kernel<T, VEC, kChannelsInner><<<dim3(groups), kThreads, plan.shared_bytes, stream>>>(
+        x, y, w, b, a.mean, a.rstd, geo, a.eps, a.silu);
+  } else {
+    float* partials = static_cast<float*>(workspace);
+    const dim3 grid(groups, static_cast<unsigned int>(plan.splits));
+    _stats_kernel<T, VEC, kChannelsInner><<<grid, kThreads, 0, stream>>>(x, partials, geo);
+    _apply_kernel<T, VEC, kChannelsInner><<<grid, kThreads, 0, stream>>>(x, y, w, b, partials, a.mean, a.rstd, geo, a.eps,
+                                                                        a.silu);
+  }
+  return cudaGetLastError();
+}
+
+template <typename T, int VEC>
+cudaError_t launch_layout(const ForwardArgs& a, const Plan& plan, const Geometry& geo, void* ws, cudaStream_t stream) {
+  return plan.channels_inner ? launch<T, VEC, true>(a, plan, geo, ws, stream) : launch<T, VEC, false>(a, plan, geo, ws, stream);
+}
+
+template <typename T>
+cudaError_t launch_dtype(const ForwardArgs& a, const Plan& plan, const Geometry& geo, void* ws, cudaStream_t stream) {
+  switch (plan.vec) {
+    case 1: return launch_layout<T, 1>(a, plan, geo, ws, stream);
+    case 2: return launch_layout<T, 2>(a, plan, geo, ws, stream);
+    case 4: return launch_layout<T, 4>(a, plan, geo, ws, stream);
+    case 8:
+      if constexpr (sizeof(T) == 2) return launch_layout<T, 8>(a, plan, geo, ws, stream);
+      return cudaErrorInvalidValue;
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace
+
+cudaError_t make_plan(const ForwardArgs& a, int sm_count, Plan* plan) {
+  if (!valid(a) || sm_count <= 0 || plan == nullptr) return cudaErrorInvalidValue;
+  const LayoutInfo info = analyse_layout(a);
+  const int64_t groups = a.batch * a.groups;
+  const int64_t S = a.spatial_sizes[0] * a.spatial_sizes[1] * a.spatial_sizes[2];
+  const int64_t group_elems = a.channels / a.groups * S;
+  const int64_t group_packs = group_elems / info.vec;
+
+  // Splits: enough CTAs for kTargetCtasPerSm per SM, but at least
+  // kMinElemsPerCta elements and kThreads packs per CTA, at most kMaxSplits.
+  const int64_t target = static_cast<int64_t>(kTargetCtasPerSm) * sm_count;
+  int64_t splits = (target + groups - 1) / groups;
+  int64_t most = group_elems / kMinElemsPerCta;
+  if (group_packs / kThreads < most) most = group_packs / kThreads;
+  if (most > kMaxSplits) most = kMaxSplits;
+  if (splits > most) splits = most;
+  if (splits < 1) splits = 1;
+
+  // One pass when a single CTA per group is the plan anyway and the group fits on chip.
+  const size_t group_bytes = static_cast<size_t>(group_elems) * element_size(a.dtype);
+  const bool one_pass = splits == 1 && group_bytes <= kOnePassSharedBytes;
+
+  plan->algorithm = one_pass ? Algorithm::kOnePass : Algorithm::kTwoPass;
+  plan->splits = static_cast<int>(splits);
+  plan->vec = info.vec;
+  plan->channels_inner = info.channels_inner;
+  plan->threads = kThreads;
+  plan->shared_bytes = one_pass ? group_bytes : 0;
+  plan->workspace_bytes = one_pass ? 0 : static_cast<size_t>(groups * splits * 3) * sizeof(float);
+  return cudaSuccess;
+}
+
+cudaError_t forward(const ForwardArgs& a, const Plan& plan, void* workspace, cudaStream_t stream) {
+  if (!valid(a)) return cudaErrorInvalidValue;
+  if (plan.workspace_bytes > 0 && (workspace == nullptr || !aligned(workspace, 16))) return cudaErrorInvalidValue;
+  LayoutInfo info = analyse_layout(a);
+  if (info.vec != plan.vec || info.channels_inner != plan.channels_inner) return cudaErrorInvalidValue;  // stale plan
+  const Geometry geo = make_geometry(a, info);
+  switch (a.dtype) {
+    case DType::kFloat32: return launch_dtype<float>(a, plan, geo, workspace, stream);
+    case DType::kFloat16: return launch_dtype<__half>(a, plan, geo, workspace, stream);
+    case DType::kBFloat16: return launch_dtype<__nv_bfloat16>(a, plan, geo, workspace, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace group_norm
+}  // namespace fastdiff

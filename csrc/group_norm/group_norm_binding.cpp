@@ -1,0 +1,144 @@
+// Torch binding of the CUDA GroupNorm forward: registers
+//   fastdiff::group_norm_fwd_cuda(Tensor x, Tensor weight, Tensor bias, int num_groups,
+//                                 float eps, str activation) -> (Tensor y, Tensor mean, Tensor rstd)
+// with a CUDA implementation. The schema lives in a TORCH_LIBRARY_FRAGMENT
+// because Python (fastdiff/ops/group_norm.py) registers other ops in the same
+// `fastdiff` namespace, and gives this op its fake (meta) implementation and
+// autograd formula.
+//
+// y = torch::empty_like(x), so it keeps x's memory format (contiguous or
+// channels_last); mean and rstd are fp32 (N, G). The kernels (group_norm.cu)
+// take any strides; see group_norm.h for which layouts get the vectorised path.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <mutex>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "group_norm.h"
+
+namespace fastdiff {
+namespace group_norm {
+namespace {
+
+DType dtype_of(const at::Tensor& x) {
+  switch (x.scalar_type()) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    default: TORCH_CHECK(false, "group_norm_fwd_cuda: x must be float32, float16 or bfloat16, got ", x.scalar_type());
+  }
+  return DType::kFloat32;  // unreachable
+}
+
+// Strides of an (N, C, *spatial) tensor, spatial dims padded in front to 3.
+TensorStrides strides_of(const at::Tensor& t) {
+  TensorStrides s{};
+  s.n = t.stride(0);
+  s.c = t.stride(1);
+  const int64_t spatial_dims = t.dim() - 2;
+  for (int d = 0; d < kMaxSpatialDims; ++d) {
+    const int64_t src = d - (kMaxSpatialDims - spatial_dims);
+    s.spatial[d] = src >= 0 ? t.stride(2 + src) : 0;
+  }
+  return s;
+}
+
+// SM count of `device`, queried once per device (it sizes the grid).
+int sm_count_of(c10::DeviceIndex device) {
+  static std::mutex mutex;
+  static std::vector<int> cache;
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (static_cast<size_t>(device) >= cache.size()) cache.resize(device + 1, 0);
+  if (cache[device] == 0) {
+    const cudaError_t status = cudaDeviceGetAttribute(&cache[device], cudaDevAttrMultiProcessorCount, device);
+    TORCH_CHECK(status == cudaSuccess, "group_norm_fwd_cuda: cannot query the SM count: ", cudaGetErrorString(status));
+  }
+  return cache[device];
+}
+
+void check_param(const at::Tensor& p, const char* name, const at::Tensor& x) {
+  TORCH_CHECK(p.device() == x.device(), "group_norm_fwd_cuda: ", name, " is on ", p.device(), " but x is on ", x.device());
+  TORCH_CHECK(p.scalar_type() == x.scalar_type(), "group_norm_fwd_cuda: ", name, " dtype ", p.scalar_type(),
+              " does not match x's dtype ", x.scalar_type());
+  TORCH_CHECK(p.dim() == 1 && p.size(0) == x.size(1), "group_norm_fwd_cuda: ", name, " must have shape (", x.size(1),
+              ",) to match x's channels, got ", p.sizes());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
+                                                                   const at::Tensor& bias, int64_t num_groups, double eps,
+                                                                   c10::string_view activation) {
+  TORCH_CHECK(x.is_cuda(), "group_norm_fwd_cuda: x must be a CUDA tensor, got ", x.device());
+  TORCH_CHECK(x.dim() >= 3 && x.dim() <= 2 + kMaxSpatialDims,
+              "group_norm_fwd_cuda: x must have shape (N, C, *spatial) with 1 to 3 spatial dims, got ", x.sizes());
+  TORCH_CHECK(x.numel() > 0, "group_norm_fwd_cuda: x is empty (shape ", x.sizes(), ")");
+  const DType dtype = dtype_of(x);
+  TORCH_CHECK(num_groups > 0 && x.size(1) % num_groups == 0, "group_norm_fwd_cuda: num_groups (", num_groups,
+              ") must be positive and divide the channel count of x (", x.size(1), ")");
+  check_param(weight, "weight", x);
+  check_param(bias, "bias", x);
+  TORCH_CHECK(eps >= 0, "group_norm_fwd_cuda: eps must be non-negative, got ", eps);
+  const std::string act(activation.data(), activation.size());
+  TORCH_CHECK(act == "none" || act == "silu", "group_norm_fwd_cuda: activation must be 'none' or 'silu', got '", act, "'");
+
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor w = weight.contiguous();
+  const at::Tensor b = bias.contiguous();
+  at::Tensor y = at::empty_like(x);
+  at::Tensor mean = at::empty({x.size(0), num_groups}, x.options().dtype(at::kFloat));
+  at::Tensor rstd = at::empty({x.size(0), num_groups}, x.options().dtype(at::kFloat));
+
+  ForwardArgs args{};
+  args.dtype = dtype;
+  args.batch = x.size(0);
+  args.channels = x.size(1);
+  args.groups = num_groups;
+  const int64_t spatial_dims = x.dim() - 2;
+  for (int d = 0; d < kMaxSpatialDims; ++d) {
+    const int64_t src = d - (kMaxSpatialDims - spatial_dims);
+    args.spatial_sizes[d] = src >= 0 ? x.size(2 + src) : 1;
+  }
+  args.x = x.data_ptr();
+  args.x_strides = strides_of(x);
+  args.y = y.data_ptr();
+  args.y_strides = strides_of(y);
+  args.weight = w.data_ptr();
+  args.bias = b.data_ptr();
+  args.mean = mean.data_ptr<float>();
+  args.rstd = rstd.data_ptr<float>();
+  args.eps = static_cast<float>(eps);
+  args.silu = act == "silu";
+
+  const int sm_count = sm_count_of(x.device().index());
+  Plan plan{};
+  const cudaError_t plan_status = make_plan(args, sm_count, &plan);
+  TORCH_CHECK(plan_status == cudaSuccess, "group_norm_fwd_cuda: the kernel rejected the arguments (x shape ", x.sizes(),
+              ", strides ", x.strides(), ", num_groups ", num_groups,
+              "); a single group must hold fewer than 2^31 elements and N * num_groups must be below 2^31");
+  at::Tensor workspace;
+  if (plan.workspace_bytes > 0) {
+    workspace = at::empty({static_cast<int64_t>(plan.workspace_bytes)}, x.options().dtype(at::kByte));
+  }
+  const cudaError_t status =
+      forward(args, plan, plan.workspace_bytes > 0 ? workspace.data_ptr() : nullptr, c10::cuda::getCurrentCUDAStream(x.device().index()).stream());
+  TORCH_CHECK(status == cudaSuccess, "group_norm_fwd_cuda: kernel launch failed: ", cudaGetErrorString(status));
+  return {y, mean, rstd};
+}
+
+}  // namespace
+}  // namespace group_norm
+}  // namespace fastdiff
+
+TORCH_LIBRARY_FRAGMENT(fastdiff, m) {
+  m.def(
+      "group_norm_fwd_cuda(Tensor x, Tensor weight, Tensor bias, int num_groups, float eps, str activation)"
+      " -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fastdiff, CUDA, m) { m.impl("group_norm_fwd_cuda", &fastdiff::group_norm::group_norm_fwd_cuda); }
