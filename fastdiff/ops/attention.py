@@ -7,6 +7,9 @@ Public entry point: :func:`attention` (layout (B, H, L, D), like
   fp64). The test oracle; never picked by ``auto``.
 * ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention``, the vendor
   baseline and the CPU path.
+* ``triton``: ``kernels/attention.py`` (fastdiff.kernels.attention), a flash
+  attention forward and an FA2-style Triton backward, wrapped in the custom ops
+  ``fastdiff::attention_fwd_triton`` / ``fastdiff::attention_bwd_triton``.
 
 The ``auto`` priority table is :func:`_priority`; the reason for each entry is
 written next to it.
@@ -19,7 +22,7 @@ our backends do the same.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -148,12 +151,35 @@ def _sdpa_run(inputs: Mapping[str, Any]) -> torch.Tensor:
     return F.scaled_dot_product_attention(inputs["q"], inputs["k"], inputs["v"], attn_mask=inputs["attn_mask"], scale=inputs["scale"])
 
 
-def _priority(inputs: Mapping[str, Any]) -> List[str]:
-    """The ``auto`` order.
+def _triton_reasons(inputs: Mapping[str, Any]) -> List[str]:
+    if not backends.triton_available():
+        return ["triton is not installed"]
+    q, k, v, mask = inputs["q"], inputs["k"], inputs["v"], inputs["attn_mask"]
+    reasons = backends.device_reasons([q, k, v, mask], allow_cpu_interpret=True)
+    from fastdiff.kernels.attention import layout_reasons
 
-    * CPU tensors -> ``sdpa``: torch's CPU flash kernel is the fastest CPU
-      path we have; ``reference`` is the oracle and never auto.
+    return reasons + layout_reasons(q, k, v, mask)
+
+
+def _triton_run(inputs: Mapping[str, Any]) -> torch.Tensor:
+    out, _ = _attention_fwd_triton(inputs["q"], inputs["k"], inputs["v"], inputs["attn_mask"], inputs["scale"])
+    return out
+
+
+def _priority(inputs: Mapping[str, Any]) -> List[str]:
+    """The ``auto`` order, best first; the first backend with no reasons runs.
+
+    * CUDA tensors -> ``triton``, then ``sdpa``. Triton goes first as the issue
+      sets out, until a device run of benchmarks/bench_attention.py (results in
+      benchmarks/results/) shows per shape and architecture where SDPA is
+      faster; no GPU figures exist yet. ``sdpa`` takes what Triton declines
+      (fp64, an attn_mask that requires grad, B * H > 65535).
+    * CPU tensors -> ``sdpa``: torch's CPU flash kernel is the fastest CPU path
+      we have. ``triton`` runs on the CPU only when forced, under
+      TRITON_INTERPRET=1 (for tests). ``reference`` is the oracle and never auto.
     """
+    if inputs["q"].device.type == "cuda":
+        return ["triton", "sdpa"]
     return ["sdpa"]
 
 
@@ -163,10 +189,70 @@ _DISPATCHER = backends.register_dispatcher(
         [
             backends.Backend("reference", _reference_reasons, _reference_run, "plain PyTorch math in fp32 (the oracle)"),
             backends.Backend("sdpa", _sdpa_reasons, _sdpa_run, "torch.nn.functional.scaled_dot_product_attention"),
+            backends.Backend("triton", _triton_reasons, _triton_run, "kernels/attention.py: flash-attention forward, FA2-style Triton backward"),
         ],
         _priority,
     )
 )
+
+
+# ---------------------------------------------------------------------------
+# Custom ops (torch.library), so torch.compile and CUDA graphs see through them.
+# ---------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastdiff::attention_fwd_triton", mutates_args=())
+def _attention_fwd_triton(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor], scale: float
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse): out (B, H, Lq, D), a view of a (B, Lq, H, D) buffer; lse (B, H, Lq) fp32, log2 units."""
+    from fastdiff.kernels.attention import attention_forward
+
+    return attention_forward(q, k, v, attn_mask, scale)
+
+
+@_attention_fwd_triton.register_fake
+def _(q, k, v, attn_mask, scale):
+    b, h, lq, d = q.shape
+    out = q.new_empty((b, lq, h, d)).transpose(1, 2)
+    return out, q.new_empty((b, h, lq), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastdiff::attention_bwd_triton", mutates_args=())
+def _attention_bwd_triton(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: Optional[torch.Tensor],
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from fastdiff.kernels.attention import attention_backward
+
+    return attention_backward(dout, q, k, v, attn_mask, out, lse, scale)
+
+
+@_attention_bwd_triton.register_fake
+def _(dout, q, k, v, attn_mask, out, lse, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, attn_mask, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, attn_mask, out, lse)
+    ctx.scale = scale
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, attn_mask, out, lse = ctx.saved_tensors
+    dq, dk, dv = _attention_bwd_triton(dout, q, k, v, attn_mask, out, lse, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+torch.library.register_autograd("fastdiff::attention_fwd_triton", _backward, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------------------
@@ -197,14 +283,17 @@ def attention(
         attn_mask: None, or a mask broadcastable to (B, H, Lq, Lk): boolean
             (True = attend) or additive in q's dtype.
         scale: multiplies q @ k^T; None means D ** -0.5.
-        backend: "auto", "reference" or "sdpa"; None follows
+        backend: "auto", "reference", "sdpa" or "triton"; None follows
             ``fastdiff.use_backend`` / FASTDIFF_BACKEND, else auto.
 
     Returns:
         (B, H, Lq, D) in q's dtype. Fully-masked rows are zeros.
 
-    Gradients flow to q, k and v (and an additive attn_mask) through PyTorch's
-    autograd on both backends.
+    Gradients flow to q, k and v on every backend: ``reference`` and ``sdpa``
+    through PyTorch's autograd (which also gives an additive attn_mask its
+    gradient), ``triton`` through its own Triton backward kernels (dK/dV and
+    dQ from the saved logsumexp; no SDPA recompute). ``triton`` declines an
+    attn_mask that requires grad.
     """
     _check_inputs(q, k, v, attn_mask, scale)
     return _DISPATCHER(_inputs(q, k, v, attn_mask, scale), backend)

@@ -1,0 +1,683 @@
+"""Flash attention in Triton: forward with online softmax, FA2-style backward.
+
+Layout (B, H, L, D) as in ``torch.nn.functional.scaled_dot_product_attention``;
+every tensor is addressed through its strides, so views out of one fused QKV
+projection run without a copy. Lq may differ from Lk (cross-attention: Lk=77
+is handled by masking the tail block).
+
+Head dim. ``tl.dot`` needs each dimension to be a power of two and at least
+16, so a head dim D is padded to a multiple of 16 and split into at most two
+power-of-two chunks, D0 + D1 (:func:`head_dim_chunks`): 40 -> 32 + 16 (48),
+72 -> 64 + 16 (80), 80 -> 64 + 16, 160 -> 128 + 32, 64 -> 64, 8 -> 16. Each
+product over D is then one or two accumulating dots, so D=40 costs 48 columns,
+not the 64 a single power-of-two tile would (FA2 and FA3 pad 40 to 64 and
+80/160 to 96/192). Chunk columns at or past D are loaded as zeros.
+
+Masks. A boolean (True = attend) or additive mask, broadcastable to
+(B, H, Lq, Lk), is read through four strides; broadcast dims get stride 0, so
+nothing is materialised. A fully-masked row gives zeros (SDPA's behaviour in
+torch >= 2.5) and zero gradients; its saved logsumexp is +inf so that the
+backward's exp2(s - lse) is 0 there.
+
+Precision. Scores, softmax statistics and accumulators are fp32. fp16/bf16
+inputs feed the tensor cores in their own dtype (P is cast to the input dtype
+before P @ V, as in FA2). fp32 inputs use ``input_precision="ieee"`` so no
+TF32 rounding happens. Under TRITON_INTERPRET=1 every tile is upcast to fp32
+right after loading (``UPCAST``), because the interpreter's bf16 arithmetic is
+wrong; results on the CPU are therefore slightly *more* precise than on a GPU.
+The interpreter also truncates fp32 -> bf16 conversions instead of rounding to
+nearest (as a GPU does), so under it bf16 results are written to fp32 buffers
+and rounded by torch (:func:`_store_dtype`).
+
+Not implemented (yet): Hopper TMA descriptors and warp specialisation, and a
+persistent grid. Short sequences fill the GPU through the autotuner instead:
+its configs include BLOCK_M = 16 and 32, which give (2, 8, 256) 128 or 256
+programs, and :func:`_prune_fwd_configs` drops configs that leave most SMs idle
+when another config fills a wave.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = math.log2(math.e)
+MASK_NONE, MASK_BOOL, MASK_ADDITIVE = 0, 1, 2
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_GRID_Y = 65535  # CUDA's limit on grid dim 1, which holds B * H.
+
+
+# ---------------------------------------------------------------------------
+# Launch heuristics: every block size, chunking and config choice lives here.
+# ---------------------------------------------------------------------------
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def head_dim_chunks(head_dim: int) -> Tuple[int, int]:
+    """(D0, D1): two power-of-two tile widths >= 16 (D1 may be 0) covering head_dim
+    with the least padding that tl.dot allows."""
+    padded = max(16, -(-head_dim // 16) * 16)
+    d0 = 1 << (padded.bit_length() - 1)
+    rest = padded - d0
+    d1 = 0 if rest == 0 else max(16, triton.next_power_of_2(rest))
+    return d0, d1
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _keep(conf: triton.Config) -> bool:
+    """Static filter: 128-row tiles need 8 warps; 16-row tiles never use more than 4."""
+    block_m, warps = conf.kwargs["BLOCK_M"], conf.num_warps
+    return not (block_m == 128 and warps < 8) and not (block_m <= 32 and warps > 4)
+
+
+def _fwd_configs() -> List[triton.Config]:
+    if _interpret():
+        # One small config: the interpreter runs every tile in Python, and a tail
+        # block in both directions is exercised by the odd test lengths.
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    configs = [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm in (16, 32, 64, 128)
+        for bn in (32, 64, 128)
+        for w in (4, 8)
+        for s in (2, 3)
+    ]
+    return [c for c in configs if _keep(c)]
+
+
+def _prune_fwd_configs(configs, named_args, **kwargs):
+    """Per-shape pruning before tuning.
+
+    * Large head dims (padded > 128) keep BLOCK_N <= 64 so K/V tiles fit in
+      shared memory with 2-3 stages.
+    * Occupancy: a config whose grid covers less than half a wave of SMs is
+      dropped whenever some other config covers a full wave.
+    """
+    args = {**named_args, **kwargs}  # Triton 3.0 passes constexpr arguments in kwargs
+    padded = sum(head_dim_chunks(args["HEAD_DIM"]))
+    if padded > 128:
+        configs = [c for c in configs if c.kwargs["BLOCK_N"] <= 64] or configs
+    q = args["Q"]
+    if not isinstance(q, torch.Tensor) or q.device.type != "cuda":
+        return configs
+    sms = _num_sms(q.device.index or 0)
+    rows = args["Lq"]
+    bh = args["BH"]
+
+    def programs(c):
+        return triton.cdiv(rows, c.kwargs["BLOCK_M"]) * bh
+
+    if any(programs(c) >= sms for c in configs):
+        configs = [c for c in configs if 2 * programs(c) >= sms]
+    return configs
+
+
+def _bwd_configs() -> List[triton.Config]:
+    if _interpret():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn in ((32, 64), (64, 64), (64, 32), (32, 128), (128, 64))
+        for w in (4, 8)
+        for s in (2, 3)
+        if not (bm == 128 and w < 8)
+    ]
+
+
+def _prune_bwd_configs(configs, named_args, **kwargs):
+    """The backward holds K, V, dK and dV tiles at once: big head dims keep 64-row tiles."""
+    padded = sum(head_dim_chunks({**named_args, **kwargs}["HEAD_DIM"]))
+    if padded > 128:
+        configs = [c for c in configs if max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= 64] or configs
+    return configs
+
+
+def _even_heuristics():
+    """EVEN_* flags skip bounds checks when a length is a multiple of its block."""
+    return {
+        "EVEN_M": lambda args: args["Lq"] % args["BLOCK_M"] == 0,
+        "EVEN_N": lambda args: args["Lk"] % args["BLOCK_N"] == 0,
+    }
+
+
+# ---------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------
+
+
+@triton.jit
+def _load(ptrs, ok_rows, ok_cols, EVEN_ROWS: tl.constexpr, EVEN_COLS: tl.constexpr):
+    """Load a 2-D tile; out-of-range entries read 0. ``ok_rows``/``ok_cols`` are
+    broadcastable bool tiles, and a bounds check is skipped when its EVEN_* flag
+    says the block lies fully inside the tensor."""
+    if EVEN_ROWS:
+        if EVEN_COLS:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=ok_cols, other=0.0)
+    else:
+        if EVEN_COLS:
+            x = tl.load(ptrs, mask=ok_rows, other=0.0)
+        else:
+            x = tl.load(ptrs, mask=ok_rows & ok_cols, other=0.0)
+    return x
+
+
+@triton.jit
+def _apply_mask(s, Mask, offs_m, offs_n, ok_m, ok_n, stride_mm, stride_mn,
+                MASK_KIND: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr):
+    """Add the user mask to a (len(offs_m), len(offs_n)) tile of scores in log2 units.
+
+    Mask points at this (batch, head)'s mask plane; offs_m/offs_n index its
+    query/key axes (either may be laid out along the tile's rows)."""
+    if MASK_KIND == 1:
+        keep = _load(Mask + offs_m * stride_mm + offs_n * stride_mn, ok_m, ok_n, EVEN_M, EVEN_N)
+        s = tl.where(keep != 0, s, float("-inf"))
+    elif MASK_KIND == 2:
+        bias = _load(Mask + offs_m * stride_mm + offs_n * stride_mn, ok_m, ok_n, EVEN_M, EVEN_N)
+        s = s + bias.to(tl.float32) * 1.4426950408889634  # log2(e): scores are in log2 units
+    return s
+
+
+@triton.jit
+def _attn_fwd(
+    Q, K, V,  # inputs, (B, H, Lq, D), (B, H, Lk, D), (B, H, Lk, D), any strides
+    Mask,  # (B, H, Lq, Lk) view (broadcast dims have stride 0); uint8 for bool masks; unused when MASK_KIND == 0
+    Out,  # output, (B, H, Lq, D) view of a (B, Lq, H, D) buffer
+    Lse,  # output, (B * H, Lq) fp32: per-row logsumexp of the scores in log2 units (+inf for fully-masked rows)
+    stride_qb, stride_qh, stride_qm, stride_qd,  # Q strides: batch, head, query position, head-dim column
+    stride_kb, stride_kh, stride_kn, stride_kd,  # K strides: batch, head, key position, column
+    stride_vb, stride_vh, stride_vn, stride_vd,  # V strides: batch, head, key position, column
+    stride_mb, stride_mh, stride_mm, stride_mn,  # Mask strides: batch, head, query, key
+    stride_ob, stride_oh, stride_om, stride_od,  # Out strides: batch, head, query position, column
+    H,  # heads per batch entry
+    BH,  # B * H (read by the config pruner)
+    Lq, Lk,  # query and key lengths
+    qk_scale,  # softmax scale * log2(e): scores come out of the dot in log2 units, ready for exp2
+    HEAD_DIM: tl.constexpr,  # true head dim D
+    D0: tl.constexpr, D1: tl.constexpr,  # head-dim chunk widths (powers of two >= 16; D1 may be 0)
+    EVEN_D0: tl.constexpr, EVEN_D1: tl.constexpr,  # chunk lies fully inside D (no column bounds check)
+    MASK_KIND: tl.constexpr,  # 0 none, 1 boolean, 2 additive
+    PRECISION: tl.constexpr,  # tl.dot input_precision: "ieee" for fp32 inputs
+    UPCAST: tl.constexpr,  # compute every dot in fp32 (the interpreter)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  # query rows per program, keys per inner step
+    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,  # Lq % BLOCK_M == 0, Lk % BLOCK_N == 0
+):
+    # Program (pid_m, pid_bh) owns query rows [pid_m * BLOCK_M, +BLOCK_M) of one
+    # (batch, head) and streams every key block of that head through SRAM.
+    tl.static_assert(D0 >= 16)
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    Q += off_b * stride_qb + off_h * stride_qh
+    K += off_b * stride_kb + off_h * stride_kh
+    V += off_b * stride_vb + off_h * stride_vh
+    Out += off_b * stride_ob + off_h * stride_oh
+    Mask += off_b * stride_mb + off_h * stride_mh
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d0 = tl.arange(0, D0)
+    ok_m = offs_m < Lq
+
+    # The query tile stays in registers for the whole loop.
+    q0 = _load(Q + offs_m[:, None] * stride_qm + offs_d0[None, :] * stride_qd, ok_m[:, None], offs_d0[None, :] < HEAD_DIM, EVEN_M, EVEN_D0)
+    if UPCAST:
+        q0 = q0.to(tl.float32)
+    acc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
+    if D1 > 0:
+        offs_d1 = D0 + tl.arange(0, D1)
+        q1 = _load(Q + offs_m[:, None] * stride_qm + offs_d1[None, :] * stride_qd, ok_m[:, None], offs_d1[None, :] < HEAD_DIM, EVEN_M, EVEN_D1)
+        if UPCAST:
+            q1 = q1.to(tl.float32)
+        acc1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
+    # Online softmax state per row: running max m_i and running sum l_i (log2 units).
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+
+    for start_n in range(0, Lk, BLOCK_N):
+        cols = start_n + offs_n
+        ok_n = cols < Lk
+        # s = (q @ k^T) * scale * log2(e), as one or two accumulating dots over the head-dim chunks.
+        kt0 = _load(K + cols[None, :] * stride_kn + offs_d0[:, None] * stride_kd, offs_d0[:, None] < HEAD_DIM, ok_n[None, :], EVEN_D0, EVEN_N)
+        if UPCAST:
+            kt0 = kt0.to(tl.float32)
+        s = tl.dot(q0, kt0, input_precision=PRECISION)
+        if D1 > 0:
+            kt1 = _load(K + cols[None, :] * stride_kn + offs_d1[:, None] * stride_kd, offs_d1[:, None] < HEAD_DIM, ok_n[None, :], EVEN_D1, EVEN_N)
+            if UPCAST:
+                kt1 = kt1.to(tl.float32)
+            s = tl.dot(q1, kt1, s, input_precision=PRECISION)
+        s = s * qk_scale
+        s = _apply_mask(s, Mask, offs_m[:, None], cols[None, :], ok_m[:, None], ok_n[None, :], stride_mm, stride_mn, MASK_KIND, EVEN_M, EVEN_N)
+        if not EVEN_N:
+            s = tl.where(ok_n[None, :], s, float("-inf"))
+
+        # Online softmax: rescale the running sum and accumulator by 2^(m_old - m_new).
+        # A row that has seen only masked keys keeps m = -inf; shifting it by 0
+        # instead keeps exp2 at 0 rather than NaN.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_shift)
+        p = tl.math.exp2(s - m_shift[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i = m_new
+        if UPCAST:
+            p_in = p
+        else:
+            p_in = p.to(V.dtype.element_ty)
+
+        v0 = _load(V + cols[:, None] * stride_vn + offs_d0[None, :] * stride_vd, ok_n[:, None], offs_d0[None, :] < HEAD_DIM, EVEN_N, EVEN_D0)
+        if UPCAST:
+            v0 = v0.to(tl.float32)
+        acc0 = tl.dot(p_in, v0, acc0 * alpha[:, None], input_precision=PRECISION)
+        if D1 > 0:
+            v1 = _load(V + cols[:, None] * stride_vn + offs_d1[None, :] * stride_vd, ok_n[:, None], offs_d1[None, :] < HEAD_DIM, EVEN_N, EVEN_D1)
+            if UPCAST:
+                v1 = v1.to(tl.float32)
+            acc1 = tl.dot(p_in, v1, acc1 * alpha[:, None], input_precision=PRECISION)
+
+    # Normalise. Fully-masked rows (l_i == 0) output zeros and save lse = +inf.
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
+    if EVEN_M:
+        tl.store(Lse + pid_bh * Lq + offs_m, lse)
+    else:
+        tl.store(Lse + pid_bh * Lq + offs_m, lse, mask=ok_m)
+    out0 = (acc0 / l_safe[:, None]).to(Out.dtype.element_ty)
+    tl.store(Out + offs_m[:, None] * stride_om + offs_d0[None, :] * stride_od, out0, mask=ok_m[:, None] & (offs_d0[None, :] < HEAD_DIM))
+    if D1 > 0:
+        out1 = (acc1 / l_safe[:, None]).to(Out.dtype.element_ty)
+        tl.store(Out + offs_m[:, None] * stride_om + offs_d1[None, :] * stride_od, out1, mask=ok_m[:, None] & (offs_d1[None, :] < HEAD_DIM))
+
+
+_attn_fwd_tuned = triton.autotune(
+    configs=_fwd_configs(),
+    # Tensor dtypes are part of Triton's autotune key as well, so this is (Lq, Lk, D, dtype).
+    key=["Lq", "Lk", "HEAD_DIM", "MASK_KIND"],
+    prune_configs_by={"early_config_prune": _prune_fwd_configs},
+)(triton.heuristics(_even_heuristics())(_attn_fwd))
+
+
+@triton.jit
+def _attn_bwd_delta(
+    Out, DOut,  # forward output and its gradient, (B, H, Lq, D), any strides
+    Delta,  # output, (B * H, Lq) fp32: rowsum(dO * O), the softmax-backward correction
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_db, stride_dh, stride_dm, stride_dd,
+    H, Lq,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,  # rows per program; head dim rounded up to a power of two
+):
+    # Program (pid_m, pid_bh): rows [pid_m * BLOCK_M, +BLOCK_M) of one (batch, head).
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = (offs_m[:, None] < Lq) & (offs_d[None, :] < HEAD_DIM)
+    o = tl.load(Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od, mask=ok, other=0.0)
+    do = tl.load(DOut + off_b * stride_db + off_h * stride_dh + offs_m[:, None] * stride_dm + offs_d[None, :] * stride_dd, mask=ok, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + pid_bh * Lq + offs_m, delta, mask=offs_m < Lq)
+
+
+# Backward math (natural-log units, per (batch, head)); S = scale * Q K^T + mask:
+#   P  = exp(S - lse)              recomputed from the saved logsumexp (here exp2 in log2 units)
+#   dV = P^T dO
+#   dP = dO V^T
+#   dS = P * (dP - Delta),         Delta_i = sum_j P_ij dP_ij = rowsum(dO * O)_i
+#   dQ = scale * dS K,  dK = scale * dS^T Q
+# _attn_bwd_dkdv owns a block of keys and loops over all queries; _attn_bwd_dq
+# owns a block of queries and loops over all keys. Each program writes only its
+# own rows, so no atomics are needed (at the cost of computing P twice).
+
+
+@triton.jit
+def _attn_bwd_dkdv(
+    Q, K, V, Mask, DOut,  # inputs as in _attn_fwd; DOut is dL/dOut, (B, H, Lq, D), any strides
+    Lse, Delta,  # (B * H, Lq) fp32, from _attn_fwd and _attn_bwd_delta
+    DK, DV,  # outputs, (B, H, Lk, D), any strides
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_dob, stride_doh, stride_dom, stride_dod,  # DOut strides
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,  # DK strides
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,  # DV strides
+    H, Lq, Lk,
+    sm_scale,  # softmax scale (natural units), applied to dK once at the end
+    qk_scale,  # sm_scale * log2(e)
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, EVEN_D0: tl.constexpr, EVEN_D1: tl.constexpr,
+    MASK_KIND: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+):
+    # Program (pid_n, pid_bh) owns key rows [pid_n * BLOCK_N, +BLOCK_N) of one
+    # (batch, head); tiles are transposed (keys along rows) so dK/dV accumulate in place.
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    Q += off_b * stride_qb + off_h * stride_qh
+    K += off_b * stride_kb + off_h * stride_kh
+    V += off_b * stride_vb + off_h * stride_vh
+    Mask += off_b * stride_mb + off_h * stride_mh
+    DOut += off_b * stride_dob + off_h * stride_doh
+    DK += off_b * stride_dkb + off_h * stride_dkh
+    DV += off_b * stride_dvb + off_h * stride_dvh
+    Lse += pid_bh * Lq
+    Delta += pid_bh * Lq
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d0 = tl.arange(0, D0)
+    ok_n = offs_n < Lk
+
+    k0 = _load(K + offs_n[:, None] * stride_kn + offs_d0[None, :] * stride_kd, ok_n[:, None], offs_d0[None, :] < HEAD_DIM, EVEN_N, EVEN_D0)
+    v0 = _load(V + offs_n[:, None] * stride_vn + offs_d0[None, :] * stride_vd, ok_n[:, None], offs_d0[None, :] < HEAD_DIM, EVEN_N, EVEN_D0)
+    if UPCAST:
+        k0 = k0.to(tl.float32)
+        v0 = v0.to(tl.float32)
+    dk0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
+    dv0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
+    if D1 > 0:
+        offs_d1 = D0 + tl.arange(0, D1)
+        k1 = _load(K + offs_n[:, None] * stride_kn + offs_d1[None, :] * stride_kd, ok_n[:, None], offs_d1[None, :] < HEAD_DIM, EVEN_N, EVEN_D1)
+        v1 = _load(V + offs_n[:, None] * stride_vn + offs_d1[None, :] * stride_vd, ok_n[:, None], offs_d1[None, :] < HEAD_DIM, EVEN_N, EVEN_D1)
+        if UPCAST:
+            k1 = k1.to(tl.float32)
+            v1 = v1.to(tl.float32)
+        dk1 = tl.zeros([BLOCK_N, D1], dtype=tl.float32)
+        dv1 = tl.zeros([BLOCK_N, D1], dtype=tl.float32)
+
+    for start_m in range(0, Lq, BLOCK_M):
+        rows = start_m + offs_m
+        ok_m = rows < Lq
+        q0 = _load(Q + rows[:, None] * stride_qm + offs_d0[None, :] * stride_qd, ok_m[:, None], offs_d0[None, :] < HEAD_DIM, EVEN_M, EVEN_D0)
+        do0 = _load(DOut + rows[:, None] * stride_dom + offs_d0[None, :] * stride_dod, ok_m[:, None], offs_d0[None, :] < HEAD_DIM, EVEN_M, EVEN_D0)
+        if UPCAST:
+            q0 = q0.to(tl.float32)
+            do0 = do0.to(tl.float32)
+        # s^T = K Q^T (keys along rows), in log2 units.
+        st = tl.dot(k0, tl.trans(q0), input_precision=PRECISION)
+        if D1 > 0:
+            q1 = _load(Q + rows[:, None] * stride_qm + offs_d1[None, :] * stride_qd, ok_m[:, None], offs_d1[None, :] < HEAD_DIM, EVEN_M, EVEN_D1)
+            do1 = _load(DOut + rows[:, None] * stride_dom + offs_d1[None, :] * stride_dod, ok_m[:, None], offs_d1[None, :] < HEAD_DIM, EVEN_M, EVEN_D1)
+            if UPCAST:
+                q1 = q1.to(tl.float32)
+                do1 = do1.to(tl.float32)
+            st = tl.dot(k1, tl.trans(q1), st, input_precision=PRECISION)
+        st = st * qk_scale
+        st = _apply_mask(st, Mask, rows[None, :], offs_n[:, None], ok_m[None, :], ok_n[:, None], stride_mm, stride_mn, MASK_KIND, EVEN_M, EVEN_N)
+        # Rows past Lq read lse = +inf, so their P is 0; key rows past Lk are never stored.
+        if EVEN_M:
+            lse = tl.load(Lse + rows)
+            delta = tl.load(Delta + rows)
+        else:
+            lse = tl.load(Lse + rows, mask=ok_m, other=float("inf"))
+            delta = tl.load(Delta + rows, mask=ok_m, other=0.0)
+        pt = tl.math.exp2(st - lse[None, :])
+        if UPCAST:
+            pt_in = pt
+        else:
+            pt_in = pt.to(Q.dtype.element_ty)
+        # dV += P^T dO;  dP^T = V dO^T;  dS^T = P^T * (dP^T - Delta);  dK += dS^T Q.
+        dv0 = tl.dot(pt_in, do0, dv0, input_precision=PRECISION)
+        dpt = tl.dot(v0, tl.trans(do0), input_precision=PRECISION)
+        if D1 > 0:
+            dv1 = tl.dot(pt_in, do1, dv1, input_precision=PRECISION)
+            dpt = tl.dot(v1, tl.trans(do1), dpt, input_precision=PRECISION)
+        dst = pt * (dpt - delta[None, :])
+        if UPCAST:
+            dst_in = dst
+        else:
+            dst_in = dst.to(Q.dtype.element_ty)
+        dk0 = tl.dot(dst_in, q0, dk0, input_precision=PRECISION)
+        if D1 > 0:
+            dk1 = tl.dot(dst_in, q1, dk1, input_precision=PRECISION)
+
+    ok_store = ok_n[:, None] & (offs_d0[None, :] < HEAD_DIM)
+    tl.store(DK + offs_n[:, None] * stride_dkn + offs_d0[None, :] * stride_dkd, (dk0 * sm_scale).to(DK.dtype.element_ty), mask=ok_store)
+    tl.store(DV + offs_n[:, None] * stride_dvn + offs_d0[None, :] * stride_dvd, dv0.to(DV.dtype.element_ty), mask=ok_store)
+    if D1 > 0:
+        ok_store1 = ok_n[:, None] & (offs_d1[None, :] < HEAD_DIM)
+        tl.store(DK + offs_n[:, None] * stride_dkn + offs_d1[None, :] * stride_dkd, (dk1 * sm_scale).to(DK.dtype.element_ty), mask=ok_store1)
+        tl.store(DV + offs_n[:, None] * stride_dvn + offs_d1[None, :] * stride_dvd, dv1.to(DV.dtype.element_ty), mask=ok_store1)
+
+
+@triton.jit
+def _attn_bwd_dq(
+    Q, K, V, Mask, DOut, Lse, Delta,  # as in _attn_bwd_dkdv
+    DQ,  # output, (B, H, Lq, D), any strides
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,  # DQ strides
+    H, Lq, Lk,
+    sm_scale, qk_scale,
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, EVEN_D0: tl.constexpr, EVEN_D1: tl.constexpr,
+    MASK_KIND: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+):
+    # Program (pid_m, pid_bh) owns query rows [pid_m * BLOCK_M, +BLOCK_M) of one
+    # (batch, head) and loops over every key block to accumulate dQ = scale * dS K.
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    Q += off_b * stride_qb + off_h * stride_qh
+    K += off_b * stride_kb + off_h * stride_kh
+    V += off_b * stride_vb + off_h * stride_vh
+    Mask += off_b * stride_mb + off_h * stride_mh
+    DOut += off_b * stride_dob + off_h * stride_doh
+    DQ += off_b * stride_dqb + off_h * stride_dqh
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d0 = tl.arange(0, D0)
+    ok_m = offs_m < Lq
+
+    q0 = _load(Q + offs_m[:, None] * stride_qm + offs_d0[None, :] * stride_qd, ok_m[:, None], offs_d0[None, :] < HEAD_DIM, EVEN_M, EVEN_D0)
+    do0 = _load(DOut + offs_m[:, None] * stride_dom + offs_d0[None, :] * stride_dod, ok_m[:, None], offs_d0[None, :] < HEAD_DIM, EVEN_M, EVEN_D0)
+    if UPCAST:
+        q0 = q0.to(tl.float32)
+        do0 = do0.to(tl.float32)
+    dq0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
+    if D1 > 0:
+        offs_d1 = D0 + tl.arange(0, D1)
+        q1 = _load(Q + offs_m[:, None] * stride_qm + offs_d1[None, :] * stride_qd, ok_m[:, None], offs_d1[None, :] < HEAD_DIM, EVEN_M, EVEN_D1)
+        do1 = _load(DOut + offs_m[:, None] * stride_dom + offs_d1[None, :] * stride_dod, ok_m[:, None], offs_d1[None, :] < HEAD_DIM, EVEN_M, EVEN_D1)
+        if UPCAST:
+            q1 = q1.to(tl.float32)
+            do1 = do1.to(tl.float32)
+        dq1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
+    if EVEN_M:
+        lse = tl.load(Lse + pid_bh * Lq + offs_m)
+        delta = tl.load(Delta + pid_bh * Lq + offs_m)
+    else:
+        lse = tl.load(Lse + pid_bh * Lq + offs_m, mask=ok_m, other=float("inf"))
+        delta = tl.load(Delta + pid_bh * Lq + offs_m, mask=ok_m, other=0.0)
+
+    for start_n in range(0, Lk, BLOCK_N):
+        cols = start_n + offs_n
+        ok_n = cols < Lk
+        kt0 = _load(K + cols[None, :] * stride_kn + offs_d0[:, None] * stride_kd, offs_d0[:, None] < HEAD_DIM, ok_n[None, :], EVEN_D0, EVEN_N)
+        vt0 = _load(V + cols[None, :] * stride_vn + offs_d0[:, None] * stride_vd, offs_d0[:, None] < HEAD_DIM, ok_n[None, :], EVEN_D0, EVEN_N)
+        if UPCAST:
+            kt0 = kt0.to(tl.float32)
+            vt0 = vt0.to(tl.float32)
+        s = tl.dot(q0, kt0, input_precision=PRECISION)
+        dp = tl.dot(do0, vt0, input_precision=PRECISION)
+        if D1 > 0:
+            kt1 = _load(K + cols[None, :] * stride_kn + offs_d1[:, None] * stride_kd, offs_d1[:, None] < HEAD_DIM, ok_n[None, :], EVEN_D1, EVEN_N)
+            vt1 = _load(V + cols[None, :] * stride_vn + offs_d1[:, None] * stride_vd, offs_d1[:, None] < HEAD_DIM, ok_n[None, :], EVEN_D1, EVEN_N)
+            if UPCAST:
+                kt1 = kt1.to(tl.float32)
+                vt1 = vt1.to(tl.float32)
+            s = tl.dot(q1, kt1, s, input_precision=PRECISION)
+            dp = tl.dot(do1, vt1, dp, input_precision=PRECISION)
+        s = s * qk_scale
+        s = _apply_mask(s, Mask, offs_m[:, None], cols[None, :], ok_m[:, None], ok_n[None, :], stride_mm, stride_mn, MASK_KIND, EVEN_M, EVEN_N)
+        if not EVEN_N:
+            s = tl.where(ok_n[None, :], s, float("-inf"))
+        p = tl.math.exp2(s - lse[:, None])
+        ds = p * (dp - delta[:, None])
+        if UPCAST:
+            ds_in = ds
+        else:
+            ds_in = ds.to(Q.dtype.element_ty)
+        dq0 = tl.dot(ds_in, tl.trans(kt0), dq0, input_precision=PRECISION)
+        if D1 > 0:
+            dq1 = tl.dot(ds_in, tl.trans(kt1), dq1, input_precision=PRECISION)
+
+    tl.store(DQ + offs_m[:, None] * stride_dqm + offs_d0[None, :] * stride_dqd, (dq0 * sm_scale).to(DQ.dtype.element_ty), mask=ok_m[:, None] & (offs_d0[None, :] < HEAD_DIM))
+    if D1 > 0:
+        tl.store(DQ + offs_m[:, None] * stride_dqm + offs_d1[None, :] * stride_dqd, (dq1 * sm_scale).to(DQ.dtype.element_ty), mask=ok_m[:, None] & (offs_d1[None, :] < HEAD_DIM))
+
+
+_bwd_key = ["Lq", "Lk", "HEAD_DIM", "MASK_KIND"]
+_attn_bwd_dkdv_tuned = triton.autotune(configs=_bwd_configs(), key=_bwd_key, prune_configs_by={"early_config_prune": _prune_bwd_configs})(
+    triton.heuristics(_even_heuristics())(_attn_bwd_dkdv)
+)
+_attn_bwd_dq_tuned = triton.autotune(configs=_bwd_configs(), key=_bwd_key, prune_configs_by={"early_config_prune": _prune_bwd_configs})(
+    triton.heuristics(_even_heuristics())(_attn_bwd_dq)
+)
+
+
+# ---------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------
+
+
+def layout_reasons(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor]) -> List[str]:
+    """Why these (already validated) inputs cannot run on the Triton kernels; [] if they can."""
+    reasons = []
+    if q.dtype not in SUPPORTED_DTYPES:
+        reasons.append(f"dtype {q.dtype} not supported (expected fp16, bf16 or fp32)")
+    if q.shape[0] * q.shape[1] > MAX_GRID_Y:
+        reasons.append(f"B * H = {q.shape[0] * q.shape[1]} exceeds {MAX_GRID_Y}")
+    if attn_mask is not None and attn_mask.requires_grad:
+        reasons.append("attn_mask requires grad; the Triton backward does not compute a mask gradient")
+    return reasons
+
+
+def _store_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype kernels write outputs in: the input dtype, except bf16 under the
+    interpreter, whose fp32 -> bf16 conversion truncates; those get fp32 buffers
+    that the launcher rounds with torch."""
+    return torch.float32 if dtype == torch.bfloat16 and _interpret() else dtype
+
+
+def _common_meta(q: torch.Tensor, attn_mask: Optional[torch.Tensor]) -> Dict[str, object]:
+    head_dim = q.shape[-1]
+    d0, d1 = head_dim_chunks(head_dim)
+    if attn_mask is None:
+        kind = MASK_NONE
+    elif attn_mask.dtype == torch.bool:
+        kind = MASK_BOOL
+    else:
+        kind = MASK_ADDITIVE
+    return {
+        "HEAD_DIM": head_dim,
+        "D0": d0,
+        "D1": d1,
+        "EVEN_D0": d0 <= head_dim,
+        "EVEN_D1": d0 + d1 <= head_dim,
+        "MASK_KIND": kind,
+        "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
+        "UPCAST": _interpret(),
+    }
+
+
+def _mask_view(attn_mask: Optional[torch.Tensor], q: torch.Tensor, lk: int) -> Tuple[torch.Tensor, Tuple[int, int, int, int]]:
+    """The mask as a (B, H, Lq, Lk) view with stride 0 on broadcast dims (no copy),
+    bool reinterpreted as uint8; without a mask, q as a never-read placeholder."""
+    if attn_mask is None:
+        return q, (0, 0, 0, 0)
+    b, h, lq, _ = q.shape
+    mask = attn_mask.expand(b, h, lq, lk)
+    if mask.dtype == torch.bool:
+        mask = mask.view(torch.uint8)
+    return mask, tuple(mask.stride())
+
+
+def attention_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor], scale: float
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Run the forward kernel. Returns (out, lse): out is (B, H, Lq, D) in q's dtype,
+    a view of a (B, Lq, H, D) buffer so that ``out.transpose(1, 2).reshape(B, Lq, H * D)``
+    is free; lse is (B, H, Lq) fp32 in log2 units (+inf on fully-masked rows)."""
+    b, h, lq, d = q.shape
+    lk = k.shape[2]
+    out = torch.empty((b, lq, h, d), dtype=_store_dtype(q.dtype), device=q.device).transpose(1, 2)
+    lse = torch.empty((b, h, lq), dtype=torch.float32, device=q.device)
+    mask, mask_strides = _mask_view(attn_mask, q, lk)
+
+    def grid(meta):
+        return (triton.cdiv(lq, meta["BLOCK_M"]), b * h)
+
+    _attn_fwd_tuned[grid](
+        q, k, v, mask, out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(),
+        h, b * h, lq, lk, scale * LOG2E,
+        **_common_meta(q, attn_mask),
+    )
+    return out.to(q.dtype), lse
+
+
+def attention_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: Optional[torch.Tensor],
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run the three backward kernels (Delta, dK/dV, dQ). Returns (dq, dk, dv)
+    shaped like q, k, v (``torch.empty_like`` layouts)."""
+    b, h, lq, d = q.shape
+    lk = k.shape[2]
+    delta = torch.empty((b, h, lq), dtype=torch.float32, device=q.device)
+    store = _store_dtype(q.dtype)
+    dq, dk, dv = (torch.empty_like(t, dtype=store) for t in (q, k, v))
+    mask, mask_strides = _mask_view(attn_mask, q, lk)
+    meta = _common_meta(q, attn_mask)
+
+    block_m_delta = 16 if _interpret() else 64
+    _attn_bwd_delta[(triton.cdiv(lq, block_m_delta), b * h)](
+        out, dout, delta, *out.stride(), *dout.stride(), h, lq,
+        HEAD_DIM=d, BLOCK_M=block_m_delta, BLOCK_D=triton.next_power_of_2(d),
+    )
+    _attn_bwd_dkdv_tuned[lambda m: (triton.cdiv(lk, m["BLOCK_N"]), b * h)](
+        q, k, v, mask, dout, lse, delta, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *mask_strides, *dout.stride(), *dk.stride(), *dv.stride(),
+        h, lq, lk, scale, scale * LOG2E,
+        **meta,
+    )
+    _attn_bwd_dq_tuned[lambda m: (triton.cdiv(lq, m["BLOCK_M"]), b * h)](
+        q, k, v, mask, dout, lse, delta, dq,
+        *q.stride(), *k.stride(), *v.stride(), *mask_strides, *dout.stride(), *dq.stride(),
+        h, lq, lk, scale, scale * LOG2E,
+        **meta,
+    )
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
