@@ -290,3 +290,207 @@ def test_unipc_with_solver_p_matches_diffusers():
     ref = diffusers.UniPCMultistepScheduler(**kw, solver_p=diffusers.DDIMScheduler(clip_sample=False, **kw))
     for a, b in zip(run_loop(ours, 8, 1), run_loop(ref, 8, 1)):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+# ---- configs, swaps, outputs, errors ------------------------------------------------------------
+
+ALL = [
+    "DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+    "DPMSolverMultistepScheduler", "HeunDiscreteScheduler", "LMSDiscreteScheduler", "UniPCMultistepScheduler",
+]  # fmt: skip
+SD15 = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "steps_offset": 1}
+
+
+def _public(config):
+    return {k: v for k, v in dict(config).items() if not k.startswith("_")}
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_config_round_trip_with_diffusers(name, tmp_path):
+    ours = getattr(fs, name)(**SD15, prediction_type="v_prediction")
+    ours.save_pretrained(tmp_path / "a")
+    saved = json.loads((tmp_path / "a" / "scheduler_config.json").read_text())
+    assert saved["_class_name"] == name and "_diffusers_version" in saved
+    ref = getattr(diffusers, name).from_pretrained(tmp_path / "a")
+    assert _public(ref.config) == _public(ours.config)
+
+    ref.save_pretrained(tmp_path / "pipe" / "scheduler")
+    back = getattr(fs, name).from_pretrained(tmp_path / "pipe", subfolder="scheduler")
+    assert _public(back.config) == _public(ours.config)
+    assert back.config.prediction_type == "v_prediction" and back.config["beta_schedule"] == "scaled_linear"
+
+
+@pytest.mark.parametrize("target", ALL)
+@pytest.mark.parametrize("source", ["PNDMScheduler", "DPMSolverMultistepScheduler"])
+def test_from_config_swap_keeps_keys_like_diffusers(source, target):
+    ours = getattr(fs, target).from_config(getattr(fs, source)(**SD15).config)
+    ref = getattr(diffusers, target).from_config(getattr(diffusers, source)(**SD15).config)
+    assert type(ours).__name__ == target
+    assert _public(ours.config) == _public(ref.config)
+    # and back again: the source's own keys survived the trip
+    again = getattr(fs, source).from_config(ours.config)
+    assert _public(again.config) == _public(getattr(fs, source)(**SD15).config)
+
+
+def test_from_config_overrides_and_compatibles():
+    s = fs.EulerDiscreteScheduler.from_config(fs.DDIMScheduler(clip_sample=False).config, timestep_spacing="trailing")
+    assert s.config.timestep_spacing == "trailing"
+    assert s.config.clip_sample is False  # a DDIM-only key set by the user is kept, as in diffusers
+    assert "set_alpha_to_one" not in s.config  # a DDIM default is not (it was never a user choice)
+    names = {c.__name__ for c in fs.DDIMScheduler().compatibles}
+    assert set(ALL) <= names
+    with pytest.raises(TypeError):
+        s.config["beta_start"] = 1.0
+    with pytest.raises(ValueError, match="dict"):
+        fs.DDIMScheduler.from_config("path/to/dir")
+
+
+def test_config_survives_deepcopy():
+    import copy
+
+    s = fs.DPMSolverMultistepScheduler(solver_order=3)
+    c = copy.deepcopy(s)
+    assert c.config == s.config and c.config.solver_order == 3
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_add_noise_matches_diffusers(name):
+    ours, ref = getattr(fs, name)(), getattr(diffusers, name)()
+    for s in (ours, ref):
+        s.set_timesteps(10)
+    gen = torch.Generator().manual_seed(5)
+    x0, noise = torch.randn(SHAPE, generator=gen), torch.randn(SHAPE, generator=gen)
+    t = ours.timesteps[[1, 4]]
+    torch.testing.assert_close(ours.add_noise(x0, noise, t), ref.add_noise(x0, noise, t), rtol=1e-6, atol=1e-6)
+
+
+# DDPM and EulerAncestral draw their noise in the model output's dtype (as diffusers does), so an
+# fp16 call and an fp32 call see different noise; they are checked for dtype only.
+DETERMINISTIC_AT_DEFAULTS = [n for n in ALL if n not in ("DDPMScheduler", "EulerAncestralDiscreteScheduler")]
+
+
+@pytest.mark.parametrize("name", DETERMINISTIC_AT_DEFAULTS)
+def test_step_computes_in_float32_and_casts_back(name):
+    gen = torch.Generator().manual_seed(9)
+    sample, out = torch.randn(SHAPE, generator=gen), torch.randn(SHAPE, generator=gen)
+    results = {}
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        s = getattr(fs, name)()
+        s.set_timesteps(10)
+        t = s.timesteps[0]
+        x = s.scale_model_input(sample.to(dtype).float(), t)
+        kw = {"generator": torch.Generator().manual_seed(1)} if _takes_generator(s) else {}
+        if dtype == torch.float32:
+            results[dtype] = s.step(out.to(torch.float16).float(), t, sample.to(torch.float16).float(), **kw).prev_sample
+        else:
+            results[dtype] = s.step(out.to(dtype), t, sample.to(dtype), **kw).prev_sample
+            assert results[dtype].dtype == dtype
+    # fp16 inputs are exactly representable in fp32: the fp16 result is the fp32 result rounded once.
+    torch.testing.assert_close(results[torch.float16], results[torch.float32].half(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["DDPMScheduler", "EulerAncestralDiscreteScheduler"])
+def test_stochastic_step_keeps_low_precision_dtype(name):
+    s = getattr(fs, name)()
+    s.set_timesteps(10)
+    x = torch.randn(SHAPE).half()
+    s.scale_model_input(x, s.timesteps[0])
+    y = s.step(x, s.timesteps[0], x, generator=torch.Generator().manual_seed(0)).prev_sample
+    assert y.dtype == torch.float16 and torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_step_accepts_strided_and_channels_last_inputs(name):
+    gen = torch.Generator().manual_seed(2)
+    big = torch.randn(SHAPE[0], SHAPE[1], SHAPE[2], 2 * SHAPE[3], generator=gen)
+    sample = big[..., ::2]  # non-contiguous
+    out = torch.randn(SHAPE, generator=gen).to(memory_format=torch.channels_last)
+    a, b = getattr(fs, name)(), getattr(fs, name)()
+    for s in (a, b):
+        s.set_timesteps(6)
+    for t in a.timesteps[:3]:
+        kw = {"generator": torch.Generator().manual_seed(int(t))} if _takes_generator(a) else {}
+        ya = a.step(out, t, sample, **kw).prev_sample
+        kw = {"generator": torch.Generator().manual_seed(int(t))} if _takes_generator(b) else {}
+        yb = b.step(out.contiguous(), t, sample.contiguous(), **kw).prev_sample
+        torch.testing.assert_close(ya, yb, rtol=0, atol=0)
+
+
+def test_outputs_index_like_diffusers():
+    s = fs.DDIMScheduler()
+    s.set_timesteps(5)
+    x = torch.randn(SHAPE)
+    out = s.step(x, s.timesteps[0], x)
+    assert out[0] is out.prev_sample and out["pred_original_sample"] is out.pred_original_sample
+    prev, x0 = s.step(x, s.timesteps[0], x, return_dict=False)
+    torch.testing.assert_close(prev, out.prev_sample)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_unknown_beta_schedule_raises(name):
+    with pytest.raises(ValueError, match="beta_schedule"):
+        getattr(fs, name)(beta_schedule="quadratic")
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_step_before_set_timesteps_raises(name):
+    s = getattr(fs, name)()
+    x = torch.randn(SHAPE)
+    with pytest.raises(ValueError, match="set_timesteps"):
+        s.step(x, s.timesteps[0] if s.timesteps is not None else 999, x)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_timestep_not_in_schedule_raises(name):
+    s = getattr(fs, name)()
+    s.set_timesteps(10)
+    x = torch.randn(SHAPE)
+    bad = torch.tensor(12.5) if s.timesteps.is_floating_point() else torch.tensor(13)
+    with pytest.raises(ValueError, match="not in this scheduler's timesteps"):
+        s.step(x, bad, x)
+
+
+@pytest.mark.parametrize("name", ["DPMSolverMultistepScheduler", "UniPCMultistepScheduler"])
+@pytest.mark.parametrize("order", [0, 4])
+def test_solver_order_out_of_range_raises(name, order):
+    with pytest.raises(ValueError, match="solver_order"):
+        getattr(fs, name)(solver_order=order)
+
+
+def test_lms_order_and_prediction_type_errors():
+    with pytest.raises(ValueError, match="order"):
+        s = fs.LMSDiscreteScheduler()
+        s.set_timesteps(4)
+        s.step(torch.randn(SHAPE), s.timesteps[0], torch.randn(SHAPE), order=0)
+    with pytest.raises(ValueError, match="prediction_type"):
+        fs.DDIMScheduler(prediction_type="flow")
+    with pytest.raises(ValueError, match="timestep_spacing"):
+        fs.DDIMScheduler(timestep_spacing="even").set_timesteps(4)
+
+
+def test_lms_coefficients_match_scipy_quadrature():
+    pytest.importorskip("scipy")
+    ours, ref = fs.LMSDiscreteScheduler(), diffusers.LMSDiscreteScheduler()
+    for s in (ours, ref):
+        s.set_timesteps(17)
+    for t in (3, 9, 16):
+        for order in (1, 2, 3, 4):
+            for j in range(order):
+                want = ref.get_lms_coefficient(order, t, j)
+                assert ours.get_lms_coefficient(order, t, j) == pytest.approx(want, rel=1e-6, abs=1e-9)
+
+
+def test_randn_tensor_matches_diffusers_draws():
+    from diffusers.utils.torch_utils import randn_tensor as ref_randn
+
+    from fastdiff.schedulers.scheduling_utils import randn_tensor
+
+    shape = (3, 4, 5, 6)
+    gens = lambda: [torch.Generator().manual_seed(s) for s in (1, 2, 3)]  # noqa: E731
+    torch.testing.assert_close(randn_tensor(shape, generator=gens()), ref_randn(shape, generator=gens()), rtol=0, atol=0)
+    g1, g2 = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    a = randn_tensor(shape, generator=g1, dtype=torch.float16)
+    b = ref_randn(shape, generator=g2, dtype=torch.float16)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="generators"):
+        randn_tensor(shape, generator=gens()[:2])
