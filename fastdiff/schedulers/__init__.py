@@ -8,6 +8,7 @@ from .scheduling_euler_discrete import EulerDiscreteScheduler
 from .scheduling_heun_discrete import HeunDiscreteScheduler
 from .scheduling_lms_discrete import LMSDiscreteScheduler
 from .scheduling_pndm import PNDMScheduler
+from .scheduling_temperature import TemperatureScheduler
 from .scheduling_unipc_multistep import UniPCMultistepScheduler
 from .scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin, SchedulerOutput
 
@@ -23,5 +24,6 @@ __all__ = [
     "PNDMScheduler",
     "SchedulerMixin",
     "SchedulerOutput",
+    "TemperatureScheduler",
     "UniPCMultistepScheduler",
 ]
