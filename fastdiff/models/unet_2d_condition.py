@@ -478,6 +478,8 @@ class UNet2DConditionModel(ModelMixin, ConfigMixin):
             shape = None if encoder_hidden_states is None else tuple(encoder_hidden_states.shape)
             raise ValueError(f"encoder_hidden_states: expected a (B, L, D) tensor, got {shape}")
         width = self.config.encoder_hid_dim or self.config.cross_attention_dim
+        if isinstance(width, (list, tuple)) and len(set(width)) == 1:
+            width = width[0]
         if isinstance(width, int) and encoder_hidden_states.shape[2] != width:
             raise ValueError(
                 f"encoder_hidden_states: expected last dim {width}, got shape {tuple(encoder_hidden_states.shape)}"
