@@ -1,5 +1,7 @@
 """DDIM: denoising diffusion implicit models (Song, Meng and Ermon 2020, https://arxiv.org/abs/2010.02502)."""
 
+from __future__ import annotations
+
 import math
 from dataclasses import dataclass
 

@@ -1,5 +1,7 @@
 """DDPM: denoising diffusion probabilistic models (Ho, Jain and Abbeel 2020, https://arxiv.org/abs/2006.11239)."""
 
+from __future__ import annotations
+
 import math
 from dataclasses import dataclass
 

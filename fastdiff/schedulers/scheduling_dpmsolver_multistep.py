@@ -1,5 +1,7 @@
 """DPM-Solver and DPM-Solver++ multistep samplers (Lu et al. 2022, https://arxiv.org/abs/2206.00927, https://arxiv.org/abs/2211.01095)."""
 
+from __future__ import annotations
+
 import math
 
 import numpy as np

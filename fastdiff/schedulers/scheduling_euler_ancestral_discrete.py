@@ -1,5 +1,7 @@
 """Ancestral Euler sampler (k-diffusion's ``sample_euler_ancestral``; Karras et al. 2022, https://arxiv.org/abs/2206.00364)."""
 
+from __future__ import annotations
+
 import logging
 import math
 from dataclasses import dataclass

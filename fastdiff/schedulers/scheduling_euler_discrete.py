@@ -1,5 +1,7 @@
 """Euler sampler in the sigma (variance-exploding) parametrisation (Karras et al. 2022, https://arxiv.org/abs/2206.00364)."""
 
+from __future__ import annotations
+
 import logging
 import math
 from dataclasses import dataclass

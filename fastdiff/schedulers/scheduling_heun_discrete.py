@@ -1,5 +1,7 @@
 """Heun sampler in the sigma parametrisation (Karras et al. 2022, https://arxiv.org/abs/2206.00364)."""
 
+from __future__ import annotations
+
 import math
 from dataclasses import dataclass
 

@@ -1,5 +1,7 @@
 """PNDM: pseudo numerical methods for diffusion models (Liu et al. 2022, https://arxiv.org/abs/2202.09778)."""
 
+from __future__ import annotations
+
 import math
 
 import numpy as np

@@ -1,5 +1,7 @@
 """Sampling temperature for diffusion: scale the noise a sampler starts from and injects."""
 
+from __future__ import annotations
+
 import math
 from collections.abc import Callable, Sequence
 

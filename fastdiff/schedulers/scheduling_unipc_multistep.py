@@ -1,5 +1,7 @@
 """UniPC: unified predictor-corrector multistep sampler (Zhao et al. 2023, https://arxiv.org/abs/2302.04867)."""
 
+from __future__ import annotations
+
 import math
 
 import numpy as np
@@ -294,8 +296,8 @@ class UniPCMultistepScheduler(SchedulerMixin):
         self._step_index = None
         self._begin_index = None
 
-    def _alpha_sigma(self, index, device):
-        return alpha_sigma_from_sigma(self.sigmas[index].to(device), self.config.use_flow_sigmas)
+    def _alpha_sigma(self, index):
+        return alpha_sigma_from_sigma(self.sigmas[index], self.config.use_flow_sigmas)
 
     def convert_model_output(self, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
         """Turn the model output into x0 (``predict_x0``) or eps, the quantity the solver integrates."""
@@ -322,7 +324,10 @@ class UniPCMultistepScheduler(SchedulerMixin):
             return alpha_t * model_output + sigma_t * sample
         raise ValueError(f"prediction_type {kind!r} needs predict_x0=True")
 
-    def _coefficients(self, h, order, rks, device):
+    # All scalar coefficients below are 0-d float32 CPU tensors (``self.sigmas`` lives on the CPU):
+    # they enter the device math as scalars, so a step copies nothing to or from the device.
+
+    def _coefficients(self, h, order, rks):
         """R (powers of r_k), b (phi-function terms over B(h)), h_phi_1 and B(h) of Zhao et al. eq. 9."""
         hh = -h if self.predict_x0 else h
         h_phi_1 = torch.expm1(hh)
@@ -335,20 +340,26 @@ class UniPCMultistepScheduler(SchedulerMixin):
             b.append(h_phi_k * factorial_i / B_h)
             factorial_i *= i + 1
             h_phi_k = h_phi_k / hh - 1 / factorial_i
-        R = torch.stack(R)
-        b = torch.stack(b) if b else torch.tensor(b, device=device)
-        return R, b, h_phi_1, B_h
+        return torch.stack(R), torch.stack(b), h_phi_1, B_h
 
-    def _history(self, order, base_index, lambda_s0, h, m0, device, offset):
+    def _history(self, order, lambda_s0, h, m0, first_back):
         """r_k = (lambda_{s_k} - lambda_{s_0}) / h and D1_k = (m_k - m_0) / r_k for the previous outputs."""
         rks, D1s = [], []
         for i in range(1, order):
-            alpha_si, sigma_si = self._alpha_sigma(base_index - (i + offset), device)
+            alpha_si, sigma_si = self._alpha_sigma(self.step_index - (i + first_back))
             rk = (log_snr(alpha_si, sigma_si) - lambda_s0) / h
             rks.append(rk)
             D1s.append((self.model_outputs[-(i + 1)] - m0) / rk)
-        rks.append(torch.ones((), device=device))
-        return torch.stack(rks), (torch.stack(D1s, dim=1) if D1s else None)
+        rks.append(torch.ones(()))
+        return torch.stack(rks), D1s
+
+    @staticmethod
+    def _combine(rhos, D1s):
+        """sum_k rhos[k] * D1s[k] (0 when there is no history)."""
+        total = 0
+        for rho, d in zip(rhos, D1s):
+            total = total + rho * d
+        return total
 
     def multistep_uni_p_bh_update(self, model_output, sample, order):
         """UniP-p predictor (Zhao et al. Algorithm 2 with B(h)): the next sample from the stored outputs."""
@@ -356,21 +367,19 @@ class UniPCMultistepScheduler(SchedulerMixin):
         x = sample
         if self.solver_p:
             return self.solver_p.step(model_output, self.timestep_list[-1], x).prev_sample
-        device = sample.device
-        alpha_t, sigma_t = self._alpha_sigma(self.step_index + 1, device)
-        alpha_s0, sigma_s0 = self._alpha_sigma(self.step_index, device)
+        alpha_t, sigma_t = self._alpha_sigma(self.step_index + 1)
+        alpha_s0, sigma_s0 = self._alpha_sigma(self.step_index)
         lambda_s0 = log_snr(alpha_s0, sigma_s0)
         h = log_snr(alpha_t, sigma_t) - lambda_s0
-        rks, D1s = self._history(order, self.step_index, lambda_s0, h, m0, device, offset=0)
-        R, b, h_phi_1, B_h = self._coefficients(h, order, rks, device)
-        if D1s is not None:
-            if order == 2:
-                rhos_p = torch.ones(1, dtype=x.dtype, device=device) * 0.5
-            else:
-                rhos_p = torch.linalg.solve(R[:-1, :-1], b[:-1]).to(device).to(x.dtype)
-            pred_res = torch.einsum("k,bkc...->bc...", rhos_p, D1s)
+        rks, D1s = self._history(order, lambda_s0, h, m0, first_back=0)
+        R, b, h_phi_1, B_h = self._coefficients(h, order, rks)
+        if order == 2:
+            rhos_p = torch.tensor([0.5])
+        elif order > 2:
+            rhos_p = torch.linalg.solve(R[:-1, :-1], b[:-1])
         else:
-            pred_res = 0
+            rhos_p = torch.zeros(0)
+        pred_res = self._combine(rhos_p, D1s)
         if self.predict_x0:
             x_t = sigma_t / sigma_s0 * x - alpha_t * h_phi_1 * m0 - alpha_t * B_h * pred_res
         else:
@@ -381,18 +390,14 @@ class UniPCMultistepScheduler(SchedulerMixin):
         """UniC-p corrector (Zhao et al. Algorithm 1): refine ``this_sample`` with the model output at it."""
         m0 = self.model_outputs[-1]
         x, model_t = last_sample, this_model_output
-        device = this_sample.device
-        alpha_t, sigma_t = self._alpha_sigma(self.step_index, device)
-        alpha_s0, sigma_s0 = self._alpha_sigma(self.step_index - 1, device)
+        alpha_t, sigma_t = self._alpha_sigma(self.step_index)
+        alpha_s0, sigma_s0 = self._alpha_sigma(self.step_index - 1)
         lambda_s0 = log_snr(alpha_s0, sigma_s0)
         h = log_snr(alpha_t, sigma_t) - lambda_s0
-        rks, D1s = self._history(order, self.step_index, lambda_s0, h, m0, device, offset=1)
-        R, b, h_phi_1, B_h = self._coefficients(h, order, rks, device)
-        if order == 1:
-            rhos_c = torch.ones(1, dtype=x.dtype, device=device) * 0.5
-        else:
-            rhos_c = torch.linalg.solve(R, b).to(device).to(x.dtype)
-        corr_res = torch.einsum("k,bkc...->bc...", rhos_c[:-1], D1s) if D1s is not None else 0
+        rks, D1s = self._history(order, lambda_s0, h, m0, first_back=1)
+        R, b, h_phi_1, B_h = self._coefficients(h, order, rks)
+        rhos_c = torch.tensor([0.5]) if order == 1 else torch.linalg.solve(R, b)
+        corr_res = self._combine(rhos_c[:-1], D1s)
         D1_t = model_t - m0
         if self.predict_x0:
             x_t = sigma_t / sigma_s0 * x - alpha_t * h_phi_1 * m0

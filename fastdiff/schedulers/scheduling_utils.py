@@ -18,6 +18,8 @@ This module holds no scheduler math; each ``scheduling_*.py`` file is
 self-contained in diffusers' single-file style.
 """
 
+from __future__ import annotations
+
 import dataclasses
 import enum
 import functools
@@ -28,7 +30,6 @@ import logging
 import os
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
