@@ -491,3 +491,33 @@ def test_randn_tensor_matches_diffusers_draws():
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     with pytest.raises(ValueError, match="generators"):
         randn_tensor(shape, generator=gens()[:2])
+
+
+def test_from_config_across_libraries():
+    # diffusers config -> fastdiff class, and fastdiff config -> diffusers class, give the same configs.
+    src_ref = diffusers.DPMSolverMultistepScheduler(**SD15, solver_order=3)
+    src_ours = fs.DPMSolverMultistepScheduler(**SD15, solver_order=3)
+    for target in ("EulerDiscreteScheduler", "UniPCMultistepScheduler", "DDIMScheduler"):
+        a = getattr(fs, target).from_config(src_ref.config)
+        b = getattr(diffusers, target).from_config(src_ours.config)
+        assert _public(a.config) == _public(b.config)
+
+
+def test_loads_a_stable_diffusion_1_5_scheduler_config(tmp_path):
+    sd15 = {  # runwayml/stable-diffusion-v1-5 scheduler/scheduler_config.json
+        "_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,
+        "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
+        "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
+        "clip_sample": False,
+    }  # fmt: skip
+    (tmp_path / "scheduler").mkdir()
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(sd15))
+    ours = fs.PNDMScheduler.from_pretrained(tmp_path, subfolder="scheduler")
+    ref = diffusers.PNDMScheduler.from_pretrained(tmp_path, subfolder="scheduler")
+    assert _public(ours.config) == _public(ref.config) and ours.config.clip_sample is False
+    for a, b in zip(run_loop(ours, 20, 4), run_loop(ref, 20, 4)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    euler = fs.EulerDiscreteScheduler.from_config(ours.config)
+    assert euler.config.steps_offset == 1 and euler.config.beta_schedule == "scaled_linear"
+    with pytest.raises(OSError, match="scheduler_config.json"):
+        fs.PNDMScheduler.from_pretrained(tmp_path / "scheduler" / "nope")

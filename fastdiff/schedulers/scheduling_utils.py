@@ -249,7 +249,9 @@ class SchedulerMixin:
             config_file = next((c for c in candidates if os.path.isfile(c)), None)
             if config_file is None:
                 raise OSError(f"No {cls.config_name} found in {path!r} (subfolder={subfolder!r}).")
-        else:
+        elif os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1:
+            raise OSError(f"{path!r} is neither a {cls.config_name} file nor a directory holding one.")
+        else:  # a Hub repo id such as "org/model"
             from huggingface_hub import hf_hub_download
 
             config_file = hf_hub_download(path, filename=cls.config_name, subfolder=subfolder, **hub_kwargs)
