@@ -1,0 +1,398 @@
+"""fastdiff.ops.attention: Triton vs reference under the interpreter, dispatch, validation, custom ops.
+
+Every comparison is against a float64 reference. fp32 results must match to
+~1e-5 relative; bf16/fp16 results may be at most 2x as far from it as SDPA's
+result in the same dtype (flash-attention's rule).
+"""
+
+import inspect
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from _utils import assert_fp32_close, assert_low_precision_ok, requires_triton
+from fastdiff import backends
+from fastdiff.ops.attention import attention, attention_ref
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _qkv(b, h, lq, lk, d, dtype, device="cpu", fused=False):
+    """Random q, k, v. ``fused`` self-attention takes strided views out of one
+    (B, L, 3, H, D) projection output, as fastdiff.nn.Attention.fuse_projections does."""
+    if fused:
+        assert lq == lk
+        qkv = torch.randn(b, lq, 3, h, d, dtype=dtype, device=device)
+        return tuple(qkv[:, :, i].transpose(1, 2) for i in range(3))
+    return (
+        torch.randn(b, h, lq, d, dtype=dtype, device=device),
+        torch.randn(b, h, lk, d, dtype=dtype, device=device),
+        torch.randn(b, h, lk, d, dtype=dtype, device=device),
+    )
+
+
+def _mask(kind, b, h, lq, lk, dtype, device="cpu"):
+    """None, or a boolean/additive mask with a broadcast shape (never all-ones/zeros)."""
+    if kind is None:
+        return None
+    if kind == "bool":  # (B, 1, Lq, Lk): broadcast over heads
+        keep = torch.rand(b, 1, lq, lk, device=device) > 0.3
+        keep[..., 0] = True
+        return keep
+    if kind == "bool-keys":  # (B, 1, 1, Lk): a key-padding mask
+        keep = torch.rand(b, 1, 1, lk, device=device) > 0.4
+        keep[..., 0] = True
+        return keep
+    if kind == "additive":  # (H, 1, Lk): broadcast over batch and queries
+        return torch.randn(h, 1, lk, device=device).to(dtype)
+    if kind == "additive-full":  # (B, H, Lq, Lk) with -inf entries
+        bias = torch.randn(b, h, lq, lk, device=device)
+        bias[torch.rand_like(bias) < 0.2] = float("-inf")
+        bias[..., 0] = 0.0
+        return bias.to(dtype)
+    raise AssertionError(kind)
+
+
+def _double(mask):
+    return mask if mask is None or mask.dtype == torch.bool else mask.double()
+
+
+def _check(out, q, k, v, mask, scale=None, what="output"):
+    ref = attention_ref(q.double(), k.double(), v.double(), _double(mask), scale)
+    if q.dtype == torch.float32:
+        assert_fp32_close(out, ref, what=what)
+    else:
+        baseline = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        assert_low_precision_ok(out, baseline, ref, what=what)
+
+
+# (head dim, Lk, mask kind, fused q/k/v views)
+FORWARD_CASES = [
+    pytest.param(8, 77, "bool", False, id="d8-lk77-bool"),
+    pytest.param(40, 77, None, False, id="d40-lk77"),
+    pytest.param(40, 37, None, True, id="d40-fused-qkv"),
+    pytest.param(72, 13, "additive", False, id="d72-lk13-additive-bcast"),
+    pytest.param(160, 77, "bool-keys", False, id="d160-lk77-keypad"),
+    pytest.param(72, 37, "additive-full", True, id="d72-fused-additive-inf"),
+]
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("d,lk,mask_kind,fused", FORWARD_CASES)
+def test_triton_forward_matches_reference(seed, d, lk, mask_kind, fused, dtype):
+    b, h, lq = 2, 3, 37
+    q, k, v = _qkv(b, h, lq, lk, d, dtype, fused=fused)
+    mask = _mask(mask_kind, b, h, lq, lk, dtype)
+    with backends.trace_dispatch() as calls:
+        out = attention(q, k, v, mask, backend="triton")
+    assert calls == [("attention", "triton")]
+    assert out.shape == (b, h, lq, d) and out.dtype == dtype
+    # The output is a (B, Lq, H, D) buffer seen as (B, H, Lq, D): the module's
+    # transpose(1, 2).reshape back to (B, Lq, H * D) needs no copy.
+    assert out.transpose(1, 2).is_contiguous()
+    _check(out, q, k, v, mask)
+
+
+@requires_triton
+def test_triton_custom_scale_and_fp16(seed):
+    q, k, v = _qkv(1, 3, 37, 13, 40, torch.float16)
+    out = attention(q, k, v, scale=0.37, backend="triton")
+    _check(out, q, k, v, None, scale=0.37)
+
+
+# (head dim, Lk, mask kind, fused)
+BACKWARD_CASES = [
+    pytest.param(8, 13, "bool", False, id="d8-lk13-bool"),
+    pytest.param(40, 77, "additive", False, id="d40-lk77-additive"),
+    pytest.param(72, 37, None, True, id="d72-fused-qkv"),
+    pytest.param(160, 13, "bool-keys", False, id="d160-lk13-keypad"),
+]
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("d,lk,mask_kind,fused", BACKWARD_CASES)
+def test_triton_gradients_match_reference(seed, d, lk, mask_kind, fused, dtype):
+    b, h, lq = 2, 3, 37
+    q, k, v = (t.detach().requires_grad_() for t in _qkv(b, h, lq, lk, d, dtype, fused=fused))
+    mask = _mask(mask_kind, b, h, lq, lk, dtype)
+    out = attention(q, k, v, mask, backend="triton")
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref_grads = torch.autograd.grad(attention_ref(q64, k64, v64, _double(mask)), (q64, k64, v64), dout.double())
+    if dtype == torch.float32:
+        for name, g, r in zip("qkv", grads, ref_grads):
+            assert_fp32_close(g, r, what=f"d{name}")
+    else:
+        sdpa_out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        sdpa_grads = torch.autograd.grad(sdpa_out, (q, k, v), dout)
+        for name, g, s, r in zip("qkv", grads, sdpa_grads, ref_grads):
+            assert_low_precision_ok(g, s, r, what=f"d{name}")
+
+
+@requires_triton
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+def test_fully_masked_rows_give_zeros_like_sdpa(seed, kind):
+    b, h, lq, lk, d = 1, 3, 37, 13, 16
+    q, k, v = (t.requires_grad_() for t in _qkv(b, h, lq, lk, d, torch.float32))
+    keep = torch.rand(b, h, lq, lk) > 0.5
+    keep[..., 0] = True
+    keep[:, :, 5] = False  # query row 5 sees no key at all
+    mask = keep if kind == "bool" else torch.where(keep, 0.0, float("-inf"))
+    out = attention(q, k, v, mask, backend="triton")
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert torch.equal(out[:, :, 5], torch.zeros_like(out[:, :, 5]))
+    assert torch.equal(expected[:, :, 5], torch.zeros_like(expected[:, :, 5]))
+    assert_fp32_close(out, expected)
+    dq, dk, dv = torch.autograd.grad(out.sum(), (q, k, v))
+    assert all(torch.isfinite(g).all() for g in (dq, dk, dv))
+    assert torch.equal(dq[:, :, 5], torch.zeros_like(dq[:, :, 5]))
+
+
+@requires_triton
+def test_opcheck_custom_ops(seed):
+    q, k, v = _qkv(1, 3, 37, 13, 40, torch.float32)
+    mask = _mask("bool", 1, 3, 37, 13, torch.float32)
+    fwd = torch.ops.fastdiff.attention_fwd_triton.default
+    torch.library.opcheck(fwd, (q, k, v, mask, 0.25), test_utils=("test_schema", "test_faketensor"))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    torch.library.opcheck(fwd, (q, k, v, None, 0.25), test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    out, lse = fwd(q.detach(), k.detach(), v.detach(), mask, 0.25)
+    bwd = torch.ops.fastdiff.attention_bwd_triton.default
+    torch.library.opcheck(bwd, (torch.randn_like(out), q.detach(), k.detach(), v.detach(), mask, out, lse, 0.25), test_utils=("test_schema", "test_faketensor"))
+
+
+# ---------------------------------------------------------------------------
+# Backends that run everywhere
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+@pytest.mark.parametrize("mask_kind", [None, "bool", "additive-full"])
+def test_cpu_backends_match_fp64(seed, backend, mask_kind):
+    q, k, v = _qkv(2, 3, 37, 77, 40, torch.float32)
+    mask = _mask(mask_kind, 2, 3, 37, 77, torch.float32)
+    _check(attention(q, k, v, mask, backend=backend), q, k, v, mask)
+
+
+def test_reference_upcasts_low_precision(seed):
+    q, k, v = _qkv(1, 3, 37, 13, 8, torch.bfloat16)
+    out = attention_ref(q, k, v)
+    assert out.dtype == torch.bfloat16
+    assert_low_precision_ok(out, F.scaled_dot_product_attention(q, k, v), attention_ref(q.double(), k.double(), v.double()))
+
+
+def test_head_dim_chunks_pad_minimally():
+    from fastdiff.kernels.attention import head_dim_chunks
+
+    padded = {d: head_dim_chunks(d) for d in (8, 16, 40, 64, 72, 80, 112, 160, 256)}
+    assert padded == {8: (16, 0), 16: (16, 0), 40: (32, 16), 64: (64, 0), 72: (64, 16), 80: (64, 16), 112: (64, 64), 160: (128, 32), 256: (256, 0)}
+
+
+# ---------------------------------------------------------------------------
+# Dispatch
+# ---------------------------------------------------------------------------
+
+
+def test_auto_on_cpu_is_sdpa(seed):
+    q, k, v = _qkv(1, 3, 37, 13, 8, torch.float32)
+    with backends.trace_dispatch() as calls:
+        attention(q, k, v)
+    assert calls == [("attention", "sdpa")]
+    assert "auto order ['sdpa']" in attention.explain(q, k, v)
+
+
+def test_use_backend_and_env_pick_reference(seed, monkeypatch):
+    q, k, v = _qkv(1, 3, 37, 13, 8, torch.float32)
+    with backends.trace_dispatch() as calls:
+        with backends.use_backend(attention="reference"):
+            attention(q, k, v)
+        monkeypatch.setenv("FASTDIFF_BACKEND", "attention=reference")
+        attention(q, k, v)
+    assert calls == [("attention", "reference"), ("attention", "reference")]
+
+
+def test_forced_triton_without_interpreter_lists_reasons(monkeypatch):
+    q, k, v = _qkv(1, 3, 37, 13, 8, torch.float32)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(backends.BackendNotSupportedError, match=r"triton.*needs CUDA tensors") as info:
+        attention(q, k, v, backend="triton")
+    assert "sdpa: supported" in str(info.value)
+
+
+@requires_triton
+def test_triton_declines_fp64_and_mask_with_grad():
+    q, k, v = _qkv(1, 3, 37, 13, 8, torch.float64)
+    with pytest.raises(backends.BackendNotSupportedError, match="float64 not supported"):
+        attention(q, k, v, backend="triton")
+    q, k, v = _qkv(1, 3, 37, 13, 8, torch.float32)
+    bias = torch.randn(13, requires_grad=True)
+    with pytest.raises(backends.BackendNotSupportedError, match="attn_mask requires grad"):
+        attention(q, k, v, bias, backend="triton")
+
+
+def test_unknown_backend_is_an_error():
+    q, k, v = _qkv(1, 3, 37, 13, 8, torch.float32)
+    with pytest.raises(backends.BackendNotSupportedError, match="unknown backend 'cuda'"):
+        attention(q, k, v, backend="cuda")
+
+
+# ---------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------
+
+
+def _good():
+    return _qkv(2, 3, 5, 7, 16, torch.float32)
+
+
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda q, k, v: (q[0], k, v, None), r"q must have shape \(B, H, L, D\)"),
+        (lambda q, k, v: (q, k.unsqueeze(0), v, None), r"k must have shape \(B, H, L, D\)"),
+        (lambda q, k, v: (q, k[:1], v[:1], None), "k has batch size B 1 but q has 2"),
+        (lambda q, k, v: (q, k[:, :2], v, None), "k has head count H 2 but q has 3"),
+        (lambda q, k, v: (q, k, v[..., :8], None), "v has head dim D 8 but q has 16"),
+        (lambda q, k, v: (q, k, v[:, :, :6], None), "v has length 6 but k has 7"),
+        (lambda q, k, v: (q[..., :12], k[..., :12], v[..., :12], None), "head dim 12 is unsupported"),
+        (lambda q, k, v: (torch.randn(1, 1, 2, 264), torch.randn(1, 1, 2, 264), torch.randn(1, 1, 2, 264), None), "head dim 264 is unsupported"),
+        (lambda q, k, v: (q, k.half(), v, None), "k dtype torch.float16 does not match"),
+        (lambda q, k, v: (q.int(), k, v, None), "q must be fp16, bf16, fp32 or fp64"),
+        (lambda q, k, v: (q, k, v, torch.ones(5, 6, dtype=torch.bool)), r"attn_mask of shape \(5, 6\) does not broadcast"),
+        (lambda q, k, v: (q, k, v, torch.ones(2, 3, 5, 7, 1, dtype=torch.bool)), "does not broadcast"),
+        (lambda q, k, v: (q, k, v, torch.zeros(5, 7, dtype=torch.float16)), "attn_mask must be bool or q's dtype"),
+        (lambda q, k, v: (q, k, v, [[True]]), "attn_mask must be a torch.Tensor"),
+        (lambda q, k, v: (q[:, :, :0], k, v, None), "q is empty"),
+    ],
+)
+def test_bad_inputs_raise_value_error(mutate, match):
+    args = mutate(*_good())
+    with pytest.raises(ValueError, match=match):
+        attention(*args)
+
+
+def test_bad_scale_raises():
+    q, k, v = _good()
+    with pytest.raises(ValueError, match="scale must be a float or None"):
+        attention(q, k, v, scale="0.5")
+
+
+# ---------------------------------------------------------------------------
+# Compilation for real GPUs (no GPU needed): catches what the interpreter cannot
+# ---------------------------------------------------------------------------
+
+
+_AOT_SCRIPT = """
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fastdiff.kernels import attention as kernels
+
+capability = int(sys.argv[1])
+d0, d1 = kernels.head_dim_chunks(40)
+meta = dict(HEAD_DIM=40, D0=d0, D1=d1, EVEN_D0=True, EVEN_D1=False, MASK_KIND=1, PRECISION="tf32", UPCAST=False,
+            BLOCK_M=64, BLOCK_N=64, EVEN_M=False, EVEN_N=False)
+pointers = dict(Q="*bf16", K="*bf16", V="*bf16", Mask="*u8", Out="*bf16", Lse="*fp32", DOut="*bf16", Delta="*fp32",
+                DQ="*bf16", DK="*bf16", DV="*bf16")
+for fn in (kernels._attn_fwd, kernels._attn_bwd_dkdv, kernels._attn_bwd_dq):
+    signature = {}
+    for name in fn.arg_names:
+        if name in meta:
+            signature[name] = "constexpr"
+        elif name in pointers:
+            signature[name] = pointers[name]
+        else:
+            signature[name] = "fp32" if name in ("qk_scale", "sm_scale") else "i32"
+    source = ASTSource(fn=fn, signature=signature, constexprs=meta)
+    compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options={"num_warps": 8, "num_stages": 3})
+    print(fn.__name__, "wgmma" if "wgmma.mma_async" in compiled.asm["ptx"] else "mma")
+"""
+
+
+def _aot_supported():
+    try:
+        from triton.compiler import ASTSource
+    except ImportError:
+        return False
+    return "constexprs" in inspect.signature(ASTSource.__init__).parameters
+
+
+@pytest.mark.skipif(not _aot_supported(), reason="this Triton's ASTSource takes another signature format")
+@pytest.mark.parametrize("capability", [80, 90])
+def test_kernels_compile_for_gpus(capability):
+    """Compile forward and backward to cubin for sm_80 and sm_90 (ptxas included) with a
+    two-chunk head dim, a bool mask and tails; on sm_90 the forward must use wgmma.
+    Runs in a subprocess because the interpreter replaces the kernels in this one."""
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, str(capability)], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.split()
+    assert lines[:2] == ["_attn_fwd", "wgmma" if capability == 90 else "mma"]
+    assert "_attn_bwd_dkdv" in lines and "_attn_bwd_dq" in lines
+
+
+# ---------------------------------------------------------------------------
+# GPU: the shapes Stable Diffusion and SDXL run
+# ---------------------------------------------------------------------------
+
+SD_SHAPES = [
+    # (B, H, Lq, Lk, D)
+    (2, 8, 4096, 4096, 40),
+    (2, 8, 1024, 1024, 80),
+    (2, 8, 256, 256, 160),
+    (2, 8, 64, 64, 160),
+    (2, 8, 4096, 77, 40),
+    (2, 8, 1024, 77, 80),
+    (2, 10, 4096, 4096, 64),
+    (2, 20, 1024, 1024, 64),
+    (2, 20, 1024, 77, 64),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("shape", SD_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_gpu_sd_shapes(seed, shape, dtype):
+    b, h, lq, lk, d = shape
+    q, k, v = _qkv(b, h, lq, lk, d, dtype, device="cuda")
+    out = attention(q, k, v, backend="triton")
+    ref = attention_ref(q.float(), k.float(), v.float())
+    assert_low_precision_ok(out, F.scaled_dot_product_attention(q, k, v), ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
+def test_gpu_gradients_with_mask(seed, dtype):
+    b, h, lq, lk, d = 2, 8, 1024, 77, 80
+    q, k, v = (t.requires_grad_() for t in _qkv(b, h, lq, lk, d, dtype, device="cuda"))
+    mask = _mask("bool-keys", b, h, lq, lk, dtype, device="cuda")
+    out = attention(q, k, v, mask, backend="triton")
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref_grads = torch.autograd.grad(attention_ref(q64, k64, v64, mask), (q64, k64, v64), dout.double())
+    if dtype == torch.float32:
+        for name, g, r in zip("qkv", grads, ref_grads):
+            assert_fp32_close(g, r, what=f"d{name}")
+        return
+    sdpa_grads = torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, attn_mask=mask), (q, k, v), dout)
+    for name, g, s, r in zip("qkv", grads, sdpa_grads, ref_grads):
+        assert_low_precision_ok(g, s, r, what=f"d{name}")
+
+
+@pytest.mark.gpu
+def test_gpu_auto_picks_triton(seed):
+    q, k, v = _qkv(2, 8, 256, 77, 40, torch.float16, device="cuda")
+    with backends.trace_dispatch() as calls:
+        attention(q, k, v)
+    assert calls == [("attention", "triton")]
