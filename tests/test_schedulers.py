@@ -521,3 +521,38 @@ def test_loads_a_stable_diffusion_1_5_scheduler_config(tmp_path):
     assert euler.config.steps_offset == 1 and euler.config.beta_schedule == "scaled_linear"
     with pytest.raises(OSError, match="scheduler_config.json"):
         fs.PNDMScheduler.from_pretrained(tmp_path / "scheduler" / "nope")
+
+
+# Schedulers that track a step index: once it is set (set_begin_index, as a pipeline does), their
+# step reads only host-side tables and CPU scalars. DDPM, DDIM and PNDM read the timestep's value
+# (int(timestep)), which syncs when it lives on the GPU.
+SYNC_FREE = [
+    ("EulerDiscreteScheduler", {}),
+    ("EulerAncestralDiscreteScheduler", {}),
+    ("HeunDiscreteScheduler", {}),
+    ("LMSDiscreteScheduler", {}),
+    ("DPMSolverMultistepScheduler", {"solver_order": 3}),
+    ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    ("UniPCMultistepScheduler", {"solver_order": 3}),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name,config", SYNC_FREE)
+def test_step_does_not_sync_on_cuda(name, config):
+    device = torch.device("cuda")
+    s = getattr(fs, name)(**config)
+    s.set_timesteps(8, device=device)
+    s.set_begin_index(0)
+    gen = torch.Generator(device).manual_seed(0)
+    x = torch.randn(SHAPE, device=device, generator=gen) * float(s.init_noise_sigma)
+    timesteps = list(s.timesteps)  # indexing the device tensor up front, outside the checked region
+    kw = {"generator": gen} if _takes_generator(s) else {}
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for t in timesteps:
+            x = s.step(0.5 * torch.tanh(s.scale_model_input(x, t)), t, x, **kw).prev_sample
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(x).all()
