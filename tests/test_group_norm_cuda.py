@@ -1,0 +1,601 @@
+"""CUDA GroupNorm(+SiLU) forward (csrc/group_norm/) and its extension loader.
+
+Three groups of tests:
+
+* **CPU, always**: the ``cuda`` backend refuses CPU tensors with every backend's
+  reasons; ``extension_reasons()`` explains itself without compiling anything;
+  ``import fastdiff`` loads neither the loader nor torch.utils.cpp_extension;
+  ``load()`` builds once, thread-safely, with one log line (the compiler is
+  replaced by a recorder).
+* **CPU emulation of the kernels**: csrc/group_norm/group_norm.cu compiled with
+  the host C++ compiler against a small shim that runs each CTA's threads as OS
+  threads (``__syncthreads`` and ``__shfl_down_sync`` become barriers). This
+  runs the real kernel and launch-plan code, every layout / dtype / path,
+  against the float64 oracle on machines without a GPU. Launch constants are
+  shrunk (64 threads, tiny per-CTA minimum, 2 KiB on-chip budget) so that small
+  shapes take the split two-pass path too; the emulation says nothing about
+  speed or about the torch binding.
+* **GPU** (``gpu`` marker, skipped without CUDA): the real extension through
+  ``fastdiff.ops.group_norm(backend="cuda")`` and the raw op: NCHW / NHWC,
+  fp32 / fp16 / bf16, SiLU on and off, odd shapes, a misaligned view, Stable
+  Diffusion shapes, gradients, and ``torch.library.opcheck``.
+
+Tolerances: fp32 to ~1e-5 relative; fp16/bf16 at most 2x the error of plain
+PyTorch in the same dtype, both against a float64 reference.
+"""
+
+import ctypes
+import glob
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+from _utils import assert_fp32_close, assert_low_precision_ok, requires_cuda
+
+import fastdiff
+from fastdiff.backends import BackendNotSupportedError
+from fastdiff.ops.group_norm import group_norm, group_norm_ref, group_norm_stats_ref
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KERNEL_SOURCE = os.path.join(REPO, "csrc", "group_norm", "group_norm.cu")
+EPS = 1e-5
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _randn(*shape, dtype=torch.float32, device="cpu"):
+    """Fresh random values with a non-zero mean (never zeros)."""
+    return (torch.randn(*shape, device=device) * 2 + 0.5).to(dtype)
+
+
+def _affine(c, dtype, device="cpu"):
+    return torch.randn(c, device=device).to(dtype), torch.randn(c, device=device).to(dtype)
+
+
+def _check_output(y, x, groups, w, b, activation, what="output"):
+    """y against the float64 oracle: fp32 to 1e-5 relative, else <= 2x PyTorch's own error."""
+    assert y.dtype == x.dtype and y.shape == x.shape
+    assert y.stride() == torch.empty_like(x).stride(), "the output must keep x's memory format"
+    oracle = group_norm_ref(x.double(), groups, w.double(), b.double(), EPS, activation)
+    if x.dtype == torch.float32:
+        assert_fp32_close(y, oracle, what=what)
+    else:
+        baseline = group_norm_ref(x, groups, w, b, EPS, activation, upcast=False)
+        assert_low_precision_ok(y, baseline, oracle, what=what)
+
+
+def _check_stats(mean, rstd, x, groups):
+    mean_ref, rstd_ref = group_norm_stats_ref(x.double(), groups, EPS)
+    assert mean.dtype == rstd.dtype == torch.float32 and mean.shape == rstd.shape == (x.shape[0], groups)
+    assert_fp32_close(mean, mean_ref, what="mean")
+    assert_fp32_close(rstd, rstd_ref, what="rstd")
+
+
+# ---------------------------------------------------------------------------
+# CPU: dispatch, loader, import cost.
+# ---------------------------------------------------------------------------
+
+
+def test_forced_cuda_on_cpu_tensor_lists_every_backend(seed):
+    x = _randn(2, 6, 7, 9)
+    w, b = _affine(6, torch.float32)
+    with pytest.raises(BackendNotSupportedError) as info:
+        group_norm(x, 3, w, b, activation="silu", backend="cuda")
+    message = str(info.value)
+    assert "'cuda'" in message and "backend= argument" in message
+    lines = message.splitlines()[1:]
+    for name in ("reference", "triton", "cuda"):
+        assert any(line.strip().startswith(f"{name}:") for line in lines), f"{name} missing from:\n{message}"
+    cuda_line = next(line for line in lines if line.strip().startswith("cuda:"))
+    assert "needs CUDA tensors, got cpu" in cuda_line
+
+
+def test_use_backend_cuda_on_cpu_tensor_raises(seed):
+    x = _randn(1, 4, 5)
+    with fastdiff.use_backend(group_norm="cuda"), pytest.raises(BackendNotSupportedError, match="cuda"):
+        group_norm(x, 2)
+
+
+def _run_python(code, env_extra=None):
+    env = dict(os.environ, **(env_extra or {}))
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().splitlines()
+
+
+def test_import_fastdiff_loads_no_extension_machinery():
+    out = _run_python(
+        "import sys, fastdiff, fastdiff.ops\n"
+        "print('fastdiff._extension' in sys.modules, 'torch.utils.cpp_extension' in sys.modules, 'fastdiff._C' in sys.modules)"
+    )
+    assert out[-1] == "False False False", "import fastdiff / fastdiff.ops must not touch the CUDA extension"
+
+
+@pytest.mark.skipif(torch.version.cuda is not None, reason="checks the reasons of a torch built without CUDA")
+def test_extension_reasons_on_cpu_torch_compile_nothing(tmp_path):
+    out = _run_python(
+        "import sys\n"
+        "from fastdiff import _extension\n"
+        "reasons = _extension.extension_reasons()\n"
+        "print(len(reasons))\n"
+        "print(reasons[0])\n"
+        "print('torch.utils.cpp_extension' in sys.modules)\n",
+        {"TORCH_EXTENSIONS_DIR": str(tmp_path)},
+    )
+    count, first, imported = out[-3:]
+    assert int(count) >= 1
+    assert "built without CUDA" in first and torch.__version__ in first
+    assert imported == "False", "extension_reasons() must not import the compiler machinery"
+    assert os.listdir(tmp_path) == [], "extension_reasons() must not create a build directory"
+
+
+@pytest.mark.skipif(torch.version.cuda is not None, reason="checks load() on a torch built without CUDA")
+def test_load_raises_with_reasons_on_cpu_torch(monkeypatch):
+    from fastdiff import _extension
+
+    monkeypatch.setattr(_extension, "_loaded", None)
+    with pytest.raises(RuntimeError, match="cannot load the CUDA extension: .*built without CUDA"):
+        _extension.load()
+
+
+def test_load_builds_once_across_threads_with_one_log_line(monkeypatch, tmp_path, caplog):
+    """With a fake compiler: load() JIT-builds every csrc source once, into the
+    cache directory, logging one INFO line, however many threads race for it."""
+    from torch.utils import cpp_extension
+
+    from fastdiff import _extension
+
+    calls = []
+
+    def fake_load(**kwargs):
+        calls.append(kwargs)
+
+    monkeypatch.setattr(_extension, "_loaded", None)
+    monkeypatch.setattr(_extension, "_prebuilt_available", lambda: False)
+    monkeypatch.setattr(_extension, "extension_reasons", lambda: [])
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+    caplog.set_level(logging.INFO, logger="fastdiff._extension")
+
+    barrier = threading.Barrier(6)
+    results = []
+
+    def worker():
+        barrier.wait()
+        results.append(_extension.load())
+
+    threads = [threading.Thread(target=worker) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    assert len(calls) == 1, f"load() built {len(calls)} times"
+    assert len(set(results)) == 1 and len(results) == 6
+    kwargs = calls[0]
+    expected = sorted(glob.glob(os.path.join(REPO, "csrc", "**", "*.cu"), recursive=True))
+    expected += sorted(glob.glob(os.path.join(REPO, "csrc", "**", "*.cpp"), recursive=True))
+    assert kwargs["sources"] == expected
+    assert KERNEL_SOURCE in kwargs["sources"]
+    assert kwargs["is_python_module"] is False
+    assert kwargs["extra_include_paths"] == [os.path.join(REPO, "csrc")]
+    build_dir = kwargs["build_directory"]
+    assert os.path.dirname(build_dir) == str(tmp_path) and os.path.isdir(build_dir)
+    assert "arch-8.0_9.0_PTX" in os.path.basename(build_dir) and torch.__version__.replace("+", "_") in build_dir
+    infos = [r for r in caplog.records if r.name == "fastdiff._extension" and r.levelno == logging.INFO]
+    assert len(infos) == 1 and build_dir in infos[0].getMessage()
+    assert _extension.extension_reasons() == [], "a loaded extension has no reasons left"
+
+
+# ---------------------------------------------------------------------------
+# CPU emulation of the CUDA kernels.
+# ---------------------------------------------------------------------------
+
+# Runs CUDA kernels on the host: a CTA's threads are OS threads, CTAs run one
+# after another (so `static` stands in for __shared__), and __syncthreads /
+# __shfl_down_sync are barriers over the CTA / warp.
+_EMU_PRELUDE = r"""
+#include <cuda_runtime.h>
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <memory>
+#include <thread>
+#include <vector>
+#undef __shared__
+#define __shared__ static
+#define __launch_bounds__(...)
+#define cudaGetLastError() cudaSuccess
+namespace emu {
+inline dim3 grid_dim, block_dim;
+inline thread_local uint3 thread_idx, block_idx;
+struct Block {
+  explicit Block(unsigned threads) : block_barrier(threads), exchange(threads) {
+    for (unsigned w = 0; w < threads / 32; ++w) warp_barriers.emplace_back(std::make_unique<std::barrier<>>(32));
+  }
+  std::barrier<> block_barrier;
+  std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
+  std::vector<float> exchange;
+};
+inline Block* current = nullptr;
+inline unsigned char* dynamic_shared = nullptr;
+inline float shfl_down(unsigned, float v, int offset) {
+  Block& b = *current;
+  const unsigned t = thread_idx.x, lane = t % 32;
+  b.exchange[t] = v;
+  b.warp_barriers[t / 32]->arrive_and_wait();
+  const float r = lane + offset < 32 ? b.exchange[t + offset] : v;
+  b.warp_barriers[t / 32]->arrive_and_wait();
+  return r;
+}
+template <class F>
+void launch(dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t, F kernel) {
+  grid_dim = grid;
+  block_dim = block;
+  std::vector<unsigned char> dyn(shared_bytes + 16, 0xCD);  // garbage, like real shared memory
+  dynamic_shared = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(dyn.data()) + 15) / 16 * 16);
+  for (unsigned by = 0; by < grid.y; ++by) {
+    for (unsigned bx = 0; bx < grid.x; ++bx) {
+      Block b(block.x);
+      current = &b;
+      std::vector<std::thread> threads;
+      for (unsigned t = 0; t < block.x; ++t) {
+        threads.emplace_back([&, t] {
+          thread_idx = uint3{t, 0, 0};
+          block_idx = uint3{bx, by, 0};
+          kernel();
+        });
+      }
+      for (auto& th : threads) th.join();
+    }
+  }
+}
+}  // namespace emu
+#define threadIdx emu::thread_idx
+#define blockIdx emu::block_idx
+#define gridDim emu::grid_dim
+#define blockDim emu::block_dim
+#define __syncthreads() emu::current->block_barrier.arrive_and_wait()
+#define __shfl_down_sync emu::shfl_down
+#define __expf(x) std::exp(x)
+#define rsqrtf(x) (1.f / std::sqrt(x))
+"""
+
+# A C entry point over make_plan + forward, called through ctypes.
+_EMU_HARNESS = r"""
+#include "group_norm_emulated.cpp"
+extern "C" int emu_group_norm(int dtype, int64_t batch, int64_t channels, int64_t groups, const int64_t* sizes,
+                              const void* x, const int64_t* xs, void* y, const int64_t* ys, const void* w,
+                              const void* b, float* mean, float* rstd, float eps, int silu, int sm_count,
+                              int64_t* plan_out) {
+  using namespace fastdiff::group_norm;
+  ForwardArgs a{};
+  a.dtype = static_cast<DType>(dtype);
+  a.batch = batch;
+  a.channels = channels;
+  a.groups = groups;
+  for (int d = 0; d < 3; ++d) a.spatial_sizes[d] = sizes[d];
+  a.x = x;
+  a.y = y;
+  a.x_strides = TensorStrides{xs[0], xs[1], {xs[2], xs[3], xs[4]}};
+  a.y_strides = TensorStrides{ys[0], ys[1], {ys[2], ys[3], ys[4]}};
+  a.weight = w;
+  a.bias = b;
+  a.mean = mean;
+  a.rstd = rstd;
+  a.eps = eps;
+  a.silu = silu != 0;
+  Plan plan{};
+  const cudaError_t status = make_plan(a, sm_count, &plan);
+  if (status != cudaSuccess) return static_cast<int>(status);
+  plan_out[0] = static_cast<int64_t>(plan.algorithm);
+  plan_out[1] = plan.splits;
+  plan_out[2] = plan.vec;
+  plan_out[3] = plan.channels_inner;
+  std::vector<float> workspace(plan.workspace_bytes / sizeof(float) + 4, 12345.f);
+  return static_cast<int>(forward(a, plan, plan.workspace_bytes ? workspace.data() : nullptr, nullptr));
+}
+"""
+
+# Launch constants shrunk so that small shapes exercise every path.
+_EMU_CONSTANTS = {
+    "constexpr int kThreads = 256;": "constexpr int kThreads = 64;",
+    "constexpr int64_t kMinElemsPerCta = 8192;": "constexpr int64_t kMinElemsPerCta = 64;",
+    "constexpr size_t kOnePassSharedBytes = 48 * 1024;": "constexpr size_t kOnePassSharedBytes = 2048;",
+}
+
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_ALGORITHMS = {0: "one_pass", 1: "two_pass"}
+
+
+def _cuda_include_dir():
+    nvcc = shutil.which("nvcc")
+    candidates = [os.path.join(os.environ[v], "include") for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)]
+    if nvcc:
+        candidates.append(os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "include"))
+    candidates.append("/usr/local/cuda/include")
+    return next((d for d in candidates if os.path.exists(os.path.join(d, "cuda_bf16.h"))), None)
+
+
+def _emulated_source():
+    with open(KERNEL_SOURCE) as f:
+        source = f.read()
+    for old, new in _EMU_CONSTANTS.items():
+        assert source.count(old) == 1, f"launch constant {old!r} changed; update _EMU_CONSTANTS"
+        source = source.replace(old, new)
+    source, n = re.subn(r"extern __shared__ __align__\(16\) unsigned char (\w+)\[\];", r"unsigned char* \1 = emu::dynamic_shared;", source)
+    assert n == 1, "dynamic shared memory declaration changed; update the emulator"
+    launches = source.count("<<<")
+    source, n = re.subn(r"(\w+<[^<>;]*>)<<<(.*?)>>>\((.*?)\);", r"emu::launch(\2, [=]() { \1(\3); });", source, flags=re.S)
+    assert n == launches > 0, "kernel launches changed shape; update the emulator"
+    return source
+
+
+class _Emulator:
+    def __init__(self, library_path):
+        self.lib = ctypes.CDLL(library_path)
+
+    def __call__(self, x, groups, w, b, silu, sm_count, y=None):
+        """Runs the emulated forward; returns y, mean, rstd and the launch plan."""
+        y = torch.empty_like(x) if y is None else y
+        n = x.shape[0]
+        mean = torch.full((n, groups), float("nan"))
+        rstd = torch.full((n, groups), float("nan"))
+        pad = 5 - x.dim()
+
+        def int64s(values):
+            return (ctypes.c_int64 * len(values))(*values)
+
+        def strides(t):
+            return int64s([t.stride(0), t.stride(1)] + [0] * pad + list(t.stride()[2:]))
+
+        plan = (ctypes.c_int64 * 4)()
+        status = self.lib.emu_group_norm(
+            _DTYPE_CODES[x.dtype], ctypes.c_int64(n), ctypes.c_int64(x.shape[1]), ctypes.c_int64(groups),
+            int64s([1] * pad + list(x.shape[2:])), ctypes.c_void_p(x.data_ptr()), strides(x),
+            ctypes.c_void_p(y.data_ptr()), strides(y), ctypes.c_void_p(w.data_ptr()), ctypes.c_void_p(b.data_ptr()),
+            ctypes.c_void_p(mean.data_ptr()), ctypes.c_void_p(rstd.data_ptr()), ctypes.c_float(EPS),
+            ctypes.c_int(int(silu)), ctypes.c_int(sm_count), plan,
+        )  # fmt: skip
+        assert status == 0, f"make_plan/forward returned cudaError {status}"
+        return y, mean, rstd, {"algorithm": _ALGORITHMS[plan[0]], "splits": plan[1], "vec": plan[2], "channels_inner": bool(plan[3])}
+
+
+@pytest.fixture(scope="module")
+def emulate(tmp_path_factory):
+    gxx = shutil.which("g++")
+    include = _cuda_include_dir()
+    if gxx is None or include is None:
+        pytest.skip("the CUDA-kernel emulation needs g++ and the CUDA headers (cuda_bf16.h)")
+    work = tmp_path_factory.mktemp("group_norm_emulator")
+    (work / "prelude.h").write_text(_EMU_PRELUDE)
+    (work / "group_norm_emulated.cpp").write_text(_emulated_source())
+    (work / "harness.cpp").write_text(_EMU_HARNESS)
+    library = work / "group_norm_emulated.so"
+    cmd = [gxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", f"-I{include}", f"-I{os.path.dirname(KERNEL_SOURCE)}",
+           "-include", str(work / "prelude.h"), str(work / "harness.cpp"), "-o", str(library)]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, "the kernels do not compile for the emulator:\n" + result.stderr[-4000:]
+    return _Emulator(str(library))
+
+
+# name -> (builder(dtype) -> x, groups). Odd sizes, both layouts, views.
+EMU_LAYOUTS = {
+    "nchw": lambda dt: (_randn(2, 6, 7, 9, dtype=dt), 3),
+    "nhwc": lambda dt: (_randn(3, 6, 7, 9, dtype=dt).to(memory_format=torch.channels_last), 3),
+    "nchw_vec": lambda dt: (_randn(2, 16, 16, 16, dtype=dt), 4),
+    "nhwc_vec": lambda dt: (_randn(2, 32, 8, 10, dtype=dt).to(memory_format=torch.channels_last), 2),
+    "nhwc_vec_small": lambda dt: (_randn(3, 16, 5, 7, dtype=dt).to(memory_format=torch.channels_last), 2),
+    "nhwc_c20_g2": lambda dt: (_randn(1, 20, 9, 7, dtype=dt).to(memory_format=torch.channels_last), 2),
+    "1d": lambda dt: (_randn(3, 8, 33, dtype=dt), 2),
+    "3d_ncdhw": lambda dt: (_randn(1, 6, 3, 4, 5, dtype=dt), 3),
+    "3d_channels_last": lambda dt: (_randn(2, 8, 3, 4, 6, dtype=dt).to(memory_format=torch.channels_last_3d), 4),
+    "misaligned": lambda dt: (_randn(2 * 16 * 8 * 8 + 1, dtype=dt)[1:].view(2, 16, 8, 8), 4),
+    "channel_slice": lambda dt: (_randn(2, 10, 7, 9, dtype=dt)[:, 2:8], 3),
+    "step2_spatial": lambda dt: (_randn(2, 6, 7, 10, dtype=dt)[..., ::2], 3),
+    "batch_stride": lambda dt: (_randn(6, 8, 4, 8, dtype=dt)[::2], 4),
+}
+
+# sm_count values steering the plan: 1 = one CTA per group where it fits,
+# 16 = split each group over up to 64 CTAs.
+EMU_SM_COUNTS = (1, 16)
+
+
+@pytest.mark.parametrize("sm_count", EMU_SM_COUNTS)
+@pytest.mark.parametrize("layout", sorted(EMU_LAYOUTS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_emulated_forward(emulate, seed, layout, dtype, sm_count):
+    x, groups = EMU_LAYOUTS[layout](dtype)
+    w, b = _affine(x.shape[1], dtype)
+    silu = (sm_count == 1) == (dtype == torch.float32)  # each layout and dtype sees SiLU on one path, not on the other
+    y, mean, rstd, plan = emulate(x, groups, w, b, silu, sm_count)
+    _check_output(y, x, groups, w, b, "silu" if silu else None, what=f"{layout} {plan}")
+    _check_stats(mean, rstd, x, groups)
+
+
+@pytest.mark.parametrize(
+    "layout, dtype, sm_count, expected",
+    [
+        ("nchw_vec", torch.float16, 1, {"algorithm": "one_pass", "vec": 8, "channels_inner": False}),
+        ("nchw_vec", torch.float32, 16, {"algorithm": "two_pass", "vec": 4, "channels_inner": False}),
+        ("nhwc_vec", torch.bfloat16, 16, {"algorithm": "two_pass", "vec": 8, "channels_inner": True}),
+        ("nhwc_vec_small", torch.float16, 1, {"algorithm": "one_pass", "vec": 8, "channels_inner": True}),
+        ("nhwc_c20_g2", torch.float16, 1, {"vec": 2, "channels_inner": True}),  # 10 channels per group: 4-byte packs
+        ("nhwc", torch.float32, 1, {"algorithm": "one_pass", "vec": 2, "channels_inner": True}),
+        ("misaligned", torch.float16, 1, {"vec": 1}),
+        ("misaligned", torch.float32, 16, {"vec": 1, "algorithm": "two_pass"}),
+        ("step2_spatial", torch.float32, 1, {"vec": 1}),
+        ("3d_channels_last", torch.float16, 1, {"vec": 2, "channels_inner": True}),
+    ],
+)
+def test_emulated_plan(emulate, seed, layout, dtype, sm_count, expected):
+    """Vectorised packs exactly when sizes, strides and alignment allow them;
+    the split path when the groups alone would not fill the (emulated) GPU."""
+    x, groups = EMU_LAYOUTS[layout](dtype)
+    w, b = _affine(x.shape[1], dtype)
+    y, _, _, plan = emulate(x, groups, w, b, True, sm_count)
+    assert {k: plan[k] for k in expected} == expected
+    if plan["algorithm"] == "two_pass":
+        assert plan["splits"] > 1
+    _check_output(y, x, groups, w, b, "silu")
+
+
+def test_emulated_two_pass_single_split(emulate, seed):
+    """Enough groups to fill the GPU but each too big for shared memory: two passes, one split."""
+    x = _randn(4, 4, 24, 24)
+    w, b = _affine(4, torch.float32)
+    y, mean, rstd, plan = emulate(x, 1, w, b, False, 1)
+    assert plan["algorithm"] == "two_pass" and plan["splits"] == 1
+    _check_output(y, x, 1, w, b, None)
+    _check_stats(mean, rstd, x, 1)
+
+
+def test_emulated_statistics_survive_a_large_offset(emulate, seed):
+    """Welford/Chan merging keeps the variance when the mean dwarfs the spread
+    (sum / sum-of-squares in fp32 would lose it entirely at this offset)."""
+    x = torch.randn(2, 8, 16, 16) + 1000.0
+    w, b = _affine(8, torch.float32)
+    y, mean, rstd, plan = emulate(x, 2, w, b, False, 16)
+    assert plan["algorithm"] == "two_pass" and plan["splits"] > 1
+    xg = x.double().reshape(2, 2, -1)
+    assert_fp32_close(mean, xg.mean(-1), what="mean")
+    rstd_ref = 1 / torch.sqrt(xg.var(-1, unbiased=False) + EPS)
+    assert ((rstd.double() - rstd_ref).abs() / rstd_ref).max() < 1e-4
+    # x - mean keeps only ~1e-4 of x's relative precision at this offset.
+    assert_fp32_close(y, group_norm_ref(x.double(), 2, w.double(), b.double(), EPS), rtol=2e-4)
+
+
+def test_emulated_output_into_other_layout(emulate, seed):
+    """x and y strides are independent (a non-dense x gets a dense y from empty_like)."""
+    x, groups = EMU_LAYOUTS["nhwc_vec"](torch.float16)
+    w, b = _affine(x.shape[1], torch.float16)
+    y = torch.empty(x.shape, dtype=x.dtype)  # NCHW output of an NHWC input: no common fast path
+    y, _, _, plan = emulate(x, groups, w, b, True, 1, y=y)
+    assert plan["vec"] == 1
+    oracle = group_norm_ref(x.double(), groups, w.double(), b.double(), EPS, "silu")
+    assert_low_precision_ok(y, group_norm_ref(x, groups, w, b, EPS, "silu", upcast=False), oracle)
+
+
+# ---------------------------------------------------------------------------
+# GPU: the real extension.
+# ---------------------------------------------------------------------------
+
+def _cuda_layouts(dtype):
+    dev = "cuda"
+    return {
+        "nchw": (_randn(2, 64, 33, 17, dtype=dtype, device=dev), 32),
+        "nhwc": (_randn(2, 64, 33, 17, dtype=dtype, device=dev).to(memory_format=torch.channels_last), 32),
+        "c6_g3_odd": (_randn(3, 6, 7, 9, dtype=dtype, device=dev), 3),
+        "c12_g4_nhwc": (_randn(1, 12, 7, 9, dtype=dtype, device=dev).to(memory_format=torch.channels_last), 4),
+        "c20_g2_nhwc": (_randn(2, 20, 15, 15, dtype=dtype, device=dev).to(memory_format=torch.channels_last), 2),
+        "1d": (_randn(3, 24, 1001, dtype=dtype, device=dev), 8),
+        "3d_channels_last": (_randn(2, 16, 5, 6, 7, dtype=dtype, device=dev).to(memory_format=torch.channels_last_3d), 4),
+        "misaligned": (_randn(2 * 64 * 16 * 16 + 1, dtype=dtype, device=dev)[1:].view(2, 64, 16, 16), 32),
+        "channel_slice": (_randn(2, 40, 9, 9, dtype=dtype, device=dev)[:, 4:36], 8),
+        "big_group_split": (_randn(1, 64, 96, 96, dtype=dtype, device=dev), 4),
+    }
+
+
+@pytest.mark.parametrize("silu", [False, True], ids=["plain", "silu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize(
+    "layout", ["nchw", "nhwc", "c6_g3_odd", "c12_g4_nhwc", "c20_g2_nhwc", "1d", "3d_channels_last", "misaligned", "channel_slice", "big_group_split"]
+)
+@pytest.mark.gpu
+@requires_cuda
+def test_cuda_forward(seed, layout, dtype, silu):
+    x, groups = _cuda_layouts(dtype)[layout]
+    w, b = _affine(x.shape[1], dtype, "cuda")
+    activation = "silu" if silu else None
+    with fastdiff.trace_dispatch() as calls:
+        y = group_norm(x, groups, w, b, EPS, activation, backend="cuda")
+    assert calls == [("group_norm", "cuda")]
+    _check_output(y, x, groups, w, b, activation, what=layout)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("layout", ["nchw", "nhwc", "misaligned", "big_group_split"])
+@pytest.mark.gpu
+@requires_cuda
+def test_cuda_raw_op_statistics(seed, layout, dtype):
+    from fastdiff.ops.group_norm import _register_cuda_op
+
+    _register_cuda_op()
+    x, groups = _cuda_layouts(dtype)[layout]
+    w, b = _affine(x.shape[1], dtype, "cuda")
+    y, mean, rstd = torch.ops.fastdiff.group_norm_fwd_cuda(x, w, b, groups, EPS, "none")
+    _check_stats(mean, rstd, x, groups)
+    _check_output(y, x, groups, w, b, None)
+
+
+# Stable Diffusion 1.5 / SDXL UNet and VAE GroupNorm shapes at batch 2 (CFG), 32 groups.
+SD_SHAPES = [(2, 320, 64, 64), (2, 640, 32, 32), (2, 1280, 16, 16), (2, 1280, 8, 8), (2, 512, 128, 128), (2, 256, 256, 256)]
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("shape", SD_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.gpu
+@requires_cuda
+def test_cuda_sd_shapes_fp16(seed, shape, channels_last):
+    x = _randn(*shape, dtype=torch.float16, device="cuda")
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    w, b = _affine(shape[1], torch.float16, "cuda")
+    y = group_norm(x, 32, w, b, EPS, "silu", backend="cuda")
+    _check_output(y, x, 32, w, b, "silu", what=str(shape))
+
+
+@pytest.mark.parametrize("activation", [None, "silu"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.gpu
+@requires_cuda
+def test_cuda_gradients(seed, channels_last, activation):
+    x = _randn(2, 12, 9, 11, device="cuda")
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    w, b = _affine(12, torch.float32, "cuda")
+    dy = torch.randn_like(x)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+    group_norm(leaves[0], 3, leaves[1], leaves[2], EPS, activation, backend="cuda").backward(dy)
+    ref_leaves = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    group_norm_ref(ref_leaves[0], 3, ref_leaves[1], ref_leaves[2], EPS, activation).backward(dy.double())
+    for name, got, ref in zip(("dx", "dw", "db"), leaves, ref_leaves):
+        assert_fp32_close(got.grad, ref.grad, rtol=1e-4, what=name)
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_cuda_opcheck(seed):
+    from fastdiff.ops.group_norm import _register_cuda_op
+
+    _register_cuda_op()
+    for x in (_randn(2, 6, 5, 7, device="cuda"), _randn(2, 16, 4, 6, dtype=torch.float16, device="cuda").to(memory_format=torch.channels_last)):
+        w, b = _affine(x.shape[1], x.dtype, "cuda")
+        torch.library.opcheck(torch.ops.fastdiff.group_norm_fwd_cuda.default, (x, w, b, 2, EPS, "silu"))
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_cuda_binding_rejects_bad_arguments(seed):
+    from fastdiff.ops.group_norm import _register_cuda_op
+
+    _register_cuda_op()
+    op = torch.ops.fastdiff.group_norm_fwd_cuda
+    x = _randn(2, 6, 5, 7, device="cuda")
+    w, b = _affine(6, torch.float32, "cuda")
+    with pytest.raises(RuntimeError, match="activation must be 'none' or 'silu'"):
+        op(x, w, b, 3, EPS, "relu")
+    with pytest.raises(RuntimeError, match="num_groups"):
+        op(x, w, b, 4, EPS, "none")
+    with pytest.raises(RuntimeError, match="weight must have shape"):
+        op(x, w[:5], b, 3, EPS, "none")
+    with pytest.raises(RuntimeError, match="bias dtype"):
+        op(x, w, b.half(), 3, EPS, "none")
