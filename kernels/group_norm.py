@@ -31,8 +31,9 @@ Forward, two paths (chosen by :func:`launch_config`):
   (n, group) pairs, far under a wave of 132 SMs, so each program owns a
   (n, channel block, spatial chunk) tile instead:
 
-  1. ``_stats_kernel``: per-channel (mean, M2) of its chunk, merging tile
-     partials with Chan's parallel formula (no naive sum / sum-of-squares);
+  1. ``_stats_kernel``: per-channel (mean, M2) of its chunk: a Welford
+     update per tile lane inside the loop, then one reduction across lanes
+     with Chan's merge (no naive sum / sum-of-squares);
   2. ``_combine_kernel``: one tiny program per (n, group) merges the
      channel x chunk partials into the group's mean and rstd;
   3. ``_apply_kernel``: normalise, affine, optional SiLU, store in x's dtype.
@@ -246,9 +247,10 @@ def layout_reasons(x: torch.Tensor, num_groups: int) -> List[str]:
 def _spatial_offsets(offs_s, S1, stride_s0, stride_s1, TWO_D: tl.constexpr):
     """Element offsets of flat spatial indices ``offs_s`` (see the module docstring)."""
     if TWO_D:
-        return (offs_s // S1) * stride_s0 + (offs_s % S1) * stride_s1
+        offs = (offs_s // S1) * stride_s0 + (offs_s % S1) * stride_s1
     else:
-        return offs_s * stride_s1
+        offs = offs_s * stride_s1
+    return offs
 
 
 @triton.jit
@@ -300,6 +302,17 @@ def _single_pass_kernel(
 
 
 @triton.jit
+def _welford_combine(mean_a, m2_a, n_a, mean_b, m2_b, n_b):
+    """Chan et al.'s merge of two (mean, M2, count) partials:
+    n = n_a + n_b, d = mean_b - mean_a, mean = mean_a + d * n_b / n,
+    M2 = M2_a + M2_b + d^2 * n_a * n_b / n. Empty partials (n = 0) merge as no-ops."""
+    n = n_a + n_b
+    w_b = tl.where(n == 0.0, 0.0, n_b / tl.maximum(n, 1.0))
+    delta = mean_b - mean_a
+    return mean_a + delta * w_b, m2_a + m2_b + delta * delta * n_a * w_b, n
+
+
+@triton.jit
 def _stats_kernel(
     X,  # pointer to x, (N, C, *spatial)
     PMEAN,  # pointer to fp32 partial means, (N, C, n_chunks) contiguous
@@ -327,29 +340,32 @@ def _stats_kernel(
     x_base = X + n.to(tl.int64) * stride_xn + offs_c[:, None] * stride_xc
     s_begin = sp * chunk
     s_end = tl.minimum(s_begin + chunk, S)
-    # Running per-channel count / mean / M2 of this chunk, merged tile by tile
-    # with Chan et al.'s formula: for partials (n_a, m_a, M2_a), (n_b, m_b, M2_b),
-    #   n = n_a + n_b, d = m_b - m_a, m = m_a + d * n_b / n, M2 = M2_a + M2_b + d^2 n_a n_b / n.
-    cnt = 0.0
-    mean = tl.zeros([BLOCK_C], dtype=tl.float32)
-    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    # Welford per tile lane: lane (c, j) sees x[c, s_begin + j + k * BLOCK_S],
+    # k = 0, 1, ...; its running mean and M2 update with
+    #   cnt += 1, d = x - mean, mean += d / cnt, M2 += d * (x - mean).
+    # The count only depends on j (the tail tile masks lanes by s). No
+    # cross-lane communication inside the loop; one Chan-merge reduction after.
+    cnt = tl.zeros([BLOCK_S], dtype=tl.float32)
+    mean = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
     for s0 in range(s_begin, s_end, BLOCK_S):
         offs_s = s0 + tl.arange(0, BLOCK_S)
         mask_s = offs_s < s_end
-        mask = mask_c[:, None] & mask_s[None, :]
-        x = tl.load(x_base + _spatial_offsets(offs_s, S1, stride_xs0, stride_xs1, TWO_D)[None, :], mask=mask, other=0.0).to(tl.float32)
-        cnt_t = tl.sum(mask_s.to(tl.float32), axis=0)
-        mean_t = tl.sum(x, axis=1) / cnt_t
-        xc = tl.where(mask, x - mean_t[:, None], 0.0)
-        m2_t = tl.sum(xc * xc, axis=1)
-        cnt_new = cnt + cnt_t
-        delta = mean_t - mean
-        mean = mean + delta * (cnt_t / cnt_new)
-        m2 = m2 + m2_t + delta * delta * (cnt * cnt_t / cnt_new)
-        cnt = cnt_new
+        x = tl.load(
+            x_base + _spatial_offsets(offs_s, S1, stride_xs0, stride_xs1, TWO_D)[None, :],
+            mask=mask_c[:, None] & mask_s[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        cnt += mask_s.to(tl.float32)
+        inv_cnt = tl.where(mask_s, 1.0 / tl.maximum(cnt, 1.0), 0.0)
+        delta = x - mean
+        mean += delta * inv_cnt[None, :]
+        m2 += tl.where(mask_s[None, :], delta * (x - mean), 0.0)
+    cnt_2d = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32) + cnt[None, :]
+    mean_c, m2_c, _ = tl.reduce((mean, m2, cnt_2d), 1, _welford_combine)
     p_offs = (n * C + offs_c) * n_chunks + sp
-    tl.store(PMEAN + p_offs, mean, mask=mask_c)
-    tl.store(PM2 + p_offs, m2, mask=mask_c)
+    tl.store(PMEAN + p_offs, mean_c, mask=mask_c)
+    tl.store(PM2 + p_offs, m2_c, mask=mask_c)
 
 
 @triton.jit
