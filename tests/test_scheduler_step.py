@@ -420,6 +420,7 @@ def _call(**overrides):
         ({"step_index": 0}, "step_index must be a torch.Tensor"),
         ({"guidance_scale": "7.5"}, "guidance_scale must be"),
         ({"guidance_scale": torch.tensor([1.0, 2.0])}, "guidance_scale tensor"),
+        ({"guidance_scale": torch.tensor(7.5, dtype=torch.float64)}, "guidance_scale tensor"),
         ({"noise": torch.randn(2, *SHAPE)}, "noise must have"),
         ({"noise": torch.randn(SHAPE, dtype=torch.float16)}, "noise dtype"),
         ({"history": torch.randn(4, *SHAPE)}, "history must be"),

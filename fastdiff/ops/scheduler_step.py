@@ -450,8 +450,8 @@ def _check_inputs(sample, model_output, coeffs, step_index, guidance_scale, nois
             raise ValueError(f"scheduler_step: with guidance_scale, each half of model_output must have sample's shape {shape}, got model_output {mo_shape}")
         if isinstance(guidance_scale, torch.Tensor):
             _check_tensor("guidance_scale", guidance_scale, sample)
-            if guidance_scale.numel() != 1 or not guidance_scale.is_floating_point():
-                raise ValueError(f"scheduler_step: a guidance_scale tensor must be one floating-point element, got {guidance_scale.dtype} of shape {tuple(guidance_scale.shape)}")
+            if guidance_scale.numel() != 1 or guidance_scale.dtype != torch.float32:
+                raise ValueError(f"scheduler_step: a guidance_scale tensor must be one float32 element, got {guidance_scale.dtype} of shape {tuple(guidance_scale.shape)}")
         elif isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
             raise ValueError(f"scheduler_step: guidance_scale must be None, a float or a one-element device tensor, got {type(guidance_scale).__name__}")
     _check_tensor("coeffs", coeffs, sample)
@@ -651,7 +651,7 @@ def _register_cuda_op() -> None:
     from fastdiff import _extension
 
     _extension.load()
-    torch.library.register_fake("fastdiff::scheduler_step_cuda")(lambda *args: None)
+    torch.library.register_fake("fastdiff::scheduler_step_cuda")(lambda *args, **kwargs: None)
 
 
 # ---------------------------------------------------------------------------
@@ -698,7 +698,7 @@ def scheduler_step(
             :data:`COEFF_COLUMNS`; see the module docstring and the ``*_coeffs``
             builders.
         step_index: one-element int64 device tensor: the row of ``coeffs`` to use.
-        guidance_scale: None (no CFG), a float, or a one-element floating device
+        guidance_scale: None (no CFG), a float, or a one-element float32 device
             tensor (changeable between replays of a captured graph).
         noise: None, sample-shaped noise for this step, or a (num_steps, *sample.shape)
             bank read at ``step_index``. Same dtype as sample.
