@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from _utils import assert_fp32_close
+from _utils import assert_fp32_close, requires_triton
 from fastdiff import backends
 from fastdiff.nn.attention import Attention
 
@@ -137,3 +137,19 @@ def test_bad_inputs():
     attn.fuse_projections()
     with pytest.raises(ValueError, match="unfuse_projections"):
         attn(torch.randn(2, 5, 16), torch.randn(2, 3, 16))
+
+
+@requires_triton
+@pytest.mark.parametrize("kwargs,shape,ctx_shape", [CASES[1], CASES[2]])
+def test_triton_backend_matches_diffusers(seed, kwargs, shape, ctx_shape):
+    """The module on the Triton kernel (interpreter on the CPU), with fused projections
+    so q/k/v reach the kernel as strided views of one GEMM output."""
+    ref, ours = _pair(kwargs)
+    ours.fuse_projections()
+    x = torch.randn(shape)
+    ctx = torch.randn(ctx_shape) if ctx_shape is not None else None
+    with torch.no_grad(), backends.use_backend(attention="triton"), backends.trace_dispatch() as calls:
+        out = ours(x, ctx)
+        expected = ref(x, ctx)
+    assert ("attention", "triton") in calls
+    assert_fp32_close(out, expected)
