@@ -7,6 +7,7 @@ TRITON_INTERPRET=1 on the CPU; the CUDA kernel and the sync checks run on a GPU.
 """
 
 import dataclasses
+import importlib
 from typing import Callable, Dict
 
 import pytest
@@ -14,8 +15,9 @@ import torch
 from _utils import assert_fp32_close, assert_low_precision_ok, max_abs_err, requires_cuda, requires_triton
 
 from fastdiff import backends
-from fastdiff.ops import scheduler_step as ss
 from fastdiff.ops.scheduler_step import scheduler_step, scheduler_step_ref
+
+ss = importlib.import_module("fastdiff.ops.scheduler_step")  # the module (fastdiff.ops.scheduler_step is also the op's name)
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
