@@ -47,6 +47,10 @@ def _mask(kind, b, h, lq, lk, dtype, device="cpu"):
         keep = torch.rand(b, 1, 1, lk, device=device) > 0.4
         keep[..., 0] = True
         return keep
+    if kind == "bool-1d":  # (Lk,): SDPA itself rejects a 1-D mask; the op views it as (1, 1, 1, Lk)
+        keep = torch.rand(lk, device=device) > 0.4
+        keep[0] = True
+        return keep
     if kind == "additive":  # (H, 1, Lk): broadcast over batch and queries
         return torch.randn(h, 1, lk, device=device).to(dtype)
     if kind == "additive-full":  # (B, H, Lq, Lk) with -inf entries
@@ -66,7 +70,7 @@ def _check(out, q, k, v, mask, scale=None, what="output"):
     if q.dtype == torch.float32:
         assert_fp32_close(out, ref, what=what)
     else:
-        baseline = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        baseline = attention(q, k, v, mask, scale=scale, backend="sdpa")
         assert_low_precision_ok(out, baseline, ref, what=what)
 
 
@@ -107,7 +111,7 @@ def test_triton_custom_scale_and_fp16(seed):
 
 # (head dim, Lk, mask kind, fused)
 BACKWARD_CASES = [
-    pytest.param(8, 13, "bool", False, id="d8-lk13-bool"),
+    pytest.param(8, 13, "bool-1d", False, id="d8-lk13-bool-1d"),
     pytest.param(40, 77, "additive", False, id="d40-lk77-additive"),
     pytest.param(72, 37, None, True, id="d72-fused-qkv"),
     pytest.param(160, 13, "bool-keys", False, id="d160-lk13-keypad"),
@@ -131,7 +135,7 @@ def test_triton_gradients_match_reference(seed, d, lk, mask_kind, fused, dtype):
         for name, g, r in zip("qkv", grads, ref_grads):
             assert_fp32_close(g, r, what=f"d{name}")
     else:
-        sdpa_out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        sdpa_out = attention(q, k, v, mask, backend="sdpa")
         sdpa_grads = torch.autograd.grad(sdpa_out, (q, k, v), dout)
         for name, g, s, r in zip("qkv", grads, sdpa_grads, ref_grads):
             assert_low_precision_ok(g, s, r, what=f"d{name}")
@@ -175,7 +179,7 @@ def test_opcheck_custom_ops(seed):
 
 
 @pytest.mark.parametrize("backend", ["reference", "sdpa"])
-@pytest.mark.parametrize("mask_kind", [None, "bool", "additive-full"])
+@pytest.mark.parametrize("mask_kind", [None, "bool", "bool-1d", "additive-full"])
 def test_cpu_backends_match_fp64(seed, backend, mask_kind):
     q, k, v = _qkv(2, 3, 37, 77, 40, torch.float32)
     mask = _mask(mask_kind, 2, 3, 37, 77, torch.float32)

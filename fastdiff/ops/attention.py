@@ -262,6 +262,10 @@ torch.library.register_autograd("fastdiff::attention_fwd_triton", _backward, set
 
 def _inputs(q, k, v, attn_mask, scale) -> Dict[str, Any]:
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if attn_mask is not None and attn_mask.dim() < 4:
+        # Leading size-1 dims, as a view: every backend then sees a 4-D mask
+        # (SDPA rejects a 1-D one).
+        attn_mask = attn_mask.view((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
     return {"q": q, "k": k, "v": v, "attn_mask": attn_mask, "scale": scale}
 
 
