@@ -266,8 +266,8 @@ def _single_pass_kernel(
     stride_xn, stride_xc, stride_xs0, stride_xs1,  # x strides: batch, channel, outer/inner spatial
     stride_yn, stride_yc, stride_ys0, stride_ys1,  # y strides, same order
     G,  # number of groups
-    CPG,  # channels per group
     eps,  # added to the variance
+    CPG: tl.constexpr,  # channels per group (constexpr: tells the compiler each group's start alignment, for vector loads in NHWC)
     SILU: tl.constexpr,  # apply SiLU after the affine
     TWO_D: tl.constexpr,  # spatial index needs two (size, stride) pairs
     BLOCK_C: tl.constexpr,  # >= CPG, power of two
@@ -668,8 +668,8 @@ def group_norm_forward(
     with _device_ctx(x):
         if config.single_pass:
             _single_pass_kernel[(n * num_groups,)](
-                x, y, weight, bias, mean, rstd, s, s1, *x_strides, *y_strides, num_groups, cpg, eps,
-                SILU=silu, TWO_D=two_d, BLOCK_C=config.block_c, BLOCK_S=config.block_s, num_warps=config.num_warps,
+                x, y, weight, bias, mean, rstd, s, s1, *x_strides, *y_strides, num_groups, eps,
+                CPG=cpg, SILU=silu, TWO_D=two_d, BLOCK_C=config.block_c, BLOCK_S=config.block_s, num_warps=config.num_warps,
             )
             return y, mean, rstd
         chunk, n_chunks = _chunking(s, config)
