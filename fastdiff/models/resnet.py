@@ -101,9 +101,11 @@ class ResnetBlock2D(nn.Module):
             hidden = self.norm2(hidden)
         hidden = self.conv2(self.dropout(hidden))
         shortcut = self.conv_shortcut(input_tensor) if self.conv_shortcut is not None else input_tensor
-        out = shortcut + hidden
+        # In place on conv2's fresh output (its backward does not need it): one full-size
+        # activation less than diffusers' ``input + hidden``.
+        out = hidden.add_(shortcut)
         if self.output_scale_factor != 1.0:
-            out = out / self.output_scale_factor
+            out = out.div_(self.output_scale_factor)
         return out
 
 

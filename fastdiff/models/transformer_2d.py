@@ -114,12 +114,14 @@ class BasicTransformerBlock(nn.Module):
     ) -> torch.Tensor:
         context = encoder_hidden_states if self.only_cross_attention else None
         mask = encoder_attention_mask if self.only_cross_attention else attention_mask
-        hidden_states = self.attn1(self.norm1(hidden_states), context, mask) + hidden_states
+        # Residual adds go in place on each sublayer's fresh output (a Linear or Dropout
+        # output, which their backward passes do not need).
+        hidden_states = self.attn1(self.norm1(hidden_states), context, mask).add_(hidden_states)
         if self.attn2 is not None:
-            hidden_states = (
-                self.attn2(self.norm2(hidden_states), encoder_hidden_states, encoder_attention_mask) + hidden_states
+            hidden_states = self.attn2(self.norm2(hidden_states), encoder_hidden_states, encoder_attention_mask).add_(
+                hidden_states
             )
-        return self.ff(self.norm3(hidden_states)) + hidden_states
+        return self.ff(self.norm3(hidden_states)).add_(hidden_states)
 
 
 class Transformer2DModel(nn.Module):
@@ -238,4 +240,4 @@ class Transformer2DModel(nn.Module):
         hidden_states = hidden_states.contiguous(memory_format=memory_format)
         if not self.use_linear_projection:
             hidden_states = self.proj_out(hidden_states)
-        return hidden_states + residual
+        return hidden_states.add_(residual)
