@@ -33,9 +33,11 @@ def run_loop(scheduler, num_steps, seed, step_kwargs=None, set_kwargs=None):
     for t in scheduler.timesteps:
         model_input = scheduler.scale_model_input(sample, t)
         model_output = fake_model(model_input, t, weight)
-        out = scheduler.step(model_output, t, sample, **step_kwargs, generator=gen) if _takes_generator(
-            scheduler
-        ) else scheduler.step(model_output, t, sample, **step_kwargs)
+        out = (
+            scheduler.step(model_output, t, sample, **step_kwargs, generator=gen)
+            if _takes_generator(scheduler)
+            else scheduler.step(model_output, t, sample, **step_kwargs)
+        )
         sample = out.prev_sample
         outs.append(sample)
     return outs
@@ -47,7 +49,7 @@ def _takes_generator(scheduler):
     return "generator" in inspect.signature(scheduler.step).parameters
 
 
-def assert_loops_match(name, config, num_steps=12, step_kwargs=None, set_kwargs=None, seed=0, rtol=1e-6):
+def assert_loops_match(name, config, num_steps=12, step_kwargs=None, set_kwargs=None, *, seed, rtol=1e-6):
     ours = getattr(fs, name)(**config)
     ref = getattr(diffusers, name)(**config)
     got = run_loop(ours, num_steps, seed, step_kwargs, set_kwargs)
@@ -85,8 +87,8 @@ DDIM_CASES = [
 
 
 @pytest.mark.parametrize("config,step_kwargs", DDIM_CASES)
-def test_ddim_matches_diffusers(config, step_kwargs):
-    assert_loops_match("DDIMScheduler", config, step_kwargs=step_kwargs)
+def test_ddim_matches_diffusers(config, step_kwargs, seed):
+    assert_loops_match("DDIMScheduler", config, step_kwargs=step_kwargs, seed=seed)
 
 
 EULER_CASES = [
@@ -105,13 +107,17 @@ EULER_CASES = [
 
 
 @pytest.mark.parametrize("config,step_kwargs", EULER_CASES)
-def test_euler_matches_diffusers(config, step_kwargs):
-    assert_loops_match("EulerDiscreteScheduler", config, step_kwargs=step_kwargs)
+def test_euler_matches_diffusers(config, step_kwargs, seed):
+    assert_loops_match("EulerDiscreteScheduler", config, step_kwargs=step_kwargs, seed=seed)
 
 
-def test_euler_custom_timesteps_and_sigmas_match_diffusers():
-    assert_loops_match("EulerDiscreteScheduler", {}, None, set_kwargs={"timesteps": [999, 800, 650, 400, 120, 3]})
-    assert_loops_match("EulerDiscreteScheduler", {}, None, set_kwargs={"sigmas": [14.6, 7.0, 3.2, 1.1, 0.3, 0.0]})
+def test_euler_custom_timesteps_and_sigmas_match_diffusers(seed):
+    assert_loops_match(
+        "EulerDiscreteScheduler", {}, None, set_kwargs={"timesteps": [999, 800, 650, 400, 120, 3]}, seed=seed
+    )
+    assert_loops_match(
+        "EulerDiscreteScheduler", {}, None, set_kwargs={"sigmas": [14.6, 7.0, 3.2, 1.1, 0.3, 0.0]}, seed=seed
+    )
 
 
 DDPM_CASES = [
@@ -127,12 +133,12 @@ DDPM_CASES = [
 
 
 @pytest.mark.parametrize("config,step_kwargs", DDPM_CASES)
-def test_ddpm_matches_diffusers(config, step_kwargs):
-    assert_loops_match("DDPMScheduler", config, step_kwargs=step_kwargs)
+def test_ddpm_matches_diffusers(config, step_kwargs, seed):
+    assert_loops_match("DDPMScheduler", config, step_kwargs=step_kwargs, seed=seed)
 
 
-def test_ddpm_custom_timesteps_and_learned_range_match_diffusers():
-    assert_loops_match("DDPMScheduler", {}, None, set_kwargs={"timesteps": [990, 700, 640, 300, 41, 0]})
+def test_ddpm_custom_timesteps_and_learned_range_match_diffusers(seed):
+    assert_loops_match("DDPMScheduler", {}, None, set_kwargs={"timesteps": [990, 700, 640, 300, 41, 0]}, seed=seed)
     # learned_range: the model returns eps and a variance interpolation channel block.
     ours, ref = fs.DDPMScheduler(variance_type="learned_range"), diffusers.DDPMScheduler(variance_type="learned_range")
     for s in (ours, ref):
@@ -149,8 +155,14 @@ def test_ddpm_custom_timesteps_and_learned_range_match_diffusers():
 PNDM_CASES = [
     {},
     {"skip_prk_steps": True},
-    {"skip_prk_steps": True, "set_alpha_to_one": False, "steps_offset": 1,
-     "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012},
+    {
+        "skip_prk_steps": True,
+        "set_alpha_to_one": False,
+        "steps_offset": 1,
+        "beta_schedule": "scaled_linear",
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+    },
     *[{**s, "skip_prk_steps": True} for s in SPACINGS],
     *[{**b} for b in BETAS[2:]],
     {"prediction_type": "v_prediction", "skip_prk_steps": True},
@@ -159,8 +171,8 @@ PNDM_CASES = [
 
 
 @pytest.mark.parametrize("config", PNDM_CASES)
-def test_pndm_matches_diffusers(config):
-    assert_loops_match("PNDMScheduler", config, num_steps=15)
+def test_pndm_matches_diffusers(config, seed):
+    assert_loops_match("PNDMScheduler", config, num_steps=15, seed=seed)
 
 
 EULER_A_CASES = [
@@ -172,8 +184,8 @@ EULER_A_CASES = [
 
 
 @pytest.mark.parametrize("config,step_kwargs", EULER_A_CASES)
-def test_euler_ancestral_matches_diffusers(config, step_kwargs):
-    assert_loops_match("EulerAncestralDiscreteScheduler", config, step_kwargs=step_kwargs)
+def test_euler_ancestral_matches_diffusers(config, step_kwargs, seed):
+    assert_loops_match("EulerAncestralDiscreteScheduler", config, step_kwargs=step_kwargs, seed=seed)
 
 
 HEUN_CASES = [
@@ -190,12 +202,14 @@ HEUN_CASES = [
 
 
 @pytest.mark.parametrize("config", HEUN_CASES)
-def test_heun_matches_diffusers(config):
-    assert_loops_match("HeunDiscreteScheduler", config, num_steps=8)
+def test_heun_matches_diffusers(config, seed):
+    assert_loops_match("HeunDiscreteScheduler", config, num_steps=8, seed=seed)
 
 
-def test_heun_custom_timesteps_match_diffusers():
-    assert_loops_match("HeunDiscreteScheduler", {}, None, set_kwargs={"timesteps": [999, 700, 501, 200, 10]})
+def test_heun_custom_timesteps_match_diffusers(seed):
+    assert_loops_match(
+        "HeunDiscreteScheduler", {}, None, set_kwargs={"timesteps": [999, 700, 501, 200, 10]}, seed=seed
+    )
 
 
 LMS_CASES = [
@@ -213,9 +227,9 @@ LMS_CASES = [
 
 
 @pytest.mark.parametrize("config,step_kwargs", LMS_CASES)
-def test_lms_matches_diffusers(config, step_kwargs):
+def test_lms_matches_diffusers(config, step_kwargs, seed):
     pytest.importorskip("scipy")  # diffusers' LMS (the oracle) needs it; fastdiff's does not
-    assert_loops_match("LMSDiscreteScheduler", config, step_kwargs=step_kwargs)
+    assert_loops_match("LMSDiscreteScheduler", config, step_kwargs=step_kwargs, seed=seed)
 
 
 DPM_CASES = [
@@ -245,12 +259,18 @@ DPM_CASES = [
 
 
 @pytest.mark.parametrize("config,num_steps", DPM_CASES)
-def test_dpmsolver_multistep_matches_diffusers(config, num_steps):
-    assert_loops_match("DPMSolverMultistepScheduler", config, num_steps=num_steps)
+def test_dpmsolver_multistep_matches_diffusers(config, num_steps, seed):
+    assert_loops_match("DPMSolverMultistepScheduler", config, num_steps=num_steps, seed=seed)
 
 
-def test_dpmsolver_custom_timesteps_match_diffusers():
-    assert_loops_match("DPMSolverMultistepScheduler", {"solver_order": 3}, None, set_kwargs={"timesteps": [999, 850, 600, 420, 300, 80, 5]})
+def test_dpmsolver_custom_timesteps_match_diffusers(seed):
+    assert_loops_match(
+        "DPMSolverMultistepScheduler",
+        {"solver_order": 3},
+        None,
+        set_kwargs={"timesteps": [999, 850, 600, 420, 300, 80, 5]},
+        seed=seed,
+    )
 
 
 # A zero final sigma makes lambda infinite on the last step; like diffusers, a third-order last step,
@@ -278,8 +298,8 @@ UNIPC_CASES = [
 
 
 @pytest.mark.parametrize("config,num_steps", UNIPC_CASES)
-def test_unipc_matches_diffusers(config, num_steps):
-    assert_loops_match("UniPCMultistepScheduler", config, num_steps=num_steps)
+def test_unipc_matches_diffusers(config, num_steps, seed):
+    assert_loops_match("UniPCMultistepScheduler", config, num_steps=num_steps, seed=seed)
 
 
 def test_unipc_with_solver_p_matches_diffusers():
@@ -484,7 +504,9 @@ def test_randn_tensor_matches_diffusers_draws():
 
     shape = (3, 4, 5, 6)
     gens = lambda: [torch.Generator().manual_seed(s) for s in (1, 2, 3)]  # noqa: E731
-    torch.testing.assert_close(randn_tensor(shape, generator=gens()), ref_randn(shape, generator=gens()), rtol=0, atol=0)
+    torch.testing.assert_close(
+        randn_tensor(shape, generator=gens()), ref_randn(shape, generator=gens()), rtol=0, atol=0
+    )
     g1, g2 = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
     a = randn_tensor(shape, generator=g1, dtype=torch.float16)
     b = ref_randn(shape, generator=g2, dtype=torch.float16)

@@ -48,7 +48,7 @@ def betas_for_alpha_bar(num_diffusion_timesteps, max_beta=0.999, alpha_transform
 
 
 def rescale_zero_terminal_snr(betas):
-    """Rescale betas so that the last timestep has zero SNR (Lin et al. 2023, https://arxiv.org/abs/2305.08891, Alg. 1)."""
+    """Rescale betas so the last timestep has zero SNR (Lin et al. 2023, arXiv:2305.08891, Algorithm 1)."""
     sqrt_ab = torch.cumprod(1.0 - betas, dim=0).sqrt()
     first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
     sqrt_ab -= last
@@ -162,7 +162,9 @@ class DDIMScheduler(SchedulerMixin):
         if not 1 <= num_inference_steps <= total:
             raise ValueError(f"num_inference_steps must be in [1, {total}], got {num_inference_steps}")
         self.num_inference_steps = num_inference_steps
-        timesteps = spaced_timesteps(self.config.timestep_spacing, total, num_inference_steps, self.config.steps_offset)
+        timesteps = spaced_timesteps(
+            self.config.timestep_spacing, total, num_inference_steps, self.config.steps_offset
+        )
         self._index_of = {int(t): i for i, t in enumerate(timesteps)}
         self.timesteps = torch.from_numpy(timesteps).to(device)
 

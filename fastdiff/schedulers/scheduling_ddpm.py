@@ -50,7 +50,7 @@ def betas_for_alpha_bar(num_diffusion_timesteps, max_beta=0.999, alpha_transform
 
 # Copied from fastdiff.schedulers.scheduling_ddim.rescale_zero_terminal_snr
 def rescale_zero_terminal_snr(betas):
-    """Rescale betas so that the last timestep has zero SNR (Lin et al. 2023, https://arxiv.org/abs/2305.08891, Alg. 1)."""
+    """Rescale betas so the last timestep has zero SNR (Lin et al. 2023, arXiv:2305.08891, Algorithm 1)."""
     sqrt_ab = torch.cumprod(1.0 - betas, dim=0).sqrt()
     first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
     sqrt_ab -= last
@@ -187,7 +187,7 @@ class DDPMScheduler(SchedulerMixin):
         return sample
 
     def set_timesteps(self, num_inference_steps=None, device=None, timesteps=None):
-        """Build the schedule from ``num_inference_steps`` (by ``timestep_spacing``) or custom descending ``timesteps``."""
+        """Build the schedule from ``num_inference_steps`` (by ``timestep_spacing``) or descending ``timesteps``."""
         total = self.config.num_train_timesteps
         if (num_inference_steps is None) == (timesteps is None):
             raise ValueError("pass exactly one of num_inference_steps or timesteps to set_timesteps().")
@@ -203,7 +203,9 @@ class DDPMScheduler(SchedulerMixin):
             if not 1 <= num_inference_steps <= total:
                 raise ValueError(f"num_inference_steps must be in [1, {total}], got {num_inference_steps}")
             self.custom_timesteps = False
-            timesteps = spaced_timesteps(self.config.timestep_spacing, total, num_inference_steps, self.config.steps_offset)
+            timesteps = spaced_timesteps(
+                self.config.timestep_spacing, total, num_inference_steps, self.config.steps_offset
+            )
         self.num_inference_steps = len(timesteps)
         listed = [int(t) for t in timesteps]
         self._index_of = {t: i for i, t in enumerate(listed)}
@@ -238,7 +240,9 @@ class DDPMScheduler(SchedulerMixin):
         frac = (predicted_variance + 1) / 2  # learned_range
         return frac * torch.log(current_beta_t) + (1 - frac) * torch.log(variance)
 
-    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None, return_dict: bool = True):
+    def step(
+        self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None, return_dict: bool = True
+    ):
         """One ancestral DDPM step from ``timestep`` to the previous timestep of the schedule.
 
         Args:
@@ -286,7 +290,9 @@ class DDPMScheduler(SchedulerMixin):
         prev_sample = x0_coeff * x0 + xt_coeff * sample_f
 
         if t > 0:
-            noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
+            noise = randn_tensor(
+                model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype
+            )
             noise = self._scale_step_noise(noise, self._index_of[t]).float()
             variance = self._get_variance(t, predicted_variance=predicted_variance)
             if self.variance_type == "fixed_small_log":

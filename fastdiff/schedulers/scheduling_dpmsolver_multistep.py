@@ -1,4 +1,4 @@
-"""DPM-Solver and DPM-Solver++ multistep samplers (Lu et al. 2022, https://arxiv.org/abs/2206.00927, https://arxiv.org/abs/2211.01095)."""
+"""DPM-Solver and DPM-Solver++ multistep samplers (Lu et al. 2022, arXiv:2206.00927 and arXiv:2211.01095)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,13 @@ import math
 import numpy as np
 import torch
 
-from .scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin, SchedulerOutput, randn_tensor, register_to_config
+from .scheduling_utils import (
+    KarrasDiffusionSchedulers,
+    SchedulerMixin,
+    SchedulerOutput,
+    randn_tensor,
+    register_to_config,
+)
 
 ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++", "dpmsolver", "sde-dpmsolver")
 
@@ -38,7 +44,7 @@ def betas_for_alpha_bar(num_diffusion_timesteps, max_beta=0.999, alpha_transform
 
 # Copied from fastdiff.schedulers.scheduling_ddim.rescale_zero_terminal_snr
 def rescale_zero_terminal_snr(betas):
-    """Rescale betas so that the last timestep has zero SNR (Lin et al. 2023, https://arxiv.org/abs/2305.08891, Alg. 1)."""
+    """Rescale betas so the last timestep has zero SNR (Lin et al. 2023, arXiv:2305.08891, Algorithm 1)."""
     sqrt_ab = torch.cumprod(1.0 - betas, dim=0).sqrt()
     first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
     sqrt_ab -= last
@@ -196,19 +202,24 @@ class DPMSolverMultistepScheduler(SchedulerMixin):
         if algorithm_type == "sde-dpmsolver" and solver_order == 3:
             raise ValueError("algorithm_type='sde-dpmsolver' supports solver_order 1 or 2, got 3")
         if algorithm_type in ("dpmsolver", "sde-dpmsolver") and final_sigmas_type == "zero":
-            raise ValueError(f"final_sigmas_type='zero' needs a dpmsolver++ algorithm; use 'sigma_min' with {algorithm_type!r}")
+            raise ValueError(
+                f"final_sigmas_type='zero' needs a dpmsolver++ algorithm; use 'sigma_min' with {algorithm_type!r}"
+            )
         if final_sigmas_type not in ("zero", "sigma_min"):
             raise ValueError(f"final_sigmas_type must be 'zero' or 'sigma_min', got {final_sigmas_type!r}")
         if prediction_type not in ("epsilon", "sample", "v_prediction", "flow_prediction"):
             raise ValueError(
-                f"prediction_type must be 'epsilon', 'sample', 'v_prediction' or 'flow_prediction', got {prediction_type!r}"
+                "prediction_type must be 'epsilon', 'sample', 'v_prediction' or 'flow_prediction', "
+                f"got {prediction_type!r}"
             )
         if use_beta_sigmas:
             raise ValueError("use_beta_sigmas=True is not supported by fastdiff (it needs scipy's beta quantile).")
         if use_dynamic_shifting:
             raise ValueError("use_dynamic_shifting=True is not supported by fastdiff's DPMSolverMultistepScheduler.")
         if sum([use_karras_sigmas, use_exponential_sigmas, use_lu_lambdas, use_flow_sigmas]) > 1:
-            raise ValueError("set at most one of use_karras_sigmas, use_exponential_sigmas, use_lu_lambdas, use_flow_sigmas.")
+            raise ValueError(
+                "set at most one of use_karras_sigmas, use_exponential_sigmas, use_lu_lambdas, use_flow_sigmas."
+            )
         self.betas = make_betas(
             num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
             ("linear", "scaled_linear", "squaredcos_cap_v2"),
@@ -225,7 +236,9 @@ class DPMSolverMultistepScheduler(SchedulerMixin):
         self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
         self.init_noise_sigma = 1.0
         self.num_inference_steps = None
-        self.timesteps = torch.from_numpy(np.linspace(0, num_train_timesteps - 1, num_train_timesteps, dtype=np.float32)[::-1].copy())
+        self.timesteps = torch.from_numpy(
+            np.linspace(0, num_train_timesteps - 1, num_train_timesteps, dtype=np.float32)[::-1].copy()
+        )
         self.model_outputs = [None] * solver_order
         self.lower_order_nums = 0
         self._step_index = None
@@ -249,8 +262,12 @@ class DPMSolverMultistepScheduler(SchedulerMixin):
         config = self.config
         if (num_inference_steps is None) == (timesteps is None):
             raise ValueError("pass exactly one of num_inference_steps or timesteps to set_timesteps().")
-        if timesteps is not None and (config.use_karras_sigmas or config.use_lu_lambdas or config.use_exponential_sigmas):
-            raise ValueError("custom timesteps cannot be combined with use_karras_sigmas/use_lu_lambdas/use_exponential_sigmas.")
+        if timesteps is not None and (
+            config.use_karras_sigmas or config.use_lu_lambdas or config.use_exponential_sigmas
+        ):
+            raise ValueError(
+                "custom timesteps cannot be combined with use_karras_sigmas/use_lu_lambdas/use_exponential_sigmas."
+            )
         if num_inference_steps is not None and num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
         total = config.num_train_timesteps
@@ -351,7 +368,9 @@ class DPMSolverMultistepScheduler(SchedulerMixin):
             raise ValueError(f"prediction_type {kind!r} needs a dpmsolver++ algorithm_type")
         if config.thresholding:
             alpha_t, sigma_t = self._alpha_sigma(self.step_index)
-            x0 = threshold_sample((sample - sigma_t * eps) / alpha_t, config.dynamic_thresholding_ratio, config.sample_max_value)
+            x0 = threshold_sample(
+                (sample - sigma_t * eps) / alpha_t, config.dynamic_thresholding_ratio, config.sample_max_value
+            )
             eps = (sample - alpha_t * x0) / sigma_t
         return eps
 
@@ -472,7 +491,15 @@ class DPMSolverMultistepScheduler(SchedulerMixin):
         else:
             self._step_index = self._begin_index
 
-    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None, variance_noise=None, return_dict: bool = True):
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep,
+        sample: torch.Tensor,
+        generator=None,
+        variance_noise=None,
+        return_dict: bool = True,
+    ):
         """One multistep update from the current timestep to the next.
 
         Args:
@@ -503,7 +530,9 @@ class DPMSolverMultistepScheduler(SchedulerMixin):
         noise = None
         if config.algorithm_type in ("sde-dpmsolver", "sde-dpmsolver++"):
             if variance_noise is None:
-                noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device, dtype=torch.float32)
+                noise = randn_tensor(
+                    model_output.shape, generator=generator, device=model_output.device, dtype=torch.float32
+                )
             else:
                 noise = variance_noise.to(device=model_output.device, dtype=torch.float32)
             noise = self._scale_step_noise(noise, self.step_index)

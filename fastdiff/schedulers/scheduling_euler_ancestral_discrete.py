@@ -1,4 +1,4 @@
-"""Ancestral Euler sampler (k-diffusion's ``sample_euler_ancestral``; Karras et al. 2022, https://arxiv.org/abs/2206.00364)."""
+"""Ancestral Euler sampler (k-diffusion's ``sample_euler_ancestral``; Karras et al. 2022, arXiv:2206.00364)."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def betas_for_alpha_bar(num_diffusion_timesteps, max_beta=0.999, alpha_transform
 
 # Copied from fastdiff.schedulers.scheduling_ddim.rescale_zero_terminal_snr
 def rescale_zero_terminal_snr(betas):
-    """Rescale betas so that the last timestep has zero SNR (Lin et al. 2023, https://arxiv.org/abs/2305.08891, Alg. 1)."""
+    """Rescale betas so the last timestep has zero SNR (Lin et al. 2023, arXiv:2305.08891, Algorithm 1)."""
     sqrt_ab = torch.cumprod(1.0 - betas, dim=0).sqrt()
     first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
     sqrt_ab -= last
@@ -180,7 +180,10 @@ class EulerAncestralDiscreteScheduler(SchedulerMixin):
             raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
         self.num_inference_steps = num_inference_steps
         timesteps = float_spaced_timesteps(
-            self.config.timestep_spacing, self.config.num_train_timesteps, num_inference_steps, self.config.steps_offset
+            self.config.timestep_spacing,
+            self.config.num_train_timesteps,
+            num_inference_steps,
+            self.config.steps_offset,
         )
         train_sigmas = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).numpy()
         sigmas = np.interp(timesteps, np.arange(0, len(train_sigmas)), train_sigmas)
@@ -208,7 +211,9 @@ class EulerAncestralDiscreteScheduler(SchedulerMixin):
         else:
             self._step_index = self._begin_index
 
-    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None, return_dict: bool = True):
+    def step(
+        self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None, return_dict: bool = True
+    ):
         """One ancestral Euler step from the current sigma to the next.
 
         Args:
@@ -241,7 +246,9 @@ class EulerAncestralDiscreteScheduler(SchedulerMixin):
         derivative = (sample - x0) / sigma
         prev_sample = sample + derivative * (sigma_down - sigma)
 
-        noise = randn_tensor(model_output.shape, dtype=model_output.dtype, device=model_output.device, generator=generator)
+        noise = randn_tensor(
+            model_output.shape, dtype=model_output.dtype, device=model_output.device, generator=generator
+        )
         noise = self._scale_step_noise(noise, self.step_index)
         prev_sample = (prev_sample + noise * sigma_up).to(dtype)
         self._step_index += 1

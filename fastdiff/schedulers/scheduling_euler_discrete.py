@@ -1,4 +1,4 @@
-"""Euler sampler in the sigma (variance-exploding) parametrisation (Karras et al. 2022, https://arxiv.org/abs/2206.00364)."""
+"""Euler sampler in the sigma (variance-exploding) parametrisation (Karras et al. 2022, arXiv:2206.00364)."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def betas_for_alpha_bar(num_diffusion_timesteps, max_beta=0.999, alpha_transform
 
 # Copied from fastdiff.schedulers.scheduling_ddim.rescale_zero_terminal_snr
 def rescale_zero_terminal_snr(betas):
-    """Rescale betas so that the last timestep has zero SNR (Lin et al. 2023, https://arxiv.org/abs/2305.08891, Alg. 1)."""
+    """Rescale betas so the last timestep has zero SNR (Lin et al. 2023, arXiv:2305.08891, Algorithm 1)."""
     sqrt_ab = torch.cumprod(1.0 - betas, dim=0).sqrt()
     first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
     sqrt_ab -= last
@@ -254,9 +254,11 @@ class EulerDiscreteScheduler(SchedulerMixin):
             if self.config.interpolation_type == "linear":
                 sigmas = np.interp(timesteps, np.arange(0, len(train_sigmas)), train_sigmas)
             else:
-                sigmas = torch.linspace(
-                    np.log(train_sigmas[-1]), np.log(train_sigmas[0]), num_inference_steps + 1
-                ).exp().numpy()
+                sigmas = (
+                    torch.linspace(np.log(train_sigmas[-1]), np.log(train_sigmas[0]), num_inference_steps + 1)
+                    .exp()
+                    .numpy()
+                )
             if self.config.use_karras_sigmas or self.config.use_exponential_sigmas:
                 lo = self.config.sigma_min if self.config.sigma_min is not None else sigmas[-1].item()
                 hi = self.config.sigma_max if self.config.sigma_max is not None else sigmas[0].item()
@@ -332,7 +334,9 @@ class EulerDiscreteScheduler(SchedulerMixin):
         gamma = min(s_churn / (len(self.sigmas) - 1), 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
         sigma_hat = sigma * (gamma + 1)
         if gamma > 0:
-            noise = randn_tensor(model_output.shape, dtype=model_output.dtype, device=model_output.device, generator=generator)
+            noise = randn_tensor(
+                model_output.shape, dtype=model_output.dtype, device=model_output.device, generator=generator
+            )
             noise = self._scale_step_noise(noise, self.step_index)
             sample = sample + noise * s_noise * (sigma_hat**2 - sigma**2) ** 0.5
 

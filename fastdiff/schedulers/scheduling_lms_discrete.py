@@ -1,4 +1,4 @@
-"""Linear multistep (LMS) sampler in the sigma parametrisation (Karras et al. 2022, https://arxiv.org/abs/2206.00364)."""
+"""Linear multistep (LMS) sampler in the sigma parametrisation (Karras et al. 2022, arXiv:2206.00364)."""
 
 from __future__ import annotations
 
@@ -218,7 +218,10 @@ class LMSDiscreteScheduler(SchedulerMixin):
             raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
         self.num_inference_steps = num_inference_steps
         timesteps = float_spaced_timesteps(
-            self.config.timestep_spacing, self.config.num_train_timesteps, num_inference_steps, self.config.steps_offset
+            self.config.timestep_spacing,
+            self.config.num_train_timesteps,
+            num_inference_steps,
+            self.config.steps_offset,
         )
         train_sigmas = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).numpy()
         log_sigmas = np.log(train_sigmas)
@@ -253,7 +256,9 @@ class LMSDiscreteScheduler(SchedulerMixin):
         else:
             self._step_index = self._begin_index
 
-    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, order: int = 4, return_dict: bool = True):
+    def step(
+        self, model_output: torch.Tensor, timestep, sample: torch.Tensor, order: int = 4, return_dict: bool = True
+    ):
         """One LMS step from the current sigma to the next.
 
         Args:

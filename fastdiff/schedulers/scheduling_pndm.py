@@ -201,7 +201,9 @@ class PNDMScheduler(SchedulerMixin):
 
     def _plms(self, model_output, t, sample):
         if not self.config.skip_prk_steps and len(self.ets) < 3:
-            raise ValueError("PLMS steps need the 12 Runge-Kutta warm-up steps first; step through all of `.timesteps`.")
+            raise ValueError(
+                "PLMS steps need the 12 Runge-Kutta warm-up steps first; step through all of `.timesteps`."
+            )
         ratio = self.config.num_train_timesteps // self.num_inference_steps
         prev_t = t - ratio
         if self.counter != 1:

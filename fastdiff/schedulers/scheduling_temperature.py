@@ -68,7 +68,9 @@ class TemperatureScheduler:
     ):
         if isinstance(schedule, str):
             if schedule not in SCHEDULES:
-                raise ValueError(f"schedule must be one of {list(SCHEDULES)}, a list of floats or a callable, got {schedule!r}")
+                raise ValueError(
+                    f"schedule must be one of {list(SCHEDULES)}, a list of floats or a callable, got {schedule!r}"
+                )
             if schedule != "constant" and tau_end is None:
                 raise ValueError(f"schedule={schedule!r} needs tau_end (the temperature at the last step)")
             if schedule == "constant" and tau_end is not None:
@@ -78,7 +80,9 @@ class TemperatureScheduler:
             if not schedule:
                 raise ValueError("a list schedule needs at least one temperature")
         elif not callable(schedule):
-            raise ValueError(f"schedule must be a string, a list of floats or a callable, got {type(schedule).__name__}")
+            raise ValueError(
+                f"schedule must be a string, a list of floats or a callable, got {type(schedule).__name__}"
+            )
         self.schedule = schedule
         self.tau_start = self._check(float(tau), "tau")
         self.tau_end = None if tau_end is None else self._check(float(tau_end), "tau_end")
@@ -92,7 +96,10 @@ class TemperatureScheduler:
 
     def __repr__(self):
         kind = self.schedule if isinstance(self.schedule, str) else type(self.schedule).__name__
-        return f"TemperatureScheduler(schedule={kind!r}, tau={self.tau_start}, tau_end={self.tau_end}, initial_tau={self.initial_tau})"
+        return (
+            f"TemperatureScheduler(schedule={kind!r}, tau={self.tau_start}, tau_end={self.tau_end}, "
+            f"initial_tau={self.initial_tau})"
+        )
 
     def tau(self, step_index: int, num_steps: int) -> float:
         """The temperature at ``step_index`` (0-based) of a ``num_steps``-step schedule."""
@@ -105,7 +112,9 @@ class TemperatureScheduler:
             return self.tau_start
         if isinstance(schedule, list):
             if len(schedule) != num_steps:
-                raise ValueError(f"the list schedule has {len(schedule)} temperatures but sampling has {num_steps} steps")
+                raise ValueError(
+                    f"the list schedule has {len(schedule)} temperatures but sampling has {num_steps} steps"
+                )
             return schedule[step_index]
         if callable(schedule):
             return self._check(float(schedule(step_index, num_steps)), "the schedule callable's tau")

@@ -36,7 +36,7 @@ def betas_for_alpha_bar(num_diffusion_timesteps, max_beta=0.999, alpha_transform
 
 # Copied from fastdiff.schedulers.scheduling_ddim.rescale_zero_terminal_snr
 def rescale_zero_terminal_snr(betas):
-    """Rescale betas so that the last timestep has zero SNR (Lin et al. 2023, https://arxiv.org/abs/2305.08891, Alg. 1)."""
+    """Rescale betas so the last timestep has zero SNR (Lin et al. 2023, arXiv:2305.08891, Algorithm 1)."""
     sqrt_ab = torch.cumprod(1.0 - betas, dim=0).sqrt()
     first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
     sqrt_ab -= last
@@ -183,7 +183,8 @@ class UniPCMultistepScheduler(SchedulerMixin):
             raise ValueError(f"solver_type must be 'bh1' or 'bh2', got {solver_type!r}")
         if prediction_type not in ("epsilon", "sample", "v_prediction", "flow_prediction"):
             raise ValueError(
-                f"prediction_type must be 'epsilon', 'sample', 'v_prediction' or 'flow_prediction', got {prediction_type!r}"
+                "prediction_type must be 'epsilon', 'sample', 'v_prediction' or 'flow_prediction', "
+                f"got {prediction_type!r}"
             )
         if final_sigmas_type not in ("zero", "sigma_min"):
             raise ValueError(f"final_sigmas_type must be 'zero' or 'sigma_min', got {final_sigmas_type!r}")
@@ -212,7 +213,9 @@ class UniPCMultistepScheduler(SchedulerMixin):
         self.init_noise_sigma = 1.0
         self.predict_x0 = predict_x0
         self.num_inference_steps = None
-        self.timesteps = torch.from_numpy(np.linspace(0, num_train_timesteps - 1, num_train_timesteps, dtype=np.float32)[::-1].copy())
+        self.timesteps = torch.from_numpy(
+            np.linspace(0, num_train_timesteps - 1, num_train_timesteps, dtype=np.float32)[::-1].copy()
+        )
         self.model_outputs = [None] * solver_order
         self.timestep_list = [None] * solver_order
         self.lower_order_nums = 0
@@ -254,7 +257,9 @@ class UniPCMultistepScheduler(SchedulerMixin):
         elif config.timestep_spacing == "trailing":
             timesteps = np.arange(total, 0, -total / n).round().copy().astype(np.int64) - 1
         else:
-            raise ValueError(f"timestep_spacing must be 'linspace', 'leading' or 'trailing', got {config.timestep_spacing!r}")
+            raise ValueError(
+                f"timestep_spacing must be 'linspace', 'leading' or 'trailing', got {config.timestep_spacing!r}"
+            )
 
         train_sigmas = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).numpy()
         if config.use_karras_sigmas or config.use_exponential_sigmas:
