@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -173,6 +174,9 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("bench_scheduler_step: no CUDA device; nothing to benchmark")
         return 0
+    if importlib.util.find_spec("diffusers") is None:
+        print("bench_scheduler_step: diffusers is not installed; the eager baseline needs it")
+        return 1
     sys.path.insert(0, ROOT)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     specs = _schedulers()

@@ -19,8 +19,13 @@ from fastdiff.ops.scheduler_step import scheduler_step, scheduler_step_ref
 
 ss = importlib.import_module("fastdiff.ops.scheduler_step")  # the module (fastdiff.ops.scheduler_step is also the op's name)
 
-diffusers = pytest.importorskip("diffusers")
-from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
+try:  # the oracle; the GPU and validation tests run without it
+    import diffusers
+    from diffusers.utils.torch_utils import randn_tensor
+except ImportError:
+    diffusers = None
+
+requires_diffusers = pytest.mark.skipif(diffusers is None, reason="needs diffusers (the oracle)")
 
 SHAPE = (1, 4, 9, 7)  # small and odd, so the interpreter is fast and no size is a power of two
 GUIDANCE = 7.5
@@ -150,6 +155,7 @@ def _noise_bank(case, scheduler, generator, dtype=torch.float32):
     return torch.stack(bank)
 
 
+@requires_diffusers
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
 @pytest.mark.parametrize("case_id", list(CASES))
 def test_sampling_loop_matches_diffusers(case_id, backend, seed):
@@ -357,6 +363,7 @@ def replay_randn(monkeypatch):
         monkeypatch.setattr(getattr(diffusers.schedulers, name), "randn_tensor", randn_tensor_replay)
 
 
+@requires_diffusers
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("case_id", LOW_PRECISION_CASES)
