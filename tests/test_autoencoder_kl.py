@@ -151,3 +151,29 @@ def test_bad_inputs_name_the_argument(pair):
         model.decode(torch.randn(1, 9, 4, 4))
     with pytest.raises(ValueError, match="act_fn"):
         AutoencoderKL(act_fn="gelu")
+
+
+SD_VAE_CONFIG = dict(
+    block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    layers_per_block=2,
+    sample_size=512,
+)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    raises=ValueError,
+    reason="fastdiff.ops.attention accepts head dims up to 256; the SD VAE mid-block attention has one 512-wide head",
+)
+@torch.no_grad()
+def test_real_sd_vae_config_random_weights():
+    torch.manual_seed(0)
+    reference = DiffusersAutoencoderKL(**SD_VAE_CONFIG).eval()
+    with torch.device("meta"):
+        model = AutoencoderKL.from_config(reference.config)
+    model.load_state_dict(reference.state_dict(), strict=True, assign=True)
+    x = torch.randn(1, 3, 24, 16)
+    assert_fp32_close(model(x).sample, reference(x).sample, what="SD VAE")

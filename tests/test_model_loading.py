@@ -256,3 +256,27 @@ def test_bad_max_shard_size():
     assert parse_size("2MB") == 2_000_000 and parse_size("1GiB") == 2**30 and parse_size(77) == 77
     with pytest.raises(ValueError, match="max_shard_size"):
         parse_size("lots")
+
+
+# ------------------------------------------------------- diffusers folders
+
+
+def test_diffusers_sharded_variant_folder_loads(tmp_path):
+    from diffusers import UNet2DModel as DiffusersUNet2DModel
+
+    from fastdiff import UNet2DModel
+
+    torch.manual_seed(0)
+    config = dict(
+        block_out_channels=(8, 16), norm_num_groups=4, layers_per_block=1, attention_head_dim=8,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    )
+    reference = DiffusersUNet2DModel(**config).to(torch.float16)
+    reference.save_pretrained(tmp_path, variant="fp16", max_shard_size="20KB")
+    assert (tmp_path / "diffusion_pytorch_model.safetensors.index.fp16.json").is_file()
+    model = UNet2DModel.from_pretrained(tmp_path, variant="fp16", torch_dtype=torch.float16)
+    ours, theirs = model.state_dict(), reference.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(ours[k].dtype == torch.float16 and torch.equal(ours[k], theirs[k]) for k in ours)
+    with pytest.raises(FileNotFoundError, match="variant 'bf16' not found"):
+        UNet2DModel.from_pretrained(tmp_path, variant="bf16")
