@@ -27,6 +27,8 @@ _LAZY_EXPORTS = {
     "LMSDiscreteScheduler": "fastdiff.schedulers",
     "UniPCMultistepScheduler": "fastdiff.schedulers",
     "TemperatureScheduler": "fastdiff.schedulers",
+    "SchedulerMixin": "fastdiff.schedulers",
+    "KarrasDiffusionSchedulers": "fastdiff.schedulers",
     # models
     "ModelMixin": "fastdiff.models",
     "ConfigMixin": "fastdiff.models",
