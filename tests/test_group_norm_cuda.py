@@ -272,11 +272,10 @@ void launch(dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t, F kernel) 
 # A C entry point over make_plan + forward, called through ctypes.
 _EMU_HARNESS = r"""
 #include "group_norm_emulated.cpp"
-extern "C" int emu_group_norm(int dtype, int64_t batch, int64_t channels, int64_t groups, const int64_t* sizes,
-                              const void* x, const int64_t* xs, void* y, const int64_t* ys, const void* w,
-                              const void* b, float* mean, float* rstd, float eps, int silu, int sm_count,
-                              int64_t* plan_out) {
-  using namespace fastdiff::group_norm;
+using namespace fastdiff::group_norm;
+static ForwardArgs make_args(int dtype, int64_t batch, int64_t channels, int64_t groups, const int64_t* sizes,
+                             const void* x, const int64_t* xs, void* y, const int64_t* ys, const void* w,
+                             const void* b, float* mean, float* rstd, float eps, int silu) {
   ForwardArgs a{};
   a.dtype = static_cast<DType>(dtype);
   a.batch = batch;
@@ -293,13 +292,25 @@ extern "C" int emu_group_norm(int dtype, int64_t batch, int64_t channels, int64_
   a.rstd = rstd;
   a.eps = eps;
   a.silu = silu != 0;
-  Plan plan{};
-  const cudaError_t status = make_plan(a, sm_count, &plan);
-  if (status != cudaSuccess) return static_cast<int>(status);
+  return a;
+}
+static void report(const Plan& plan, int64_t* plan_out) {
   plan_out[0] = static_cast<int64_t>(plan.algorithm);
   plan_out[1] = plan.splits;
   plan_out[2] = plan.vec;
   plan_out[3] = plan.channels_inner;
+}
+// make_plan + forward. With run == 0, only make_plan (the pointers are never read).
+extern "C" int emu_group_norm(int dtype, int64_t batch, int64_t channels, int64_t groups, const int64_t* sizes,
+                              const void* x, const int64_t* xs, void* y, const int64_t* ys, const void* w,
+                              const void* b, float* mean, float* rstd, float eps, int silu, int sm_count,
+                              int64_t* plan_out, int run) {
+  const ForwardArgs a = make_args(dtype, batch, channels, groups, sizes, x, xs, y, ys, w, b, mean, rstd, eps, silu);
+  Plan plan{};
+  const cudaError_t status = make_plan(a, sm_count, &plan);
+  if (status != cudaSuccess) return static_cast<int>(status);
+  report(plan, plan_out);
+  if (!run) return 0;
   std::vector<float> workspace(plan.workspace_bytes / sizeof(float) + 4, 12345.f);
   return static_cast<int>(forward(a, plan, plan.workspace_bytes ? workspace.data() : nullptr, nullptr));
 }
@@ -308,7 +319,7 @@ extern "C" int emu_group_norm(int dtype, int64_t batch, int64_t channels, int64_
 # Launch constants shrunk so that small shapes exercise every path.
 _EMU_CONSTANTS = {
     "constexpr int kThreads = 256;": "constexpr int kThreads = 64;",
-    "constexpr int64_t kMinElemsPerCta = 8192;": "constexpr int64_t kMinElemsPerCta = 64;",
+    "constexpr int64_t kMinElemsPerCta = 2048;": "constexpr int64_t kMinElemsPerCta = 64;",
     "constexpr size_t kOnePassSharedBytes = 48 * 1024;": "constexpr size_t kOnePassSharedBytes = 2048;",
 }
 
@@ -325,10 +336,10 @@ def _cuda_include_dir():
     return next((d for d in candidates if os.path.exists(os.path.join(d, "cuda_bf16.h"))), None)
 
 
-def _emulated_source():
+def _emulated_source(constants):
     with open(KERNEL_SOURCE) as f:
         source = f.read()
-    for old, new in _EMU_CONSTANTS.items():
+    for old, new in constants.items():
         assert source.count(old) == 1, f"launch constant {old!r} changed; update _EMU_CONSTANTS"
         source = source.replace(old, new)
     source, n = re.subn(r"extern __shared__ __align__\(16\) unsigned char (\w+)\[\];", r"unsigned char* \1 = emu::dynamic_shared;", source)
@@ -343,8 +354,9 @@ class _Emulator:
     def __init__(self, library_path):
         self.lib = ctypes.CDLL(library_path)
 
-    def __call__(self, x, groups, w, b, silu, sm_count, y=None):
-        """Runs the emulated forward; returns y, mean, rstd and the launch plan."""
+    def __call__(self, x, groups, w, b, silu, sm_count, y=None, run=True):
+        """Runs the emulated forward; returns y, mean, rstd and the launch plan.
+        With ``run=False`` only the plan is made and no tensor is read."""
         y = torch.empty_like(x) if y is None else y
         n = x.shape[0]
         mean = torch.full((n, groups), float("nan"))
@@ -363,21 +375,19 @@ class _Emulator:
             int64s([1] * pad + list(x.shape[2:])), ctypes.c_void_p(x.data_ptr()), strides(x),
             ctypes.c_void_p(y.data_ptr()), strides(y), ctypes.c_void_p(w.data_ptr()), ctypes.c_void_p(b.data_ptr()),
             ctypes.c_void_p(mean.data_ptr()), ctypes.c_void_p(rstd.data_ptr()), ctypes.c_float(EPS),
-            ctypes.c_int(int(silu)), ctypes.c_int(sm_count), plan,
+            ctypes.c_int(int(silu)), ctypes.c_int(sm_count), plan, ctypes.c_int(int(run)),
         )  # fmt: skip
         assert status == 0, f"make_plan/forward returned cudaError {status}"
         return y, mean, rstd, {"algorithm": _ALGORITHMS[plan[0]], "splits": plan[1], "vec": plan[2], "channels_inner": bool(plan[3])}
 
 
-@pytest.fixture(scope="module")
-def emulate(tmp_path_factory):
+def _build_emulator(work, constants):
     gxx = shutil.which("g++")
     include = _cuda_include_dir()
     if gxx is None or include is None:
         pytest.skip("the CUDA-kernel emulation needs g++ and the CUDA headers (cuda_bf16.h)")
-    work = tmp_path_factory.mktemp("group_norm_emulator")
     (work / "prelude.h").write_text(_EMU_PRELUDE)
-    (work / "group_norm_emulated.cpp").write_text(_emulated_source())
+    (work / "group_norm_emulated.cpp").write_text(_emulated_source(constants))
     (work / "harness.cpp").write_text(_EMU_HARNESS)
     library = work / "group_norm_emulated.so"
     cmd = [gxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", f"-I{include}", f"-I{os.path.dirname(KERNEL_SOURCE)}",
@@ -385,6 +395,24 @@ def emulate(tmp_path_factory):
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, "the kernels do not compile for the emulator:\n" + result.stderr[-4000:]
     return _Emulator(str(library))
+
+
+@pytest.fixture(scope="module")
+def emulate(tmp_path_factory):
+    """The kernels with shrunk launch constants, so small shapes take every path."""
+    return _build_emulator(tmp_path_factory.mktemp("group_norm_emulator"), _EMU_CONSTANTS)
+
+
+@pytest.fixture(scope="module")
+def real_plan(tmp_path_factory):
+    """make_plan with the real launch constants (the kernels are not run)."""
+    emulator = _build_emulator(tmp_path_factory.mktemp("group_norm_plan"), {})
+
+    def plan(x, groups, sm_count):
+        w, b = torch.empty(x.shape[1], dtype=x.dtype), torch.empty(x.shape[1], dtype=x.dtype)
+        return emulator(x, groups, w, b, True, sm_count, run=False)[3]
+
+    return plan
 
 
 # name -> (builder(dtype) -> x, groups). Odd sizes, both layouts, views.
@@ -484,6 +512,37 @@ def test_emulated_output_into_other_layout(emulate, seed):
     assert_low_precision_ok(y, group_norm_ref(x, groups, w, b, EPS, "silu", upcast=False), oracle)
 
 
+# Stable Diffusion 1.5 / SDXL UNet and VAE GroupNorm shapes at batch 2 (CFG), 32 groups.
+SD_SHAPES = [(2, 320, 64, 64), (2, 640, 32, 32), (2, 1280, 16, 16), (2, 1280, 8, 8), (2, 320, 128, 128), (2, 512, 128, 128), (2, 256, 256, 256)]
+H100_SMS = 132
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("shape", SD_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_plan_fills_an_h100_on_sd_shapes(real_plan, shape, channels_last):
+    """Real launch constants: at least one full wave of CTAs on every SD shape
+    but the 320 KB 8x8 one (one-pass, launch-bound; see group_norm.cu), and
+    16-byte packs wherever a group's inner extent allows them."""
+    x = torch.empty(shape, dtype=torch.float16)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    plan = real_plan(x, 32, H100_SMS)
+    ctas = shape[0] * 32 * plan["splits"]
+    if shape[2] == 8:
+        assert plan["algorithm"] == "one_pass" and ctas == 64
+    else:
+        assert plan["algorithm"] == "two_pass" and ctas >= H100_SMS, plan
+    channels_per_group = shape[1] // 32
+    expected_vec = 8 if not channels_last else max(v for v in (8, 4, 2, 1) if channels_per_group % v == 0)
+    assert plan["vec"] == expected_vec and plan["channels_inner"] == channels_last
+
+
+def test_plan_one_pass_when_groups_fill_the_gpu(real_plan):
+    """Many small groups: one CTA per group, each group read once."""
+    x = torch.empty(16, 256, 16, 16, dtype=torch.float16)
+    assert real_plan(x, 32, H100_SMS) == {"algorithm": "one_pass", "splits": 1, "vec": 8, "channels_inner": False}
+
+
 # ---------------------------------------------------------------------------
 # GPU: the real extension.
 # ---------------------------------------------------------------------------
@@ -534,10 +593,6 @@ def test_cuda_raw_op_statistics(seed, layout, dtype):
     y, mean, rstd = torch.ops.fastdiff.group_norm_fwd_cuda(x, w, b, groups, EPS, "none")
     _check_stats(mean, rstd, x, groups)
     _check_output(y, x, groups, w, b, None)
-
-
-# Stable Diffusion 1.5 / SDXL UNet and VAE GroupNorm shapes at batch 2 (CFG), 32 groups.
-SD_SHAPES = [(2, 320, 64, 64), (2, 640, 32, 32), (2, 1280, 16, 16), (2, 1280, 8, 8), (2, 512, 128, 128), (2, 256, 256, 256)]
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])

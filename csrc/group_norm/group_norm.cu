@@ -50,9 +50,17 @@ constexpr int kThreads = 256;                      // threads per CTA, all kerne
 constexpr int kWarps = kThreads / 32;
 constexpr int kUnroll = 4;                         // packs in flight per thread per loop trip
 constexpr int kTargetCtasPerSm = 4;                // two-pass: aim for this many CTAs per SM
-constexpr int64_t kMinElemsPerCta = 8192;          // ... but give each CTA at least this much work
+constexpr int64_t kMinElemsPerCta = 2048;          // ... but give each CTA at least this much work
 constexpr int kMaxSplits = 256;                    // partials merged per group in _apply_kernel
 constexpr size_t kOnePassSharedBytes = 48 * 1024;  // largest group cached on chip (no opt-in needed)
+constexpr int64_t kMaxGroupElems = int64_t{1} << 30;  // 32-bit pack indices, with headroom for the loop's overshoot
+//
+// What these give on an H100 (132 SMs) for Stable Diffusion at batch 2 (N*G = 64), fp16:
+//   (2, 320, 64, 64), (2, 640, 32, 32), (2, 1280, 16, 16): two-pass, 5-9 splits, 320-576 CTAs;
+//   (2, 1280, 8, 8): 2560-element groups, one-pass with 64 CTAs. Below one wave, on purpose:
+//   the whole tensor is 320 KB, so the launch, not bandwidth, is the cost, and a
+//   second launch would cost more than the idle SMs.
+// Untuned: set by reasoning, not measured. benchmarks/bench_group_norm.py on a GPU is the judge.
 
 // ---------------------------------------------------------------------------
 // dtype helpers
@@ -474,7 +482,7 @@ bool valid(const ForwardArgs& a) {
   }
   if (a.batch * a.groups > INT32_MAX) return false;  // blockIdx.x
   const int64_t S = a.spatial_sizes[0] * a.spatial_sizes[1] * a.spatial_sizes[2];
-  if (a.channels / a.groups * S > INT32_MAX) return false;  // pack indices within a group are 32-bit
+  if (a.channels / a.groups * S > kMaxGroupElems) return false;
   if (!a.x || !a.y || !a.weight || !a.bias || !a.mean || !a.rstd) return false;
   if (!(a.eps >= 0.f)) return false;
   return a.dtype == DType::kFloat32 || a.dtype == DType::kFloat16 || a.dtype == DType::kBFloat16;

@@ -120,7 +120,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_fwd_cuda(const at::Ten
   const cudaError_t plan_status = make_plan(args, sm_count, &plan);
   TORCH_CHECK(plan_status == cudaSuccess, "group_norm_fwd_cuda: the kernel rejected the arguments (x shape ", x.sizes(),
               ", strides ", x.strides(), ", num_groups ", num_groups,
-              "); a single group must hold fewer than 2^31 elements and N * num_groups must be below 2^31");
+              "); a group (C / num_groups * spatial size) may hold at most 2^30 elements and N * num_groups must be below 2^31");
   at::Tensor workspace;
   if (plan.workspace_bytes > 0) {
     workspace = at::empty({static_cast<int64_t>(plan.workspace_bytes)}, x.options().dtype(at::kByte));
