@@ -127,16 +127,19 @@ def _next_pow2(v: int) -> int:
     return max(2, triton.next_power_of_2(v))
 
 
-def launch_config(n: int, c: int, s: int, num_groups: int, channels_contiguous: bool, num_sms: int) -> GroupNormConfig:
-    """Pick the forward/backward launch for x of shape (n, c, s) with ``num_groups`` groups.
+def launch_config(
+    n: int, c: int, s: int, num_groups: int, channels_contiguous: bool, num_sms: int, allow_single_pass: bool = True
+) -> GroupNormConfig:
+    """Pick the launch for x of shape (n, c, s) with ``num_groups`` groups.
 
     ``channels_contiguous`` is True for NHWC-like strides (the channel stride is
     1), which makes the channel axis the wide one of the tile. ``num_sms`` is the
-    device's multiprocessor count (132 on an H100/H200).
+    device's multiprocessor count (132 on an H100/H200). The backward passes
+    ``allow_single_pass=False``: it always reduces through per-chunk partials.
     """
     cpg = c // num_groups
     group_tile = _next_pow2(cpg) * _next_pow2(s)
-    if group_tile <= SINGLE_PASS_MAX_ELEMS:
+    if allow_single_pass and group_tile <= SINGLE_PASS_MAX_ELEMS:
         num_warps = max(1, min(8, group_tile // 512))
         return GroupNormConfig(True, _next_pow2(cpg), _next_pow2(s), num_warps, 1)
     if channels_contiguous:
@@ -274,6 +277,7 @@ def _single_pass_kernel(
     BLOCK_S: tl.constexpr,  # >= S, power of two
 ):
     # One program per (n, group): pid = n * G + g. The whole group is one tile.
+    tl.static_assert(BLOCK_C * BLOCK_S <= 16384, "a single-pass tile must stay in registers")
     pid = tl.program_id(0)
     n = pid // G
     g = pid % G
@@ -619,11 +623,11 @@ def _device_ctx(x: torch.Tensor):
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
-def _resolve_config(x: torch.Tensor, num_groups: int, config: Optional[GroupNormConfig]) -> GroupNormConfig:
+def _resolve_config(x: torch.Tensor, num_groups: int, config: Optional[GroupNormConfig], allow_single_pass: bool) -> GroupNormConfig:
     n, c = x.shape[:2]
     s = math.prod(x.shape[2:])
     if config is None:
-        config = launch_config(n, c, s, num_groups, c > 1 and x.stride(1) == 1, _num_sms(x.device))
+        config = launch_config(n, c, s, num_groups, c > 1 and x.stride(1) == 1, _num_sms(x.device), allow_single_pass)
         logger.debug("group_norm %s strides %s -> %s", tuple(x.shape), tuple(x.stride()), config)
     else:
         _check_config(config, c // num_groups, s)
@@ -657,7 +661,7 @@ def group_norm_forward(
     n, c = x.shape[:2]
     s = math.prod(x.shape[2:])
     cpg = c // num_groups
-    config = _resolve_config(x, num_groups, config)
+    config = _resolve_config(x, num_groups, config, allow_single_pass=True)
     y = torch.empty_like(x)
     mean = torch.empty((n, num_groups), dtype=torch.float32, device=x.device)
     rstd = torch.empty((n, num_groups), dtype=torch.float32, device=x.device)
@@ -710,8 +714,8 @@ def group_norm_backward(
         x, weight, bias: the forward's inputs.
         mean, rstd: fp32 (N, G) statistics returned by :func:`group_norm_forward`.
         num_groups, silu: as in the forward.
-        config: launch override; only its split-path tiling is used (a
-            single-pass config runs the backward with one chunk per channel block).
+        config: launch override; default :func:`launch_config` without the
+            single pass (a forced single-pass config runs with one chunk).
 
     Returns:
         dx (``torch.empty_like(x)``), dw and db (like weight and bias).
@@ -726,9 +730,10 @@ def group_norm_backward(
     for name, t in (("mean", mean), ("rstd", rstd)):
         if t.shape != expected or t.dtype != torch.float32:
             raise ValueError(f"group_norm backward: {name} must be fp32 of shape {expected}, got {t.dtype} {tuple(t.shape)}")
-    config = _resolve_config(x, num_groups, config)
+    config = _resolve_config(x, num_groups, config, allow_single_pass=False)
     if config.single_pass:
-        # The backward always reduces through partials; one chunk covers all of s.
+        # A forced single-pass config: the backward always reduces through
+        # partials; with this tile one chunk covers all of s.
         config = GroupNormConfig(False, config.block_c, config.block_s, config.num_warps, 1)
     dx = torch.empty_like(x)
     strides = [x.stride()[2:], dy.stride()[2:], dx.stride()[2:]]

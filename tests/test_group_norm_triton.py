@@ -200,6 +200,8 @@ def test_heuristic_single_pass_when_a_group_fits():
     config = kernels.launch_config(2, 1280, 8 * 8, 32, False, num_sms=132)  # 40 channels x 64 positions
     assert config.single_pass and config.block_c >= 40 and config.block_s >= 64
     assert config.block_c * config.block_s <= kernels.SINGLE_PASS_MAX_ELEMS
+    backward = kernels.launch_config(2, 1280, 8 * 8, 32, False, num_sms=132, allow_single_pass=False)
+    assert not backward.single_pass and backward.block_c * backward.block_s <= kernels.SPLIT_TILE_ELEMS
 
 
 def test_heuristic_split_runs_unforced(seed):
