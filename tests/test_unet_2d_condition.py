@@ -112,7 +112,7 @@ def test_state_dict_identical(case):
 @torch.no_grad()
 def test_fastdiff_folder_loads_in_diffusers(case, tmp_path):
     name, _, model = case
-    model.save_pretrained(tmp_path, max_shard_size="100KB")
+    model.save_pretrained(tmp_path, max_shard_size="400KB")
     reloaded = DiffusersUNet2DConditionModel.from_pretrained(tmp_path).eval()
     x, text = torch.randn(1, 4, 8, 8), torch.randn(1, 5, TEXT_DIM)
     kwargs = _kwargs(name, 1)
@@ -137,6 +137,21 @@ def test_masks_residuals_and_lora_scale_match_diffusers(tmp_path):
     ours = model(x, 10, text, **kwargs).sample
     assert_fp32_close(ours, reference(x, 10, text, **kwargs).sample, what="masked + controlnet")
     assert not torch.allclose(ours, model(x, 10, text).sample), "mask and residuals had no effect"
+
+
+@torch.no_grad()
+def test_fused_qkv_projections_keep_outputs_and_keys(case):
+    name, _, model = case
+    x, text = torch.randn(2, 4, 8, 8), torch.randn(2, 5, TEXT_DIM)
+    kwargs = _kwargs(name, 2)
+    expected = model(x, 7, text, **kwargs).sample
+    keys = list(model.state_dict())
+    model.fuse_qkv_projections()
+    try:
+        assert list(model.state_dict()) == keys
+        assert_fp32_close(model(x, 7, text, **kwargs).sample, expected, what="fused qkv")
+    finally:
+        model.unfuse_qkv_projections()
 
 
 def test_bad_inputs_name_the_argument(case):

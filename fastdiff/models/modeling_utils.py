@@ -232,6 +232,26 @@ class ModelMixin(nn.Module):
     def num_parameters(self, only_trainable: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not only_trainable)
 
+    # ------------------------------------------------------ fused projections
+
+    def fuse_qkv_projections(self) -> None:
+        """Run each attention's q/k/v projections (k/v for cross-attention) as one GEMM.
+
+        State_dict keys do not change; see ``fastdiff.nn.Attention.fuse_projections``.
+        """
+        from fastdiff.nn import Attention
+
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.fuse_projections()
+
+    def unfuse_qkv_projections(self) -> None:
+        from fastdiff.nn import Attention
+
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.unfuse_projections()
+
     # ------------------------------------------------------ gradient checkpointing
 
     def enable_gradient_checkpointing(self) -> None:
