@@ -320,7 +320,7 @@ extern "C" int emu_group_norm(int dtype, int64_t batch, int64_t channels, int64_
 _EMU_CONSTANTS = {
     "constexpr int kThreads = 256;": "constexpr int kThreads = 64;",
     "constexpr int64_t kMinElemsPerCta = 2048;": "constexpr int64_t kMinElemsPerCta = 64;",
-    "constexpr size_t kOnePassSharedBytes = 48 * 1024;": "constexpr size_t kOnePassSharedBytes = 2048;",
+    "constexpr size_t kOnePassSharedBytes = 44 * 1024;": "constexpr size_t kOnePassSharedBytes = 2048;",
 }
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
