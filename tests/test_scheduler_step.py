@@ -56,6 +56,7 @@ class Case:
     karras_input: bool = False  # scale_model_input divides by sqrt(sigma^2 + 1)
     step_kwargs: Dict = dataclasses.field(default_factory=dict)
     x0_in_history: bool = True  # the history slot holds diffusers' pred_original_sample
+    history_slots: int = 1
 
 
 def _ddim(eta, **config):
@@ -110,7 +111,8 @@ def _dpmpp(**config):
             lower_order_final=c.lower_order_final, euler_at_final=c.euler_at_final, final_sigmas_type=c.final_sigmas_type,
         )
 
-    return Case(make=lambda: diffusers.DPMSolverMultistepScheduler(**config), coeffs=coeffs, draws_noise=lambda s, i, t: False)
+    slots = max(1, config.get("solver_order", 2) - 1)
+    return Case(make=lambda: diffusers.DPMSolverMultistepScheduler(**config), coeffs=coeffs, draws_noise=lambda s, i, t: False, history_slots=slots)
 
 
 CASES = {
@@ -129,6 +131,8 @@ CASES = {
     "dpmpp_2m-v-heun-karras": _dpmpp(**SD_BETAS, prediction_type="v_prediction", solver_type="heun", use_karras_sigmas=True),
     "dpmpp_2m-sample-sigma_min-no_lower_final": _dpmpp(prediction_type="sample", final_sigmas_type="sigma_min", lower_order_final=False),
     "dpmpp_1-eps": _dpmpp(**SD_BETAS, solver_order=1),
+    "dpmpp_3m-eps": _dpmpp(**SD_BETAS, solver_order=3),
+    "dpmpp_3m-v-heun-karras": _dpmpp(**SD_BETAS, solver_order=3, prediction_type="v_prediction", solver_type="heun", use_karras_sigmas=True),
 }
 
 FUSED_BACKENDS = ["reference", pytest.param("triton", marks=requires_triton)]
@@ -172,7 +176,7 @@ def test_sampling_loop_matches_diffusers(case_id, backend, seed):
     coeffs = case.coeffs(sched)
     assert coeffs.shape == (len(sched.timesteps), ss.NUM_COEFFS)
     bank = _noise_bank(case, sched, torch.Generator().manual_seed(noise_seed))
-    history = torch.zeros(1, *SHAPE)
+    history = torch.zeros(case.history_slots, *SHAPE)
     step_index = torch.zeros((), dtype=torch.int64)
 
     gen = torch.Generator().manual_seed(noise_seed)
@@ -193,7 +197,7 @@ def test_sampling_loop_matches_diffusers(case_id, backend, seed):
         if case.x0_in_history:
             x0_ref = _diffusers_x0(ref_sched, ref_out)
             x0_scale = max(x_scale, x0_ref.abs().max().item())
-            x0_err = max_abs_err(history[0], x0_ref)
+            x0_err = max_abs_err(history[i % case.history_slots], x0_ref)
             assert x0_err <= 2e-6 * x0_scale, f"{case_id} step {i} x0: error {x0_err:.3e} vs scale {x0_scale:.3e} (seed {seed})"
 
 
@@ -337,7 +341,7 @@ def test_reference_never_syncs(monkeypatch):
 # Low precision: the fused error is at most 2x diffusers' eager error in the same dtype.
 # ---------------------------------------------------------------------------
 
-LOW_PRECISION_CASES = ["ddim-eps-leading", "euler-eps", "euler_ancestral-eps", "ddpm-eps-fixed_small", "dpmpp_2m-eps"]
+LOW_PRECISION_CASES = ["ddim-eps-leading", "euler-eps", "euler_ancestral-eps", "ddpm-eps-fixed_small", "dpmpp_2m-eps", "dpmpp_3m-eps"]
 
 
 class _Replay:
@@ -378,7 +382,7 @@ def test_low_precision_vs_diffusers(case_id, dtype, backend, seed, replay_randn)
     weights = torch.randn(2, *SHAPE[1:]) * 0.5
     x = (torch.randn(SHAPE) * float(oracle.init_noise_sigma)).to(dtype)
     bank = torch.randn(len(sched.timesteps), *SHAPE).to(dtype)
-    history = torch.zeros(1, *SHAPE, dtype=dtype)
+    history = torch.zeros(case.history_slots, *SHAPE, dtype=dtype)
     step_index = torch.zeros((), dtype=torch.int64)
     errs = []
     for i, t in enumerate(oracle.timesteps):
@@ -451,8 +455,9 @@ def test_bad_inputs_raise(overrides, match):
         (lambda: ss.euler_ancestral_coeffs(torch.rand(5) + 1, prediction_type="sample"), "prediction_type"),
         (lambda: ss.euler_coeffs([1.0]), "sigmas"),
         (lambda: ss.ddpm_coeffs(torch.rand(10), [9, 4], variance_type="learned"), "variance_type"),
-        (lambda: ss.dpmpp_2m_coeffs(torch.rand(5) + 1, solver_order=3), "solver_order"),
+        (lambda: ss.dpmpp_2m_coeffs(torch.rand(5) + 1, solver_order=4), "solver_order"),
         (lambda: ss.dpmpp_2m_coeffs(torch.rand(5) + 1, solver_type="bh2"), "solver_type"),
+        (lambda: ss.dpmpp_2m_coeffs([3.0, 2.0, 1.0, 1.0], final_sigmas_type="sigma_min", lower_order_final=False), "zero step size"),
     ],
 )
 def test_bad_table_options_raise(call, match):

@@ -367,20 +367,21 @@ def dpmpp_2m_coeffs(
     final_sigmas_type: str = "zero",
     device=None,
 ) -> torch.Tensor:
-    """DPM-Solver++ (Lu et al. 2022, https://arxiv.org/abs/2211.01095, Alg. 2: 2M) as a
-    coefficient table, matching diffusers' DPMSolverMultistepScheduler.step with
-    ``algorithm_type="dpmsolver++"`` and ``solver_order`` 1 or 2.
+    """DPM-Solver++ multistep (Lu et al. 2022, https://arxiv.org/abs/2211.01095, Alg. 2: 2M;
+    ``solver_order`` 1 and 3 give 1S and 3M) as a coefficient table, matching diffusers'
+    DPMSolverMultistepScheduler.step with ``algorithm_type="dpmsolver++"``.
 
     ``sigmas`` has num_steps + 1 entries (the scheduler's ``sigmas``, in the VP
     parametrisation sigma = sqrt((1 - alpha_bar) / alpha_bar)). ``d`` is the x0
-    prediction, kept in a history ring of R = 1 slot: pass
-    ``history=torch.zeros((1, *sample.shape))``. Step 0, and the last step when
-    diffusers lowers the final order, are first order (their h1 is 0).
+    prediction, kept in a history ring of R = max(1, solver_order - 1) slots: pass
+    ``history=torch.zeros((R, *sample.shape))``. Like diffusers, the first steps
+    ramp the order up one step at a time, and the last one or two steps lower it
+    when ``lower_order_final`` (or ``euler_at_final``, or a final sigma of 0) says so.
     Not expressible: thresholding, the SDE variants, flow sigmas.
     """
     _check_prediction_type(prediction_type)
-    if solver_order not in (1, 2):
-        raise ValueError(f"solver_order must be 1 or 2 for dpmpp_2m_coeffs, got {solver_order!r}")
+    if solver_order not in (1, 2, 3):
+        raise ValueError(f"solver_order must be 1, 2 or 3, got {solver_order!r}")
     if solver_type not in ("midpoint", "heun"):
         raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
     sig = _as_f64(sigmas, "sigmas")
@@ -389,10 +390,17 @@ def dpmpp_2m_coeffs(
         raise ValueError(f"sigmas must have num_steps + 1 >= 2 entries, got {len(sig)}")
     alpha_t = 1 / torch.sqrt(sig**2 + 1)
     sigma_t = sig * alpha_t
-    lam = torch.log(alpha_t) - torch.log(sigma_t)  # +inf where sigma is 0
+    lam = (torch.log(alpha_t) - torch.log(sigma_t)).tolist()  # +inf where sigma is 0
     rows = []
     for i in range(num_steps):
         lowered_final = i == num_steps - 1 and (euler_at_final or (lower_order_final and num_steps < 15) or final_sigmas_type == "zero")
+        lowered_second = i == num_steps - 2 and lower_order_final and num_steps < 15
+        if solver_order == 1 or i < 1 or lowered_final:
+            order = 1
+        elif solver_order == 2 or i < 2 or lowered_second:
+            order = 2
+        else:
+            order = 3
         a_s, s_s, a_t, s_t = alpha_t[i].item(), sigma_t[i].item(), alpha_t[i + 1].item(), sigma_t[i + 1].item()
         if prediction_type == "epsilon":
             px, pm = 1 / a_s, -s_s / a_s
@@ -400,19 +408,31 @@ def dpmpp_2m_coeffs(
             px, pm = 0.0, 1.0
         else:
             px, pm = a_s, -s_s
-        h = (lam[i + 1] - lam[i]).item()
+        h = lam[i + 1] - lam[i]
+        if h == 0 and order > 1:
+            raise ValueError(f"sigmas[{i}] == sigmas[{i + 1}]: a zero step size at step {i} of order {order} (diffusers returns NaN there)")
         phi = a_t * math.expm1(-h)  # alpha_t * (exp(-h) - 1); h is +inf onto a final sigma of 0
-        ratio = s_t / s_s
-        if solver_order == 1 or i == 0 or lowered_final:
-            c0, c1 = -phi, 0.0
-        else:
-            r0 = (lam[i] - lam[i - 1]).item() / h
-            if solver_type == "midpoint":
-                c0, c1 = -phi - 0.5 * phi / r0, 0.5 * phi / r0
-            else:
+        # x_prev = (sigma_t / sigma_s0) * x + c0 * m0 + c1 * m1 + c2 * m2, with m_j the x0 prediction j steps ago.
+        if order == 1:
+            c = [-phi, 0.0, 0.0]
+        elif order == 2:
+            r0 = (lam[i] - lam[i - 1]) / h
+            if solver_type == "midpoint":  # D1 = (m0 - m1) / r0, x_t = ... - phi * D0 - phi / 2 * D1
+                c = [-phi - 0.5 * phi / r0, 0.5 * phi / r0, 0.0]
+            else:  # heun: x_t = ... - phi * D0 + psi * D1
                 psi = a_t * (math.expm1(-h) / h + 1.0)
-                c0, c1 = -phi + psi / r0, -psi / r0
-        rows.append({"a": ratio + c0 * px, "e": c0 * pm, "p": px, "q": pm, "h1": c1})
+                c = [-phi + psi / r0, -psi / r0, 0.0]
+        else:
+            r0, r1 = (lam[i] - lam[i - 1]) / h, (lam[i - 1] - lam[i - 2]) / h
+            psi = a_t * (math.expm1(-h) / h + 1.0)
+            chi = a_t * ((math.expm1(-h) + h) / h**2 - 0.5)
+            k = r0 / (r0 + r1)
+            # D1_0 = (m0 - m1) / r0, D1_1 = (m1 - m2) / r1, D1 = (1 + k) D1_0 - k D1_1,
+            # D2 = (D1_0 - D1_1) / (r0 + r1); x_t = ... - phi * D0 + psi * D1 - chi * D2.
+            w0 = psi * (1 + k) - chi / (r0 + r1)  # weight of D1_0
+            w1 = -psi * k + chi / (r0 + r1)  # weight of D1_1
+            c = [-phi + w0 / r0, -w0 / r0 + w1 / r1, -w1 / r1]
+        rows.append({"a": s_t / s_s + c[0] * px, "e": c[0] * pm, "p": px, "q": pm, "h1": c[1], "h2": c[2]})
     return _table(rows, device)
 
 
