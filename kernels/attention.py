@@ -178,6 +178,29 @@ def _load(ptrs, ok_rows, ok_cols, EVEN_ROWS: tl.constexpr, EVEN_COLS: tl.constex
 
 
 @triton.jit
+def _rows(base, offs, stride, ALIGNED: tl.constexpr):
+    """Element offsets base + offs * stride as a (len(offs), 1) tile (positions along rows).
+
+    With ALIGNED (the launcher checked that every row starts 16 bytes apart and
+    the head-dim stride is 1) the offsets are declared multiples of 8 elements:
+    without that hint Triton cannot vectorise the row loads when a stride such
+    as D=40 is not a multiple of 16, and then cannot pipeline them (cp.async)."""
+    x = base + offs[:, None] * stride
+    if ALIGNED:
+        x = tl.multiple_of(x, [8, 8])
+    return x
+
+
+@triton.jit
+def _cols(base, offs, stride, ALIGNED: tl.constexpr):
+    """:func:`_rows` for a transposed tile: a (1, len(offs)) tile (positions along columns)."""
+    x = base + offs[None, :] * stride
+    if ALIGNED:
+        x = tl.multiple_of(x, [8, 8])
+    return x
+
+
+@triton.jit
 def _apply_mask(s, Mask, offs_m, offs_n, ok_m, ok_n, stride_mm, stride_mn,
                 MASK_KIND: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr):
     """Add the user mask to a (len(offs_m), len(offs_n)) tile of scores in log2 units.
@@ -214,6 +237,7 @@ def _attn_fwd(
     MASK_KIND: tl.constexpr,  # 0 none, 1 boolean, 2 additive
     PRECISION: tl.constexpr,  # tl.dot input_precision: "ieee" for fp32 inputs
     UPCAST: tl.constexpr,  # compute every dot in fp32 (the interpreter)
+    ALIGNED: tl.constexpr,  # every q/k/v/out row starts on a 16-byte boundary (see _rows)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  # query rows per program, keys per inner step
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,  # Lq % BLOCK_M == 0, Lk % BLOCK_N == 0
 ):
@@ -224,10 +248,10 @@ def _attn_fwd(
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
-    Q += off_b * stride_qb + off_h * stride_qh
-    K += off_b * stride_kb + off_h * stride_kh
-    V += off_b * stride_vb + off_h * stride_vh
-    Out += off_b * stride_ob + off_h * stride_oh
+    q_base = off_b * stride_qb + off_h * stride_qh
+    k_base = off_b * stride_kb + off_h * stride_kh
+    v_base = off_b * stride_vb + off_h * stride_vh
+    o_base = off_b * stride_ob + off_h * stride_oh
     Mask += off_b * stride_mb + off_h * stride_mh
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -236,13 +260,13 @@ def _attn_fwd(
     ok_m = offs_m < Lq
 
     # The query tile stays in registers for the whole loop.
-    q0 = _load(Q + offs_m[:, None] * stride_qm + offs_d0[None, :] * stride_qd, ok_m[:, None], offs_d0[None, :] < HEAD_DIM, EVEN_M, EVEN_D0)
+    q0 = _load(Q + _rows(q_base, offs_m, stride_qm, ALIGNED) + offs_d0[None, :] * stride_qd, ok_m[:, None], offs_d0[None, :] < HEAD_DIM, EVEN_M, EVEN_D0)
     if UPCAST:
         q0 = q0.to(tl.float32)
     acc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
     if D1 > 0:
         offs_d1 = D0 + tl.arange(0, D1)
-        q1 = _load(Q + offs_m[:, None] * stride_qm + offs_d1[None, :] * stride_qd, ok_m[:, None], offs_d1[None, :] < HEAD_DIM, EVEN_M, EVEN_D1)
+        q1 = _load(Q + _rows(q_base, offs_m, stride_qm, ALIGNED) + offs_d1[None, :] * stride_qd, ok_m[:, None], offs_d1[None, :] < HEAD_DIM, EVEN_M, EVEN_D1)
         if UPCAST:
             q1 = q1.to(tl.float32)
         acc1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
@@ -254,12 +278,12 @@ def _attn_fwd(
         cols = start_n + offs_n
         ok_n = cols < Lk
         # s = (q @ k^T) * scale * log2(e), as one or two accumulating dots over the head-dim chunks.
-        kt0 = _load(K + cols[None, :] * stride_kn + offs_d0[:, None] * stride_kd, offs_d0[:, None] < HEAD_DIM, ok_n[None, :], EVEN_D0, EVEN_N)
+        kt0 = _load(K + _cols(k_base, cols, stride_kn, ALIGNED) + offs_d0[:, None] * stride_kd, offs_d0[:, None] < HEAD_DIM, ok_n[None, :], EVEN_D0, EVEN_N)
         if UPCAST:
             kt0 = kt0.to(tl.float32)
         s = tl.dot(q0, kt0, input_precision=PRECISION)
         if D1 > 0:
-            kt1 = _load(K + cols[None, :] * stride_kn + offs_d1[:, None] * stride_kd, offs_d1[:, None] < HEAD_DIM, ok_n[None, :], EVEN_D1, EVEN_N)
+            kt1 = _load(K + _cols(k_base, cols, stride_kn, ALIGNED) + offs_d1[:, None] * stride_kd, offs_d1[:, None] < HEAD_DIM, ok_n[None, :], EVEN_D1, EVEN_N)
             if UPCAST:
                 kt1 = kt1.to(tl.float32)
             s = tl.dot(q1, kt1, s, input_precision=PRECISION)
@@ -282,12 +306,12 @@ def _attn_fwd(
         else:
             p_in = p.to(V.dtype.element_ty)
 
-        v0 = _load(V + cols[:, None] * stride_vn + offs_d0[None, :] * stride_vd, ok_n[:, None], offs_d0[None, :] < HEAD_DIM, EVEN_N, EVEN_D0)
+        v0 = _load(V + _rows(v_base, cols, stride_vn, ALIGNED) + offs_d0[None, :] * stride_vd, ok_n[:, None], offs_d0[None, :] < HEAD_DIM, EVEN_N, EVEN_D0)
         if UPCAST:
             v0 = v0.to(tl.float32)
         acc0 = tl.dot(p_in, v0, acc0 * alpha[:, None], input_precision=PRECISION)
         if D1 > 0:
-            v1 = _load(V + cols[:, None] * stride_vn + offs_d1[None, :] * stride_vd, ok_n[:, None], offs_d1[None, :] < HEAD_DIM, EVEN_N, EVEN_D1)
+            v1 = _load(V + _rows(v_base, cols, stride_vn, ALIGNED) + offs_d1[None, :] * stride_vd, ok_n[:, None], offs_d1[None, :] < HEAD_DIM, EVEN_N, EVEN_D1)
             if UPCAST:
                 v1 = v1.to(tl.float32)
             acc1 = tl.dot(p_in, v1, acc1 * alpha[:, None], input_precision=PRECISION)
@@ -301,10 +325,10 @@ def _attn_fwd(
     else:
         tl.store(Lse + pid_bh * Lq + offs_m, lse, mask=ok_m)
     out0 = (acc0 / l_safe[:, None]).to(Out.dtype.element_ty)
-    tl.store(Out + offs_m[:, None] * stride_om + offs_d0[None, :] * stride_od, out0, mask=ok_m[:, None] & (offs_d0[None, :] < HEAD_DIM))
+    tl.store(Out + _rows(o_base, offs_m, stride_om, ALIGNED) + offs_d0[None, :] * stride_od, out0, mask=ok_m[:, None] & (offs_d0[None, :] < HEAD_DIM))
     if D1 > 0:
         out1 = (acc1 / l_safe[:, None]).to(Out.dtype.element_ty)
-        tl.store(Out + offs_m[:, None] * stride_om + offs_d1[None, :] * stride_od, out1, mask=ok_m[:, None] & (offs_d1[None, :] < HEAD_DIM))
+        tl.store(Out + _rows(o_base, offs_m, stride_om, ALIGNED) + offs_d1[None, :] * stride_od, out1, mask=ok_m[:, None] & (offs_d1[None, :] < HEAD_DIM))
 
 
 _attn_fwd_tuned = triton.autotune(
@@ -366,7 +390,7 @@ def _attn_bwd_dkdv(
     sm_scale,  # softmax scale (natural units), applied to dK once at the end
     qk_scale,  # sm_scale * log2(e)
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, EVEN_D0: tl.constexpr, EVEN_D1: tl.constexpr,
-    MASK_KIND: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    MASK_KIND: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, ALIGNED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
 ):
     # Program (pid_n, pid_bh) owns key rows [pid_n * BLOCK_N, +BLOCK_N) of one
@@ -375,13 +399,13 @@ def _attn_bwd_dkdv(
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
-    Q += off_b * stride_qb + off_h * stride_qh
-    K += off_b * stride_kb + off_h * stride_kh
-    V += off_b * stride_vb + off_h * stride_vh
+    q_base = off_b * stride_qb + off_h * stride_qh
+    k_base = off_b * stride_kb + off_h * stride_kh
+    v_base = off_b * stride_vb + off_h * stride_vh
     Mask += off_b * stride_mb + off_h * stride_mh
-    DOut += off_b * stride_dob + off_h * stride_doh
-    DK += off_b * stride_dkb + off_h * stride_dkh
-    DV += off_b * stride_dvb + off_h * stride_dvh
+    do_base = off_b * stride_dob + off_h * stride_doh
+    dk_base = off_b * stride_dkb + off_h * stride_dkh
+    dv_base = off_b * stride_dvb + off_h * stride_dvh
     Lse += pid_bh * Lq
     Delta += pid_bh * Lq
 
@@ -390,8 +414,8 @@ def _attn_bwd_dkdv(
     offs_d0 = tl.arange(0, D0)
     ok_n = offs_n < Lk
 
-    k0 = _load(K + offs_n[:, None] * stride_kn + offs_d0[None, :] * stride_kd, ok_n[:, None], offs_d0[None, :] < HEAD_DIM, EVEN_N, EVEN_D0)
-    v0 = _load(V + offs_n[:, None] * stride_vn + offs_d0[None, :] * stride_vd, ok_n[:, None], offs_d0[None, :] < HEAD_DIM, EVEN_N, EVEN_D0)
+    k0 = _load(K + _rows(k_base, offs_n, stride_kn, ALIGNED) + offs_d0[None, :] * stride_kd, ok_n[:, None], offs_d0[None, :] < HEAD_DIM, EVEN_N, EVEN_D0)
+    v0 = _load(V + _rows(v_base, offs_n, stride_vn, ALIGNED) + offs_d0[None, :] * stride_vd, ok_n[:, None], offs_d0[None, :] < HEAD_DIM, EVEN_N, EVEN_D0)
     if UPCAST:
         k0 = k0.to(tl.float32)
         v0 = v0.to(tl.float32)
@@ -399,8 +423,8 @@ def _attn_bwd_dkdv(
     dv0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
     if D1 > 0:
         offs_d1 = D0 + tl.arange(0, D1)
-        k1 = _load(K + offs_n[:, None] * stride_kn + offs_d1[None, :] * stride_kd, ok_n[:, None], offs_d1[None, :] < HEAD_DIM, EVEN_N, EVEN_D1)
-        v1 = _load(V + offs_n[:, None] * stride_vn + offs_d1[None, :] * stride_vd, ok_n[:, None], offs_d1[None, :] < HEAD_DIM, EVEN_N, EVEN_D1)
+        k1 = _load(K + _rows(k_base, offs_n, stride_kn, ALIGNED) + offs_d1[None, :] * stride_kd, ok_n[:, None], offs_d1[None, :] < HEAD_DIM, EVEN_N, EVEN_D1)
+        v1 = _load(V + _rows(v_base, offs_n, stride_vn, ALIGNED) + offs_d1[None, :] * stride_vd, ok_n[:, None], offs_d1[None, :] < HEAD_DIM, EVEN_N, EVEN_D1)
         if UPCAST:
             k1 = k1.to(tl.float32)
             v1 = v1.to(tl.float32)
@@ -410,16 +434,16 @@ def _attn_bwd_dkdv(
     for start_m in range(0, Lq, BLOCK_M):
         rows = start_m + offs_m
         ok_m = rows < Lq
-        q0 = _load(Q + rows[:, None] * stride_qm + offs_d0[None, :] * stride_qd, ok_m[:, None], offs_d0[None, :] < HEAD_DIM, EVEN_M, EVEN_D0)
-        do0 = _load(DOut + rows[:, None] * stride_dom + offs_d0[None, :] * stride_dod, ok_m[:, None], offs_d0[None, :] < HEAD_DIM, EVEN_M, EVEN_D0)
+        q0 = _load(Q + _rows(q_base, rows, stride_qm, ALIGNED) + offs_d0[None, :] * stride_qd, ok_m[:, None], offs_d0[None, :] < HEAD_DIM, EVEN_M, EVEN_D0)
+        do0 = _load(DOut + _rows(do_base, rows, stride_dom, ALIGNED) + offs_d0[None, :] * stride_dod, ok_m[:, None], offs_d0[None, :] < HEAD_DIM, EVEN_M, EVEN_D0)
         if UPCAST:
             q0 = q0.to(tl.float32)
             do0 = do0.to(tl.float32)
         # s^T = K Q^T (keys along rows), in log2 units.
         st = tl.dot(k0, tl.trans(q0), input_precision=PRECISION)
         if D1 > 0:
-            q1 = _load(Q + rows[:, None] * stride_qm + offs_d1[None, :] * stride_qd, ok_m[:, None], offs_d1[None, :] < HEAD_DIM, EVEN_M, EVEN_D1)
-            do1 = _load(DOut + rows[:, None] * stride_dom + offs_d1[None, :] * stride_dod, ok_m[:, None], offs_d1[None, :] < HEAD_DIM, EVEN_M, EVEN_D1)
+            q1 = _load(Q + _rows(q_base, rows, stride_qm, ALIGNED) + offs_d1[None, :] * stride_qd, ok_m[:, None], offs_d1[None, :] < HEAD_DIM, EVEN_M, EVEN_D1)
+            do1 = _load(DOut + _rows(do_base, rows, stride_dom, ALIGNED) + offs_d1[None, :] * stride_dod, ok_m[:, None], offs_d1[None, :] < HEAD_DIM, EVEN_M, EVEN_D1)
             if UPCAST:
                 q1 = q1.to(tl.float32)
                 do1 = do1.to(tl.float32)
@@ -454,12 +478,12 @@ def _attn_bwd_dkdv(
             dk1 = tl.dot(dst_in, q1, dk1, input_precision=PRECISION)
 
     ok_store = ok_n[:, None] & (offs_d0[None, :] < HEAD_DIM)
-    tl.store(DK + offs_n[:, None] * stride_dkn + offs_d0[None, :] * stride_dkd, (dk0 * sm_scale).to(DK.dtype.element_ty), mask=ok_store)
-    tl.store(DV + offs_n[:, None] * stride_dvn + offs_d0[None, :] * stride_dvd, dv0.to(DV.dtype.element_ty), mask=ok_store)
+    tl.store(DK + _rows(dk_base, offs_n, stride_dkn, ALIGNED) + offs_d0[None, :] * stride_dkd, (dk0 * sm_scale).to(DK.dtype.element_ty), mask=ok_store)
+    tl.store(DV + _rows(dv_base, offs_n, stride_dvn, ALIGNED) + offs_d0[None, :] * stride_dvd, dv0.to(DV.dtype.element_ty), mask=ok_store)
     if D1 > 0:
         ok_store1 = ok_n[:, None] & (offs_d1[None, :] < HEAD_DIM)
-        tl.store(DK + offs_n[:, None] * stride_dkn + offs_d1[None, :] * stride_dkd, (dk1 * sm_scale).to(DK.dtype.element_ty), mask=ok_store1)
-        tl.store(DV + offs_n[:, None] * stride_dvn + offs_d1[None, :] * stride_dvd, dv1.to(DV.dtype.element_ty), mask=ok_store1)
+        tl.store(DK + _rows(dk_base, offs_n, stride_dkn, ALIGNED) + offs_d1[None, :] * stride_dkd, (dk1 * sm_scale).to(DK.dtype.element_ty), mask=ok_store1)
+        tl.store(DV + _rows(dv_base, offs_n, stride_dvn, ALIGNED) + offs_d1[None, :] * stride_dvd, dv1.to(DV.dtype.element_ty), mask=ok_store1)
 
 
 @triton.jit
@@ -475,7 +499,7 @@ def _attn_bwd_dq(
     H, Lq, Lk,
     sm_scale, qk_scale,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, EVEN_D0: tl.constexpr, EVEN_D1: tl.constexpr,
-    MASK_KIND: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    MASK_KIND: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, ALIGNED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
 ):
     # Program (pid_m, pid_bh) owns query rows [pid_m * BLOCK_M, +BLOCK_M) of one
@@ -484,28 +508,28 @@ def _attn_bwd_dq(
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
-    Q += off_b * stride_qb + off_h * stride_qh
-    K += off_b * stride_kb + off_h * stride_kh
-    V += off_b * stride_vb + off_h * stride_vh
+    q_base = off_b * stride_qb + off_h * stride_qh
+    k_base = off_b * stride_kb + off_h * stride_kh
+    v_base = off_b * stride_vb + off_h * stride_vh
     Mask += off_b * stride_mb + off_h * stride_mh
-    DOut += off_b * stride_dob + off_h * stride_doh
-    DQ += off_b * stride_dqb + off_h * stride_dqh
+    do_base = off_b * stride_dob + off_h * stride_doh
+    dq_base = off_b * stride_dqb + off_h * stride_dqh
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d0 = tl.arange(0, D0)
     ok_m = offs_m < Lq
 
-    q0 = _load(Q + offs_m[:, None] * stride_qm + offs_d0[None, :] * stride_qd, ok_m[:, None], offs_d0[None, :] < HEAD_DIM, EVEN_M, EVEN_D0)
-    do0 = _load(DOut + offs_m[:, None] * stride_dom + offs_d0[None, :] * stride_dod, ok_m[:, None], offs_d0[None, :] < HEAD_DIM, EVEN_M, EVEN_D0)
+    q0 = _load(Q + _rows(q_base, offs_m, stride_qm, ALIGNED) + offs_d0[None, :] * stride_qd, ok_m[:, None], offs_d0[None, :] < HEAD_DIM, EVEN_M, EVEN_D0)
+    do0 = _load(DOut + _rows(do_base, offs_m, stride_dom, ALIGNED) + offs_d0[None, :] * stride_dod, ok_m[:, None], offs_d0[None, :] < HEAD_DIM, EVEN_M, EVEN_D0)
     if UPCAST:
         q0 = q0.to(tl.float32)
         do0 = do0.to(tl.float32)
     dq0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
     if D1 > 0:
         offs_d1 = D0 + tl.arange(0, D1)
-        q1 = _load(Q + offs_m[:, None] * stride_qm + offs_d1[None, :] * stride_qd, ok_m[:, None], offs_d1[None, :] < HEAD_DIM, EVEN_M, EVEN_D1)
-        do1 = _load(DOut + offs_m[:, None] * stride_dom + offs_d1[None, :] * stride_dod, ok_m[:, None], offs_d1[None, :] < HEAD_DIM, EVEN_M, EVEN_D1)
+        q1 = _load(Q + _rows(q_base, offs_m, stride_qm, ALIGNED) + offs_d1[None, :] * stride_qd, ok_m[:, None], offs_d1[None, :] < HEAD_DIM, EVEN_M, EVEN_D1)
+        do1 = _load(DOut + _rows(do_base, offs_m, stride_dom, ALIGNED) + offs_d1[None, :] * stride_dod, ok_m[:, None], offs_d1[None, :] < HEAD_DIM, EVEN_M, EVEN_D1)
         if UPCAST:
             q1 = q1.to(tl.float32)
             do1 = do1.to(tl.float32)
@@ -520,16 +544,16 @@ def _attn_bwd_dq(
     for start_n in range(0, Lk, BLOCK_N):
         cols = start_n + offs_n
         ok_n = cols < Lk
-        kt0 = _load(K + cols[None, :] * stride_kn + offs_d0[:, None] * stride_kd, offs_d0[:, None] < HEAD_DIM, ok_n[None, :], EVEN_D0, EVEN_N)
-        vt0 = _load(V + cols[None, :] * stride_vn + offs_d0[:, None] * stride_vd, offs_d0[:, None] < HEAD_DIM, ok_n[None, :], EVEN_D0, EVEN_N)
+        kt0 = _load(K + _cols(k_base, cols, stride_kn, ALIGNED) + offs_d0[:, None] * stride_kd, offs_d0[:, None] < HEAD_DIM, ok_n[None, :], EVEN_D0, EVEN_N)
+        vt0 = _load(V + _cols(v_base, cols, stride_vn, ALIGNED) + offs_d0[:, None] * stride_vd, offs_d0[:, None] < HEAD_DIM, ok_n[None, :], EVEN_D0, EVEN_N)
         if UPCAST:
             kt0 = kt0.to(tl.float32)
             vt0 = vt0.to(tl.float32)
         s = tl.dot(q0, kt0, input_precision=PRECISION)
         dp = tl.dot(do0, vt0, input_precision=PRECISION)
         if D1 > 0:
-            kt1 = _load(K + cols[None, :] * stride_kn + offs_d1[:, None] * stride_kd, offs_d1[:, None] < HEAD_DIM, ok_n[None, :], EVEN_D1, EVEN_N)
-            vt1 = _load(V + cols[None, :] * stride_vn + offs_d1[:, None] * stride_vd, offs_d1[:, None] < HEAD_DIM, ok_n[None, :], EVEN_D1, EVEN_N)
+            kt1 = _load(K + _cols(k_base, cols, stride_kn, ALIGNED) + offs_d1[:, None] * stride_kd, offs_d1[:, None] < HEAD_DIM, ok_n[None, :], EVEN_D1, EVEN_N)
+            vt1 = _load(V + _cols(v_base, cols, stride_vn, ALIGNED) + offs_d1[:, None] * stride_vd, offs_d1[:, None] < HEAD_DIM, ok_n[None, :], EVEN_D1, EVEN_N)
             if UPCAST:
                 kt1 = kt1.to(tl.float32)
                 vt1 = vt1.to(tl.float32)
@@ -549,9 +573,9 @@ def _attn_bwd_dq(
         if D1 > 0:
             dq1 = tl.dot(ds_in, tl.trans(kt1), dq1, input_precision=PRECISION)
 
-    tl.store(DQ + offs_m[:, None] * stride_dqm + offs_d0[None, :] * stride_dqd, (dq0 * sm_scale).to(DQ.dtype.element_ty), mask=ok_m[:, None] & (offs_d0[None, :] < HEAD_DIM))
+    tl.store(DQ + _rows(dq_base, offs_m, stride_dqm, ALIGNED) + offs_d0[None, :] * stride_dqd, (dq0 * sm_scale).to(DQ.dtype.element_ty), mask=ok_m[:, None] & (offs_d0[None, :] < HEAD_DIM))
     if D1 > 0:
-        tl.store(DQ + offs_m[:, None] * stride_dqm + offs_d1[None, :] * stride_dqd, (dq1 * sm_scale).to(DQ.dtype.element_ty), mask=ok_m[:, None] & (offs_d1[None, :] < HEAD_DIM))
+        tl.store(DQ + _rows(dq_base, offs_m, stride_dqm, ALIGNED) + offs_d1[None, :] * stride_dqd, (dq1 * sm_scale).to(DQ.dtype.element_ty), mask=ok_m[:, None] & (offs_d1[None, :] < HEAD_DIM))
 
 
 _bwd_key = ["Lq", "Lk", "HEAD_DIM", "MASK_KIND"]
@@ -587,7 +611,19 @@ def _store_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype == torch.bfloat16 and _interpret() else dtype
 
 
-def _common_meta(q: torch.Tensor, attn_mask: Optional[torch.Tensor]) -> Dict[str, object]:
+def _rows_aligned(t: torch.Tensor) -> bool:
+    """The ALIGNED hint's promise: head-dim stride 1, a 16-byte aligned data
+    pointer, and every other stride (of a dim longer than 1) a multiple of 8
+    elements. Any (B, H, L, D) tensor whose rows are whole heads qualifies,
+    since D is a multiple of 8; only unusual views do not."""
+    if t.stride(-1) != 1 or t.data_ptr() % 16 != 0:
+        return False
+    return all(stride % 8 == 0 for size, stride in zip(t.shape[:-1], t.stride()[:-1]) if size > 1)
+
+
+def _common_meta(q: torch.Tensor, attn_mask: Optional[torch.Tensor], tensors: Tuple[torch.Tensor, ...]) -> Dict[str, object]:
+    """Constexpr launch arguments shared by every kernel; ``tensors`` are all the
+    (B, H, L, D) operands the kernel addresses through _rows/_cols."""
     head_dim = q.shape[-1]
     d0, d1 = head_dim_chunks(head_dim)
     if attn_mask is None:
@@ -605,6 +641,7 @@ def _common_meta(q: torch.Tensor, attn_mask: Optional[torch.Tensor]) -> Dict[str
         "MASK_KIND": kind,
         "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
         "UPCAST": _interpret(),
+        "ALIGNED": all(_rows_aligned(t) for t in tensors),
     }
 
 
@@ -639,7 +676,7 @@ def attention_forward(
         q, k, v, mask, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(),
         h, b * h, lq, lk, scale * LOG2E,
-        **_common_meta(q, attn_mask),
+        **_common_meta(q, attn_mask, (q, k, v, out)),
     )
     return out.to(q.dtype), lse
 
@@ -662,7 +699,7 @@ def attention_backward(
     store = _store_dtype(q.dtype)
     dq, dk, dv = (torch.empty_like(t, dtype=store) for t in (q, k, v))
     mask, mask_strides = _mask_view(attn_mask, q, lk)
-    meta = _common_meta(q, attn_mask)
+    meta = _common_meta(q, attn_mask, (q, k, v, dout, dq, dk, dv))
 
     block_m_delta = 16 if _interpret() else 64
     _attn_bwd_delta[(triton.cdiv(lq, block_m_delta), b * h)](

@@ -295,30 +295,38 @@ def test_bad_scale_raises():
 
 
 _AOT_SCRIPT = """
+import re
 import sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from fastdiff.kernels import attention as kernels
 
+# Compile as Triton's JIT would specialise a launch on D=40 fp16 tensors: pointers
+# 16-byte aligned, head-dim strides equal to 1 (constexpr), row strides such as
+# 40 not divisible by 16; Lk=77 leaves a tail block.
 capability = int(sys.argv[1])
 d0, d1 = kernels.head_dim_chunks(40)
 meta = dict(HEAD_DIM=40, D0=d0, D1=d1, EVEN_D0=True, EVEN_D1=False, MASK_KIND=1, PRECISION="tf32", UPCAST=False,
-            BLOCK_M=64, BLOCK_N=64, EVEN_M=False, EVEN_N=False)
-pointers = dict(Q="*bf16", K="*bf16", V="*bf16", Mask="*u8", Out="*bf16", Lse="*fp32", DOut="*bf16", Delta="*fp32",
-                DQ="*bf16", DK="*bf16", DV="*bf16")
+            ALIGNED=True, BLOCK_M=64, BLOCK_N=64, EVEN_M=True, EVEN_N=False)
+pointers = dict(Q="*fp16", K="*fp16", V="*fp16", Mask="*u8", Out="*fp16", Lse="*fp32", DOut="*fp16", Delta="*fp32",
+                DQ="*fp16", DK="*fp16", DV="*fp16")
 for fn in (kernels._attn_fwd, kernels._attn_bwd_dkdv, kernels._attn_bwd_dq):
-    signature = {}
-    for name in fn.arg_names:
-        if name in meta:
+    constexprs = dict(meta, **{name: 1 for name in fn.arg_names if re.fullmatch(r"stride_\\w*d", name)})
+    signature, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
             signature[name] = "constexpr"
         elif name in pointers:
             signature[name] = pointers[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             signature[name] = "fp32" if name in ("qk_scale", "sm_scale") else "i32"
-    source = ASTSource(fn=fn, signature=signature, constexprs=meta)
-    compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options={"num_warps": 8, "num_stages": 3})
-    print(fn.__name__, "wgmma" if "wgmma.mma_async" in compiled.asm["ptx"] else "mma")
+    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options={"num_warps": 4, "num_stages": 3})
+    mma = "wgmma" if "wgmma.mma_async" in compiled.asm["ptx"] else "mma"
+    pipelined = "pipelined" if "async_copy_global_to_local" in compiled.asm["ttgir"] else "not-pipelined"
+    print(fn.__name__, mma, pipelined)
 """
 
 
@@ -334,15 +342,15 @@ def _aot_supported():
 @pytest.mark.parametrize("capability", [80, 90])
 def test_kernels_compile_for_gpus(capability):
     """Compile forward and backward to cubin for sm_80 and sm_90 (ptxas included) with a
-    two-chunk head dim, a bool mask and tails; on sm_90 the forward must use wgmma.
+    two-chunk head dim, a bool mask and a tail. Every kernel must pipeline its loads
+    (cp.async), which needs the ALIGNED hint when D=40, and on sm_90 use wgmma.
     Runs in a subprocess because the interpreter replaces the kernels in this one."""
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     result = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, str(capability)], cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    lines = result.stdout.split()
-    assert lines[:2] == ["_attn_fwd", "wgmma" if capability == 90 else "mma"]
-    assert "_attn_bwd_dkdv" in lines and "_attn_bwd_dq" in lines
+    mma = "wgmma" if capability == 90 else "mma"
+    assert result.stdout.splitlines() == [f"{name} {mma} pipelined" for name in ("_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq")]
 
 
 # ---------------------------------------------------------------------------
