@@ -112,8 +112,9 @@ class GroupNormConfig:
         powers of two.
     num_warps: warps per program.
     split: number of spatial chunks per (n, channel block) on the split path
-        (1 on the single-pass path). The launcher rounds each chunk up to a
-        multiple of block_s, so the number of chunks launched may be smaller.
+        (1 on the single-pass path). The launcher rounds each chunk down to a
+        multiple of block_s, so at least ``split`` chunks run when the spatial
+        size allows it (possibly a few more).
     """
 
     single_pass: bool
@@ -235,10 +236,15 @@ def layout_reasons(x: torch.Tensor, num_groups: int) -> List[str]:
         reasons.append(
             f"x's spatial strides {tuple(x.stride()[2:])} collapse to {len(dims)} (size, stride) pairs; the kernel indexes at most {MAX_SPATIAL_DIMS}"
         )
-    span = (x.shape[1] - 1) * x.stride(1) + sum((size - 1) * sts[0] for size, sts in dims)
+    span = _sample_span(x)
     if span > _INT32_MAX:
         reasons.append(f"one sample of x spans {span + 1} elements; the kernel's per-sample offsets are 32-bit")
     return reasons
+
+
+def _sample_span(t: torch.Tensor) -> int:
+    """Largest element offset within one sample, t[n] (kernels index it in int32)."""
+    return sum((size - 1) * stride for size, stride in zip(t.shape[1:], t.stride()[1:]))
 
 
 # ---------------------------------------------------------------------------
@@ -738,7 +744,7 @@ def group_norm_backward(
     dx = torch.empty_like(x)
     strides = [x.stride()[2:], dy.stride()[2:], dx.stride()[2:]]
     dims = _collapse_spatial(x.shape[2:], strides)
-    if len(dims) > MAX_SPATIAL_DIMS:
+    if len(dims) > MAX_SPATIAL_DIMS or _sample_span(dy) > _INT32_MAX:
         logger.debug("group_norm backward: copying dy with strides %s into x's layout", tuple(dy.stride()))
         dy = torch.empty_like(x).copy_(dy)
         dims = _collapse_spatial(x.shape[2:], [x.stride()[2:], dy.stride()[2:], dx.stride()[2:]])

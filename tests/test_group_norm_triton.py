@@ -288,20 +288,23 @@ def test_backward_fp32(seed, layout, path, silu):
 
 
 @pytest.mark.parametrize(
-    "make_dy",
+    "layout, make_dy",
     [
-        lambda x: torch.randn(x.shape[0], x.shape[1], x.shape[3], x.shape[2]).transpose(2, 3),  # spatially transposed
-        lambda x: torch.randn_like(x).to(memory_format=torch.channels_last),  # other layout than x
-        lambda x: torch.randn(x.shape[1], 1, 1).expand_as(x),  # stride-0 broadcast
+        ("nchw_b1", lambda x: torch.randn(x.shape[0], x.shape[1], x.shape[3], x.shape[2]).transpose(2, 3)),
+        ("nchw_b1", lambda x: torch.randn_like(x).to(memory_format=torch.channels_last)),
+        ("nhwc_b3", lambda x: torch.randn(x.shape[1], 1, 1).expand_as(x)),
+        # strides that do not collapse to 2 pairs together with x's: dy is copied into x's layout first
+        ("3d_ncdhw", lambda x: torch.randn(x.shape[0], x.shape[1], *x.shape[:1:-1]).permute(0, 1, 4, 3, 2)),
     ],
-    ids=["transposed", "channels_last", "expanded"],
+    ids=["transposed", "channels_last", "expanded", "permuted_3d"],
 )
-def test_backward_with_strided_dy(seed, make_dy):
+def test_backward_with_strided_dy(seed, layout, make_dy):
     kernels = _kernels()
-    x = LAYOUTS["nchw_b1"](torch.float32)
+    x = LAYOUTS[layout](torch.float32)
     w, b = _affine(6, x.dtype)
     y, mean, rstd = kernels.group_norm_forward(x, w, b, G, EPS, True)
     dy = make_dy(x)
+    assert dy.shape == x.shape and not dy.is_contiguous()
     dx, dw, db = kernels.group_norm_backward(dy, x, w, b, mean, rstd, G, True, _config("split"))
     for got, want, name in zip((dx, dw, db), _backward_oracle(dy, x, w, b, True), ("dx", "dw", "db")):
         assert_fp32_close(got, want, what=name)
