@@ -106,6 +106,7 @@ def _providers(name, shape, dtype, spec):
     sched = getattr(diffusers, cls_name)(**config)
     sched.set_timesteps(NUM_STEPS, device="cuda")
     t = sched.timesteps[STEP]
+    sched.is_scale_input_called = True  # the pipeline scaled the UNet input; no per-step warning (Euler schedulers)
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(shape, device="cuda", generator=g, dtype=torch.float32).to(dtype)
     model_output = torch.randn((2 * shape[0], *shape[1:]), device="cuda", generator=g, dtype=torch.float32).to(dtype)

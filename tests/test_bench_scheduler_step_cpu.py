@@ -27,6 +27,7 @@ def step_inputs(request):
     shape = SHAPES[request.param]
     sched = diffusers.EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     sched.set_timesteps(NUM_STEPS)
+    sched.is_scale_input_called = True  # as after a pipeline's scale_model_input: no per-step warning
     x = torch.randn(shape)
     model_output = torch.randn(2 * shape[0], *shape[1:])
     return sched, x, model_output, ops.euler_coeffs(sched.sigmas)
