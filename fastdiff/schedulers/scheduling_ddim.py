@@ -8,7 +8,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .scheduling_utils import BaseOutput, KarrasDiffusionSchedulers, SchedulerMixin, randn_tensor, register_to_config
+from .scheduling_utils import (
+    BaseOutput,
+    KarrasDiffusionSchedulers,
+    SchedulerMixin,
+    apply_guidance,
+    randn_tensor,
+    register_to_config,
+    use_fused_step,
+)
 
 
 @dataclass
@@ -111,7 +119,15 @@ class DDIMScheduler(SchedulerMixin):
 
     Config keys and defaults are diffusers' ``DDIMScheduler``'s. Like diffusers, the previous timestep
     is ``t - num_train_timesteps // num_inference_steps`` whatever the spacing. The noise z comes from
-    ``generator`` (or ``variance_noise``) and is scaled by an attached temperature scheduler.
+    ``generator`` (or ``variance_noise``, or a bank from :meth:`prepare_noise_bank`) and is scaled by an
+    attached temperature scheduler.
+
+    Fused step (fastdiff extension): without ``clip_sample`` and ``thresholding`` the update is
+    x_prev = a x + e m + s z per element, one launch of :func:`fastdiff.ops.scheduler_step` that also
+    folds in classifier-free guidance (``step(..., guidance_scale=g)`` with the batched CFG output).
+    It runs on CUDA tensors, or wherever the ``scheduler_step`` backend is forced. It follows a device
+    step index from :meth:`set_begin_index` (or from the first ``timestep``, which reads its value
+    once), so later calls never read ``timestep`` and never synchronise with the host.
     """
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
@@ -151,6 +167,7 @@ class DDIMScheduler(SchedulerMixin):
         self.num_inference_steps = None
         self.timesteps = torch.from_numpy(np.arange(0, num_train_timesteps)[::-1].copy().astype(np.int64))
         self._index_of = {}
+        self._begin_index = None
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
         """DDIM needs no input scaling; returns ``sample``."""
@@ -166,7 +183,50 @@ class DDIMScheduler(SchedulerMixin):
             self.config.timestep_spacing, total, num_inference_steps, self.config.steps_offset
         )
         self._index_of = {int(t): i for i, t in enumerate(timesteps)}
+        self._host_timesteps = timesteps
         self.timesteps = torch.from_numpy(timesteps).to(device)
+        self._begin_index = None
+        self._reset_fused(eta=0.0)
+
+    @property
+    def begin_index(self):
+        """First step index of the fused step, set by the pipeline (img2img) through :meth:`set_begin_index`."""
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0):
+        """Where the fused step's device index starts (fastdiff extension; the plain step reads timesteps)."""
+        self._begin_index = begin_index
+        self._restart_fused()
+
+    def _fused_reasons(self, eta=0.0, use_clipped_model_output=False):
+        reasons = []
+        if self.config.thresholding:
+            reasons.append("thresholding is not linear")
+        elif self.config.clip_sample:
+            reasons.append("clip_sample is not linear (set clip_sample=False)")
+        if eta < 0:
+            reasons.append(f"eta must be >= 0, got {eta}")
+        return reasons
+
+    def _fused_table(self, eta=0.0, use_clipped_model_output=False):
+        from fastdiff.ops.scheduler_step import ddim_coeffs
+
+        # use_clipped_model_output recomputes eps from an unclipped x0: the same eps, the same table.
+        table = ddim_coeffs(
+            self.alphas_cumprod, self._host_timesteps, final_alpha_cumprod=float(self.final_alpha_cumprod),
+            num_train_timesteps=self.config.num_train_timesteps, prediction_type=self.config.prediction_type,
+            eta=eta,
+        )  # fmt: skip
+        return table, [eta > 0] * len(self._host_timesteps), 0
+
+    def _noise_draws(self):
+        return [True] * len(self._host_timesteps)  # every step draws when eta > 0
+
+    def _index_of_checked(self, timestep) -> int:
+        t = int(timestep)
+        if t not in self._index_of:
+            raise ValueError(f"timestep {t} is not in this scheduler's timesteps {self.timesteps.tolist()}")
+        return self._index_of[t]
 
     def _alpha_prod(self, t: int) -> torch.Tensor:
         return self.alphas_cumprod[t] if t >= 0 else self.final_alpha_cumprod
@@ -181,6 +241,7 @@ class DDIMScheduler(SchedulerMixin):
         generator=None,
         variance_noise: torch.Tensor | None = None,
         return_dict: bool = True,
+        guidance_scale=None,
     ):
         """One DDIM update from ``timestep`` to the previous timestep.
 
@@ -193,9 +254,30 @@ class DDIMScheduler(SchedulerMixin):
             generator (`torch.Generator`, *optional*): source of the noise when ``eta > 0``.
             variance_noise (`torch.Tensor`, *optional*): the noise itself, instead of ``generator``.
             return_dict (`bool`): return a :class:`DDIMSchedulerOutput` rather than a tuple.
+            guidance_scale (`float` or one-element float32 tensor, *optional*): fastdiff extension; with it,
+                ``model_output`` is the batched CFG output (2B, ...), uncond half first, and the guidance
+                ``u + g * (c - u)`` is applied (inside the fused launch when the fused step runs).
+
+        On the fused path ``pred_original_sample`` is None (computing x0 would cost another launch).
         """
         if self.num_inference_steps is None:
             raise ValueError("step() called before set_timesteps(); call set_timesteps(num_inference_steps) first.")
+        if eta > 0 and variance_noise is not None and generator is not None:
+            raise ValueError("pass either generator or variance_noise to step(), not both.")
+        step_args = {"eta": eta, "use_clipped_model_output": use_clipped_model_output}
+        if use_fused_step(self, sample, self._fused_reasons(**step_args)):
+            state = self._fused_state(tuple(sorted(step_args.items())))
+            start = None
+            if state.step_index is None:
+                start = self._begin_index if self._begin_index is not None else self._index_of_checked(timestep)
+            prev_sample = state.run(
+                self, model_output, sample, guidance_scale, start, generator=generator,
+                noise=variance_noise if eta > 0 else None,
+            )  # fmt: skip
+            if not return_dict:
+                return (prev_sample,)
+            return DDIMSchedulerOutput(prev_sample=prev_sample)
+        model_output = apply_guidance(model_output, guidance_scale)
         t = int(timestep)
         if t not in self._index_of:
             raise ValueError(f"timestep {t} is not in this scheduler's timesteps {self.timesteps.tolist()}")
@@ -233,8 +315,8 @@ class DDIMScheduler(SchedulerMixin):
         prev_sample = alpha_prod_t_prev**0.5 * x0 + direction
 
         if eta > 0:
-            if variance_noise is not None and generator is not None:
-                raise ValueError("pass either generator or variance_noise to step(), not both.")
+            if variance_noise is None:
+                variance_noise = self._bank_noise(self._index_of[t])
             if variance_noise is None:
                 variance_noise = randn_tensor(
                     model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype

@@ -8,7 +8,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .scheduling_utils import BaseOutput, KarrasDiffusionSchedulers, SchedulerMixin, randn_tensor, register_to_config
+from .scheduling_utils import (
+    BaseOutput,
+    KarrasDiffusionSchedulers,
+    SchedulerMixin,
+    apply_guidance,
+    randn_tensor,
+    register_to_config,
+    use_fused_step,
+)
 
 
 @dataclass
@@ -136,7 +144,16 @@ class DDPMScheduler(SchedulerMixin):
     Nichol and Dhariwal 2021, eq. 15; the model then outputs 2x the channels).
 
     Config keys and defaults are diffusers' ``DDPMScheduler``'s. The noise z comes from
-    ``generator`` and is scaled by an attached temperature scheduler; none is added at t = 0.
+    ``generator`` (or a bank from :meth:`prepare_noise_bank`) and is scaled by an attached temperature
+    scheduler; none is added at t = 0.
+
+    Fused step (fastdiff extension): without ``clip_sample`` (on by default, as in diffusers) and
+    ``thresholding``, and with a fixed variance type (fixed_small, fixed_small_log, fixed_large), the
+    update is x_prev = a x + e m + s z per element, one launch of :func:`fastdiff.ops.scheduler_step`
+    that also folds in classifier-free guidance (``step(..., guidance_scale=g)``). It runs on CUDA
+    tensors, or wherever the ``scheduler_step`` backend is forced, and follows a device step index
+    from :meth:`set_begin_index` (or from the first ``timestep``, read once), so later calls never
+    read ``timestep`` and never synchronise with the host.
     """
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
@@ -181,6 +198,7 @@ class DDPMScheduler(SchedulerMixin):
         self.variance_type = variance_type
         self._index_of = {}
         self._prev_of = {}
+        self._begin_index = None
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
         """DDPM needs no input scaling; returns ``sample``."""
@@ -210,7 +228,53 @@ class DDPMScheduler(SchedulerMixin):
         listed = [int(t) for t in timesteps]
         self._index_of = {t: i for i, t in enumerate(listed)}
         self._prev_of = dict(zip(listed, listed[1:] + [-1]))
+        self._host_timesteps = listed
         self.timesteps = torch.from_numpy(timesteps).to(device)
+        self._begin_index = None
+        self._reset_fused()
+
+    # Copied from fastdiff.schedulers.scheduling_ddim.DDIMScheduler.begin_index
+    @property
+    def begin_index(self):
+        """First step index of the fused step, set by the pipeline (img2img) through :meth:`set_begin_index`."""
+        return self._begin_index
+
+    # Copied from fastdiff.schedulers.scheduling_ddim.DDIMScheduler.set_begin_index
+    def set_begin_index(self, begin_index: int = 0):
+        """Where the fused step's device index starts (fastdiff extension; the plain step reads timesteps)."""
+        self._begin_index = begin_index
+        self._restart_fused()
+
+    def _fused_reasons(self):
+        from fastdiff.ops.scheduler_step import DDPM_VARIANCE_TYPES
+
+        reasons = []
+        if self.config.thresholding:
+            reasons.append("thresholding is not linear")
+        elif self.config.clip_sample:
+            reasons.append("clip_sample is not linear (set clip_sample=False)")
+        if self.variance_type not in DDPM_VARIANCE_TYPES:
+            reasons.append(f"variance_type {self.variance_type!r} is not one of {DDPM_VARIANCE_TYPES}")
+        return reasons
+
+    def _fused_table(self):
+        from fastdiff.ops.scheduler_step import ddpm_coeffs
+
+        table = ddpm_coeffs(
+            self.alphas_cumprod, self._host_timesteps, prediction_type=self.config.prediction_type,
+            variance_type=self.variance_type,
+        )  # fmt: skip
+        return table, self._noise_draws(), 0
+
+    def _noise_draws(self):
+        return [t > 0 for t in self._host_timesteps]
+
+    # Copied from fastdiff.schedulers.scheduling_ddim.DDIMScheduler._index_of_checked
+    def _index_of_checked(self, timestep) -> int:
+        t = int(timestep)
+        if t not in self._index_of:
+            raise ValueError(f"timestep {t} is not in this scheduler's timesteps {self.timesteps.tolist()}")
+        return self._index_of[t]
 
     def previous_timestep(self, timestep) -> int:
         """The timestep after ``timestep`` in the schedule (-1 after the last one)."""
@@ -241,7 +305,13 @@ class DDPMScheduler(SchedulerMixin):
         return frac * torch.log(current_beta_t) + (1 - frac) * torch.log(variance)
 
     def step(
-        self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None, return_dict: bool = True
+        self,
+        model_output: torch.Tensor,
+        timestep,
+        sample: torch.Tensor,
+        generator=None,
+        return_dict: bool = True,
+        guidance_scale=None,
     ):
         """One ancestral DDPM step from ``timestep`` to the previous timestep of the schedule.
 
@@ -252,9 +322,24 @@ class DDPMScheduler(SchedulerMixin):
             sample (`torch.Tensor`): x_t.
             generator (`torch.Generator`, *optional*): source of the noise.
             return_dict (`bool`): return a :class:`DDPMSchedulerOutput` rather than a tuple.
+            guidance_scale (`float` or one-element float32 tensor, *optional*): fastdiff extension; with it,
+                ``model_output`` is the batched CFG output (2B, ...), uncond half first, and the guidance
+                ``u + g * (c - u)`` is applied (inside the fused launch when the fused step runs).
+
+        On the fused path ``pred_original_sample`` is None (computing x0 would cost another launch).
         """
         if self.num_inference_steps is None:
             raise ValueError("step() called before set_timesteps(); call set_timesteps(num_inference_steps) first.")
+        if use_fused_step(self, sample, self._fused_reasons()):
+            state = self._fused_state(())
+            start = None
+            if state.step_index is None:
+                start = self._begin_index if self._begin_index is not None else self._index_of_checked(timestep)
+            prev_sample = state.run(self, model_output, sample, guidance_scale, start, generator=generator)
+            if not return_dict:
+                return (prev_sample,)
+            return DDPMSchedulerOutput(prev_sample=prev_sample)
+        model_output = apply_guidance(model_output, guidance_scale)
         t = int(timestep)
         prev_t = self.previous_timestep(t)
         if model_output.shape[1] == sample.shape[1] * 2 and self.variance_type in ("learned", "learned_range"):
@@ -290,9 +375,11 @@ class DDPMScheduler(SchedulerMixin):
         prev_sample = x0_coeff * x0 + xt_coeff * sample_f
 
         if t > 0:
-            noise = randn_tensor(
-                model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype
-            )
+            noise = self._bank_noise(self._index_of[t])
+            if noise is None:
+                noise = randn_tensor(
+                    model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype
+                )
             noise = self._scale_step_noise(noise, self._index_of[t]).float()
             variance = self._get_variance(t, predicted_variance=predicted_variance)
             if self.variance_type == "fixed_small_log":

@@ -9,7 +9,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .scheduling_utils import BaseOutput, KarrasDiffusionSchedulers, SchedulerMixin, randn_tensor, register_to_config
+from .scheduling_utils import (
+    BaseOutput,
+    KarrasDiffusionSchedulers,
+    SchedulerMixin,
+    apply_guidance,
+    randn_tensor,
+    register_to_config,
+    use_fused_step,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -106,8 +114,14 @@ class EulerAncestralDiscreteScheduler(SchedulerMixin):
     Inputs are scaled by 1 / sqrt(sigma^2 + 1).
 
     Config keys and defaults are diffusers' ``EulerAncestralDiscreteScheduler``'s. The noise z is
-    drawn from ``generator`` on every step (the last one included, as diffusers) and scaled by an
-    attached temperature scheduler.
+    drawn from ``generator`` (or a bank from :meth:`prepare_noise_bank`) on every step (the last one
+    included, as diffusers) and scaled by an attached temperature scheduler.
+
+    Fused step (fastdiff extension): the update is x_prev = a x + e m + s z per element, one launch of
+    :func:`fastdiff.ops.scheduler_step` that also folds in classifier-free guidance
+    (``step(..., guidance_scale=g)`` with the batched CFG output). It runs on CUDA tensors, or wherever
+    the ``scheduler_step`` backend is forced, and reads a device copy of the step index that the
+    launch itself advances (the host ``step_index`` advances alongside).
     """
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
@@ -165,6 +179,7 @@ class EulerAncestralDiscreteScheduler(SchedulerMixin):
 
     def set_begin_index(self, begin_index: int = 0):
         self._begin_index = begin_index
+        self._restart_fused()
 
     def scale_model_input(self, sample: torch.Tensor, timestep) -> torch.Tensor:
         """Scale the model input by 1 / sqrt(sigma^2 + 1) for the current step."""
@@ -191,6 +206,7 @@ class EulerAncestralDiscreteScheduler(SchedulerMixin):
         self.timesteps = torch.from_numpy(timesteps).to(device=device)
         self._step_index = None
         self._begin_index = None
+        self._reset_fused()
 
     # Copied from fastdiff.schedulers.scheduling_euler_discrete.EulerDiscreteScheduler.index_for_timestep
     def index_for_timestep(self, timestep, schedule_timesteps=None) -> int:
@@ -211,8 +227,26 @@ class EulerAncestralDiscreteScheduler(SchedulerMixin):
         else:
             self._step_index = self._begin_index
 
+    def _fused_reasons(self):
+        return []
+
+    def _fused_table(self):
+        from fastdiff.ops.scheduler_step import euler_ancestral_coeffs
+
+        table = euler_ancestral_coeffs(self.sigmas, prediction_type=self.config.prediction_type)
+        return table, self._noise_draws(), 0
+
+    def _noise_draws(self):
+        return [True] * (len(self.sigmas) - 1)
+
     def step(
-        self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None, return_dict: bool = True
+        self,
+        model_output: torch.Tensor,
+        timestep,
+        sample: torch.Tensor,
+        generator=None,
+        return_dict: bool = True,
+        guidance_scale=None,
     ):
         """One ancestral Euler step from the current sigma to the next.
 
@@ -222,6 +256,11 @@ class EulerAncestralDiscreteScheduler(SchedulerMixin):
             sample (`torch.Tensor`): the current sample.
             generator (`torch.Generator`, *optional*): source of the ancestral noise.
             return_dict (`bool`): return an :class:`EulerAncestralDiscreteSchedulerOutput` rather than a tuple.
+            guidance_scale (`float` or one-element float32 tensor, *optional*): fastdiff extension; with it,
+                ``model_output`` is the batched CFG output (2B, ...), uncond half first, and the guidance
+                ``u + g * (c - u)`` is applied (inside the fused launch when the fused step runs).
+
+        On the fused path ``pred_original_sample`` is None (computing x0 would cost another launch).
         """
         if self.num_inference_steps is None:
             raise ValueError("step() called before set_timesteps(); call set_timesteps(num_inference_steps) first.")
@@ -231,6 +270,14 @@ class EulerAncestralDiscreteScheduler(SchedulerMixin):
             logger.warning("scale_model_input() should be called before step() to scale the model input.")
         if self.step_index is None:
             self._init_step_index(timestep)
+        if use_fused_step(self, sample, []):
+            state = self._fused_state(())
+            prev_sample = state.run(self, model_output, sample, guidance_scale, self.step_index, generator=generator)
+            self._step_index += 1
+            if not return_dict:
+                return (prev_sample,)
+            return EulerAncestralDiscreteSchedulerOutput(prev_sample=prev_sample)
+        model_output = apply_guidance(model_output, guidance_scale)
         dtype = model_output.dtype
         sample = sample.to(torch.float32)
         model_output_f = model_output.to(torch.float32)
@@ -246,9 +293,11 @@ class EulerAncestralDiscreteScheduler(SchedulerMixin):
         derivative = (sample - x0) / sigma
         prev_sample = sample + derivative * (sigma_down - sigma)
 
-        noise = randn_tensor(
-            model_output.shape, dtype=model_output.dtype, device=model_output.device, generator=generator
-        )
+        noise = self._bank_noise(self.step_index)
+        if noise is None:
+            noise = randn_tensor(
+                model_output.shape, dtype=model_output.dtype, device=model_output.device, generator=generator
+            )
         noise = self._scale_step_noise(noise, self.step_index)
         prev_sample = (prev_sample + noise * sigma_up).to(dtype)
         self._step_index += 1

@@ -9,7 +9,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .scheduling_utils import BaseOutput, KarrasDiffusionSchedulers, SchedulerMixin, randn_tensor, register_to_config
+from .scheduling_utils import (
+    BaseOutput,
+    KarrasDiffusionSchedulers,
+    SchedulerMixin,
+    apply_guidance,
+    randn_tensor,
+    register_to_config,
+    use_fused_step,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +136,12 @@ class EulerDiscreteScheduler(SchedulerMixin):
 
     Config keys and defaults are diffusers' ``EulerDiscreteScheduler``'s. ``use_beta_sigmas`` is
     not supported (it needs scipy's beta quantile).
+
+    Fused step (fastdiff extension): without churn (``s_churn == 0``) the update is
+    x_prev = a x + e m per element, one launch of :func:`fastdiff.ops.scheduler_step` that also folds
+    in classifier-free guidance (``step(..., guidance_scale=g)`` with the batched CFG output). It runs
+    on CUDA tensors, or wherever the ``scheduler_step`` backend is forced, and reads a device copy of
+    the step index that the launch itself advances (the host ``step_index`` advances alongside).
     """
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
@@ -211,6 +225,7 @@ class EulerDiscreteScheduler(SchedulerMixin):
 
     def set_begin_index(self, begin_index: int = 0):
         self._begin_index = begin_index
+        self._restart_fused()
 
     def scale_model_input(self, sample: torch.Tensor, timestep) -> torch.Tensor:
         """Scale the model input by 1 / sqrt(sigma^2 + 1) for the current step."""
@@ -279,6 +294,7 @@ class EulerDiscreteScheduler(SchedulerMixin):
         self.sigmas = sigmas
         self._step_index = None
         self._begin_index = None
+        self._reset_fused()
 
     def index_for_timestep(self, timestep, schedule_timesteps=None) -> int:
         """Position of ``timestep`` in the schedule (the second match if it occurs twice, as diffusers)."""
@@ -297,6 +313,16 @@ class EulerDiscreteScheduler(SchedulerMixin):
         else:
             self._step_index = self._begin_index
 
+    def _fused_reasons(self):
+        return []
+
+    def _fused_table(self):
+        from fastdiff.ops.scheduler_step import euler_coeffs
+
+        kind = self.config.prediction_type
+        table = euler_coeffs(self.sigmas, prediction_type="sample" if kind == "original_sample" else kind)
+        return table, [False] * (len(self.sigmas) - 1), 0
+
     def step(
         self,
         model_output: torch.Tensor,
@@ -308,6 +334,7 @@ class EulerDiscreteScheduler(SchedulerMixin):
         s_noise: float = 1.0,
         generator=None,
         return_dict: bool = True,
+        guidance_scale=None,
     ):
         """One Euler step from the current sigma to the next.
 
@@ -318,6 +345,11 @@ class EulerDiscreteScheduler(SchedulerMixin):
             s_churn, s_tmin, s_tmax, s_noise (`float`): Karras et al. stochasticity (Algorithm 2).
             generator (`torch.Generator`, *optional*): source of the churn noise.
             return_dict (`bool`): return an :class:`EulerDiscreteSchedulerOutput` rather than a tuple.
+            guidance_scale (`float` or one-element float32 tensor, *optional*): fastdiff extension; with it,
+                ``model_output`` is the batched CFG output (2B, ...), uncond half first, and the guidance
+                ``u + g * (c - u)`` is applied (inside the fused launch when the fused step runs).
+
+        On the fused path ``pred_original_sample`` is None (computing x0 would cost another launch).
         """
         if self.num_inference_steps is None:
             raise ValueError("step() called before set_timesteps(); call set_timesteps(num_inference_steps) first.")
@@ -327,6 +359,15 @@ class EulerDiscreteScheduler(SchedulerMixin):
             logger.warning("scale_model_input() should be called before step() to scale the model input.")
         if self.step_index is None:
             self._init_step_index(timestep)
+        reasons = ["s_churn > 0 (Karras churn) is not supported by the fused step"] if s_churn > 0 else []
+        if use_fused_step(self, sample, reasons):
+            state = self._fused_state(())
+            prev_sample = state.run(self, model_output, sample, guidance_scale, self.step_index)
+            self._step_index += 1
+            if not return_dict:
+                return (prev_sample,)
+            return EulerDiscreteSchedulerOutput(prev_sample=prev_sample)
+        model_output = apply_guidance(model_output, guidance_scale)
         dtype = model_output.dtype
         sample = sample.to(torch.float32)
         model_output_f = model_output.to(torch.float32)

@@ -360,14 +360,80 @@ class SchedulerMixin:
         While attached, every noise tensor that ``step`` injects is multiplied by
         ``temperature_scheduler.tau(step_index, num_inference_steps)``. Deterministic schedulers
         inject no noise, so for them this changes nothing. The initial latents are the pipeline's
-        business: it calls ``temperature_scheduler.scale_initial_noise``.
+        business: it calls ``temperature_scheduler.scale_initial_noise``. On the fused step the
+        temperatures scale the noise column of the coefficient table, rebuilt here.
         """
         self.temperature_scheduler = temperature_scheduler
+        state = self.__dict__.get("_fused")
+        if state is not None and state.key is not None:
+            key, state.key = state.key, None
+            self._fused_state(key)
 
     def _scale_step_noise(self, noise: torch.Tensor, step_index: int) -> torch.Tensor:
         if self.temperature_scheduler is None:
             return noise
         return self.temperature_scheduler.scale_step_noise(noise, step_index, self.num_inference_steps)
+
+    # ---- fused step hooks (schedulers with a fused form define _fused_reasons and _fused_table) ------
+
+    def _reset_fused(self, **default_step_args) -> None:
+        """Start a new fused-step state for a new schedule, and build the table for the default step
+        arguments now (host work belongs in set_timesteps, not in step) when the config has a fused form."""
+        self._fused = FusedStepState()
+        if not self._fused_reasons(**default_step_args):
+            self._fused_state(tuple(sorted(default_step_args.items())))
+
+    def _restart_fused(self) -> None:
+        """Forget the device step index and history (a new begin index); keep the table and bank."""
+        state = self.__dict__.get("_fused")
+        if state is not None:
+            state.step_index = state.host_index = state.history = None
+
+    def _fused_state(self, key: tuple) -> FusedStepState:
+        """The fused state with its table built for the step arguments ``key`` (rebuilt when they change)."""
+        state = self._fused
+        if state.key != key:
+            table, draws, slots = self._fused_table(**dict(key))
+            taus = None
+            if self.temperature_scheduler is not None:
+                taus = self.temperature_scheduler.taus(table.shape[0])
+            state.set_table(key, table, draws, slots, taus)
+        return state
+
+    def _fused_reasons(self, **step_args) -> list:
+        """Why this configuration (with these step arguments) has no fused form; [] when it has one."""
+        return [f"{type(self).__name__} has no fused step"]
+
+    def _noise_draws(self):
+        """Per step, whether diffusers' ``step`` may draw noise (None: this scheduler never does)."""
+        return None
+
+    def _bank_noise(self, index: int):
+        """Row ``index`` of the prepared noise bank, or None without a bank."""
+        state = self.__dict__.get("_fused")
+        if state is None or state.noise_bank is None:
+            return None
+        return state.noise_bank[index]
+
+    def prepare_noise_bank(self, shape, generator=None, device=None, dtype=torch.float32) -> torch.Tensor:
+        """Pre-draw the noise of every step into one (num_steps, *shape) buffer (fastdiff extension).
+
+        The draws are exactly the ``randn_tensor(shape, generator=generator, device=device, dtype=dtype)``
+        calls diffusers' ``step`` makes, in its order, from the begin index (or 0) on, so a loop that
+        reads the bank (a captured CUDA graph, or any eager loop) gives the numbers eager diffusers
+        gives with the same generator. Steps afterwards read the bank instead of drawing, on the fused
+        and the plain path alike; ``set_timesteps`` drops it. ``dtype`` must be the sample's dtype.
+        An attached temperature scheduler still scales the noise (the bank holds unscaled draws).
+        """
+        if self.num_inference_steps is None:
+            raise ValueError("prepare_noise_bank() called before set_timesteps(); call set_timesteps() first.")
+        draws = self._noise_draws()
+        if draws is None:
+            raise ValueError(f"{type(self).__name__} draws no noise in step(); it needs no noise bank")
+        start = self.__dict__.get("_begin_index") or 0
+        bank = draw_noise_bank(draws, start, shape, generator=generator, device=device, dtype=dtype)
+        self._fused.noise_bank = bank
+        return bank
 
 
 def _scheduler_class(name: str):
@@ -408,3 +474,156 @@ def randn_tensor(shape, generator=None, device=None, dtype=None, layout=None) ->
         parts = [torch.randn(one, generator=g, device=draw_device, dtype=dtype, layout=layout) for g in generator]
         return torch.cat(parts, dim=0).to(device)
     return torch.randn(shape, generator=generator, device=draw_device, dtype=dtype, layout=layout).to(device)
+
+
+# ---- fused step (fastdiff extension) ------------------------------------------------------------
+#
+# Schedulers whose update is linear in (sample, model output, noise, earlier converted outputs) can
+# run ``step`` as one launch of :func:`fastdiff.ops.scheduler_step.scheduler_step`, with
+# classifier-free guidance folded in. The scheduler describes its update as a (num_steps, 8)
+# coefficient table (built on the host, in float64, when the schedule is set); everything below is
+# the machinery they share: the decision fused-or-plain, the device step index and history ring,
+# and the pre-drawn noise bank.
+
+FUSED_OP_NAME = "scheduler_step"
+
+
+def apply_guidance(model_output: torch.Tensor, guidance_scale) -> torch.Tensor:
+    """Classifier-free guidance as a diffusers pipeline writes it: ``u + g * (c - u)``.
+
+    ``model_output`` is the batched (2B, ...) output, uncond half first. ``None`` returns it as is.
+    """
+    if guidance_scale is None:
+        return model_output
+    if model_output.dim() < 1 or model_output.shape[0] % 2:
+        raise ValueError(
+            "with guidance_scale, model_output must be the batched (2B, ...) CFG output (uncond half first), "
+            f"got shape {tuple(model_output.shape)}"
+        )
+    uncond, cond = model_output.chunk(2)
+    return (uncond + guidance_scale * (cond - uncond)).to(model_output.dtype)
+
+
+def use_fused_step(scheduler, sample: torch.Tensor, reasons: list) -> bool:
+    """Whether ``scheduler.step`` runs the fused op for ``sample``.
+
+    ``reasons`` says why the scheduler's configuration (and step arguments) has no fused form;
+    empty means it has one. The op's backend choice decides the rest: with ``auto`` (the default)
+    the fused op runs on CUDA tensors only, so CPU users keep diffusers' exact arithmetic; a forced
+    backend (``fastdiff.use_backend(scheduler_step=...)``, ``FASTDIFF_BACKEND``) runs it on any
+    device, and raises a ValueError when the configuration cannot be fused (no silent fallback).
+    """
+    from fastdiff import backends
+
+    requested, source = backends.get_dispatcher(FUSED_OP_NAME).requested(None)
+    if requested != backends.AUTO:
+        if reasons:
+            raise ValueError(
+                f"{type(scheduler).__name__}.step: the {FUSED_OP_NAME} backend {requested!r} is forced (from "
+                f"{source}) but this configuration has no fused form: {'; '.join(reasons)}"
+            )
+        return True
+    return sample.device.type == "cuda" and not reasons
+
+
+def table_to_device(table: torch.Tensor, device) -> torch.Tensor:
+    """Copy a host table to ``device`` without a host synchronisation (pinned, non-blocking on CUDA)."""
+    device = torch.device(device)
+    if table.device == device:
+        return table
+    if device.type == "cuda":
+        return table.pin_memory().to(device, non_blocking=True)
+    return table.to(device)
+
+
+class FusedStepState:
+    """What the fused step of one scheduler keeps between calls.
+
+    * ``key``, ``table``, ``draws``, ``slots``: the step arguments the table was built for, the
+      (num_steps, 8) float32 host table, whether diffusers' ``step`` draws noise at each step
+      (for eager draws from the user's generator), and the history ring size (0: none);
+    * ``coeffs``: the table on the sample's device (copied once);
+    * ``step_index``: the one-element int64 device index the op reads and advances in the same
+      launch; ``host_index`` mirrors it on the host (a Python int, so reading it never syncs; it is
+      only used for eager noise draws and to re-create the device index);
+    * ``history``: the (R, *sample.shape) ring of earlier converted outputs (multistep solvers);
+    * ``noise_bank``: pre-drawn (num_steps, *sample.shape) noise (see ``prepare_noise_bank``).
+
+    A new schedule (``set_timesteps``) starts a new state; a new temperature scheduler drops the
+    table only.
+    """
+
+    def __init__(self):
+        self.key = None
+        self.table = None
+        self.draws = ()
+        self.slots = 0
+        self.coeffs = None
+        self.step_index = None
+        self.host_index = None
+        self.history = None
+        self.noise_bank = None
+
+    def set_table(self, key, table: torch.Tensor, draws, slots: int, taus=None) -> None:
+        """Install a host table built for step arguments ``key``; ``taus`` (one per step) scale its
+        noise column, which is how a temperature scheduler reaches the fused step."""
+        if taus is not None:
+            table = table.clone()
+            table[:, 2] *= torch.tensor(taus, dtype=torch.float64).to(torch.float32)
+        self.key, self.table, self.draws, self.slots = key, table, tuple(draws), slots
+        self.coeffs = None
+
+    def run(self, scheduler, model_output, sample, guidance_scale, start_index, generator=None, noise=None):
+        """One fused step: x_prev from the device table row at the device step index, which the same
+        launch advances. ``start_index`` is the first step's index (a host int) when the device index
+        does not exist yet. ``noise`` overrides the bank and the generator for this step."""
+        from fastdiff.ops.scheduler_step import scheduler_step
+
+        num_steps = self.table.shape[0]
+        if self.step_index is None:
+            self.host_index = start_index
+            self.step_index = torch.full((1,), start_index, dtype=torch.int64, device=sample.device)
+        elif self.step_index.device != sample.device:
+            self.step_index = torch.full((1,), self.host_index, dtype=torch.int64, device=sample.device)
+        if self.host_index >= num_steps:
+            raise ValueError(
+                f"{type(scheduler).__name__}.step called more often than the {num_steps} steps of the schedule; "
+                "call set_timesteps() to start a new one"
+            )
+        if self.coeffs is None or self.coeffs.device != sample.device:
+            self.coeffs = table_to_device(self.table, sample.device)
+        history = None
+        if self.slots:
+            shape = (self.slots, *sample.shape)
+            if self.history is None:
+                self.history = sample.new_zeros(shape)
+            elif tuple(self.history.shape) != shape or self.history.dtype != sample.dtype or self.history.device != sample.device:
+                raise ValueError(
+                    f"{type(scheduler).__name__}.step: sample changed to {tuple(sample.shape)} {sample.dtype} on "
+                    f"{sample.device} during a multistep loop (history {tuple(self.history.shape[1:])} "
+                    f"{self.history.dtype} on {self.history.device}); call set_timesteps() to start a new loop"
+                )
+            history = self.history
+        if noise is None:
+            if self.noise_bank is not None:
+                noise = self.noise_bank
+            elif self.draws[self.host_index]:
+                noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
+        prev_sample = scheduler_step(
+            sample, model_output, self.coeffs, self.step_index, guidance_scale=guidance_scale, noise=noise,
+            history=history, advance_step_index=True,
+        )  # fmt: skip
+        self.host_index += 1
+        return prev_sample
+
+
+def draw_noise_bank(draws, start_index: int, shape, generator=None, device=None, dtype=torch.float32):
+    """A (num_steps, *shape) bank holding, at each step from ``start_index`` on where ``draws`` says
+    diffusers' ``step`` draws noise, exactly the ``randn_tensor(shape, generator, device, dtype)``
+    draw it makes, in the same order; other rows are zeros (their noise coefficient is 0)."""
+    shape = tuple(shape)
+    bank = torch.zeros((len(draws), *shape), device=device, dtype=dtype)
+    for i in range(start_index, len(draws)):
+        if draws[i]:
+            bank[i] = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+    return bank
