@@ -1,7 +1,7 @@
 """Benchmark one scheduler step with classifier-free guidance: diffusers' eager sequence vs fastdiff's fused op.
 
     python benchmarks/bench_scheduler_step.py [--out DIR] [--dtype fp16|bf16|fp32]
-        [--shapes sd15,sdxl] [--schedulers ddim,euler,euler_ancestral,ddpm,dpmpp_2m]
+        [--shapes sd15,sdxl] [--schedulers ddim,euler,euler_ancestral,ddpm,dpmpp_2m] [--compile]
 
 Per (latent shape, scheduler), providers:
 
@@ -13,7 +13,9 @@ Per (latent shape, scheduler), providers:
   both CFG halves in place; noise comes from a pre-drawn per-step bank, as in a
   captured loop;
 * ``fastdiff-triton-graph`` and ``fastdiff-cuda-graph``: the fused step captured
-  in a CUDA graph (step index advanced on the device) and replayed.
+  in a CUDA graph (step index advanced on the device) and replayed;
+* with ``--compile``, ``torch-compile-reference``: Inductor's fusion of the
+  reference twin (the same math), for comparison with the hand-written kernels.
 
 Metrics: p20/p50/p80 time per step (``triton.testing.do_bench``; it records
 events around each call, so host launch overhead that starves the GPU counts),
@@ -96,7 +98,7 @@ def _bench(fn) -> dict:
     return {"out": out, "p20_ms": p20, "p50_ms": p50, "p80_ms": p80, "launches": _launches(fn)}
 
 
-def _providers(name, shape, dtype, spec):
+def _providers(name, shape, dtype, spec, compile_reference=False):
     """Provider name -> zero-argument function returning x_prev, for one scheduler at step STEP."""
     import diffusers
 
@@ -159,6 +161,13 @@ def _providers(name, shape, dtype, spec):
         return replay
 
     providers = {"diffusers-eager": eager, "fastdiff-reference": fused("reference")}
+    if compile_reference:  # Inductor's fusion of the same math, the anchor in shared/TARGETS.md
+        from fastdiff.ops.scheduler_step import scheduler_step_ref
+
+        compiled = torch.compile(scheduler_step_ref, fullgraph=True)
+        ring = history.clone() if slots else None
+        index, out = torch.tensor(STEP, device="cuda"), torch.empty_like(x)
+        providers["torch-compile-reference"] = lambda: compiled(x, model_output, coeffs, index, GUIDANCE, bank, ring, out)
     for backend in ("triton", "cuda"):
         providers[f"fastdiff-{backend}"] = fused(backend)
         providers[f"fastdiff-{backend}-graph"] = (lambda b=backend: graphed(b))
@@ -171,6 +180,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
     parser.add_argument("--shapes", default="sd15,sdxl", help="comma-separated groups: " + ",".join(SHAPES))
     parser.add_argument("--schedulers", default="ddim,euler,euler_ancestral,ddpm,dpmpp_2m")
+    parser.add_argument("--compile", action="store_true", help="add torch.compile of the reference twin (slow to compile; off by default)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_scheduler_step: no CUDA device; nothing to benchmark")
@@ -189,7 +199,7 @@ def main(argv=None) -> int:
         for shape_name, shape in [s for group in args.shapes.split(",") for s in SHAPES[group]]:
             for sched_name in args.schedulers.split(","):
                 results = {}
-                for provider, fn in _providers(sched_name, shape, dtype, specs[sched_name]).items():
+                for provider, fn in _providers(sched_name, shape, dtype, specs[sched_name], args.compile).items():
                     try:
                         if provider.endswith("-graph"):
                             fn = fn()
