@@ -11,8 +11,10 @@ from .scheduling_utils import (
     KarrasDiffusionSchedulers,
     SchedulerMixin,
     SchedulerOutput,
+    apply_guidance,
     randn_tensor,
     register_to_config,
+    use_fused_step,
 )
 
 ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++", "dpmsolver", "sde-dpmsolver")
@@ -129,6 +131,82 @@ def log_snr(alpha_t, sigma_t):
     return torch.log(alpha_t) - torch.log(sigma_t)
 
 
+def dpmpp_multistep_coeffs(
+    sigmas,
+    *,
+    prediction_type: str,
+    solver_order: int,
+    solver_type: str,
+    lower_order_final: bool,
+    euler_at_final: bool,
+    final_sigmas_type: str,
+    begin_index: int = 0,
+) -> torch.Tensor:
+    """DPM-Solver++ orders 1 to 3 (``algorithm_type="dpmsolver++"``) as a fused-step coefficient table.
+
+    Row i holds the columns (a, e, s, p, q, h1, h2, h3) of :func:`fastdiff.ops.scheduler_step`:
+    ``d = p x + q m`` is the x0 prediction (the solver's converted output), kept in a history ring of
+    R = max(1, solver_order - 1) slots, and x_prev = a x + e m + h1 d_{i-1} + h2 d_{i-2}. With
+    m0 = d_i, r0 = h_0 / h and r1 = h_1 / h (lambda differences, Lu et al. 2022b) the updates of
+    :meth:`DPMSolverMultistepScheduler.step` expand to:
+
+    * order 1: x_prev = (sigma_t / sigma_s) x - phi m0, phi = alpha_t (e^{-h} - 1);
+    * order 2: D1 = (m0 - m1) / r0, midpoint adds -phi / 2 D1, heun adds psi D1 with
+      psi = alpha_t ((e^{-h} - 1) / h + 1);
+    * order 3: D1_0 = (m0 - m1) / r0, D1_1 = (m1 - m2) / r1, D1 = D1_0 + r0 / (r0 + r1) (D1_0 - D1_1),
+      D2 = (D1_0 - D1_1) / (r0 + r1), adding psi D1 - alpha_t ((e^{-h} - 1 + h) / h^2 - 1/2) D2.
+
+    The order of step i follows diffusers: first order on the first step taken (``begin_index``),
+    second order while fewer than two earlier outputs exist, and lowered on the final steps by
+    ``lower_order_final`` / ``euler_at_final`` / ``final_sigmas_type="zero"``. Computed in float64
+    from the scheduler's float32 sigmas, rounded once to float32.
+    """
+    sig = sigmas.double() if isinstance(sigmas, torch.Tensor) else torch.tensor(sigmas, dtype=torch.float64)
+    n = len(sig) - 1
+    alpha = (1 / torch.sqrt(sig**2 + 1)).tolist()
+    sigma = (sig / torch.sqrt(sig**2 + 1)).tolist()
+    lam = [math.log(a) - math.log(s) if s > 0 else math.inf for a, s in zip(alpha, sigma)]
+    table = torch.zeros(n, 8, dtype=torch.float64)
+    for i in range(begin_index, n):
+        taken = i - begin_index  # diffusers' lower_order_nums before this step (capped below)
+        lower_final = i == n - 1 and (euler_at_final or (lower_order_final and n < 15) or final_sigmas_type == "zero")
+        lower_second = i == n - 2 and lower_order_final and n < 15
+        if solver_order == 1 or taken < 1 or lower_final:
+            order = 1
+        elif solver_order == 2 or taken < 2 or lower_second:
+            order = 2
+        else:
+            order = 3
+        a_s, s_s, a_t, s_t = alpha[i], sigma[i], alpha[i + 1], sigma[i + 1]
+        if prediction_type == "epsilon":
+            px, pm = 1 / a_s, -s_s / a_s
+        elif prediction_type == "sample":
+            px, pm = 0.0, 1.0
+        else:  # v_prediction
+            px, pm = a_s, -s_s
+        h = lam[i + 1] - lam[i]
+        em1 = math.expm1(-h)  # e^{-h} - 1; -1 onto a final sigma of 0 (h = inf)
+        phi = a_t * em1
+        c = [-phi, 0.0, 0.0]  # weights of m0, m1 (= hist[-1]), m2 (= hist[-2])
+        if order == 2:
+            r0 = (lam[i] - lam[i - 1]) / h
+            if solver_type == "midpoint":
+                c = [-phi - 0.5 * phi / r0, 0.5 * phi / r0, 0.0]
+            else:
+                psi = a_t * (em1 / h + 1.0)
+                c = [-phi + psi / r0, -psi / r0, 0.0]
+        elif order == 3:
+            r0, r1 = (lam[i] - lam[i - 1]) / h, (lam[i - 1] - lam[i - 2]) / h
+            psi = a_t * (em1 / h + 1.0)
+            chi = -a_t * ((em1 + h) / h**2 - 0.5)
+            k = 1 / (r0 + r1)
+            u = psi * (1 + r0 * k) + chi * k  # weight of D1_0
+            v = -psi * r0 * k - chi * k  # weight of D1_1
+            c = [-phi + u / r0, -u / r0 + v / r1, -v / r1]
+        table[i] = torch.tensor([s_t / s_s + c[0] * px, c[0] * pm, 0.0, px, pm, c[1], c[2], 0.0], dtype=torch.float64)
+    return table.to(torch.float32)
+
+
 class DPMSolverMultistepScheduler(SchedulerMixin):
     """Multistep DPM-Solver++ (Lu et al. 2022b, Algorithm 2) and its relatives.
 
@@ -150,6 +228,14 @@ class DPMSolverMultistepScheduler(SchedulerMixin):
 
     Config keys and defaults are diffusers' ``DPMSolverMultistepScheduler``'s. Not supported:
     ``use_beta_sigmas`` (needs scipy) and ``use_dynamic_shifting``.
+
+    Fused step (fastdiff extension): ``dpmsolver++`` without thresholding, flow sigmas or learned
+    variances is linear in the sample, the model output and the last one or two x0 predictions
+    (:func:`dpmpp_multistep_coeffs`), so ``step`` runs as one launch of
+    :func:`fastdiff.ops.scheduler_step` that also folds in classifier-free guidance
+    (``step(..., guidance_scale=g)`` with the batched CFG output) and keeps the x0 predictions in a
+    device history ring. It runs on CUDA tensors, or wherever the ``scheduler_step`` backend is forced,
+    and reads a device copy of the step index that the launch itself advances.
     """
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
@@ -256,6 +342,29 @@ class DPMSolverMultistepScheduler(SchedulerMixin):
 
     def set_begin_index(self, begin_index: int = 0):
         self._begin_index = begin_index
+        self._restart_fused()
+
+    def _fused_reasons(self, begin_index=0):
+        config, reasons = self.config, []
+        if config.algorithm_type != "dpmsolver++":
+            reasons.append(f"algorithm_type {config.algorithm_type!r} (only 'dpmsolver++' is linear and noise-free)")
+        if config.thresholding:
+            reasons.append("thresholding is not linear")
+        if config.use_flow_sigmas or config.prediction_type == "flow_prediction":
+            reasons.append("flow sigmas / flow_prediction have no fused table")
+        if config.variance_type in ("learned", "learned_range"):
+            reasons.append(f"variance_type {config.variance_type!r} splits the model output")
+        return reasons
+
+    def _fused_table(self, begin_index=0):
+        c = self.config
+        table = dpmpp_multistep_coeffs(
+            self.sigmas, prediction_type=c.prediction_type, solver_order=c.solver_order, solver_type=c.solver_type,
+            lower_order_final=c.lower_order_final, euler_at_final=c.euler_at_final,
+            final_sigmas_type=c.final_sigmas_type, begin_index=begin_index,
+        )  # fmt: skip
+        slots = 0 if c.solver_order == 1 else c.solver_order - 1
+        return table, [False] * len(self.timesteps), slots
 
     def set_timesteps(self, num_inference_steps=None, device=None, timesteps=None):
         """Build the schedule from ``num_inference_steps`` or custom descending integer ``timesteps``."""
@@ -332,6 +441,7 @@ class DPMSolverMultistepScheduler(SchedulerMixin):
         self.lower_order_nums = 0
         self._step_index = None
         self._begin_index = None
+        self._reset_fused(begin_index=0)
 
     def _alpha_sigma(self, index):
         return alpha_sigma_from_sigma(self.sigmas[index], self.config.use_flow_sigmas)
@@ -499,6 +609,7 @@ class DPMSolverMultistepScheduler(SchedulerMixin):
         generator=None,
         variance_noise=None,
         return_dict: bool = True,
+        guidance_scale=None,
     ):
         """One multistep update from the current timestep to the next.
 
@@ -509,11 +620,24 @@ class DPMSolverMultistepScheduler(SchedulerMixin):
             generator (`torch.Generator`, *optional*): noise source for the SDE variants.
             variance_noise (`torch.Tensor`, *optional*): the SDE noise itself, instead of ``generator``.
             return_dict (`bool`): return a :class:`SchedulerOutput` rather than a tuple.
+            guidance_scale (`float` or one-element float32 tensor, *optional*): fastdiff extension; with it,
+                ``model_output`` is the batched CFG output (2B, ...), uncond half first, and the guidance
+                ``u + g * (c - u)`` is applied (inside the fused launch when the fused step runs).
         """
         if self.num_inference_steps is None:
             raise ValueError("step() called before set_timesteps(); call set_timesteps(num_inference_steps) first.")
         if self.step_index is None:
             self._init_step_index(timestep)
+        if use_fused_step(self, sample, self._fused_reasons()):
+            state = self._fused
+            if state.step_index is None:  # the order ramps up from the first step taken
+                state = self._fused_state((("begin_index", self.step_index),))
+            prev_sample = state.run(self, model_output, sample, guidance_scale, self.step_index)
+            self._step_index += 1
+            if not return_dict:
+                return (prev_sample,)
+            return SchedulerOutput(prev_sample=prev_sample)
+        model_output = apply_guidance(model_output, guidance_scale)
         config = self.config
         n = len(self.timesteps)
         final = self.step_index == n - 1
