@@ -22,6 +22,8 @@ pytestmark = requires_triton
 
 G = 3
 EPS = 1e-5
+# The kernels' device: CUDA on a GPU machine, else the CPU through the interpreter.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _kernels():
@@ -41,7 +43,7 @@ def _config(path):
 
 # Each layout builds x from fresh random numbers with a non-zero mean.
 def _randn(*shape, dtype):
-    return (torch.randn(*shape) * 3 + 0.5).to(dtype)
+    return (torch.randn(*shape, device=DEVICE) * 3 + 0.5).to(dtype)
 
 
 LAYOUTS = {
@@ -58,7 +60,7 @@ LAYOUTS = {
 
 
 def _affine(c, dtype):
-    return torch.randn(c).to(dtype), torch.randn(c).to(dtype)
+    return torch.randn(c, device=DEVICE).to(dtype), torch.randn(c, device=DEVICE).to(dtype)
 
 
 def _activation(silu):
@@ -136,7 +138,7 @@ def test_forward_statistics_survive_a_large_offset(seed):
     # sum / sum-of-squares in fp32 loses the variance entirely at this offset
     # (E[x^2] ~ 1e6, fp32 spacing 0.06); Chan merging of tile partials does not.
     kernels = _kernels()
-    x = torch.randn(2, 6, 20, 25) + 1000.0
+    x = torch.randn(2, 6, 20, 25, device=DEVICE) + 1000.0
     w, b = _affine(6, x.dtype)
     config = kernels.GroupNormConfig(single_pass=False, block_c=2, block_s=32, num_warps=1, split=5)
     _, mean, rstd = kernels.group_norm_forward(x, w, b, G, EPS, False, config)
@@ -208,7 +210,7 @@ def test_heuristic_split_runs_unforced(seed):
     # Under the interpreter the heuristic assumes INTERPRET_NUM_SMS; a group of
     # 2 x 2250 elements does not fit a single-pass tile, so it splits on its own.
     kernels = _kernels()
-    x = torch.randn(1, 4, 50, 45)
+    x = torch.randn(1, 4, 50, 45, device=DEVICE)
     config = kernels.launch_config(1, 4, 50 * 45, 2, False, kernels.INTERPRET_NUM_SMS)
     assert not config.single_pass and _programs(kernels, config, 1, 4, 50 * 45) > 2
     w, b = _affine(4, x.dtype)
@@ -236,7 +238,7 @@ def test_layouts_read_in_place(layout):
 
 def test_layout_needing_three_strides_is_refused(seed):
     kernels = _kernels()
-    x = torch.randn(1, 6, 5, 6, 9)[:, :, ::2, ::2, ::2]  # no two adjacent spatial dims merge
+    x = torch.randn(1, 6, 5, 6, 9, device=DEVICE)[:, :, ::2, ::2, ::2]  # no two adjacent spatial dims merge
     reasons = kernels.layout_reasons(x, G)
     assert len(reasons) == 1 and "3 (size, stride) pairs" in reasons[0]
     with pytest.raises(BackendNotSupportedError, match="triton: .*collapse to 3"):
@@ -290,11 +292,11 @@ def test_backward_fp32(seed, layout, path, silu):
 @pytest.mark.parametrize(
     "layout, make_dy",
     [
-        ("nchw_b1", lambda x: torch.randn(x.shape[0], x.shape[1], x.shape[3], x.shape[2]).transpose(2, 3)),
+        ("nchw_b1", lambda x: torch.randn(x.shape[0], x.shape[1], x.shape[3], x.shape[2], device=x.device).transpose(2, 3)),
         ("nchw_b1", lambda x: torch.randn_like(x).to(memory_format=torch.channels_last)),
-        ("nhwc_b3", lambda x: torch.randn(x.shape[1], 1, 1).expand_as(x)),
+        ("nhwc_b3", lambda x: torch.randn(x.shape[1], 1, 1, device=x.device).expand_as(x)),
         # strides that do not collapse to 2 pairs together with x's: dy is copied into x's layout first
-        ("3d_ncdhw", lambda x: torch.randn(x.shape[0], x.shape[1], *x.shape[:1:-1]).permute(0, 1, 4, 3, 2)),
+        ("3d_ncdhw", lambda x: torch.randn(x.shape[0], x.shape[1], *x.shape[:1:-1], device=x.device).permute(0, 1, 4, 3, 2)),
     ],
     ids=["transposed", "channels_last", "expanded", "permuted_3d"],
 )
