@@ -9,7 +9,17 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .scheduling_utils import BaseOutput, KarrasDiffusionSchedulers, SchedulerMixin, register_to_config
+from .scheduling_utils import (
+    BaseOutput,
+    KarrasDiffusionSchedulers,
+    SchedulerMixin,
+    apply_guidance,
+    register_to_config,
+    use_fused_step,
+)
+
+# The fused step keeps the last ``order - 1`` derivatives in the op's history ring (at most 3 slots).
+MAX_FUSED_ORDER = 4
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +143,34 @@ def lms_coefficient(sigmas, order, t, current_order):
     return float(0.5 * (b - a) * np.sum(weights * basis))
 
 
+def lms_fused_coeffs(sigmas, prediction_type: str, order: int, begin_index: int = 0) -> torch.Tensor:
+    """LMS as a fused-step coefficient table (columns a, e, s, p, q, h1, h2, h3 of
+    :func:`fastdiff.ops.scheduler_step`).
+
+    ``sigmas`` is the host list of the schedule's sigmas, final one included. The derivative
+    d = (x - x0) / sigma = p x + q m (epsilon: m; v: sigma / (sigma^2 + 1) x + m / sqrt(sigma^2 + 1);
+    sample: (x - m) / sigma) goes into the history ring, and x_prev = x + sum_j c_j d_{i-j} with the
+    weights of :func:`lms_coefficient` at order min(i + 1, order), as
+    :meth:`LMSDiscreteScheduler.step` computes them; only the derivatives taken since ``begin_index``
+    exist, so the others get weight 0 (diffusers' ``zip`` drops them the same way).
+    """
+    n = len(sigmas) - 1
+    table = torch.zeros(n, 8, dtype=torch.float64)
+    for i in range(begin_index, n):
+        sigma = sigmas[i]
+        if prediction_type == "epsilon":
+            px, pm = 0.0, 1.0
+        elif prediction_type == "v_prediction":
+            px, pm = sigma / (sigma**2 + 1), 1 / math.sqrt(sigma**2 + 1)
+        else:  # sample
+            px, pm = 1 / sigma, -1 / sigma
+        current = min(i + 1, order)
+        c = [lms_coefficient(sigmas, current, i, j) for j in range(min(current, i - begin_index + 1))]
+        c += [0.0] * (4 - len(c))
+        table[i] = torch.tensor([1 + c[0] * px, c[0] * pm, 0.0, px, pm, c[1], c[2], c[3]], dtype=torch.float64)
+    return table.to(torch.float32)
+
+
 class LMSDiscreteScheduler(SchedulerMixin):
     """Linear multistep method for the probability-flow ODE (k-diffusion's ``sample_lms``).
 
@@ -144,6 +182,13 @@ class LMSDiscreteScheduler(SchedulerMixin):
 
     Config keys and defaults are diffusers' ``LMSDiscreteScheduler``'s; no scipy is needed (the
     coefficients come from exact Gauss-Legendre quadrature). ``use_beta_sigmas`` is not supported.
+
+    Fused step (fastdiff extension): for ``order <= 4`` the update is linear in the sample, the model
+    output and the last ``order - 1`` derivatives (:func:`lms_fused_coeffs`), so ``step`` runs as one
+    launch of :func:`fastdiff.ops.scheduler_step` that also folds in classifier-free guidance
+    (``step(..., guidance_scale=g)`` with the batched CFG output) and keeps the derivatives in a device
+    history ring. It runs on CUDA tensors, or wherever the ``scheduler_step`` backend is forced, and
+    reads a device copy of the step index that the launch itself advances.
     """
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
@@ -199,6 +244,16 @@ class LMSDiscreteScheduler(SchedulerMixin):
 
     def set_begin_index(self, begin_index: int = 0):
         self._begin_index = begin_index
+        self._restart_fused()
+
+    def _fused_reasons(self, order=4, begin_index=0):
+        if order > MAX_FUSED_ORDER:
+            return [f"order {order} needs more than the {MAX_FUSED_ORDER - 1} history slots of the fused step"]
+        return []
+
+    def _fused_table(self, order=4, begin_index=0):
+        table = lms_fused_coeffs(self._sigmas_list, self.config.prediction_type, order, begin_index)
+        return table, [False] * (len(self._sigmas_list) - 1), order - 1
 
     def scale_model_input(self, sample: torch.Tensor, timestep) -> torch.Tensor:
         """Scale the model input by 1 / sqrt(sigma^2 + 1) for the current step."""
@@ -236,6 +291,7 @@ class LMSDiscreteScheduler(SchedulerMixin):
         self._step_index = None
         self._begin_index = None
         self.derivatives = []
+        self._reset_fused(order=4, begin_index=0)
 
     # Copied from fastdiff.schedulers.scheduling_euler_discrete.EulerDiscreteScheduler.index_for_timestep
     def index_for_timestep(self, timestep, schedule_timesteps=None) -> int:
@@ -257,7 +313,13 @@ class LMSDiscreteScheduler(SchedulerMixin):
             self._step_index = self._begin_index
 
     def step(
-        self, model_output: torch.Tensor, timestep, sample: torch.Tensor, order: int = 4, return_dict: bool = True
+        self,
+        model_output: torch.Tensor,
+        timestep,
+        sample: torch.Tensor,
+        order: int = 4,
+        return_dict: bool = True,
+        guidance_scale=None,
     ):
         """One LMS step from the current sigma to the next.
 
@@ -267,6 +329,11 @@ class LMSDiscreteScheduler(SchedulerMixin):
             sample (`torch.Tensor`): the current sample.
             order (`int`): the multistep order (at least 1); it ramps up over the first steps.
             return_dict (`bool`): return an :class:`LMSDiscreteSchedulerOutput` rather than a tuple.
+            guidance_scale (`float` or one-element float32 tensor, *optional*): fastdiff extension; with it,
+                ``model_output`` is the batched CFG output (2B, ...), uncond half first, and the guidance
+                ``u + g * (c - u)`` is applied (inside the fused launch when the fused step runs).
+
+        On the fused path ``pred_original_sample`` is None (computing x0 would cost another launch).
         """
         if self.num_inference_steps is None:
             raise ValueError("step() called before set_timesteps(); call set_timesteps(num_inference_steps) first.")
@@ -276,6 +343,16 @@ class LMSDiscreteScheduler(SchedulerMixin):
             logger.warning("scale_model_input() should be called before step() to scale the model input.")
         if self.step_index is None:
             self._init_step_index(timestep)
+        if use_fused_step(self, sample, self._fused_reasons(order)):
+            state = self._fused
+            begin = self.step_index if state.step_index is None else state.key[0][1]
+            state = self._fused_state((("begin_index", begin), ("order", order)))
+            prev_sample = state.run(self, model_output, sample, guidance_scale, self.step_index)
+            self._step_index += 1
+            if not return_dict:
+                return (prev_sample,)
+            return LMSDiscreteSchedulerOutput(prev_sample=prev_sample)
+        model_output = apply_guidance(model_output, guidance_scale)
         dtype = sample.dtype
         sample = sample.float()
         model_output = model_output.float()
