@@ -321,10 +321,11 @@ _EMU_CONSTANTS = {
     "constexpr int kThreads = 256;": "constexpr int kThreads = 64;",
     "constexpr int64_t kMinElemsPerCta = 2048;": "constexpr int64_t kMinElemsPerCta = 64;",
     "constexpr size_t kOnePassSharedBytes = 44 * 1024;": "constexpr size_t kOnePassSharedBytes = 2048;",
+    "constexpr int64_t kRowsMinElemsPerCta = 8192;": "constexpr int64_t kRowsMinElemsPerCta = 64;",
 }
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-_ALGORITHMS = {0: "one_pass", 1: "two_pass"}
+_ALGORITHMS = {0: "one_pass", 1: "two_pass", 2: "rows"}
 
 
 def _cuda_include_dir():
@@ -345,7 +346,7 @@ def _emulated_source(constants):
     source, n = re.subn(r"extern __shared__ __align__\(16\) unsigned char (\w+)\[\];", r"unsigned char* \1 = emu::dynamic_shared;", source)
     assert n == 1, "dynamic shared memory declaration changed; update the emulator"
     launches = source.count("<<<")
-    source, n = re.subn(r"(\w+<[^<>;]*>)<<<(.*?)>>>\((.*?)\);", r"emu::launch(\2, [=]() { \1(\3); });", source, flags=re.S)
+    source, n = re.subn(r"(\w+(?:<[^<>;]*>)?)<<<(.*?)>>>\((.*?)\);", r"emu::launch(\2, [=]() { \1(\3); });", source, flags=re.S)
     assert n == launches > 0, "kernel launches changed shape; update the emulator"
     return source
 
@@ -423,6 +424,8 @@ EMU_LAYOUTS = {
     "nhwc_vec": lambda dt: (_randn(2, 32, 8, 10, dtype=dt).to(memory_format=torch.channels_last), 2),
     "nhwc_vec_small": lambda dt: (_randn(3, 16, 5, 7, dtype=dt).to(memory_format=torch.channels_last), 2),
     "nhwc_c20_g2": lambda dt: (_randn(1, 20, 9, 7, dtype=dt).to(memory_format=torch.channels_last), 2),
+    "nhwc_rows_cpg10": lambda dt: (_randn(2, 40, 7, 9, dtype=dt).to(memory_format=torch.channels_last), 4),
+    "nhwc_rows_cpg2": lambda dt: (_randn(1, 16, 9, 10, dtype=dt).to(memory_format=torch.channels_last), 8),
     "1d": lambda dt: (_randn(3, 8, 33, dtype=dt), 2),
     "3d_ncdhw": lambda dt: (_randn(1, 6, 3, 4, 5, dtype=dt), 3),
     "3d_channels_last": lambda dt: (_randn(2, 8, 3, 4, 6, dtype=dt).to(memory_format=torch.channels_last_3d), 4),
@@ -461,7 +464,10 @@ def test_emulated_forward(emulate, seed, layout, dtype, sm_count):
         ("misaligned", torch.float16, 1, {"vec": 1}),
         ("misaligned", torch.float32, 16, {"vec": 1, "algorithm": "two_pass"}),
         ("step2_spatial", torch.float32, 1, {"vec": 1}),
-        ("3d_channels_last", torch.float16, 1, {"vec": 2, "channels_inner": True}),
+        ("3d_channels_last", torch.float16, 1, {"algorithm": "rows", "vec": 8, "channels_inner": True}),
+        ("nhwc_rows_cpg10", torch.float16, 16, {"algorithm": "rows", "vec": 8}),  # 60 threads: a partial warp
+        ("nhwc_rows_cpg10", torch.float32, 1, {"algorithm": "rows", "vec": 4}),
+        ("nhwc_rows_cpg2", torch.bfloat16, 16, {"algorithm": "rows", "vec": 8}),  # a pack spans 4 groups
     ],
 )
 def test_emulated_plan(emulate, seed, layout, dtype, sm_count, expected):
@@ -471,7 +477,7 @@ def test_emulated_plan(emulate, seed, layout, dtype, sm_count, expected):
     w, b = _affine(x.shape[1], dtype)
     y, _, _, plan = emulate(x, groups, w, b, True, sm_count)
     assert {k: plan[k] for k in expected} == expected
-    if plan["algorithm"] == "two_pass":
+    if plan["algorithm"] != "one_pass" and sm_count > 1:
         assert plan["splits"] > 1
     _check_output(y, x, groups, w, b, "silu")
 
@@ -522,19 +528,21 @@ H100_SMS = 132
 def test_plan_fills_an_h100_on_sd_shapes(real_plan, shape, channels_last):
     """Real launch constants: at least one full wave of CTAs on every SD shape
     but the 320 KB 8x8 one (one-pass, launch-bound; see group_norm.cu), and
-    16-byte packs wherever a group's inner extent allows them."""
+    16-byte packs everywhere: per group where a group's inner extent allows
+    it, else (NHWC with 10 or 20 channels per group) over whole channel rows."""
     x = torch.empty(shape, dtype=torch.float16)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
     plan = real_plan(x, 32, H100_SMS)
-    ctas = shape[0] * 32 * plan["splits"]
+    ctas_per_split = shape[0] if plan["algorithm"] == "rows" else shape[0] * 32
+    ctas = ctas_per_split * plan["splits"]
     if shape[2] == 8:
         assert plan["algorithm"] == "one_pass" and ctas == 64
     else:
-        assert plan["algorithm"] == "two_pass" and ctas >= H100_SMS, plan
-    channels_per_group = shape[1] // 32
-    expected_vec = 8 if not channels_last else max(v for v in (8, 4, 2, 1) if channels_per_group % v == 0)
-    assert plan["vec"] == expected_vec and plan["channels_inner"] == channels_last
+        assert plan["algorithm"] != "one_pass" and ctas >= H100_SMS, plan
+    assert plan["vec"] == 8 and plan["channels_inner"] == channels_last
+    narrow_groups = channels_last and (shape[1] // 32) % 8 != 0
+    assert (plan["algorithm"] == "rows") == narrow_groups
 
 
 def test_plan_one_pass_when_groups_fill_the_gpu(real_plan):

@@ -52,6 +52,7 @@ constexpr int kUnroll = 4;                         // packs in flight per thread
 constexpr int kTargetCtasPerSm = 4;                // two-pass: aim for this many CTAs per SM
 constexpr int64_t kMinElemsPerCta = 2048;          // ... but give each CTA at least this much work
 constexpr int kMaxSplits = 256;                    // partials merged per group in _apply_kernel
+constexpr int64_t kRowsMinElemsPerCta = 8192;      // rows path: its CTAs also merge per-group partials in shared memory
 // Largest group cached on chip by the one-pass kernel. Static plus dynamic
 // shared memory must stay within 48 KiB to launch without an opt-in attribute;
 // the reductions' static arrays take ~128 bytes, so leave 4 KiB of headroom.
@@ -239,6 +240,18 @@ __device__ __forceinline__ Moments block_reduce(Moments m) {
   return total;
 }
 
+// Called by all 32 lanes of a warp: merges the `splits` partials (n, mean, M2)
+// of group ng, stored at partials[(ng * splits + k) * 3], in a fixed order.
+// The result is complete in lane 0.
+__device__ __forceinline__ Moments merge_partials_in_warp(const float* __restrict__ partials, int64_t ng, int64_t splits) {
+  Moments m{0.f, 0.f, 0.f};
+  for (int64_t k = threadIdx.x & 31; k < splits; k += 32) {
+    const float* p = partials + (ng * splits + k) * 3;
+    m = merge(m, Moments{p[0], p[1], p[2]});
+  }
+  return warp_reduce(m);
+}
+
 __device__ __forceinline__ float rstd_of(const Moments& m, float eps) {
   return rsqrtf(fmaxf(m.m2 / m.n, 0.f) + eps);
 }
@@ -375,12 +388,7 @@ __global__ void __launch_bounds__(kThreads) _apply_kernel(
   // Warp 0 merges the partials in a fixed order, so every CTA of the group
   // computes bit-identical statistics.
   if (threadIdx.x < 32) {
-    Moments m{0.f, 0.f, 0.f};
-    for (int64_t k = threadIdx.x; k < splits; k += 32) {
-      const float* p = partials + (ng * splits + k) * 3;
-      m = merge(m, Moments{p[0], p[1], p[2]});
-    }
-    m = warp_reduce(m);
+    const Moments m = merge_partials_in_warp(partials, ng, splits);
     if (threadIdx.x == 0) {
       group_mean = m.mean;
       group_rstd = rstd_of(m, eps);
@@ -406,6 +414,172 @@ __global__ void __launch_bounds__(kThreads) _apply_kernel(
     pack_position<VEC, kChannelsInner>(geo, g, o, i, &c, &s);
     *reinterpret_cast<PackT*>(y + element_offset<kStrided>(geo.y, geo, n, c, s)) =
         normalize_pack<T, VEC, kChannelsInner>(p, c, mean, rstd, weight, bias, silu);
+  });
+}
+
+// ---------------------------------------------------------------------------
+// Rows path: channels-inner layouts whose groups are too narrow for 16-byte
+// packs (Stable Diffusion 1.5 in NHWC has 10 or 20 channels per group, i.e.
+// 20 or 40 bytes in fp16) but whose full channel rows are not. A CTA owns rows
+// (spatial positions) [r0, r1) of one sample and all C channels, so each warp
+// reads whole, contiguous rows with 16-byte packs.
+//
+// Thread mapping (R = C / VEC packs per row, rows_per_iter = blockDim.x / R,
+// blockDim.x = rows_per_iter * R, not necessarily a multiple of 32):
+//   thread t reads pack column p = t % R (channels [p * VEC, p * VEC + VEC))
+//   of rows r0 + t / R, r0 + t / R + rows_per_iter, ...
+// Program ids: blockIdx.x = n (sample), blockIdx.y = split k owning rows
+// [k * S / splits, (k + 1) * S / splits).
+// Three launches: _rows_stats_kernel (per-CTA, per-group partials),
+// _finalize_kernel (merge partials into mean / rstd), _rows_apply_kernel.
+// ---------------------------------------------------------------------------
+
+struct RowGeometry {
+  int64_t groups;        // G
+  int64_t cpg;           // channels per group
+  int64_t spatial;       // S: rows per sample
+  int row_packs;         // R = C / VEC
+  int rows_per_iter;     // blockDim.x / R
+  int64_t x_n, x_s;      // strides of x in elements: sample, row (the channel stride is 1)
+  int64_t y_n, y_s;      // strides of y in elements: sample, row
+};
+
+// Rows [r0, r1) of one sample owned by this thread, kUnroll loads in flight:
+// calls use(pack, row) for rows r0 + t / R + k * rows_per_iter.
+template <typename PackT, typename Use>
+__device__ __forceinline__ void for_each_row(const PackT* __restrict__ column, int64_t row_stride_packs, int64_t r0,
+                                             int64_t r1, int rows_per_iter, Use use) {
+  for (int64_t r = r0; r < r1; r += static_cast<int64_t>(kUnroll) * rows_per_iter) {
+    PackT packs[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t row = r + static_cast<int64_t>(u) * rows_per_iter;
+      if (row < r1) packs[u] = column[row * row_stride_packs];
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t row = r + static_cast<int64_t>(u) * rows_per_iter;
+      if (row < r1) use(packs[u], row);
+    }
+  }
+}
+
+// Rows path, step 1: per-channel Welford over this thread's rows, merged in
+// shared memory over the CTA's row slots (per channel), then over each
+// group's channels (per group) into one partial per (n, g, split).
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads) _rows_stats_kernel(
+    const T* __restrict__ x,        // input, element (n, c, s) at n * x_n + s * x_s + c
+    float* __restrict__ partials,   // (N * G, splits, 3) contiguous: n, mean, M2
+    RowGeometry geo) {
+  using PackT = Pack<T, VEC>;
+  __shared__ float slot_n[kThreads];              // rows seen by each row slot
+  __shared__ float slot_mean[kThreads * VEC];     // [row slot][channel]
+  __shared__ float slot_m2[kThreads * VEC];
+  __shared__ Moments channel[kThreads * VEC];     // [channel], merged over the row slots
+  const int64_t n = blockIdx.x;
+  const int64_t splits = gridDim.y;
+  const int64_t r0 = blockIdx.y * geo.spatial / splits;
+  const int64_t r1 = (blockIdx.y + 1) * geo.spatial / splits;
+  const int R = geo.row_packs;
+  const int C = R * VEC;
+  const int p = threadIdx.x % R;
+  const int slot = threadIdx.x / R;
+
+  float count = 0.f, mean[VEC], m2[VEC];
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) mean[k] = m2[k] = 0.f;
+  const PackT* column = reinterpret_cast<const PackT*>(x + n * geo.x_n) + p;
+  for_each_row(column, geo.x_s / VEC, r0 + slot, r1, geo.rows_per_iter, [&](const PackT& pack, int64_t) {
+    count += 1.f;
+    const float inv = 1.f / count;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {  // Welford, one update per channel
+      const float v = to_float(pack.v[k]);
+      const float d = v - mean[k];
+      mean[k] += d * inv;
+      m2[k] += d * (v - mean[k]);
+    }
+  });
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) {
+    slot_mean[slot * C + p * VEC + k] = mean[k];
+    slot_m2[slot * C + p * VEC + k] = m2[k];
+  }
+  if (p == 0) slot_n[slot] = count;
+  __syncthreads();
+  for (int c = threadIdx.x; c < C; c += blockDim.x) {
+    Moments m{0.f, 0.f, 0.f};
+    for (int q = 0; q < geo.rows_per_iter; ++q) m = merge(m, Moments{slot_n[q], slot_mean[q * C + c], slot_m2[q * C + c]});
+    channel[c] = m;
+  }
+  __syncthreads();
+  for (int64_t g = threadIdx.x; g < geo.groups; g += blockDim.x) {
+    Moments m{0.f, 0.f, 0.f};
+    for (int64_t c = g * geo.cpg; c < (g + 1) * geo.cpg; ++c) m = merge(m, channel[c]);
+    float* out = partials + ((n * geo.groups + g) * splits + blockIdx.y) * 3;
+    out[0] = m.n;
+    out[1] = m.mean;
+    out[2] = m.m2;
+  }
+}
+
+// Rows path, step 2: one warp per (n, g) merges its partials into mean / rstd.
+// Program ids: warp w of CTA b handles ng = b * kWarps + w.
+__global__ void __launch_bounds__(kThreads) _finalize_kernel(
+    const float* __restrict__ partials,  // (N * G, splits, 3) from _rows_stats_kernel
+    float* __restrict__ mean_out,        // (N * G,)
+    float* __restrict__ rstd_out,        // (N * G,)
+    int64_t total_groups, int64_t splits, float eps) {
+  const int64_t ng = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
+  if (ng >= total_groups) return;  // whole warps leave together
+  const Moments m = merge_partials_in_warp(partials, ng, splits);
+  if ((threadIdx.x & 31) == 0) {
+    mean_out[ng] = m.mean;
+    rstd_out[ng] = rstd_of(m, eps);
+  }
+}
+
+// Rows path, step 3: normalise rows [r0, r1) with per-channel scale and shift
+// held in registers (this thread's VEC channels never change).
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads) _rows_apply_kernel(
+    const T* __restrict__ x,            // input, as in _rows_stats_kernel
+    T* __restrict__ y,                  // output, element (n, c, s) at n * y_n + s * y_s + c
+    const T* __restrict__ weight,       // (C,) contiguous
+    const T* __restrict__ bias,         // (C,) contiguous
+    const float* __restrict__ mean,     // (N * G,) from _finalize_kernel
+    const float* __restrict__ rstd,     // (N * G,) from _finalize_kernel
+    RowGeometry geo, bool silu) {
+  using PackT = Pack<T, VEC>;
+  const int64_t n = blockIdx.x;
+  const int64_t splits = gridDim.y;
+  const int64_t r0 = blockIdx.y * geo.spatial / splits;
+  const int64_t r1 = (blockIdx.y + 1) * geo.spatial / splits;
+  const int p = threadIdx.x % geo.row_packs;
+  const int slot = threadIdx.x / geo.row_packs;
+
+  float shift_in[VEC], scale[VEC], shift_out[VEC];  // z = (x - mean) * (rstd * w) + b
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) {
+    const int64_t c = static_cast<int64_t>(p) * VEC + k;
+    const int64_t ng = n * geo.groups + c / geo.cpg;
+    shift_in[k] = mean[ng];
+    scale[k] = rstd[ng] * to_float(weight[c]);
+    shift_out[k] = to_float(bias[c]);
+  }
+  const PackT* column = reinterpret_cast<const PackT*>(x + n * geo.x_n) + p;
+  PackT* out_column = reinterpret_cast<PackT*>(y + n * geo.y_n) + p;
+  const int64_t y_row_packs = geo.y_s / VEC;
+  for_each_row(column, geo.x_s / VEC, r0 + slot, r1, geo.rows_per_iter, [&](const PackT& pack, int64_t row) {
+    PackT out;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      float z = (to_float(pack.v[k]) - shift_in[k]) * scale[k] + shift_out[k];
+      if (silu) z = z / (1.f + __expf(-z));  // SiLU: z * sigmoid(z)
+      out.v[k] = from_float<T>(z);
+    }
+    out_column[row * y_row_packs] = out;
   });
 }
 
@@ -485,6 +659,19 @@ LayoutInfo analyse_layout(const ForwardArgs& a) {
   return info;
 }
 
+// The rows path applies when the per-group packs are narrower than 16 bytes
+// but whole channel rows can move in 16-byte packs: channel stride 1 and
+// collapsed spatial dims for x and y, C a multiple of the 16-byte pack with at
+// most kThreads packs per row, and aligned strides and pointers.
+bool rows_eligible(const ForwardArgs& a, const LayoutInfo& info) {
+  const int64_t full = static_cast<int64_t>(16 / element_size(a.dtype));
+  if (info.vec >= full) return false;
+  if (a.x_strides.c != 1 || a.y_strides.c != 1 || info.x_spatial <= 0 || info.y_spatial <= 0) return false;
+  if (a.channels % full != 0 || a.channels / full > kThreads) return false;
+  return info.x_spatial % full == 0 && info.y_spatial % full == 0 && a.x_strides.n % full == 0 &&
+         a.y_strides.n % full == 0 && aligned(a.x, 16) && aligned(a.y, 16);
+}
+
 bool valid(const ForwardArgs& a) {
   if (a.batch <= 0 || a.channels <= 0 || a.groups <= 0 || a.channels % a.groups != 0) return false;
   for (int d = 0; d < kMaxSpatialDims; ++d) {
@@ -517,6 +704,34 @@ Geometry make_geometry(const ForwardArgs& a, const LayoutInfo& info) {
   return geo;
 }
 
+RowGeometry make_row_geometry(const ForwardArgs& a, const LayoutInfo& info, const Plan& plan) {
+  RowGeometry geo{};
+  geo.groups = a.groups;
+  geo.cpg = a.channels / a.groups;
+  geo.spatial = a.spatial_sizes[0] * a.spatial_sizes[1] * a.spatial_sizes[2];
+  geo.row_packs = static_cast<int>(a.channels / plan.vec);
+  geo.rows_per_iter = plan.threads / geo.row_packs;
+  geo.x_n = a.x_strides.n;
+  geo.x_s = info.x_spatial;
+  geo.y_n = a.y_strides.n;
+  geo.y_s = info.y_spatial;
+  return geo;
+}
+
+template <typename T, int VEC>
+cudaError_t launch_rows(const ForwardArgs& a, const Plan& plan, const RowGeometry& geo, void* workspace, cudaStream_t stream) {
+  const T* x = static_cast<const T*>(a.x);
+  float* partials = static_cast<float*>(workspace);
+  const dim3 grid(static_cast<unsigned int>(a.batch), static_cast<unsigned int>(plan.splits));
+  const int64_t total_groups = a.batch * a.groups;
+  _rows_stats_kernel<T, VEC><<<grid, plan.threads, 0, stream>>>(x, partials, geo);
+  _finalize_kernel<<<dim3(static_cast<unsigned int>((total_groups + kWarps - 1) / kWarps)), kThreads, 0, stream>>>(
+      partials, a.mean, a.rstd, total_groups, plan.splits, a.eps);
+  _rows_apply_kernel<T, VEC><<<grid, plan.threads, 0, stream>>>(x, static_cast<T*>(a.y), static_cast<const T*>(a.weight),
+                                                               static_cast<const T*>(a.bias), a.mean, a.rstd, geo, a.silu);
+  return cudaGetLastError();
+}
+
 template <typename T, int VEC, bool kChannelsInner>
 cudaError_t launch(const ForwardArgs& a, const Plan& plan, const Geometry& geo, void* workspace, cudaStream_t stream) {
   const T* x = static_cast<const T*>(a.x);
@@ -543,7 +758,13 @@ cudaError_t launch_layout(const ForwardArgs& a, const Plan& plan, const Geometry
 }
 
 template <typename T>
-cudaError_t launch_dtype(const ForwardArgs& a, const Plan& plan, const Geometry& geo, void* ws, cudaStream_t stream) {
+cudaError_t launch_dtype(const ForwardArgs& a, const LayoutInfo& info, const Plan& plan, void* ws, cudaStream_t stream) {
+  if (plan.algorithm == Algorithm::kRows) {
+    if (!rows_eligible(a, info) || plan.vec * sizeof(T) != 16) return cudaErrorInvalidValue;  // stale plan
+    return launch_rows<T, 16 / sizeof(T)>(a, plan, make_row_geometry(a, info, plan), ws, stream);
+  }
+  if (info.vec != plan.vec || info.channels_inner != plan.channels_inner) return cudaErrorInvalidValue;  // stale plan
+  const Geometry geo = make_geometry(a, info);
   switch (plan.vec) {
     case 1: return launch_layout<T, 1>(a, plan, geo, ws, stream);
     case 2: return launch_layout<T, 2>(a, plan, geo, ws, stream);
@@ -564,10 +785,32 @@ cudaError_t make_plan(const ForwardArgs& a, int sm_count, Plan* plan) {
   const int64_t S = a.spatial_sizes[0] * a.spatial_sizes[1] * a.spatial_sizes[2];
   const int64_t group_elems = a.channels / a.groups * S;
   const int64_t group_packs = group_elems / info.vec;
+  const int64_t target = static_cast<int64_t>(kTargetCtasPerSm) * sm_count;
+
+  if (rows_eligible(a, info)) {
+    // Rows path: `splits` CTAs per sample, each at least kRowsMinElemsPerCta
+    // elements and one row per thread, at most kMaxSplits.
+    const int vec = static_cast<int>(16 / element_size(a.dtype));
+    const int row_packs = static_cast<int>(a.channels / vec);
+    const int rows_per_iter = kThreads / row_packs;
+    int64_t splits = (target + a.batch - 1) / a.batch;
+    int64_t most = S * a.channels / kRowsMinElemsPerCta;
+    if (S / rows_per_iter < most) most = S / rows_per_iter;
+    if (most > kMaxSplits) most = kMaxSplits;
+    if (splits > most) splits = most;
+    if (splits < 1) splits = 1;
+    plan->algorithm = Algorithm::kRows;
+    plan->splits = static_cast<int>(splits);
+    plan->vec = vec;
+    plan->channels_inner = true;
+    plan->threads = rows_per_iter * row_packs;
+    plan->shared_bytes = 0;
+    plan->workspace_bytes = static_cast<size_t>(groups * splits * 3) * sizeof(float);
+    return cudaSuccess;
+  }
 
   // Splits: enough CTAs for kTargetCtasPerSm per SM, but at least
   // kMinElemsPerCta elements and kThreads packs per CTA, at most kMaxSplits.
-  const int64_t target = static_cast<int64_t>(kTargetCtasPerSm) * sm_count;
   int64_t splits = (target + groups - 1) / groups;
   int64_t most = group_elems / kMinElemsPerCta;
   if (group_packs / kThreads < most) most = group_packs / kThreads;
@@ -592,13 +835,11 @@ cudaError_t make_plan(const ForwardArgs& a, int sm_count, Plan* plan) {
 cudaError_t forward(const ForwardArgs& a, const Plan& plan, void* workspace, cudaStream_t stream) {
   if (!valid(a)) return cudaErrorInvalidValue;
   if (plan.workspace_bytes > 0 && (workspace == nullptr || !aligned(workspace, 16))) return cudaErrorInvalidValue;
-  LayoutInfo info = analyse_layout(a);
-  if (info.vec != plan.vec || info.channels_inner != plan.channels_inner) return cudaErrorInvalidValue;  // stale plan
-  const Geometry geo = make_geometry(a, info);
+  const LayoutInfo info = analyse_layout(a);
   switch (a.dtype) {
-    case DType::kFloat32: return launch_dtype<float>(a, plan, geo, workspace, stream);
-    case DType::kFloat16: return launch_dtype<__half>(a, plan, geo, workspace, stream);
-    case DType::kBFloat16: return launch_dtype<__nv_bfloat16>(a, plan, geo, workspace, stream);
+    case DType::kFloat32: return launch_dtype<float>(a, info, plan, workspace, stream);
+    case DType::kFloat16: return launch_dtype<__half>(a, info, plan, workspace, stream);
+    case DType::kBFloat16: return launch_dtype<__nv_bfloat16>(a, info, plan, workspace, stream);
   }
   return cudaErrorInvalidValue;
 }

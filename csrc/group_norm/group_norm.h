@@ -56,6 +56,8 @@ struct ForwardArgs {
 enum class Algorithm : int {
   kOnePass = 0,  // one CTA per (n, group): x read once into shared memory, 1 read + 1 write
   kTwoPass = 1,  // `splits` CTAs per (n, group): partial stats, then combine + normalise
+  kRows = 2,     // channels-inner with narrow groups: `splits` CTAs per sample, each owning
+                 // whole channel rows; partial stats, merge, normalise (three launches)
 };
 
 struct Plan {
@@ -63,7 +65,7 @@ struct Plan {
   int splits;               // CTAs per (n, group)
   int vec;                  // elements per load/store (1 = scalar strided path)
   bool channels_inner;      // iterate channels fastest (NHWC) rather than spatial (NCHW)
-  int threads;              // threads per CTA
+  int threads;              // threads per CTA (rows path: a multiple of C / vec, not always of 32)
   size_t shared_bytes;      // dynamic shared memory of the one-pass kernel
   size_t workspace_bytes;   // global scratch the caller must provide (two-pass partial stats)
 };
