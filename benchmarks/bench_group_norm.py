@@ -29,7 +29,8 @@ Each run appends one JSON line per measurement to ``DIR/bench_group_norm.jsonl``
 (default DIR: benchmarks/results/) with the card, torch/triton versions,
 commit and date, and prints a short table after a line ``== table ==``.
 Compiling every case takes time: cases left when ``--time-budget-s`` runs out
-are skipped and listed.
+are skipped and listed (shapes run round-robin over the groups, so every
+group keeps its first shapes).
 
 Without CUDA the script says so in one line and runs a small CPU smoke check
 instead (``--cpu-smoke`` forces it): tiny shapes, fastdiff's reference and
@@ -274,7 +275,9 @@ def main(argv=None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    shapes = [s for group in args.shapes.split(",") for s in SHAPES[group]]
+    # Round-robin over the groups, so a time-budget cut trims every group's tail evenly.
+    groups = [SHAPES[group] for group in args.shapes.split(",")]
+    shapes = [group[i] for i in range(max(map(len, groups))) for group in groups if i < len(group)]
     layouts = args.layouts.split(",")
     providers = [p for p in PROVIDERS if p in args.providers.split(",")]
     env = _environment()
