@@ -12,6 +12,8 @@
 //   * channels-inner ("NHWC", channels_last): channel stride 1, spatial dims
 //     collapse to one dim of stride >= C.
 // Everything else (e.g. a slice with a step) runs the scalar strided path.
+// Channels-inner tensors whose groups are too narrow for 16-byte packs but
+// whose channel rows are not take the rows path (Algorithm::kRows).
 #pragma once
 
 #include <cstddef>
