@@ -1,22 +1,32 @@
 """CPU fp32 UNet forward: fastdiff against diffusers, same config and weights.
 
-    python benchmarks/bench_unet_cpu.py [--configs small,sd15] [--latent 32] [--batch 2] [--iters 5] [--out DIR]
+    python benchmarks/bench_unet_cpu.py [--configs small,sd15] [--latent 32] [--batch 2] [--iters 6]
+                                        [--threads N] [--out DIR]
 
 Target (../shared/TARGETS.md): on the CPU in float32, fastdiff is never slower
 than diffusers on the same model and machine, and uses no more peak memory.
 
 For each config the parent builds a diffusers ``UNet2DConditionModel`` with a
-fixed seed and saves it to a temporary folder. Each provider then runs in its own
-fresh subprocess, one after the other: it loads the folder with its own
-``from_pretrained``, runs one untimed warm-up forward, then ``--iters`` timed
-forwards under ``torch.no_grad()``. Peak memory is the rise of the process's
-peak RSS (``VmHWM``, reset through ``/proc/self/clear_refs`` after loading)
-during the forwards, so the weights are not counted; resident weights are
-reported separately.
+fixed seed and saves it to a temporary folder.
+
+* **Time**: in one process, the diffusers model and a fastdiff model holding the
+  very same weight tensors (built on the meta device, weights assigned) run
+  alternately, the order flipping every iteration, after one untimed warm-up
+  each. Interleaving keeps both providers under the same machine load, which
+  matters on a shared CPU. Reported: wall-clock p20/p50/p80 per provider, the
+  p50 of process CPU time, and the median of the per-iteration ratios
+  diffusers/fastdiff of both (> 1 means fastdiff is faster). On a loaded
+  machine, ``--threads 1`` gives the stable figure: with several threads,
+  OpenMP workers spin while waiting for a core, which inflates both clocks.
+* **Peak memory**: each provider runs in its own fresh subprocess, loading the
+  folder with its own ``from_pretrained``. The figure is the rise of the
+  process's peak RSS (``VmHWM``, reset through ``/proc/self/clear_refs`` after
+  loading) during the first forward, so weights are not counted; the resident
+  size after loading is reported separately.
 
 Each measurement is appended as one JSON line to ``DIR/bench_unet_cpu.jsonl``
-(CPU model, thread count, torch/diffusers versions, commit, date), and a short
-table is printed after a line ``== table ==``.
+(CPU model, thread count, load average, torch/diffusers versions, commit,
+date), and a short table is printed after a line ``== table ==``.
 """
 
 from __future__ import annotations
@@ -58,36 +68,59 @@ def _proc_status_kib(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def _child(args) -> None:
-    """Runs in a subprocess: load, warm up, time, and print one JSON result line."""
+def _inputs(config: dict, batch: int, latent: int):
     import torch
 
-    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(1)
+    sample = torch.randn(batch, 4, latent, latent, generator=generator)
+    text = torch.randn(batch, TEXT_TOKENS, config["cross_attention_dim"], generator=generator)
+    return sample, text
+
+
+def _memory_child(args) -> None:
+    """Subprocess: load with the provider's from_pretrained, one forward, print peak RSS rise as JSON."""
+    import torch
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.provider == "fastdiff":
         from fastdiff import UNet2DConditionModel
     else:
         from diffusers import UNet2DConditionModel
     model = UNet2DConditionModel.from_pretrained(args.folder).eval()
-    cross_dim = model.config.cross_attention_dim
-    sample = torch.randn(args.batch, 4, args.latent, args.latent)
-    text = torch.randn(args.batch, TEXT_TOKENS, cross_dim)
+    sample, text = _inputs(dict(model.config), args.batch, args.latent)
     with torch.no_grad():
-        # Peak memory of the first forward: later ones reuse memory the allocator keeps.
         resident_kib = _proc_status_kib("VmRSS")
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM to the current RSS
-        model(sample, 500, text)  # also the untimed warm-up
+        model(sample, 500, text)
         peak_kib = _proc_status_kib("VmHWM")
-        times = []
-        for _ in range(args.iters):
-            start = time.perf_counter()
-            model(sample, 500, text)
-            times.append(time.perf_counter() - start)
-    q = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
-    print(json.dumps({
-        "p20_s": q[0], "p50_s": statistics.median(times), "p80_s": q[3],
-        "forward_peak_mib": (peak_kib - resident_kib) / 1024, "resident_mib": resident_kib / 1024,
-    }))
+    print(json.dumps({"forward_peak_mib": (peak_kib - resident_kib) / 1024, "resident_mib": resident_kib / 1024}))
+
+
+def _time_interleaved(reference, config: dict, args) -> dict:
+    """Time both providers alternately on shared weights; returns per-provider times in seconds."""
+    import torch
+
+    from fastdiff import UNet2DConditionModel
+
+    with torch.device("meta"):
+        model = UNet2DConditionModel.from_config(dict(reference.config))
+    model.load_state_dict(reference.state_dict(), strict=True, assign=True)
+    models = {"diffusers": reference.eval(), "fastdiff": model.eval()}
+    sample, text = _inputs(config, args.batch, args.latent)
+    wall = {name: [] for name in PROVIDERS}
+    cpu = {name: [] for name in PROVIDERS}
+    with torch.no_grad():
+        for m in models.values():
+            m(sample, 500, text)  # warm-up
+        for i in range(args.iters):
+            for name in PROVIDERS if i % 2 == 0 else reversed(PROVIDERS):
+                start, start_cpu = time.perf_counter(), time.process_time()
+                models[name](sample, 500, text)
+                wall[name].append(time.perf_counter() - start)
+                cpu[name].append(time.process_time() - start_cpu)
+    return wall, cpu
 
 
 def _environment() -> dict:
@@ -102,6 +135,7 @@ def _environment() -> dict:
     return {
         "cpu": cpu,
         "threads": torch.get_num_threads(),
+        "load_average_1min": os.getloadavg()[0],
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
         "commit": commit or "unknown",
@@ -109,59 +143,77 @@ def _environment() -> dict:
     }
 
 
+def _quantiles(times):
+    q = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
+    return {"p20_s": q[0], "p50_s": statistics.median(times), "p80_s": q[3]}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--configs", default="small,sd15", help=f"comma list of {sorted(CONFIGS)}")
     parser.add_argument("--latent", type=int, default=32, help="latent height and width")
     parser.add_argument("--batch", type=int, default=2, help="batch (2 = one CFG step)")
-    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--iters", type=int, default=6, help="timed forwards per provider")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--provider", choices=PROVIDERS, help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child:
-        _child(args)
+    if args.memory_child:
+        _memory_child(args)
         return 0
+    if args.iters < 1:
+        parser.error("--iters: must be at least 1")
 
     import torch
     from diffusers import UNet2DConditionModel
 
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     names = [c for c in args.configs.split(",") if c]
     unknown = set(names) - set(CONFIGS)
     if unknown:
         parser.error(f"--configs: unknown {sorted(unknown)}; choose from {sorted(CONFIGS)}")
-    env = _environment()
     os.makedirs(args.out, exist_ok=True)
     results = []
     for name in names:
         with tempfile.TemporaryDirectory() as folder:
             torch.manual_seed(0)
-            UNet2DConditionModel(**CONFIGS[name]).save_pretrained(folder)
+            reference = UNet2DConditionModel(**CONFIGS[name])
+            reference.save_pretrained(folder)
+            memory = {}
             for provider in PROVIDERS:
-                cmd = [sys.executable, os.path.abspath(__file__), "--child", "--provider", provider, "--folder", folder,
-                       "--latent", str(args.latent), "--batch", str(args.batch), "--iters", str(args.iters)]
+                cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", "--provider", provider,
+                       "--folder", folder, "--latent", str(args.latent), "--batch", str(args.batch)]
+                if args.threads is not None:
+                    cmd += ["--threads", str(args.threads)]
                 run = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
                 if run.returncode != 0:
-                    row = {"config": name, "provider": provider, "error": run.stderr.strip().splitlines()[-1:]}
-                else:
-                    row = {"config": name, "provider": provider, **json.loads(run.stdout.strip().splitlines()[-1])}
-                row.update(latent=args.latent, batch=args.batch, iters=args.iters, dtype="float32", **env)
-                results.append(row)
-                with open(os.path.join(args.out, "bench_unet_cpu.jsonl"), "a") as f:
-                    f.write(json.dumps(row) + "\n")
+                    raise RuntimeError(f"{provider} memory run failed:\n{run.stderr[-2000:]}")
+                memory[provider] = json.loads(run.stdout.strip().splitlines()[-1])
+            env = _environment()
+            wall, cpu = _time_interleaved(reference, CONFIGS[name], args)
+            del reference
+        ratio = statistics.median(d / f for d, f in zip(wall["diffusers"], wall["fastdiff"]))
+        cpu_ratio = statistics.median(d / f for d, f in zip(cpu["diffusers"], cpu["fastdiff"]))
+        for provider in PROVIDERS:
+            row = {"config": name, "provider": provider, **_quantiles(wall[provider]), **memory[provider],
+                   "cpu_p50_s": statistics.median(cpu[provider]),
+                   "speedup_vs_diffusers": ratio if provider == "fastdiff" else 1.0,
+                   "cpu_speedup_vs_diffusers": cpu_ratio if provider == "fastdiff" else 1.0,
+                   "latent": args.latent, "batch": args.batch, "iters": args.iters, "dtype": "float32", **env}
+            results.append(row)
+            with open(os.path.join(args.out, "bench_unet_cpu.jsonl"), "a") as f:
+                f.write(json.dumps(row) + "\n")
 
     print("== table ==")
-    print(f"{'config':8} {'provider':10} {'p50 ms':>9} {'p20 ms':>9} {'p80 ms':>9} {'fwd peak MiB':>13} {'vs diffusers':>13}")
-    base = {r["config"]: r for r in results if r["provider"] == "diffusers" and "error" not in r}
+    print(f"{'config':8} {'provider':10} {'p50 ms':>9} {'p20 ms':>9} {'p80 ms':>9} {'cpu p50 ms':>11} "
+          f"{'fwd peak MiB':>13} {'speedup':>8} {'cpu speedup':>12}")
     for r in results:
-        if "error" in r:
-            print(f"{r['config']:8} {r['provider']:10} ERROR {r['error']}")
-            continue
-        ref = base.get(r["config"])
-        speedup = f"{ref['p50_s'] / r['p50_s']:.2f}x" if ref else "-"
         print(f"{r['config']:8} {r['provider']:10} {1e3 * r['p50_s']:9.1f} {1e3 * r['p20_s']:9.1f} "
-              f"{1e3 * r['p80_s']:9.1f} {r['forward_peak_mib']:13.1f} {speedup:>13}")
+              f"{1e3 * r['p80_s']:9.1f} {1e3 * r['cpu_p50_s']:11.1f} {r['forward_peak_mib']:13.1f} "
+              f"{r['speedup_vs_diffusers']:7.2f}x {r['cpu_speedup_vs_diffusers']:11.2f}x")
     return 0
 
 
