@@ -3,7 +3,8 @@
 #   bash benchmarks/device_run.sh [OUT_DIR]      (default: $OUT, else benchmarks/results/device-<date>)
 # 1. builds the CUDA extension for this card,
 # 2. runs the GPU tests (the same test files as CI, now on CUDA instead of the interpreter),
-# 3. runs every benchmark, each writing its full results under OUT_DIR,
+# 3. runs every benchmark: one JSON-lines file each under OUT_DIR, their logs in bench.log,
+#    (OUT_DIR ends with at most 8 files: setup.log, tests.log, bench.log and the .jsonl files),
 # 4. prints a short summary table last.
 # Wheels the device image lacks (e.g. diffusers for the oracle tests) can travel in .whl/
 # (see the device tool's README); they are installed to /tmp/site when present.
@@ -20,7 +21,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 
 echo "== environment =="
-python3 - <<'PY' | tee "$OUT_DIR/env.txt"
+python3 - <<'PY' | tee "$OUT_DIR/setup.log"
 import subprocess, torch, triton
 print("card:", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none")
 print("capability:", torch.cuda.get_device_capability(0) if torch.cuda.is_available() else "none")
@@ -31,31 +32,36 @@ PY
 echo "== build: CUDA extension (sm_$(python3 -c 'import torch; a,b=torch.cuda.get_device_capability(0); print(f"{a}{b}")')) =="
 arch=$(python3 -c 'import torch; a,b=torch.cuda.get_device_capability(0); print(f"{a}{b}")')
 start=$(date +%s)
-if FASTDIFF_CUDA_ARCHS="$arch" python3 -m pip install -q --no-build-isolation --no-deps -e . >"$OUT_DIR/build.log" 2>&1; then
+if FASTDIFF_CUDA_ARCHS="$arch" python3 -m pip install -q --no-build-isolation --no-deps -e . >>"$OUT_DIR/setup.log" 2>&1; then
   echo "built in $(( $(date +%s) - start )) s"
 else
-  echo "BUILD FAILED (see build.log)"; tail -30 "$OUT_DIR/build.log"; status=1
+  echo "BUILD FAILED (see setup.log)"; tail -30 "$OUT_DIR/setup.log"; status=1
 fi
 
 echo "== GPU tests =="
-python3 -m pytest -q -x -p no:cacheprovider \
-  tests/test_group_norm.py tests/test_group_norm_triton.py tests/test_group_norm_cuda.py \
-  $(ls tests/test_attention.py tests/test_scheduler_step.py 2>/dev/null) \
-  2>&1 | tee "$OUT_DIR/tests.log" | tail -15
+tests=(tests/test_group_norm.py tests/test_group_norm_triton.py tests/test_group_norm_cuda.py tests/test_attention.py
+       tests/test_nn_attention.py tests/test_scheduler_step.py tests/test_scheduler_fused.py)
+existing=(); for t in "${tests[@]}"; do [ -f "$t" ] && existing+=("$t"); done
+{ timeout 300 python3 -m pytest -q -p no:cacheprovider "${existing[@]}" \
+  && timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_schedulers.py -k sync; } 2>&1 | tee "$OUT_DIR/tests.log" | tail -15
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 echo "== benchmarks =="
-for bench in benchmarks/bench_group_norm.py benchmarks/bench_attention.py benchmarks/bench_scheduler_step.py; do
-  [ -f "$bench" ] || continue
-  name=$(basename "$bench" .py)
-  timeout 240 python3 "$bench" --out "$OUT_DIR" >"$OUT_DIR/$name.log" 2>&1 || { echo "$name FAILED"; tail -20 "$OUT_DIR/$name.log"; status=1; }
-done
-
-echo "== summary =="
-for log in "$OUT_DIR"/bench_*.log; do
-  [ -f "$log" ] || continue
-  echo "-- $(basename "$log" .log)"
+run_bench() {  # name, timeout seconds, script arguments...
+  local name=$1 limit=$2; shift 2
+  echo "#### $name $*" >>"$OUT_DIR/bench.log"
+  timeout "$limit" python3 "benchmarks/$name.py" --out "$OUT_DIR" "$@" >"$OUT_DIR/.current.log" 2>&1 \
+    || { echo "$name $* FAILED"; tail -20 "$OUT_DIR/.current.log"; status=1; }
+  cat "$OUT_DIR/.current.log" >>"$OUT_DIR/bench.log"
   # each benchmark prints its own short table last, after a line '== table =='
-  sed -n '/^== table ==$/,$p' "$log" | tail -n +2
-done
+  { echo "-- $name $*"; sed -n '/^== table ==$/,$p' "$OUT_DIR/.current.log" | tail -n +2; } >>"$OUT_DIR/.summary"
+  rm -f "$OUT_DIR/.current.log"
+}
+run_bench bench_group_norm 150
+run_bench bench_attention 120
+run_bench bench_scheduler_step 60
+run_bench bench_unet 150 --archs sd15,sdxl
+echo "== summary =="
+cat "$OUT_DIR/.summary" 2>/dev/null
+rm -f "$OUT_DIR/.summary"
 exit $status
