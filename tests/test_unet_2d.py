@@ -63,10 +63,13 @@ def test_forward_matches_diffusers(case):
     assert ours.shape == (3, 2, 12, 20)
     assert_fp32_close(ours, reference(x, t, **kwargs).sample, what=name)
     assert torch.equal(model(x, t, return_dict=False, **kwargs)[0], ours)
+    assert torch.equal(model(x, t, **kwargs)["sample"], ours)
 
 
 def test_state_dict_identical(case):
     _, reference, model = case
+    assert model.num_parameters() == reference.num_parameters()
+    assert model.num_parameters(only_trainable=True) == reference.num_parameters(only_trainable=True)
     ours, theirs = model.state_dict(), reference.state_dict()
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)

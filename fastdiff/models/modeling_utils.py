@@ -25,7 +25,7 @@ import pickle
 import re
 from collections import OrderedDict
 from dataclasses import fields
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn

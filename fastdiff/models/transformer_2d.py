@@ -7,7 +7,7 @@ residual). Attention goes through ``fastdiff.nn.Attention``.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
