@@ -166,6 +166,12 @@ def test_bad_inputs_name_the_argument(case):
         model(x, 1, text[:1], **kwargs)
     with pytest.raises(ValueError, match=r"cross_attention_kwargs: unsupported keys \['gligen'\]"):
         model(x, 1, text, cross_attention_kwargs={"gligen": {}}, **kwargs)
+    if name.startswith("lcm"):
+        with pytest.raises(ValueError, match=r"timestep_cond: expected \(B, 10\)"):
+            model(x, 1, text, timestep_cond=torch.randn(2, 9), class_labels=kwargs["class_labels"])
+    else:
+        with pytest.raises(ValueError, match="timestep_cond: this model has no time_cond_proj_dim"):
+            model(x, 1, text, timestep_cond=torch.randn(2, 10), **kwargs)
     if name == "sdxl":
         with pytest.raises(ValueError, match="added_cond_kwargs: required"):
             model(x, 1, text)

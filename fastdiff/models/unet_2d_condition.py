@@ -428,10 +428,12 @@ class UNet2DConditionModel(ModelMixin, ConfigMixin):
 
     def _time_embedding(self, sample, timestep, timestep_cond, class_labels) -> torch.Tensor:
         t_emb = self.time_proj(timesteps_for_batch(timestep, sample)).to(dtype=sample.dtype)
-        if timestep_cond is not None and (timestep_cond.dim() != 2 or timestep_cond.shape[1] != self.config.time_cond_proj_dim):
-            raise ValueError(
-                f"timestep_cond: expected (B, {self.config.time_cond_proj_dim}), got {tuple(timestep_cond.shape)}"
-            )
+        cond_dim = self.config.time_cond_proj_dim
+        if timestep_cond is not None:
+            if cond_dim is None:
+                raise ValueError("timestep_cond: this model has no time_cond_proj_dim, so it takes no timestep_cond")
+            if timestep_cond.dim() != 2 or timestep_cond.shape[1] != cond_dim:
+                raise ValueError(f"timestep_cond: expected (B, {cond_dim}), got {tuple(timestep_cond.shape)}")
         emb = self.time_embedding(t_emb, timestep_cond)
         if self.class_embedding is None:
             if class_labels is not None:
