@@ -23,7 +23,10 @@ Metrics per (shape, layout, provider): p20/p50/p80 time
 counting one read and one write of x, the speedup over torch-eager and over
 torch-compile (their p50 divided by the provider's), the fraction of the copy
 bandwidth reached, and the max abs difference from torch-eager. For
-fastdiff-triton the launch the heuristic chose is recorded too.
+fastdiff-triton the launch the heuristic chose is recorded too. With
+``--sweep``, other launch configs of the same kernels are timed as
+``triton-sweep<i>`` rows (the table shows the best one per case): data for
+re-tuning ``launch_config``.
 
 Each run appends one JSON line per measurement to ``DIR/bench_group_norm.jsonl``
 (default DIR: benchmarks/results/) with the card, torch/triton versions,
@@ -78,6 +81,11 @@ SHAPES = {
     ],
 }
 PROVIDERS = ("fastdiff-triton", "fastdiff-cuda", "torch-eager", "torch-compile", "copy")
+# --sweep: knobs of kernels.group_norm.launch_config tried besides its defaults,
+# as (tile elements, warps) x programs per SM, plus the split path where the
+# default is the single pass.
+SWEEP_TILES = ((1024, 4), (2048, 4), (4096, 8))
+SWEEP_PROGRAMS_PER_SM = (2, 4, 8)
 LAYOUTS = ("nchw", "nhwc")
 
 logger = logging.getLogger("bench_group_norm")
@@ -121,18 +129,41 @@ def _inputs(n, c, h, w, layout, dtype, device):
     return x, weight, bias
 
 
-def _triton_launch(x) -> str:
-    """The launch the heuristic picks for x, in words."""
+def _launch_args(x):
+    n, c = x.shape[:2]
+    return n, c, math.prod(x.shape[2:]), GROUPS, x.stride(1) == 1
+
+
+def _describe(config, x) -> str:
+    """A launch config in words."""
     from fastdiff.kernels import group_norm as kernels
 
-    n, c = x.shape[:2]
-    s = math.prod(x.shape[2:])
-    config = kernels.launch_config(n, c, s, GROUPS, x.stride(1) == 1, kernels._num_sms(x.device))
+    n, c, s = x.shape[0], x.shape[1], math.prod(x.shape[2:])
     if config.single_pass:
         return f"single-pass {n * GROUPS} progs, tile {config.block_c}x{config.block_s}, {config.num_warps} warps"
     _, n_chunks = kernels._chunking(s, config)
     programs = n * n_chunks * -(-c // config.block_c)
     return f"split x{n_chunks}, {programs} progs, tile {config.block_c}x{config.block_s}, {config.num_warps} warps"
+
+
+def _sweep_configs(x) -> list:
+    """Distinct launch configs for x other than the heuristic's default."""
+    from fastdiff.kernels import group_norm as kernels
+
+    args = (*_launch_args(x), kernels._num_sms(x.device))
+    seen = {_describe(kernels.launch_config(*args), x)}
+    configs = []
+    for allow_single_pass in (True, False):
+        for tile_elems, num_warps in SWEEP_TILES:
+            for programs_per_sm in SWEEP_PROGRAMS_PER_SM:
+                config = kernels.launch_config(
+                    *args, allow_single_pass, tile_elems=tile_elems, num_warps=num_warps, programs_per_sm=programs_per_sm
+                )
+                launch = _describe(config, x)  # configs that differ only in a split that rounds to the same chunks launch alike
+                if launch not in seen:
+                    seen.add(launch)
+                    configs.append(config)
+    return configs
 
 
 def _bench(fn, args) -> dict:
@@ -144,8 +175,9 @@ def _bench(fn, args) -> dict:
     return {"out": out, "p20_ms": p20, "p50_ms": p50, "p80_ms": p80}
 
 
-def _run_case(providers, name, n, c, h, w, layout, dtype, unavailable) -> dict:
+def _run_case(providers, name, n, c, h, w, layout, dtype, unavailable, sweep) -> dict:
     from fastdiff.backends import BackendNotSupportedError
+    from fastdiff.kernels import group_norm as kernels
 
     x, weight, bias = _inputs(n, c, h, w, layout, dtype, "cuda")
     results = {}
@@ -170,7 +202,13 @@ def _run_case(providers, name, n, c, h, w, layout, dtype, unavailable) -> dict:
             if provider == "fastdiff-cuda" and not isinstance(err, BackendNotSupportedError):
                 unavailable[provider] = message  # a failed extension load/build: do not retry it for every shape
     if "fastdiff-triton" in results and "error" not in results["fastdiff-triton"]:
-        results["fastdiff-triton"]["launch"] = _triton_launch(x)
+        results["fastdiff-triton"]["launch"] = _describe(kernels.launch_config(*_launch_args(x), kernels._num_sms(x.device)), x)
+        for i, config in enumerate(_sweep_configs(x) if sweep else ()):
+
+            def fn(x, weight, bias, config=config):
+                return kernels.group_norm_forward(x, weight, bias, GROUPS, EPS, True, config)[0]
+
+            results[f"triton-sweep{i}"] = {**_bench(fn, (x, weight, bias)), "launch": _describe(config, x)}
     return results
 
 
@@ -208,7 +246,15 @@ def _print_table(env, table, dtype_name, skipped):
     print("== table ==")
     print(f"{env['card']} ({env['capability']}), torch {env['torch']}, triton {env['triton']}, {dtype_name}, GN({GROUPS})+SiLU, commit {env['commit']}")
     print(f"{'shape':<14}{'layout':<6} {'provider':<16}{'p50 us':>9}{'GB/s':>8}{'x eager':>9}{'x compile':>10}{'of copy':>8}")
+    best_sweep = {}
     for row in table:
+        if row["provider"].startswith("triton-sweep") and "p50_ms" in row:
+            key = (row["shape"], row["layout"])
+            if key not in best_sweep or row["p50_ms"] < best_sweep[key]["p50_ms"]:
+                best_sweep[key] = row
+    for row in table:
+        if row["provider"].startswith("triton-sweep") and row is not best_sweep.get((row["shape"], row["layout"])):
+            continue  # the table shows the best swept config per case; the jsonl has them all
         head = f"{row['shape']:<14}{row['layout']:<6} {row['provider']:<16}"
         if "error" in row:
             print(head + "n/a: ..." + row["error"][-70:])  # the reasons come last
@@ -261,6 +307,7 @@ def main(argv=None) -> int:
     parser.add_argument("--providers", default=",".join(PROVIDERS), help="comma-separated: " + ",".join(PROVIDERS))
     parser.add_argument("--time-budget-s", type=float, default=200.0, help="skip the cases left after this many seconds")
     parser.add_argument("--cpu-smoke", action="store_true", help="run the small CPU check even if CUDA is available")
+    parser.add_argument("--sweep", action="store_true", help="also time other launch configs of the Triton kernels (to re-tune the heuristic)")
     args = parser.parse_args(argv)
     for value, allowed, flag in ((args.shapes, SHAPES, "--shapes"), (args.layouts, LAYOUTS, "--layouts"), (args.providers, PROVIDERS, "--providers")):
         unknown = [v for v in value.split(",") if v not in allowed]
@@ -293,7 +340,7 @@ def main(argv=None) -> int:
                     skipped.append(f"{name}/{layout}")
                     continue
                 torch.manual_seed(0)
-                results = _run_case(providers, name, n, c, h, w, layout, dtype, unavailable)
+                results = _run_case(providers, name, n, c, h, w, layout, dtype, unavailable, args.sweep)
                 rows = _rows(env, results, name, n, c, h, w, layout, args.dtype, torch.finfo(dtype).bits // 8)
                 for row in rows:
                     sink.write(json.dumps(row) + "\n")

@@ -129,7 +129,17 @@ def _next_pow2(v: int) -> int:
 
 
 def launch_config(
-    n: int, c: int, s: int, num_groups: int, channels_contiguous: bool, num_sms: int, allow_single_pass: bool = True
+    n: int,
+    c: int,
+    s: int,
+    num_groups: int,
+    channels_contiguous: bool,
+    num_sms: int,
+    allow_single_pass: bool = True,
+    *,
+    tile_elems: int = SPLIT_TILE_ELEMS,
+    num_warps: int = SPLIT_NUM_WARPS,
+    programs_per_sm: int = PROGRAMS_PER_SM,
 ) -> GroupNormConfig:
     """Pick the launch for x of shape (n, c, s) with ``num_groups`` groups.
 
@@ -137,22 +147,23 @@ def launch_config(
     1), which makes the channel axis the wide one of the tile. ``num_sms`` is the
     device's multiprocessor count (132 on an H100/H200). The backward passes
     ``allow_single_pass=False``: it always reduces through per-chunk partials.
+    The keyword-only knobs default to the module constants above; the benchmark
+    sweeps them (``bench_group_norm.py --sweep``) to re-tune those constants.
     """
     cpg = c // num_groups
     group_tile = _next_pow2(cpg) * _next_pow2(s)
     if allow_single_pass and group_tile <= SINGLE_PASS_MAX_ELEMS:
-        num_warps = max(1, min(8, group_tile // 512))
-        return GroupNormConfig(True, _next_pow2(cpg), _next_pow2(s), num_warps, 1)
+        return GroupNormConfig(True, _next_pow2(cpg), _next_pow2(s), max(1, min(8, group_tile // 512)), 1)
     if channels_contiguous:
-        block_c = min(_next_pow2(c), SPLIT_MAX_BLOCK_C_NHWC)
-        block_s = min(_next_pow2(s), SPLIT_TILE_ELEMS // block_c)
+        block_c = min(_next_pow2(c), SPLIT_MAX_BLOCK_C_NHWC, tile_elems // 2)
+        block_s = min(_next_pow2(s), tile_elems // block_c)
     else:
-        block_s = min(_next_pow2(s), SPLIT_MAX_BLOCK_S_NCHW)
-        block_c = min(_next_pow2(c), SPLIT_TILE_ELEMS // block_s)
+        block_s = min(_next_pow2(s), SPLIT_MAX_BLOCK_S_NCHW, tile_elems // 2)
+        block_c = min(_next_pow2(c), tile_elems // block_s)
     base_programs = n * triton.cdiv(c, block_c)
-    want = triton.cdiv(PROGRAMS_PER_SM * num_sms, base_programs)
+    want = triton.cdiv(programs_per_sm * num_sms, base_programs)
     split = max(1, min(want, triton.cdiv(s, block_s)))
-    return GroupNormConfig(False, block_c, block_s, SPLIT_NUM_WARPS, split)
+    return GroupNormConfig(False, block_c, block_s, num_warps, split)
 
 
 def _chunking(s: int, config: GroupNormConfig) -> Tuple[int, int]:
