@@ -188,14 +188,15 @@ def test_channels_last_runs_end_to_end_without_layout_changes():
     assert out.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_vae_channels_last_matches():
+def test_vae_channels_last_runs_end_to_end_without_layout_changes():
     torch.manual_seed(0)
     model = _perturbed(AutoencoderKL(**VAE)).eval()
     x = torch.randn(1, 3, 16, 12)
-    with torch.no_grad():
-        expected = model(x).sample
-        model.to(memory_format=torch.channels_last)
-        assert_fp32_close(model(x.to(memory_format=torch.channels_last)).sample, expected, what="VAE channels_last")
+    expected, _ = _group_norm_input_layouts(model, x)
+    model.to(memory_format=torch.channels_last)
+    out, layouts = _group_norm_input_layouts(model, x.to(memory_format=torch.channels_last))
+    assert_fp32_close(out, expected, what="VAE channels_last")
+    assert layouts and all(layouts), f"{layouts.count(False)} of {len(layouts)} fused GroupNorm+SiLU inputs were not channels_last"
 
 
 def test_bf16_error_is_within_twice_diffusers(tmp_path):
