@@ -149,6 +149,14 @@ def test_sharded_variant(tmp_path):
     _assert_same_state(model, TinyModel.from_pretrained(tmp_path, variant="fp16"))
 
 
+def test_sharded_bin_weights(tmp_path):
+    model = _random_model(width=16, depth=3)
+    model.save_pretrained(tmp_path, max_shard_size="1KB", safe_serialization=False)
+    index = json.loads((tmp_path / "diffusion_pytorch_model.bin.index.json").read_text())
+    assert all(name.endswith(".bin") for name in index["weight_map"].values())
+    _assert_same_state(model, TinyModel.from_pretrained(tmp_path))
+
+
 def test_bin_weights_load_through_weights_only(tmp_path):
     model = _random_model()
     model.save_pretrained(tmp_path, safe_serialization=False)
