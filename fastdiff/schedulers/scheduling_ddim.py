@@ -198,7 +198,7 @@ class DDIMScheduler(SchedulerMixin):
         self._begin_index = begin_index
         self._restart_fused()
 
-    def _fused_reasons(self, eta=0.0, use_clipped_model_output=False):
+    def _fused_reasons(self, eta=0.0):
         reasons = []
         if self.config.thresholding:
             reasons.append("thresholding is not linear")
@@ -208,7 +208,7 @@ class DDIMScheduler(SchedulerMixin):
             reasons.append(f"eta must be >= 0, got {eta}")
         return reasons
 
-    def _fused_table(self, eta=0.0, use_clipped_model_output=False):
+    def _fused_table(self, eta=0.0):
         from fastdiff.ops.scheduler_step import ddim_coeffs
 
         # use_clipped_model_output recomputes eps from an unclipped x0: the same eps, the same table.
@@ -264,9 +264,8 @@ class DDIMScheduler(SchedulerMixin):
             raise ValueError("step() called before set_timesteps(); call set_timesteps(num_inference_steps) first.")
         if eta > 0 and variance_noise is not None and generator is not None:
             raise ValueError("pass either generator or variance_noise to step(), not both.")
-        step_args = {"eta": eta, "use_clipped_model_output": use_clipped_model_output}
-        if use_fused_step(self, sample, self._fused_reasons(**step_args)):
-            state = self._fused_state(tuple(sorted(step_args.items())))
+        if use_fused_step(self, sample, self._fused_reasons(eta)):
+            state = self._fused_state((("eta", eta),))
             start = None
             if state.step_index is None:
                 start = self._begin_index if self._begin_index is not None else self._index_of_checked(timestep)

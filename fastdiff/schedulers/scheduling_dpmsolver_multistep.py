@@ -188,7 +188,9 @@ def dpmpp_multistep_coeffs(
         em1 = math.expm1(-h)  # e^{-h} - 1; -1 onto a final sigma of 0 (h = inf)
         phi = a_t * em1
         c = [-phi, 0.0, 0.0]  # weights of m0, m1 (= hist[-1]), m2 (= hist[-2])
-        if order == 2:
+        if h == 0:
+            pass  # a repeated sigma (karras sigmas ending on sigma_min): x_prev = x, where diffusers gets 0/0
+        elif order == 2:
             r0 = (lam[i] - lam[i - 1]) / h
             if solver_type == "midpoint":
                 c = [-phi - 0.5 * phi / r0, 0.5 * phi / r0, 0.0]
