@@ -40,7 +40,7 @@ Forward, two paths (chosen by :func:`launch_config`):
 
   Traffic: 1 read for the statistics + 1 read + 1 write.
 
-Backward (``_bwd_reduce_kernel`` then ``_bwd_dx_kernel``), with
+Backward (``_bwd_reduce_kernel``, ``_bwd_combine_kernel``, ``_bwd_dx_kernel``), with
 x_hat = (x - mean) * rstd, z = x_hat * w + b, y = act(z)::
 
     dz        = dy * act'(z)          silu'(z) = s * (1 + z * (1 - s)),  s = sigmoid(z)
@@ -49,8 +49,9 @@ x_hat = (x - mean) * rstd, z = x_hat * w + b, y = act(z)::
     dx        = rstd * (dz * w - A - x_hat * B)
 
 The reduce kernel writes per-(n, c, chunk) partial sums of ``dz * x_hat`` and
-``dz`` (z is recomputed from x, never stored); a few tiny torch sums turn them
-into dw, db, A and B; the dx kernel then reads x and dy once more.
+``dz`` (z is recomputed from x, never stored); ``_bwd_combine_kernel``, one
+tiny program per group, turns them into dw, db, A and B; the dx kernel then
+reads x and dy once more. Three launches in all.
 
 All arithmetic is fp32: every load is cast with ``.to(tl.float32)`` right away
 and every store casts back to the output's dtype.
@@ -549,6 +550,53 @@ def _bwd_reduce_kernel(
 
 
 @triton.jit
+def _bwd_combine_kernel(
+    PDS,  # pointer to fp32 partial sum(dz * x_hat), (N, C, n_chunks) contiguous
+    PDB,  # pointer to fp32 partial sum(dz), (N, C, n_chunks) contiguous
+    W,  # pointer to weight, (C,) contiguous
+    COEF_A,  # pointer to the fp32 output A = mean_group(dz * w), (N, G)
+    COEF_B,  # pointer to the fp32 output B = mean_group(dz * w * x_hat), (N, G)
+    DW,  # pointer to the dw output, (C,) in weight's dtype
+    DB,  # pointer to the db output, (C,) in bias's dtype
+    N,  # batch size
+    C,  # number of channels
+    G,  # number of groups
+    CPG,  # channels per group
+    n_chunks,  # partials per (n, c)
+    inv_group_size,  # 1 / (CPG * S)
+    BLOCK_CPG: tl.constexpr,  # >= CPG, power of two
+    BLOCK_K: tl.constexpr,  # partials summed per step
+):
+    # One program per group g: it owns channels [g * CPG, (g + 1) * CPG) and
+    # loops over the batch, so dw and db (sums over n) need no second pass.
+    #   ds[n, c] = sum_k PDS[n, c, k]       db_nc[n, c] = sum_k PDB[n, c, k]
+    #   A[n, g] = sum_{c in g} w[c] db_nc[n, c] / (CPG S)    B[n, g] = sum_{c in g} w[c] ds[n, c] / (CPG S)
+    #   dw[c] = sum_n ds[n, c]              db[c] = sum_n db_nc[n, c]
+    g = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_CPG)
+    mask_c = offs < CPG
+    chan = g * CPG + offs
+    w = tl.load(W + chan, mask=mask_c, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK_CPG], dtype=tl.float32)
+    db = tl.zeros([BLOCK_CPG], dtype=tl.float32)
+    for n in range(0, N):
+        ds_n = tl.zeros([BLOCK_CPG], dtype=tl.float32)
+        db_n = tl.zeros([BLOCK_CPG], dtype=tl.float32)
+        rows = (n * C + chan) * n_chunks
+        for k0 in range(0, n_chunks, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            mask = mask_c[:, None] & (k < n_chunks)[None, :]
+            ds_n += tl.sum(tl.load(PDS + rows[:, None] + k[None, :], mask=mask, other=0.0), axis=1)
+            db_n += tl.sum(tl.load(PDB + rows[:, None] + k[None, :], mask=mask, other=0.0), axis=1)
+        tl.store(COEF_A + n * G + g, tl.sum(w * db_n, axis=0) * inv_group_size)
+        tl.store(COEF_B + n * G + g, tl.sum(w * ds_n, axis=0) * inv_group_size)
+        dw += ds_n
+        db += db_n
+    tl.store(DW + chan, dw.to(DW.dtype.element_ty), mask=mask_c)
+    tl.store(DB + chan, db.to(DB.dtype.element_ty), mask=mask_c)
+
+
+@triton.jit
 def _bwd_dx_kernel(
     DY,  # pointer to dy, same shape as x, its own strides
     X,  # pointer to x, (N, C, *spatial)
@@ -767,23 +815,22 @@ def group_norm_backward(
     grid = (n * n_chunks * n_cblocks,)
     pds = torch.empty((n, c, n_chunks), dtype=torch.float32, device=x.device)
     pdb = torch.empty_like(pds)
+    coef_a = torch.empty((n, num_groups), dtype=torch.float32, device=x.device)
+    coef_b = torch.empty_like(coef_a)
+    dw, db = torch.empty_like(weight), torch.empty_like(bias)
     with _device_ctx(x):
         _bwd_reduce_kernel[grid](
             dy, x, weight, bias, mean, rstd, pds, pdb, c, s, s1, *x_strides, *dy_strides, num_groups, cpg, chunk, n_chunks, n_cblocks,
             SILU=silu, TWO_D=two_d, BLOCK_C=config.block_c, BLOCK_S=config.block_s, num_warps=config.num_warps,
         )
-        # Tiny reductions: (N, C, n_chunks) partials -> per-channel and per-group sums.
-        ds_nc = pds.sum(dim=2)
-        db_nc = pdb.sum(dim=2)
-        w32 = weight.float()
-        group_size = float(cpg * s)
-        coef_a = (db_nc * w32).view(n, num_groups, cpg).sum(dim=2) / group_size
-        coef_b = (ds_nc * w32).view(n, num_groups, cpg).sum(dim=2) / group_size
+        block_cpg = _next_pow2(cpg)
+        _bwd_combine_kernel[(num_groups,)](
+            pds, pdb, weight, coef_a, coef_b, dw, db, n, c, num_groups, cpg, n_chunks, 1.0 / (cpg * s),
+            BLOCK_CPG=block_cpg, BLOCK_K=max(2, min(_next_pow2(n_chunks), COMBINE_BLOCK // block_cpg)), num_warps=4,
+        )
         _bwd_dx_kernel[grid](
             dy, x, dx, weight, bias, mean, rstd, coef_a, coef_b, c, s, s1, *x_strides, *dy_strides, *dx_strides,
             num_groups, cpg, chunk, n_chunks, n_cblocks,
             SILU=silu, TWO_D=two_d, BLOCK_C=config.block_c, BLOCK_S=config.block_s, num_warps=config.num_warps,
         )
-    dw = ds_nc.sum(dim=0).to(weight.dtype)
-    db = db_nc.sum(dim=0).to(bias.dtype)
     return dx, dw, db
