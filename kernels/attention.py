@@ -104,15 +104,16 @@ def _fwd_configs() -> List[triton.Config]:
 def _prune_fwd_configs(configs, named_args, **kwargs):
     """Per-shape pruning before tuning.
 
-    * Large head dims (padded > 128) keep BLOCK_N <= 64 so K/V tiles fit in
-      shared memory with 2-3 stages.
+    * Large head dims (padded > 128, i.e. 160) keep BLOCK_N <= 64 and drop
+      BLOCK_M = 32: on sm_90 (Triton 3.9) those tiles use 250+ registers or
+      spill (ptxas resource usage).
     * Occupancy: a config whose grid covers less than half a wave of SMs is
       dropped whenever some other config covers a full wave.
     """
     args = {**named_args, **kwargs}  # Triton 3.0 passes constexpr arguments in kwargs
     padded = sum(head_dim_chunks(args["HEAD_DIM"]))
     if padded > 128:
-        configs = [c for c in configs if c.kwargs["BLOCK_N"] <= 64] or configs
+        configs = [c for c in configs if c.kwargs["BLOCK_N"] <= 64 and c.kwargs["BLOCK_M"] != 32] or configs
     q = args["Q"]
     if not isinstance(q, torch.Tensor) or q.device.type != "cuda":
         return configs
@@ -128,22 +129,35 @@ def _prune_fwd_configs(configs, named_args, **kwargs):
     return configs
 
 
-def _bwd_configs() -> List[triton.Config]:
+# Backward tiles, (BLOCK_M, BLOCK_N, num_warps). _attn_bwd_dkdv owns BLOCK_N keys
+# and steps through BLOCK_M queries; _attn_bwd_dq owns BLOCK_M queries and steps
+# through BLOCK_N keys. Chosen from the register use ptxas reports for sm_90
+# (Triton 3.9, fp16, with and without a mask): the tiles listed compile without
+# spills for head dims 40/64/80, the *_LARGE_D ones for padded head dims above
+# 128 (160), where most bigger tiles spill.
+_DKDV_TILES = ((32, 64, 4), (32, 64, 8), (64, 64, 8), (32, 128, 8), (64, 128, 8))
+_DKDV_TILES_LARGE_D = ((16, 64, 4), (32, 64, 8), (16, 128, 8))
+_DQ_TILES = ((64, 64, 4), (128, 64, 8), (64, 32, 8), (64, 64, 8), (128, 32, 8))
+_DQ_TILES_LARGE_D = ((64, 32, 4), (64, 32, 8), (64, 64, 8), (128, 32, 8))
+
+
+def _bwd_configs(*tile_sets) -> List[triton.Config]:
     if _interpret():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w in ((32, 64, 4), (64, 64, 4), (64, 128, 8), (128, 64, 8), (32, 128, 4))
-        for s in (2, 3)
-    ]
+    tiles = sorted({t for tile_set in tile_sets for t in tile_set})
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w in tiles for s in (2, 3)]
 
 
-def _prune_bwd_configs(configs, named_args, **kwargs):
-    """The backward holds K, V, dK and dV tiles at once: big head dims keep 64-row tiles."""
-    padded = sum(head_dim_chunks({**named_args, **kwargs}["HEAD_DIM"]))
-    if padded > 128:
-        configs = [c for c in configs if max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= 64] or configs
-    return configs
+def _bwd_pruner(tiles, tiles_large_d):
+    """An early_config_prune keeping ``tiles`` for padded head dims <= 128, else ``tiles_large_d``."""
+
+    def prune(configs, named_args, **kwargs):
+        padded = sum(head_dim_chunks({**named_args, **kwargs}["HEAD_DIM"]))
+        wanted = tiles if padded <= 128 else tiles_large_d
+        kept = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) in wanted]
+        return kept or configs
+
+    return prune
 
 
 def _even_heuristics():
@@ -202,17 +216,27 @@ def _cols(base, offs, stride, ALIGNED: tl.constexpr):
 
 @triton.jit
 def _apply_mask(s, Mask, offs_m, offs_n, ok_m, ok_n, stride_mm, stride_mn,
-                MASK_KIND: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr):
+                MASK_KIND: tl.constexpr, MASK_KEYS_ONLY: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr):
     """Add the user mask to a (len(offs_m), len(offs_n)) tile of scores in log2 units.
 
     Mask points at this (batch, head)'s mask plane; offs_m/offs_n index its
-    query/key axes (either may be laid out along the tile's rows)."""
-    if MASK_KIND == 1:
-        keep = _load(Mask + offs_m * stride_mm + offs_n * stride_mn, ok_m, ok_n, EVEN_M, EVEN_N)
-        s = tl.where(keep != 0, s, float("-inf"))
-    elif MASK_KIND == 2:
-        bias = _load(Mask + offs_m * stride_mm + offs_n * stride_mn, ok_m, ok_n, EVEN_M, EVEN_N)
-        s = s + bias.to(tl.float32) * 1.4426950408889634  # log2(e): scores are in log2 units
+    query/key axes (either may be laid out along the tile's rows). With
+    MASK_KEYS_ONLY the mask is the same for every query (a key-padding mask such
+    as (B, 1, 1, Lk)), so one vector of keys is loaded instead of a full tile:
+    a full tile of mask pointers costs enough registers to make the forward
+    spill at 128x64 tiles on sm_90."""
+    if MASK_KIND != 0:
+        if MASK_KEYS_ONLY:
+            if EVEN_N:
+                m = tl.load(Mask + offs_n * stride_mn)
+            else:
+                m = tl.load(Mask + offs_n * stride_mn, mask=ok_n, other=0)
+        else:
+            m = _load(Mask + offs_m * stride_mm + offs_n * stride_mn, ok_m, ok_n, EVEN_M, EVEN_N)
+        if MASK_KIND == 1:
+            s = tl.where(m != 0, s, float("-inf"))
+        else:
+            s = s + m.to(tl.float32) * 1.4426950408889634  # log2(e): scores are in log2 units
     return s
 
 
@@ -235,6 +259,7 @@ def _attn_fwd(
     D0: tl.constexpr, D1: tl.constexpr,  # head-dim chunk widths (powers of two >= 16; D1 may be 0)
     EVEN_D0: tl.constexpr, EVEN_D1: tl.constexpr,  # chunk lies fully inside D (no column bounds check)
     MASK_KIND: tl.constexpr,  # 0 none, 1 boolean, 2 additive
+    MASK_KEYS_ONLY: tl.constexpr,  # the mask does not vary along queries (stride_mm == 0 or Lq == 1)
     PRECISION: tl.constexpr,  # tl.dot input_precision: "ieee" for fp32 inputs
     UPCAST: tl.constexpr,  # compute every dot in fp32 (the interpreter)
     ALIGNED: tl.constexpr,  # every q/k/v/out row starts on a 16-byte boundary (see _rows)
@@ -288,7 +313,7 @@ def _attn_fwd(
                 kt1 = kt1.to(tl.float32)
             s = tl.dot(q1, kt1, s, input_precision=PRECISION)
         s = s * qk_scale
-        s = _apply_mask(s, Mask, offs_m[:, None], cols[None, :], ok_m[:, None], ok_n[None, :], stride_mm, stride_mn, MASK_KIND, EVEN_M, EVEN_N)
+        s = _apply_mask(s, Mask, offs_m[:, None], cols[None, :], ok_m[:, None], ok_n[None, :], stride_mm, stride_mn, MASK_KIND, MASK_KEYS_ONLY, EVEN_M, EVEN_N)
         if not EVEN_N:
             s = tl.where(ok_n[None, :], s, float("-inf"))
 
@@ -390,7 +415,7 @@ def _attn_bwd_dkdv(
     sm_scale,  # softmax scale (natural units), applied to dK once at the end
     qk_scale,  # sm_scale * log2(e)
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, EVEN_D0: tl.constexpr, EVEN_D1: tl.constexpr,
-    MASK_KIND: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, ALIGNED: tl.constexpr,
+    MASK_KIND: tl.constexpr, MASK_KEYS_ONLY: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, ALIGNED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
 ):
     # Program (pid_n, pid_bh) owns key rows [pid_n * BLOCK_N, +BLOCK_N) of one
@@ -449,7 +474,7 @@ def _attn_bwd_dkdv(
                 do1 = do1.to(tl.float32)
             st = tl.dot(k1, tl.trans(q1), st, input_precision=PRECISION)
         st = st * qk_scale
-        st = _apply_mask(st, Mask, rows[None, :], offs_n[:, None], ok_m[None, :], ok_n[:, None], stride_mm, stride_mn, MASK_KIND, EVEN_M, EVEN_N)
+        st = _apply_mask(st, Mask, rows[None, :], offs_n[:, None], ok_m[None, :], ok_n[:, None], stride_mm, stride_mn, MASK_KIND, MASK_KEYS_ONLY, EVEN_M, EVEN_N)
         # Rows past Lq read lse = +inf, so their P is 0; key rows past Lk are never stored.
         if EVEN_M:
             lse = tl.load(Lse + rows)
@@ -499,7 +524,7 @@ def _attn_bwd_dq(
     H, Lq, Lk,
     sm_scale, qk_scale,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, EVEN_D0: tl.constexpr, EVEN_D1: tl.constexpr,
-    MASK_KIND: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, ALIGNED: tl.constexpr,
+    MASK_KIND: tl.constexpr, MASK_KEYS_ONLY: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, ALIGNED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
 ):
     # Program (pid_m, pid_bh) owns query rows [pid_m * BLOCK_M, +BLOCK_M) of one
@@ -560,7 +585,7 @@ def _attn_bwd_dq(
             s = tl.dot(q1, kt1, s, input_precision=PRECISION)
             dp = tl.dot(do1, vt1, dp, input_precision=PRECISION)
         s = s * qk_scale
-        s = _apply_mask(s, Mask, offs_m[:, None], cols[None, :], ok_m[:, None], ok_n[None, :], stride_mm, stride_mn, MASK_KIND, EVEN_M, EVEN_N)
+        s = _apply_mask(s, Mask, offs_m[:, None], cols[None, :], ok_m[:, None], ok_n[None, :], stride_mm, stride_mn, MASK_KIND, MASK_KEYS_ONLY, EVEN_M, EVEN_N)
         if not EVEN_N:
             s = tl.where(ok_n[None, :], s, float("-inf"))
         p = tl.math.exp2(s - lse[:, None])
@@ -579,12 +604,16 @@ def _attn_bwd_dq(
 
 
 _bwd_key = ["Lq", "Lk", "HEAD_DIM", "MASK_KIND"]
-_attn_bwd_dkdv_tuned = triton.autotune(configs=_bwd_configs(), key=_bwd_key, prune_configs_by={"early_config_prune": _prune_bwd_configs})(
-    triton.heuristics(_even_heuristics())(_attn_bwd_dkdv)
-)
-_attn_bwd_dq_tuned = triton.autotune(configs=_bwd_configs(), key=_bwd_key, prune_configs_by={"early_config_prune": _prune_bwd_configs})(
-    triton.heuristics(_even_heuristics())(_attn_bwd_dq)
-)
+_attn_bwd_dkdv_tuned = triton.autotune(
+    configs=_bwd_configs(_DKDV_TILES, _DKDV_TILES_LARGE_D),
+    key=_bwd_key,
+    prune_configs_by={"early_config_prune": _bwd_pruner(_DKDV_TILES, _DKDV_TILES_LARGE_D)},
+)(triton.heuristics(_even_heuristics())(_attn_bwd_dkdv))
+_attn_bwd_dq_tuned = triton.autotune(
+    configs=_bwd_configs(_DQ_TILES, _DQ_TILES_LARGE_D),
+    key=_bwd_key,
+    prune_configs_by={"early_config_prune": _bwd_pruner(_DQ_TILES, _DQ_TILES_LARGE_D)},
+)(triton.heuristics(_even_heuristics())(_attn_bwd_dq))
 
 
 # ---------------------------------------------------------------------------
@@ -639,6 +668,7 @@ def _common_meta(q: torch.Tensor, attn_mask: Optional[torch.Tensor], tensors: Tu
         "EVEN_D0": d0 <= head_dim,
         "EVEN_D1": d0 + d1 <= head_dim,
         "MASK_KIND": kind,
+        "MASK_KEYS_ONLY": attn_mask is not None and (q.shape[2] == 1 or attn_mask.expand(*q.shape[:3], attn_mask.shape[-1]).stride(2) == 0),
         "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
         "UPCAST": _interpret(),
         "ALIGNED": all(_rows_aligned(t) for t in tensors),

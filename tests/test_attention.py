@@ -307,7 +307,7 @@ from fastdiff.kernels import attention as kernels
 # 40 not divisible by 16; Lk=77 leaves a tail block.
 capability = int(sys.argv[1])
 d0, d1 = kernels.head_dim_chunks(40)
-meta = dict(HEAD_DIM=40, D0=d0, D1=d1, EVEN_D0=True, EVEN_D1=False, MASK_KIND=1, PRECISION="tf32", UPCAST=False,
+meta = dict(HEAD_DIM=40, D0=d0, D1=d1, EVEN_D0=True, EVEN_D1=False, MASK_KIND=1, MASK_KEYS_ONLY=False, PRECISION="tf32", UPCAST=False,
             ALIGNED=True, BLOCK_M=64, BLOCK_N=64, EVEN_M=True, EVEN_N=False)
 pointers = dict(Q="*fp16", K="*fp16", V="*fp16", Mask="*u8", Out="*fp16", Lse="*fp32", DOut="*fp16", Delta="*fp32",
                 DQ="*fp16", DK="*fp16", DV="*fp16")
