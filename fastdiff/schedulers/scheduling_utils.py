@@ -597,7 +597,7 @@ class FusedStepState:
             shape = (self.slots, *sample.shape)
             if self.history is None:
                 self.history = sample.new_zeros(shape)
-            elif tuple(self.history.shape) != shape or self.history.dtype != sample.dtype or self.history.device != sample.device:
+            elif (self.history.shape, self.history.dtype, self.history.device) != (shape, sample.dtype, sample.device):
                 raise ValueError(
                     f"{type(scheduler).__name__}.step: sample changed to {tuple(sample.shape)} {sample.dtype} on "
                     f"{sample.device} during a multistep loop (history {tuple(self.history.shape[1:])} "
