@@ -323,6 +323,7 @@ _EMU_CONSTANTS = {
     "constexpr int64_t kMinElemsPerCta = 2048;": "constexpr int64_t kMinElemsPerCta = 64;",
     "constexpr size_t kOnePassSharedBytes = 44 * 1024;": "constexpr size_t kOnePassSharedBytes = 2048;",
     "constexpr int64_t kRowsMinElemsPerCta = 8192;": "constexpr int64_t kRowsMinElemsPerCta = 64;",
+    "constexpr int64_t kRowsMinGroupRunBytes = 64;": "constexpr int64_t kRowsMinGroupRunBytes = 16;",
 }
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -426,7 +427,7 @@ EMU_LAYOUTS = {
     "nhwc_vec_small": lambda dt: (_randn(3, 16, 5, 7, dtype=dt).to(memory_format=torch.channels_last), 2),
     "nhwc_c20_g2": lambda dt: (_randn(1, 20, 9, 7, dtype=dt).to(memory_format=torch.channels_last), 2),
     "nhwc_rows_cpg10": lambda dt: (_randn(2, 40, 7, 9, dtype=dt).to(memory_format=torch.channels_last), 4),
-    "nhwc_rows_cpg2": lambda dt: (_randn(1, 16, 9, 10, dtype=dt).to(memory_format=torch.channels_last), 8),
+    "nhwc_rows_cpg2": lambda dt: (_randn(1, 16, 20, 24, dtype=dt).to(memory_format=torch.channels_last), 8),
     "1d": lambda dt: (_randn(3, 8, 33, dtype=dt), 2),
     "3d_ncdhw": lambda dt: (_randn(1, 6, 3, 4, 5, dtype=dt), 3),
     "3d_channels_last": lambda dt: (_randn(2, 8, 3, 4, 6, dtype=dt).to(memory_format=torch.channels_last_3d), 4),
@@ -465,7 +466,7 @@ def test_emulated_forward(emulate, seed, layout, dtype, sm_count):
         ("misaligned", torch.float16, 1, {"vec": 1}),
         ("misaligned", torch.float32, 16, {"vec": 1, "algorithm": "two_pass"}),
         ("step2_spatial", torch.float32, 1, {"vec": 1}),
-        ("3d_channels_last", torch.float16, 1, {"algorithm": "rows", "vec": 8, "channels_inner": True}),
+        ("3d_channels_last", torch.float16, 1, {"algorithm": "one_pass", "vec": 2, "channels_inner": True}),
         ("nhwc_rows_cpg10", torch.float16, 16, {"algorithm": "rows", "vec": 8}),  # 60 threads: a partial warp
         ("nhwc_rows_cpg10", torch.float32, 1, {"algorithm": "rows", "vec": 4}),
         ("nhwc_rows_cpg2", torch.bfloat16, 16, {"algorithm": "rows", "vec": 8}),  # a pack spans 4 groups
@@ -529,8 +530,9 @@ H100_SMS = 132
 def test_plan_fills_an_h100_on_sd_shapes(real_plan, shape, channels_last):
     """Real launch constants: at least one full wave of CTAs on every SD shape
     but the 320 KB 8x8 one (one-pass, launch-bound; see group_norm.cu), and
-    16-byte packs everywhere: per group where a group's inner extent allows
-    it, else (NHWC with 10 or 20 channels per group) over whole channel rows."""
+    16-byte packs everywhere: per group where a group's run of channels is
+    wide enough, else (NHWC with fewer than 32 channels per group) over whole
+    channel rows."""
     x = torch.empty(shape, dtype=torch.float16)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
@@ -542,7 +544,7 @@ def test_plan_fills_an_h100_on_sd_shapes(real_plan, shape, channels_last):
     else:
         assert plan["algorithm"] != "one_pass" and ctas >= H100_SMS, plan
     assert plan["vec"] == 8 and plan["channels_inner"] == channels_last
-    narrow_groups = channels_last and (shape[1] // 32) % 8 != 0
+    narrow_groups = channels_last and shape[1] // 32 * 2 < 64
     assert (plan["algorithm"] == "rows") == narrow_groups
 
 

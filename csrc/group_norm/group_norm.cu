@@ -58,6 +58,7 @@ constexpr int kTargetCtasPerSm = 4;                // two-pass: aim for this man
 constexpr int64_t kMinElemsPerCta = 2048;          // ... but give each CTA at least this much work
 constexpr int kMaxSplits = 256;                    // partials merged per group in _apply_kernel
 constexpr int64_t kRowsMinElemsPerCta = 8192;      // rows path: its CTAs also merge per-group partials in shared memory
+constexpr int64_t kRowsMinGroupRunBytes = 64;      // NHWC groups narrower than this take the rows path (two sectors)
 // Largest group cached on chip by the one-pass kernel. Static plus dynamic
 // shared memory must stay within 48 KiB to launch without an opt-in attribute;
 // the reductions' static arrays take ~128 bytes, so leave 4 KiB of headroom.
@@ -673,13 +674,16 @@ LayoutInfo analyse_layout(const ForwardArgs& a) {
   return info;
 }
 
-// The rows path applies when the per-group packs are narrower than 16 bytes
-// but whole channel rows can move in 16-byte packs: channel stride 1 and
+// The rows path applies when a group's run of channels is narrow (its packs
+// are under 16 bytes, or the run is under kRowsMinGroupRunBytes, so a warp
+// would read partial sectors) but whole channel rows can move in 16-byte
+// packs: channel stride 1 and
 // collapsed spatial dims for x and y, C a multiple of the 16-byte pack with at
 // most kThreads packs per row, and aligned strides and pointers.
 bool rows_eligible(const ForwardArgs& a, const LayoutInfo& info) {
   const int64_t full = static_cast<int64_t>(16 / element_size(a.dtype));
-  if (info.vec >= full) return false;
+  const int64_t run_bytes = a.channels / a.groups * static_cast<int64_t>(element_size(a.dtype));
+  if (info.vec >= full && run_bytes >= kRowsMinGroupRunBytes) return false;
   if (a.x_strides.c != 1 || a.y_strides.c != 1 || info.x_spatial <= 0 || info.y_spatial <= 0) return false;
   if (a.channels % full != 0 || a.channels / full > kThreads) return false;
   return info.x_spatial % full == 0 && info.y_spatial % full == 0 && a.x_strides.n % full == 0 &&
@@ -801,28 +805,6 @@ cudaError_t make_plan(const ForwardArgs& a, int sm_count, Plan* plan) {
   const int64_t group_packs = group_elems / info.vec;
   const int64_t target = static_cast<int64_t>(kTargetCtasPerSm) * sm_count;
 
-  if (rows_eligible(a, info)) {
-    // Rows path: `splits` CTAs per sample, each at least kRowsMinElemsPerCta
-    // elements and one row per thread, at most kMaxSplits.
-    const int vec = static_cast<int>(16 / element_size(a.dtype));
-    const int row_packs = static_cast<int>(a.channels / vec);
-    const int rows_per_iter = kThreads / row_packs;
-    int64_t splits = (target + a.batch - 1) / a.batch;
-    int64_t most = S * a.channels / kRowsMinElemsPerCta;
-    if (S / rows_per_iter < most) most = S / rows_per_iter;
-    if (most > kMaxSplits) most = kMaxSplits;
-    if (splits > most) splits = most;
-    if (splits < 1) splits = 1;
-    plan->algorithm = Algorithm::kRows;
-    plan->splits = static_cast<int>(splits);
-    plan->vec = vec;
-    plan->channels_inner = true;
-    plan->threads = rows_per_iter * row_packs;
-    plan->shared_bytes = 0;
-    plan->workspace_bytes = static_cast<size_t>(groups * splits * 3) * sizeof(float);
-    return cudaSuccess;
-  }
-
   // Splits: enough CTAs for kTargetCtasPerSm per SM, but at least
   // kMinElemsPerCta elements and kThreads packs per CTA, at most kMaxSplits.
   int64_t splits = (target + groups - 1) / groups;
@@ -835,6 +817,29 @@ cudaError_t make_plan(const ForwardArgs& a, int sm_count, Plan* plan) {
   // One pass when a single CTA per group is the plan anyway and the group fits on chip.
   const size_t group_bytes = static_cast<size_t>(group_elems) * element_size(a.dtype);
   const bool one_pass = splits == 1 && group_bytes <= kOnePassSharedBytes;
+
+  // Rows path when two passes are needed anyway and the group's channel runs
+  // are narrow: `splits` CTAs per sample, each at least kRowsMinElemsPerCta
+  // elements and one row per thread, at most kMaxSplits.
+  if (!one_pass && rows_eligible(a, info)) {
+    const int vec = static_cast<int>(16 / element_size(a.dtype));
+    const int row_packs = static_cast<int>(a.channels / vec);
+    const int rows_per_iter = kThreads / row_packs;
+    int64_t row_splits = (target + a.batch - 1) / a.batch;
+    int64_t row_most = S * a.channels / kRowsMinElemsPerCta;
+    if (S / rows_per_iter < row_most) row_most = S / rows_per_iter;
+    if (row_most > kMaxSplits) row_most = kMaxSplits;
+    if (row_splits > row_most) row_splits = row_most;
+    if (row_splits < 1) row_splits = 1;
+    plan->algorithm = Algorithm::kRows;
+    plan->splits = static_cast<int>(row_splits);
+    plan->vec = vec;
+    plan->channels_inner = true;
+    plan->threads = rows_per_iter * row_packs;
+    plan->shared_bytes = 0;
+    plan->workspace_bytes = static_cast<size_t>(groups * row_splits * 3) * sizeof(float);
+    return cudaSuccess;
+  }
 
   plan->algorithm = one_pass ? Algorithm::kOnePass : Algorithm::kTwoPass;
   plan->splits = static_cast<int>(splits);
