@@ -15,9 +15,20 @@ not the 64 a single power-of-two tile would (FA2 and FA3 pad 40 to 64 and
 
 Masks. A boolean (True = attend) or additive mask, broadcastable to
 (B, H, Lq, Lk), is read through four strides; broadcast dims get stride 0, so
-nothing is materialised. A fully-masked row gives zeros (SDPA's behaviour in
-torch >= 2.5) and zero gradients; its saved logsumexp is +inf so that the
-backward's exp2(s - lse) is 0 there.
+nothing is materialised. A mask that does not vary along queries (key padding,
+(B, 1, 1, Lk)) is read as one vector of keys per step (``MASK_KEYS_ONLY``); a
+full (Lq, Lk) mask needs a tile of pointers, which on sm_90 makes the 128x64
+forward tiles spill (ptxas, Triton 3.9), so expect full masks to run slower.
+A fully-masked row gives zeros (SDPA's behaviour in torch >= 2.5) and zero
+gradients; its saved logsumexp is +inf so that the backward's exp2(s - lse)
+is 0 there.
+
+Alignment. Triton vectorises (and so pipelines with cp.async) a row load only
+if it can prove the row starts 16 bytes apart. With D=40 the row stride 40 is
+not a multiple of 16, so the JIT cannot prove it; the launcher checks it
+instead and passes ``ALIGNED``, which :func:`_rows`/:func:`_cols` turn into
+``tl.multiple_of`` hints (tests/test_attention.py compiles the kernels for
+sm_80/sm_90 and checks that the loads are pipelined).
 
 Precision. Scores, softmax statistics and accumulators are fp32. fp16/bf16
 inputs feed the tensor cores in their own dtype (P is cast to the input dtype

@@ -103,6 +103,24 @@ def test_triton_forward_matches_reference(seed, d, lk, mask_kind, fused, dtype):
 
 
 @requires_triton
+@pytest.mark.parametrize("mask_kind", [None, "bool", "additive"])
+def test_triton_block_multiple_lengths(seed, mask_kind):
+    """Lq and Lk multiples of every interpreter block size: the EVEN_M/EVEN_N paths
+    (no bounds checks) that the SD shapes take on a GPU, forward and backward."""
+    b, h, lq, lk, d = 1, 3, 64, 64, 40
+    q, k, v = (t.requires_grad_() for t in _qkv(b, h, lq, lk, d, torch.float32))
+    mask = _mask(mask_kind, b, h, lq, lk, torch.float32)
+    out = attention(q, k, v, mask, backend="triton")
+    _check(out, q, k, v, mask)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref_grads = torch.autograd.grad(attention_ref(q64, k64, v64, _double(mask)), (q64, k64, v64), dout.double())
+    for name, g, r in zip("qkv", grads, ref_grads):
+        assert_fp32_close(g, r, what=f"d{name}")
+
+
+@requires_triton
 def test_triton_custom_scale_and_fp16(seed):
     q, k, v = _qkv(1, 3, 37, 13, 40, torch.float16)
     out = attention(q, k, v, scale=0.37, backend="triton")
