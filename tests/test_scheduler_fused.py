@@ -555,3 +555,35 @@ def test_unsupported_config_runs_the_plain_step_on_cuda(name, config, step_kwarg
     with fastdiff.trace_dispatch() as calls:
         out = sched.step(model_output, t, torch.randn(SHAPE, device=device), guidance_scale=GUIDANCE, **step_kwargs)
     assert calls == [] and out.prev_sample.device.type == "cuda"
+
+
+# ---------------------------------------------------------------------------
+# Schedulers without a fused form take guidance_scale on the plain path
+# ---------------------------------------------------------------------------
+
+NO_FUSED_FORM = {
+    "heun": ("HeunDiscreteScheduler", dict(SD)),
+    "pndm-plms": ("PNDMScheduler", dict(skip_prk_steps=True, steps_offset=1, **SD)),
+    "pndm-prk": ("PNDMScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", dict(SD)),
+}
+
+
+@requires_diffusers
+@pytest.mark.parametrize("case_id", list(NO_FUSED_FORM))
+def test_guidance_scale_without_a_fused_form(case_id):
+    """Heun, PNDM and UniPC apply guidance_scale in PyTorch and match diffusers' chunk + CFG + step;
+    forcing a scheduler_step backend on them raises with the reason."""
+    name, config = NO_FUSED_FORM[case_id]
+    ref, sched = getattr(diffusers, name)(**config), getattr(fs, name)(**config)
+    ref.set_timesteps(STEPS)
+    sched.set_timesteps(STEPS)
+    weights, x = _inputs(ref)
+    with fastdiff.trace_dispatch() as calls:
+        pairs = zip(_diffusers_loop(ref, x.clone(), weights, {}, None), _fastdiff_loop(sched, x.clone(), weights, {}))
+        for i, (x_ref, x_plain) in enumerate(pairs):
+            assert_fp32_close(x_plain, x_ref, rtol=RTOL, what=f"{case_id} step {i}")
+    assert calls == []
+    sched.set_timesteps(STEPS)
+    with fastdiff.use_backend(scheduler_step="triton"), pytest.raises(ValueError, match="has no fused step: "):
+        sched.step(torch.randn(2, *SHAPE[1:]), sched.timesteps[0], torch.randn(SHAPE), guidance_scale=GUIDANCE)

@@ -8,7 +8,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .scheduling_utils import BaseOutput, KarrasDiffusionSchedulers, SchedulerMixin, register_to_config
+from .scheduling_utils import (
+    BaseOutput,
+    KarrasDiffusionSchedulers,
+    SchedulerMixin,
+    apply_guidance,
+    register_to_config,
+    use_fused_step,
+)
 
 
 @dataclass
@@ -123,6 +130,7 @@ class HeunDiscreteScheduler(SchedulerMixin):
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
     order = 2
+    _no_fused_step_reason = "its corrector averages two model calls per step, which the fused form does not express"
 
     @register_to_config
     def __init__(
@@ -246,7 +254,9 @@ class HeunDiscreteScheduler(SchedulerMixin):
         else:
             self._step_index = self._begin_index
 
-    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
+    def step(
+        self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True, guidance_scale=None
+    ):
         """One model call's worth of Heun: the Euler predictor or the trapezoidal corrector.
 
         Args:
@@ -254,9 +264,15 @@ class HeunDiscreteScheduler(SchedulerMixin):
             timestep (`float` or 0-d tensor): the current entry of ``self.timesteps``.
             sample (`torch.Tensor`): the current sample.
             return_dict (`bool`): return a :class:`HeunDiscreteSchedulerOutput` rather than a tuple.
+            guidance_scale (`float` or one-element float32 tensor, *optional*): fastdiff extension; with it,
+                ``model_output`` is the batched CFG output (2B, ...), uncond half first, and the guidance
+                ``u + g * (c - u)`` is applied in PyTorch first. This scheduler has no fused step
+                (``_no_fused_step_reason``), so forcing a ``scheduler_step`` backend raises.
         """
         if self.num_inference_steps is None:
             raise ValueError("step() called before set_timesteps(); call set_timesteps(num_inference_steps) first.")
+        use_fused_step(self, sample, self._fused_reasons())  # False on auto; raises when a backend is forced
+        model_output = apply_guidance(model_output, guidance_scale)
         if self.step_index is None:
             self._init_step_index(timestep)
         dtype = sample.dtype

@@ -7,7 +7,14 @@ import math
 import numpy as np
 import torch
 
-from .scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin, SchedulerOutput, register_to_config
+from .scheduling_utils import (
+    KarrasDiffusionSchedulers,
+    SchedulerMixin,
+    SchedulerOutput,
+    apply_guidance,
+    register_to_config,
+    use_fused_step,
+)
 
 
 # Copied from fastdiff.schedulers.scheduling_ddim.betas_for_alpha_bar
@@ -83,6 +90,10 @@ class PNDMScheduler(SchedulerMixin):
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
     order = 1
+    _no_fused_step_reason = (
+        "its PLMS start needs a model output four steps back (the op's history ring holds three) and its "
+        "Runge-Kutta warm-up revisits earlier samples"
+    )
 
     @register_to_config
     def __init__(
@@ -156,7 +167,9 @@ class PNDMScheduler(SchedulerMixin):
         """PNDM needs no input scaling; returns ``sample``."""
         return sample
 
-    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
+    def step(
+        self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True, guidance_scale=None
+    ):
         """Advance one model call: a Runge-Kutta sub-step during warm-up, a PLMS step afterwards.
 
         Args:
@@ -164,9 +177,15 @@ class PNDMScheduler(SchedulerMixin):
             timestep (`int` or 0-d tensor): the current entry of ``self.timesteps``.
             sample (`torch.Tensor`): the current sample.
             return_dict (`bool`): return a :class:`SchedulerOutput` rather than a tuple.
+            guidance_scale (`float` or one-element float32 tensor, *optional*): fastdiff extension; with it,
+                ``model_output`` is the batched CFG output (2B, ...), uncond half first, and the guidance
+                ``u + g * (c - u)`` is applied in PyTorch first. This scheduler has no fused step
+                (``_no_fused_step_reason``), so forcing a ``scheduler_step`` backend raises.
         """
         if self.num_inference_steps is None:
             raise ValueError("step() called before set_timesteps(); call set_timesteps(num_inference_steps) first.")
+        use_fused_step(self, sample, self._fused_reasons())  # False on auto; raises when a backend is forced
+        model_output = apply_guidance(model_output, guidance_scale)
         t = int(timestep)
         if t not in self._known:
             raise ValueError(f"timestep {t} is not in this scheduler's timesteps {self.timesteps.tolist()}")

@@ -7,7 +7,14 @@ import math
 import numpy as np
 import torch
 
-from .scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin, SchedulerOutput, register_to_config
+from .scheduling_utils import (
+    KarrasDiffusionSchedulers,
+    SchedulerMixin,
+    SchedulerOutput,
+    apply_guidance,
+    register_to_config,
+    use_fused_step,
+)
 
 
 # Copied from fastdiff.schedulers.scheduling_ddim.betas_for_alpha_bar
@@ -140,6 +147,7 @@ class UniPCMultistepScheduler(SchedulerMixin):
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
     order = 1
+    _no_fused_step_reason = "no coefficient table is written for UniPC yet"
 
     @register_to_config
     def __init__(
@@ -431,7 +439,9 @@ class UniPCMultistepScheduler(SchedulerMixin):
         else:
             self._step_index = self._begin_index
 
-    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
+    def step(
+        self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True, guidance_scale=None
+    ):
         """Correct the current sample (UniC), then predict the next one (UniP).
 
         Args:
@@ -439,9 +449,15 @@ class UniPCMultistepScheduler(SchedulerMixin):
             timestep (`int` or 0-d tensor): one of ``self.timesteps``.
             sample (`torch.Tensor`): the current sample.
             return_dict (`bool`): return a :class:`SchedulerOutput` rather than a tuple.
+            guidance_scale (`float` or one-element float32 tensor, *optional*): fastdiff extension; with it,
+                ``model_output`` is the batched CFG output (2B, ...), uncond half first, and the guidance
+                ``u + g * (c - u)`` is applied in PyTorch first. This scheduler has no fused step
+                (``_no_fused_step_reason``), so forcing a ``scheduler_step`` backend raises.
         """
         if self.num_inference_steps is None:
             raise ValueError("step() called before set_timesteps(); call set_timesteps(num_inference_steps) first.")
+        use_fused_step(self, sample, self._fused_reasons())  # False on auto; raises when a backend is forced
+        model_output = apply_guidance(model_output, guidance_scale)
         if self.step_index is None:
             self._init_step_index(timestep)
         dtype = model_output.dtype

@@ -400,9 +400,11 @@ class SchedulerMixin:
             state.set_table(key, table, draws, slots, taus)
         return state
 
+    _no_fused_step_reason = "it has no fused step"
+
     def _fused_reasons(self, **step_args) -> list:
         """Why this configuration (with these step arguments) has no fused form; [] when it has one."""
-        return [f"{type(self).__name__} has no fused step"]
+        return [f"{type(self).__name__} has no fused step: {self._no_fused_step_reason}"]
 
     def _noise_draws(self):
         """Per step, whether diffusers' ``step`` may draw noise (None: this scheduler never does)."""
