@@ -65,8 +65,11 @@ constexpr int64_t kRowsMinGroupRunBytes = 64;      // NHWC groups narrower than 
 constexpr size_t kOnePassSharedBytes = 44 * 1024;
 constexpr int64_t kMaxGroupElems = int64_t{1} << 30;  // 32-bit pack indices, with headroom for the loop's overshoot
 //
-// What these give on an H100 (132 SMs) for Stable Diffusion at batch 2 (N*G = 64), fp16:
-//   (2, 320, 64, 64), (2, 640, 32, 32), (2, 1280, 16, 16): two-pass, 5-9 splits, 320-576 CTAs;
+// What these give on an H100 (132 SMs) for Stable Diffusion at batch 2 (N*G = 64), fp16
+// (tests/test_group_norm_cuda.py::test_plan_fills_an_h100_on_sd_shapes checks them):
+//   NCHW (2, 320, 64, 64), (2, 640, 32, 32), (2, 1280, 16, 16), VAE: two-pass, 5-9 splits, 320-576 CTAs;
+//   NHWC with 10 / 16 / 20 channels per group (UNet 320 / 640, VAE 512): rows path, 160-512 CTAs;
+//   NHWC (2, 1280, 16, 16): two-pass, 320 CTAs;
 //   (2, 1280, 8, 8): 2560-element groups, one-pass with 64 CTAs. Below one wave, on purpose:
 //   the whole tensor is 320 KB, so the launch, not bandwidth, is the cost, and a
 //   second launch would cost more than the idle SMs.
