@@ -32,9 +32,10 @@
 //             range. Traffic: 2 reads + 1 write of x (the second read often
 //             hits L2). Splitting over the group gives a full wave at Stable
 //             Diffusion shapes, where N*G is only 64 at batch 2.
-//   rows:     channels-inner layouts whose groups are too narrow for 16-byte
-//             packs (NHWC with 10 or 20 channels per group, as in SD 1.5)
-//             but whose whole channel rows are not: grid (N, splits), a CTA
+//   rows:     channels-inner layouts whose group runs are narrow (packs under
+//             16 bytes, or runs under kRowsMinGroupRunBytes; e.g. NHWC with 10
+//             or 20 channels per group, as in SD 1.5) when two passes are
+//             needed anyway: grid (N, splits), a CTA
 //             owns whole rows of all C channels. Same traffic as two-pass,
 //             plus a tiny _finalize_kernel between the two (see "Rows path").
 #include "group_norm.h"
