@@ -90,6 +90,10 @@ def _memory_child(args) -> None:
     model = UNet2DConditionModel.from_pretrained(args.folder).eval()
     sample, text = _inputs(dict(model.config), args.batch, args.latent)
     with torch.no_grad():
+        # safetensors weights may still be memory-mapped and not yet resident; touch
+        # them so the first forward's peak counts activations only.
+        for p in model.parameters():
+            p.sum()
         resident_kib = _proc_status_kib("VmRSS")
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM to the current RSS
