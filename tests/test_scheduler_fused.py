@@ -587,3 +587,71 @@ def test_guidance_scale_without_a_fused_form(case_id):
     sched.set_timesteps(STEPS)
     with fastdiff.use_backend(scheduler_step="triton"), pytest.raises(ValueError, match="has no fused step: "):
         sched.step(torch.randn(2, *SHAPE[1:]), sched.timesteps[0], torch.randn(SHAPE), guidance_scale=GUIDANCE)
+
+
+# ---------------------------------------------------------------------------
+# Replays: reset_fused_step rewinds in place; a captured CUDA graph of one step replays a loop
+# ---------------------------------------------------------------------------
+
+REPLAY_CASES = ["ddpm-eps-fixed_small", "euler_ancestral-eps", "dpmpp_3m-eps", "lms-eps"]
+
+
+def _model(x, weights):
+    """A model that needs no host value (no timestep, no input scaling), so a graph can hold the step alone."""
+    return 0.6 * torch.tanh(torch.cat([x, x])) + 0.3 * weights + 0.05 * torch.cat([x, x])
+
+
+@pytest.mark.parametrize("case_id", REPLAY_CASES)
+def test_reset_fused_step_replays_the_same_loop(case_id, seed):
+    sched, step_kwargs, stochastic, _ = _make(case_id, fs)
+    sched.set_timesteps(STEPS)
+    with pytest.raises(ValueError, match="needs one fused step first"):
+        sched.reset_fused_step()
+    if stochastic:
+        sched.prepare_noise_bank(SHAPE, generator=torch.Generator().manual_seed(seed))
+    weights, x0 = _inputs(sched)
+    runs = []
+    with fastdiff.use_backend(scheduler_step="reference"):
+        for _ in range(2):
+            x = x0.clone()
+            for t in sched.timesteps:
+                x = sched.step(_model(x, weights), t, x, guidance_scale=GUIDANCE, **step_kwargs).prev_sample
+            runs.append(x)
+            sched.reset_fused_step()
+    assert torch.equal(runs[0], runs[1])
+    assert sched._fused.step_index.tolist() == [0] and sched._fused.host_index == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case_id", REPLAY_CASES)
+def test_fused_step_replays_in_a_cuda_graph(case_id, seed):
+    """Capture one fused step (after an eager warm-up), replay it STEPS times: the device index,
+    history ring and noise bank advance inside the graph and give the eager loop's numbers."""
+    device = torch.device("cuda")
+    sched, step_kwargs, stochastic, _ = _make(case_id, fs)
+    sched.set_timesteps(STEPS, device=device)
+    sched.set_begin_index(0)
+    if stochastic:
+        sched.prepare_noise_bank(SHAPE, generator=torch.Generator().manual_seed(seed), device=device)
+    weights, x0 = _inputs(sched)
+    weights, x0 = weights.to(device), x0.to(device)
+    timesteps = list(sched.timesteps)
+
+    x = x0.clone()
+    for t in timesteps:
+        x = sched.step(_model(x, weights), t, x, guidance_scale=GUIDANCE, **step_kwargs).prev_sample
+    eager = x
+
+    static_x, static_out = x0.clone(), _model(x0, weights)
+    sched.reset_fused_step()
+    sched.step(static_out, timesteps[0], static_x.clone(), guidance_scale=GUIDANCE, **step_kwargs)  # warm-up
+    sched.reset_fused_step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_prev = sched.step(static_out, timesteps[0], static_x, guidance_scale=GUIDANCE, **step_kwargs)[0]
+    sched.reset_fused_step()
+    for _ in timesteps:
+        static_out.copy_(_model(static_x, weights))
+        graph.replay()
+        static_x.copy_(static_prev)
+    torch.testing.assert_close(static_x, eager, rtol=0, atol=0)

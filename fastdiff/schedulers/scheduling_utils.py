@@ -389,6 +389,24 @@ class SchedulerMixin:
         if state is not None:
             state.step_index = state.host_index = state.history = None
 
+    def reset_fused_step(self) -> None:
+        """Rewind the fused step to the first step of its loop, in place (fastdiff extension).
+
+        The device step index is filled with the loop's first index and the history ring is zeroed;
+        both keep their storage, so a CUDA graph captured around ``step`` replays a new loop after
+        this call (capture after one eager warm-up step, which builds the table, index and ring).
+        The table and the noise bank stay; draw a new bank in place (``bank.copy_(...)``) for new noise.
+        """
+        state = self.__dict__.get("_fused")
+        if state is None or state.step_index is None:
+            raise ValueError("reset_fused_step() needs one fused step first (a warm-up step before capturing)")
+        state.step_index.fill_(state.start_index)
+        state.host_index = state.start_index
+        if state.history is not None:
+            state.history.zero_()
+        if "_step_index" in self.__dict__:
+            self._step_index = state.start_index
+
     def _fused_state(self, key: tuple) -> FusedStepState:
         """The fused state with its table built for the step arguments ``key`` (rebuilt when they change)."""
         state = self._fused
@@ -546,7 +564,7 @@ class FusedStepState:
       (for eager draws from the user's generator), and the history ring size (0: none);
     * ``coeffs``: the table on the sample's device (copied once);
     * ``step_index``: the one-element int64 device index the op reads and advances in the same
-      launch; ``host_index`` mirrors it on the host (a Python int, so reading it never syncs; it is
+      launch, created at ``start_index`` by the first fused step; ``host_index`` mirrors it on the host (a Python int, so reading it never syncs; it is
       only used for eager noise draws and to re-create the device index);
     * ``history``: the (R, *sample.shape) ring of earlier converted outputs (multistep solvers);
     * ``noise_bank``: pre-drawn (num_steps, *sample.shape) noise (see ``prepare_noise_bank``).
@@ -562,6 +580,7 @@ class FusedStepState:
         self.slots = 0
         self.coeffs = None
         self.step_index = None
+        self.start_index = None
         self.host_index = None
         self.history = None
         self.noise_bank = None
@@ -583,7 +602,7 @@ class FusedStepState:
 
         num_steps = self.table.shape[0]
         if self.step_index is None:
-            self.host_index = start_index
+            self.start_index = self.host_index = start_index
             self.step_index = torch.full((1,), start_index, dtype=torch.int64, device=sample.device)
         elif self.step_index.device != sample.device:
             self.step_index = torch.full((1,), self.host_index, dtype=torch.int64, device=sample.device)
