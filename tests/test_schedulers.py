@@ -547,7 +547,8 @@ def test_loads_a_stable_diffusion_1_5_scheduler_config(tmp_path):
 
 # Schedulers that track a step index: once it is set (set_begin_index, as a pipeline does), their
 # step reads only host-side tables and CPU scalars. DDPM, DDIM and PNDM read the timestep's value
-# (int(timestep)), which syncs when it lives on the GPU.
+# (int(timestep)), which syncs when it lives on the GPU; the fused step of DDPM and DDIM does not
+# (tests/test_scheduler_fused.py checks every fused scheduler under the sync debug mode).
 SYNC_FREE = [
     ("EulerDiscreteScheduler", {}),
     ("EulerAncestralDiscreteScheduler", {}),

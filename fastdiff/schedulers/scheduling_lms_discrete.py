@@ -345,7 +345,7 @@ class LMSDiscreteScheduler(SchedulerMixin):
             self._init_step_index(timestep)
         if use_fused_step(self, sample, self._fused_reasons(order)):
             state = self._fused
-            begin = self.step_index if state.step_index is None else state.key[0][1]
+            begin = self.step_index if state.step_index is None else state.start_index
             state = self._fused_state((("begin_index", begin), ("order", order)))
             prev_sample = state.run(self, model_output, sample, guidance_scale, self.step_index)
             self._step_index += 1

@@ -564,13 +564,14 @@ class FusedStepState:
       (for eager draws from the user's generator), and the history ring size (0: none);
     * ``coeffs``: the table on the sample's device (copied once);
     * ``step_index``: the one-element int64 device index the op reads and advances in the same
-      launch, created at ``start_index`` by the first fused step; ``host_index`` mirrors it on the host (a Python int, so reading it never syncs; it is
-      only used for eager noise draws and to re-create the device index);
+      launch, created at ``start_index`` by the first fused step; ``host_index`` mirrors it on the
+      host (a Python int, so reading it never syncs; it is only used for eager noise draws, to
+      re-create the device index on another device and to stop a loop that runs past the table);
     * ``history``: the (R, *sample.shape) ring of earlier converted outputs (multistep solvers);
     * ``noise_bank``: pre-drawn (num_steps, *sample.shape) noise (see ``prepare_noise_bank``).
 
-    A new schedule (``set_timesteps``) starts a new state; a new temperature scheduler drops the
-    table only.
+    A new schedule (``set_timesteps``) starts a new state; a new temperature scheduler rebuilds the
+    table only; a new begin index drops the device index and the ring.
     """
 
     def __init__(self):
