@@ -40,7 +40,7 @@ def _cuda_build():
         name="fastdiff._C",
         sources=sources,
         include_dirs=[os.path.join(HERE, "csrc")],
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", *gencode]},
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", *gencode]},
     )
     return [ext], {"build_ext": BuildExtension}
 

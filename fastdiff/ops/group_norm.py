@@ -214,8 +214,12 @@ def _cuda_reasons(inputs: Mapping[str, Any]) -> List[str]:
     x = inputs["x"]
     reasons = backends.device_reasons([x, inputs["weight"], inputs["bias"]], allow_cpu_interpret=False)
     reasons += _fused_dtype_reasons(x)
-    if x.dim() - 2 > 3:
-        reasons.append("more than 3 spatial dims")
+    n, c = x.shape[:2]
+    group_numel = (c // inputs["num_groups"]) * (x.numel() // max(n * c, 1))
+    if group_numel > 2**30:
+        reasons.append(f"a group holds {group_numel} elements (the CUDA kernel takes at most 2^30)")
+    if n * inputs["num_groups"] >= 2**31:
+        reasons.append("N * num_groups must be below 2^31")
     if not reasons:
         from fastdiff import _extension
 
