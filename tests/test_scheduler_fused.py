@@ -259,6 +259,19 @@ def test_forced_fused_backend_with_unsupported_config_raises(name, config, step_
         _one_step(getattr(fs, name)(**config), step_kwargs)
 
 
+def test_model_output_dtype_unlike_the_sample_takes_the_plain_step():
+    """fp32 latents with an fp16 model output: the plain step on auto (as diffusers), an error when forced."""
+    sched = fs.EulerDiscreteScheduler()
+    sched.set_timesteps(STEPS)
+    t = sched.timesteps[0]
+    model_output, x = torch.randn(2, *SHAPE[1:], dtype=torch.float16), torch.randn(SHAPE)
+    with fastdiff.trace_dispatch() as calls:
+        assert sched.step(model_output, t, x, guidance_scale=GUIDANCE).prev_sample.dtype == torch.float16
+    assert calls == []
+    with fastdiff.use_backend(scheduler_step="reference"), pytest.raises(ValueError, match="is torch.float16 but"):
+        sched.step(model_output, t, x, guidance_scale=GUIDANCE)
+
+
 @pytest.mark.parametrize("name,config,step_kwargs,reason", UNSUPPORTED)
 def test_unsupported_config_runs_the_plain_step_on_auto(name, config, step_kwargs, reason):
     with fastdiff.trace_dispatch() as calls:

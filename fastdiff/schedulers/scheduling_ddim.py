@@ -264,7 +264,7 @@ class DDIMScheduler(SchedulerMixin):
             raise ValueError("step() called before set_timesteps(); call set_timesteps(num_inference_steps) first.")
         if eta > 0 and variance_noise is not None and generator is not None:
             raise ValueError("pass either generator or variance_noise to step(), not both.")
-        if use_fused_step(self, sample, self._fused_reasons(eta)):
+        if use_fused_step(self, sample, model_output, self._fused_reasons(eta)):
             state = self._fused_state((("eta", eta),))
             start = None
             if state.step_index is None:

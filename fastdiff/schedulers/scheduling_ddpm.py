@@ -330,7 +330,7 @@ class DDPMScheduler(SchedulerMixin):
         """
         if self.num_inference_steps is None:
             raise ValueError("step() called before set_timesteps(); call set_timesteps(num_inference_steps) first.")
-        if use_fused_step(self, sample, self._fused_reasons()):
+        if use_fused_step(self, sample, model_output, self._fused_reasons()):
             state = self._fused_state(())
             start = None
             if state.step_index is None:

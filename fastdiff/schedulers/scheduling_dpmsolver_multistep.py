@@ -630,7 +630,7 @@ class DPMSolverMultistepScheduler(SchedulerMixin):
             raise ValueError("step() called before set_timesteps(); call set_timesteps(num_inference_steps) first.")
         if self.step_index is None:
             self._init_step_index(timestep)
-        if use_fused_step(self, sample, self._fused_reasons()):
+        if use_fused_step(self, sample, model_output, self._fused_reasons()):
             state = self._fused
             if state.step_index is None:  # the order ramps up from the first step taken
                 state = self._fused_state((("begin_index", self.step_index),))

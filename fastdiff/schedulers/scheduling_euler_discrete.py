@@ -360,7 +360,7 @@ class EulerDiscreteScheduler(SchedulerMixin):
         if self.step_index is None:
             self._init_step_index(timestep)
         reasons = ["s_churn > 0 (Karras churn) is not supported by the fused step"] if s_churn > 0 else []
-        if use_fused_step(self, sample, reasons):
+        if use_fused_step(self, sample, model_output, reasons):
             state = self._fused_state(())
             prev_sample = state.run(self, model_output, sample, guidance_scale, self.step_index)
             self._step_index += 1

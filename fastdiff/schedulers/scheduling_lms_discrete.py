@@ -343,7 +343,7 @@ class LMSDiscreteScheduler(SchedulerMixin):
             logger.warning("scale_model_input() should be called before step() to scale the model input.")
         if self.step_index is None:
             self._init_step_index(timestep)
-        if use_fused_step(self, sample, self._fused_reasons(order)):
+        if use_fused_step(self, sample, model_output, self._fused_reasons(order)):
             state = self._fused
             begin = self.step_index if state.step_index is None else state.start_index
             state = self._fused_state((("begin_index", begin), ("order", order)))

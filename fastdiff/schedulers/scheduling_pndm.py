@@ -184,7 +184,7 @@ class PNDMScheduler(SchedulerMixin):
         """
         if self.num_inference_steps is None:
             raise ValueError("step() called before set_timesteps(); call set_timesteps(num_inference_steps) first.")
-        use_fused_step(self, sample, self._fused_reasons())  # False on auto; raises when a backend is forced
+        use_fused_step(self, sample, model_output, self._fused_reasons())  # False, or raises when forced
         model_output = apply_guidance(model_output, guidance_scale)
         t = int(timestep)
         if t not in self._known:

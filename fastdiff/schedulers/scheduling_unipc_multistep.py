@@ -456,7 +456,7 @@ class UniPCMultistepScheduler(SchedulerMixin):
         """
         if self.num_inference_steps is None:
             raise ValueError("step() called before set_timesteps(); call set_timesteps(num_inference_steps) first.")
-        use_fused_step(self, sample, self._fused_reasons())  # False on auto; raises when a backend is forced
+        use_fused_step(self, sample, model_output, self._fused_reasons())  # False, or raises when forced
         model_output = apply_guidance(model_output, guidance_scale)
         if self.step_index is None:
             self._init_step_index(timestep)

@@ -524,16 +524,21 @@ def apply_guidance(model_output: torch.Tensor, guidance_scale) -> torch.Tensor:
     return (uncond + guidance_scale * (cond - uncond)).to(model_output.dtype)
 
 
-def use_fused_step(scheduler, sample: torch.Tensor, reasons: list) -> bool:
-    """Whether ``scheduler.step`` runs the fused op for ``sample``.
+def use_fused_step(scheduler, sample: torch.Tensor, model_output: torch.Tensor, reasons: list) -> bool:
+    """Whether ``scheduler.step`` runs the fused op for ``sample`` and ``model_output``.
 
     ``reasons`` says why the scheduler's configuration (and step arguments) has no fused form;
-    empty means it has one. The op's backend choice decides the rest: with ``auto`` (the default)
-    the fused op runs on CUDA tensors only, so CPU users keep diffusers' exact arithmetic; a forced
-    backend (``fastdiff.use_backend(scheduler_step=...)``, ``FASTDIFF_BACKEND``) runs it on any
-    device, and raises a ValueError when the configuration cannot be fused (no silent fallback).
+    empty means it has one. A model output in another dtype than the sample is one more reason (the
+    op reads both in one dtype; the plain step upcasts each). The op's backend choice decides the
+    rest: with ``auto`` (the default) the fused op runs on CUDA tensors only, so CPU users keep
+    diffusers' exact arithmetic; a forced backend (``fastdiff.use_backend(scheduler_step=...)``,
+    ``FASTDIFF_BACKEND``) runs it on any device, and raises a ValueError when it cannot (no silent
+    fallback).
     """
     from fastdiff import backends
+
+    if model_output.dtype != sample.dtype:
+        reasons = [*reasons, f"model_output is {model_output.dtype} but sample is {sample.dtype}"]
 
     requested, source = backends.get_dispatcher(FUSED_OP_NAME).requested(None)
     if requested != backends.AUTO:
