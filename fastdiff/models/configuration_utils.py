@@ -24,7 +24,9 @@ class FrozenDict(dict):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.__dict__["_frozen"] = True
+        # Keys are also plain instance attributes (as in diffusers), so ``config.key`` in a
+        # forward pass is an ordinary attribute read that torch.compile traces without a break.
+        self.__dict__.update(self)
 
     def _refuse(self, *args, **kwargs):
         raise TypeError(f"{type(self).__name__} is immutable; use register_to_config to change a config")
