@@ -125,10 +125,10 @@ def _prune_fwd_configs(configs, named_args, **kwargs):
     padded = sum(head_dim_chunks(args["HEAD_DIM"]))
     if padded > 128:
         configs = [c for c in configs if c.kwargs["BLOCK_N"] <= 64 and c.kwargs["BLOCK_M"] != 32] or configs
-    q = args["Q"]
-    if not isinstance(q, torch.Tensor) or q.device.type != "cuda":
+    lse = args["Lse"]  # an output every forward kernel has; it tells the device
+    if not isinstance(lse, torch.Tensor) or lse.device.type != "cuda":
         return configs
-    sms = _num_sms(q.device.index or 0)
+    sms = _num_sms(lse.device.index or 0)
     rows = args["Lq"]
     bh = args["BH"]
 
@@ -373,6 +373,124 @@ _attn_fwd_tuned = triton.autotune(
     key=["Lq", "Lk", "HEAD_DIM", "MASK_KIND"],
     prune_configs_by={"early_config_prune": _prune_fwd_configs},
 )(triton.heuristics(_even_heuristics())(_attn_fwd))
+
+
+@triton.jit
+def _attn_fwd_tma(
+    q_desc0, q_desc1,  # TensorDescriptors over q (B, H, Lq, D): head-dim columns [0, D0) and [D0, D0 + D1)
+    k_desc0, k_desc1,  # the same over k (B, H, Lk, D)
+    v_desc0, v_desc1,  # the same over v (B, H, Lk, D)
+    Mask, Out, Lse,  # as in _attn_fwd
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_ob, stride_oh, stride_om, stride_od,
+    H, BH, Lq, Lk, qk_scale,
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, EVEN_D0: tl.constexpr, EVEN_D1: tl.constexpr,
+    MASK_KIND: tl.constexpr, MASK_KEYS_ONLY: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, ALIGNED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+):
+    # _attn_fwd with q/k/v tiles fetched by the Hopper TMA engine through host-built
+    # 4-D tensor descriptors (any strides that are multiples of 16 bytes). TMA zero-
+    # fills reads past Lq/Lk and past D, so the loads need no masks; the math, the
+    # program-id mapping (pid_m: query block, pid_bh: batch * H + head) and the
+    # output are exactly those of _attn_fwd. The autotuner's pre-hook
+    # (_tma_block_shapes) sets each descriptor's block shape from BLOCK_M/BLOCK_N.
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = pid_bh // H
+    off_h = pid_bh % H
+    start_m = pid_m * BLOCK_M
+    Mask += off_b.to(tl.int64) * stride_mb + off_h.to(tl.int64) * stride_mh
+    o_base = off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d0 = tl.arange(0, D0)
+    ok_m = offs_m < Lq
+
+    q0 = q_desc0.load([off_b, off_h, start_m, 0]).reshape(BLOCK_M, D0)
+    if UPCAST:
+        q0 = q0.to(tl.float32)
+    acc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
+    if D1 > 0:
+        offs_d1 = D0 + tl.arange(0, D1)
+        q1 = q_desc1.load([off_b, off_h, start_m, D0]).reshape(BLOCK_M, D1)
+        if UPCAST:
+            q1 = q1.to(tl.float32)
+        acc1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+
+    for start_n in range(0, Lk, BLOCK_N):
+        cols = start_n + offs_n
+        ok_n = cols < Lk
+        k0 = k_desc0.load([off_b, off_h, start_n, 0]).reshape(BLOCK_N, D0)
+        if UPCAST:
+            k0 = k0.to(tl.float32)
+        s = tl.dot(q0, tl.trans(k0), input_precision=PRECISION)
+        if D1 > 0:
+            k1 = k_desc1.load([off_b, off_h, start_n, D0]).reshape(BLOCK_N, D1)
+            if UPCAST:
+                k1 = k1.to(tl.float32)
+            s = tl.dot(q1, tl.trans(k1), s, input_precision=PRECISION)
+        s = s * qk_scale
+        s = _apply_mask(s, Mask, offs_m[:, None], cols[None, :], ok_m[:, None], ok_n[None, :], stride_mm, stride_mn, MASK_KIND, MASK_KEYS_ONLY, EVEN_M, EVEN_N)
+        if not EVEN_N:
+            s = tl.where(ok_n[None, :], s, float("-inf"))
+
+        # Online softmax, as in _attn_fwd.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_shift)
+        p = tl.math.exp2(s - m_shift[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i = m_new
+        v0 = v_desc0.load([off_b, off_h, start_n, 0]).reshape(BLOCK_N, D0)
+        if UPCAST:
+            v0 = v0.to(tl.float32)
+            p_in = p
+        else:
+            p_in = p.to(v0.dtype)
+        acc0 = tl.dot(p_in, v0, acc0 * alpha[:, None], input_precision=PRECISION)
+        if D1 > 0:
+            v1 = v_desc1.load([off_b, off_h, start_n, D0]).reshape(BLOCK_N, D1)
+            if UPCAST:
+                v1 = v1.to(tl.float32)
+            acc1 = tl.dot(p_in, v1, acc1 * alpha[:, None], input_precision=PRECISION)
+
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
+    tl.store(Lse + pid_bh * Lq + offs_m, lse, mask=ok_m)
+    out0 = (acc0 / l_safe[:, None]).to(Out.dtype.element_ty)
+    tl.store(Out + _rows(o_base, offs_m, stride_om, ALIGNED) + offs_d0[None, :] * stride_od, out0, mask=ok_m[:, None] & (offs_d0[None, :] < HEAD_DIM))
+    if D1 > 0:
+        out1 = (acc1 / l_safe[:, None]).to(Out.dtype.element_ty)
+        tl.store(Out + _rows(o_base, offs_m, stride_om, ALIGNED) + offs_d1[None, :] * stride_od, out1, mask=ok_m[:, None] & (offs_d1[None, :] < HEAD_DIM))
+
+
+def _tma_block_shapes(nargs) -> None:
+    """Autotune pre-hook: give every descriptor the block shape of the chosen config
+    (chunk 1 of a head dim with D1 == 0 is never read; it keeps D0's width)."""
+    d0, d1 = nargs["D0"], nargs["D1"] or nargs["D0"]
+    for name, rows in (("q", nargs["BLOCK_M"]), ("k", nargs["BLOCK_N"]), ("v", nargs["BLOCK_N"])):
+        nargs[f"{name}_desc0"].block_shape = [1, 1, rows, d0]
+        nargs[f"{name}_desc1"].block_shape = [1, 1, rows, d1]
+
+
+def _tma_configs() -> List[triton.Config]:
+    """The forward configs with the descriptor pre-hook; wgmma wants 64+ query rows."""
+    return [
+        triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, pre_hook=_tma_block_shapes)
+        for c in _fwd_configs()
+        if _interpret() or c.kwargs["BLOCK_M"] >= 64
+    ]
+
+
+_attn_fwd_tma_tuned = triton.autotune(
+    configs=_tma_configs(),
+    key=["Lq", "Lk", "HEAD_DIM", "MASK_KIND"],
+    prune_configs_by={"early_config_prune": _prune_fwd_configs},
+)(triton.heuristics(_even_heuristics())(_attn_fwd_tma))
 
 
 @triton.jit
@@ -644,6 +762,30 @@ def layout_reasons(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask:
     return reasons
 
 
+def _tma_compatible(t: torch.Tensor) -> bool:
+    """What a TMA descriptor requires of a tensor: unit last stride, 16-byte aligned
+    base and 16-byte multiples for every other stride."""
+    if t.stride(-1) != 1 or t.data_ptr() % 16 != 0:
+        return False
+    return all((stride * t.element_size()) % 16 == 0 for size, stride in zip(t.shape[:-1], t.stride()[:-1]) if size > 1)
+
+
+def tma_reasons(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor]) -> List[str]:
+    """Why the TMA forward (:func:`attention_forward_tma`) cannot run these inputs; [] if it can.
+    Everything :func:`layout_reasons` says applies as well (same backward)."""
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401 - Triton >= 3.4
+    except ImportError:
+        return [f"triton {triton.__version__} has no host-side tensor descriptors (TMA); needs triton >= 3.4"]
+    reasons = layout_reasons(q, k, v, attn_mask)
+    if q.device.type == "cuda" and torch.cuda.get_device_capability(q.device)[0] < 9:
+        reasons.append("TMA needs compute capability 9.0 or newer (Hopper)")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not _tma_compatible(t):
+            reasons.append(f"{name} is not TMA-compatible (needs unit head-dim stride, 16-byte aligned pointer and strides)")
+    return reasons
+
+
 def _store_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype kernels write outputs in: the input dtype, except bf16 under the
     interpreter, whose fp32 -> bf16 conversion truncates; those get fp32 buffers
@@ -718,6 +860,33 @@ def attention_forward(
         *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(),
         h, b * h, lq, lk, scale * LOG2E,
         **_common_meta(q, attn_mask, (q, k, v, out)),
+    )
+    return out.to(q.dtype), lse
+
+
+def attention_forward_tma(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor], scale: float
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`attention_forward` with q/k/v read through TMA descriptors (Hopper,
+    Triton >= 3.4; see :func:`tma_reasons`). Same outputs, same backward."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    b, h, lq, d = q.shape
+    lk = k.shape[2]
+    out = torch.empty((b, lq, h, d), dtype=_store_dtype(q.dtype), device=q.device).transpose(1, 2)
+    lse = torch.empty((b, h, lq), dtype=torch.float32, device=q.device)
+    mask, mask_strides = _mask_view(attn_mask, q, lk)
+    # Block shapes are placeholders; the autotune pre-hook sets them per config.
+    descriptors = [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 16, 16]) for t in (q, q, k, k, v, v)]
+
+    def grid(meta):
+        return (triton.cdiv(lq, meta["BLOCK_M"]), b * h)
+
+    _attn_fwd_tma_tuned[grid](
+        *descriptors, mask, out, lse,
+        *mask_strides, *out.stride(),
+        h, b * h, lq, lk, scale * LOG2E,
+        **_common_meta(q, attn_mask, (out,)),
     )
     return out.to(q.dtype), lse
 

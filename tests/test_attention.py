@@ -102,6 +102,55 @@ def test_triton_forward_matches_reference(seed, d, lk, mask_kind, fused, dtype):
     _check(out, q, k, v, mask)
 
 
+def _has_tma_descriptors():
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+requires_tma = pytest.mark.skipif(not _has_tma_descriptors(), reason="this Triton has no host-side tensor descriptors (TMA), needs >= 3.4")
+
+
+@requires_triton
+@requires_tma
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(
+    "d,lq,lk,mask_kind,fused",
+    [
+        pytest.param(8, 37, 77, "bool", False, id="d8-lk77-bool"),
+        pytest.param(40, 37, 37, "bool-keys", True, id="d40-fused-keypad"),
+        pytest.param(160, 64, 64, "additive-full", False, id="d160-even-additive"),
+    ],
+)
+def test_triton_tma_matches_reference(seed, d, lq, lk, mask_kind, fused, dtype):
+    """The TMA forward (tensor descriptors; the interpreter emulates them) and the shared backward."""
+    b, h = 2, 3
+    q, k, v = (t.detach().requires_grad_() for t in _qkv(b, h, lq, lk, d, dtype, fused=fused))
+    mask = _mask(mask_kind, b, h, lq, lk, dtype)
+    with backends.trace_dispatch() as calls:
+        out = attention(q, k, v, mask, backend="triton_tma")
+    assert calls == [("attention", "triton_tma")]
+    _check(out, q, k, v, mask)
+    expected = attention(q, k, v, mask, backend="triton")
+    assert torch.equal(out, expected)  # same math, same order: bitwise equal to the pointer kernel
+    dout = torch.randn_like(out)
+    assert all(torch.equal(a, e) for a, e in zip(torch.autograd.grad(out, (q, k, v), dout), torch.autograd.grad(expected, (q, k, v), dout)))
+
+
+@requires_triton
+@requires_tma
+def test_triton_tma_declines_unaligned_views():
+    base = torch.randn(2, 3, 37, 44)
+    q = base[..., :40]  # rows 44 fp32 = 176 bytes apart: fine; now shift the start by one element
+    k = base[..., 1:41]
+    with pytest.raises(backends.BackendNotSupportedError, match="k is not TMA-compatible"):
+        attention(q, k, k, backend="triton_tma")
+    # The pointer kernel takes it, without the ALIGNED hint.
+    _check(attention(q, k, k, backend="triton"), q, k, k, None)
+
+
 @requires_triton
 @pytest.mark.parametrize("mask_kind", [None, "bool", "additive"])
 def test_triton_block_multiple_lengths(seed, mask_kind):
@@ -189,6 +238,9 @@ def test_opcheck_custom_ops(seed):
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     torch.library.opcheck(fwd, (q, k, v, None, 0.25))  # every default check, aot_dispatch_dynamic included
     out, lse = fwd(q.detach(), k.detach(), v.detach(), mask, 0.25)
+    if _has_tma_descriptors():
+        tma = torch.ops.fastdiff.attention_fwd_triton_tma.default
+        torch.library.opcheck(tma, (q, k, v, mask, 0.25), test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
     bwd = torch.ops.fastdiff.attention_bwd_triton.default
     torch.library.opcheck(bwd, (torch.randn_like(out), q.detach(), k.detach(), v.detach(), mask, out, lse, 0.25), test_utils=("test_schema", "test_faketensor"))
 
@@ -347,6 +399,34 @@ for fn in (kernels._attn_fwd, kernels._attn_bwd_dkdv, kernels._attn_bwd_dq):
     mma = "wgmma" if "wgmma.mma_async" in compiled.asm["ptx"] else "mma"
     pipelined = "pipelined" if "async_copy_global_to_local" in compiled.asm["ttgir"] else "not-pipelined"
     print(fn.__name__, mma, pipelined)
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+    has_tma = True
+except ImportError:
+    has_tma = False
+if capability >= 90 and has_tma:
+    # The TMA forward: q/k/v arrive as tensor descriptors with the block shapes
+    # _tma_block_shapes gives BLOCK_M=BLOCK_N=64 and chunks 32 + 16.
+    fn = kernels._attn_fwd_tma
+    blocks = dict(q_desc0=d0, q_desc1=d1, k_desc0=d0, k_desc1=d1, v_desc0=d0, v_desc1=d1)
+    signature, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in meta:
+            signature[name] = "constexpr"
+        elif name in blocks:
+            signature[name] = "tensordesc<fp16[1, 1, 64, %d]>" % blocks[name]
+        elif name in pointers:
+            signature[name] = pointers[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            signature[name] = "fp32" if name == "qk_scale" else "i32"
+    constexprs = dict(meta, stride_od=1)
+    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options={"num_warps": 4, "num_stages": 3})
+    mma = "wgmma" if "wgmma.mma_async" in compiled.asm["ptx"] else "mma"
+    tma = "tma" if "async_tma_copy_global_to_local" in compiled.asm["ttgir"] else "no-tma"
+    print(fn.__name__, mma, tma)
 """
 
 
@@ -363,14 +443,18 @@ def _aot_supported():
 def test_kernels_compile_for_gpus(capability):
     """Compile forward and backward to cubin for sm_80 and sm_90 (ptxas included) with a
     two-chunk head dim, a bool mask and a tail. Every kernel must pipeline its loads
-    (cp.async), which needs the ALIGNED hint when D=40, and on sm_90 use wgmma.
+    (cp.async), which needs the ALIGNED hint when D=40, and on sm_90 use wgmma; the
+    TMA forward (sm_90, Triton >= 3.4) must load through TMA.
     Runs in a subprocess because the interpreter replaces the kernels in this one."""
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     result = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, str(capability)], cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     mma = "wgmma" if capability == 90 else "mma"
-    assert result.stdout.splitlines() == [f"{name} {mma} pipelined" for name in ("_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq")]
+    expected = [f"{name} {mma} pipelined" for name in ("_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq")]
+    if capability == 90 and _has_tma_descriptors():
+        expected.append("_attn_fwd_tma wgmma tma")
+    assert result.stdout.splitlines() == expected
 
 
 # ---------------------------------------------------------------------------

@@ -10,6 +10,9 @@ Public entry point: :func:`attention` (layout (B, H, L, D), like
 * ``triton``: ``kernels/attention.py`` (fastdiff.kernels.attention), a flash
   attention forward and an FA2-style Triton backward, wrapped in the custom ops
   ``fastdiff::attention_fwd_triton`` / ``fastdiff::attention_bwd_triton``.
+* ``triton_tma``: the same forward reading q/k/v through Hopper TMA tensor
+  descriptors (``fastdiff::attention_fwd_triton_tma``; Triton >= 3.4, sm_90+),
+  with the same backward. Not in the auto order until a device run measures it.
 
 The ``auto`` priority table is :func:`_priority`; the reason for each entry is
 written next to it.
@@ -166,6 +169,21 @@ def _triton_run(inputs: Mapping[str, Any]) -> torch.Tensor:
     return out
 
 
+def _triton_tma_reasons(inputs: Mapping[str, Any]) -> List[str]:
+    if not backends.triton_available():
+        return ["triton is not installed"]
+    q, k, v, mask = inputs["q"], inputs["k"], inputs["v"], inputs["attn_mask"]
+    reasons = backends.device_reasons([q, k, v, mask], allow_cpu_interpret=True)
+    from fastdiff.kernels.attention import tma_reasons
+
+    return reasons + tma_reasons(q, k, v, mask)
+
+
+def _triton_tma_run(inputs: Mapping[str, Any]) -> torch.Tensor:
+    out, _ = _attention_fwd_triton_tma(inputs["q"], inputs["k"], inputs["v"], inputs["attn_mask"], inputs["scale"])
+    return out
+
+
 def _priority(inputs: Mapping[str, Any]) -> List[str]:
     """The ``auto`` order, best first; the first backend with no reasons runs.
 
@@ -173,7 +191,9 @@ def _priority(inputs: Mapping[str, Any]) -> List[str]:
       sets out, until a device run of benchmarks/bench_attention.py (results in
       benchmarks/results/) shows per shape and architecture where SDPA is
       faster; no GPU figures exist yet. ``sdpa`` takes what Triton declines
-      (fp64, an attn_mask that requires grad, B * H > 65535).
+      (fp64, an attn_mask that requires grad, B * H > 65535). ``triton_tma``
+      is left out until benchmarks/bench_attention.py has measured it against
+      ``triton`` on a Hopper card.
     * CPU tensors -> ``sdpa``: torch's CPU flash kernel is the fastest CPU path
       we have. ``triton`` runs on the CPU only when forced, under
       TRITON_INTERPRET=1 (for tests). ``reference`` is the oracle and never auto.
@@ -190,6 +210,7 @@ _DISPATCHER = backends.register_dispatcher(
             backends.Backend("reference", _reference_reasons, _reference_run, "plain PyTorch math in fp32 (the oracle)"),
             backends.Backend("sdpa", _sdpa_reasons, _sdpa_run, "torch.nn.functional.scaled_dot_product_attention"),
             backends.Backend("triton", _triton_reasons, _triton_run, "kernels/attention.py: flash-attention forward, FA2-style Triton backward"),
+            backends.Backend("triton_tma", _triton_tma_reasons, _triton_tma_run, "the Triton forward with TMA tensor descriptors (Hopper); same backward"),
         ],
         _priority,
     )
@@ -239,6 +260,23 @@ def _(dout, q, k, v, attn_mask, out, lse, scale):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
+@torch.library.custom_op("fastdiff::attention_fwd_triton_tma", mutates_args=())
+def _attention_fwd_triton_tma(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor], scale: float
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """As ``fastdiff::attention_fwd_triton``, reading q/k/v through TMA descriptors."""
+    from fastdiff.kernels.attention import attention_forward_tma
+
+    return attention_forward_tma(q, k, v, attn_mask, scale)
+
+
+@_attention_fwd_triton_tma.register_fake
+def _(q, k, v, attn_mask, scale):
+    b, h, lq, d = q.shape
+    out = q.new_empty((b, lq, h, d)).transpose(1, 2)
+    return out, q.new_empty((b, h, lq), dtype=torch.float32)
+
+
 def _setup_context(ctx, inputs, output):
     q, k, v, attn_mask, scale = inputs
     out, lse = output
@@ -253,6 +291,7 @@ def _backward(ctx, dout, _dlse):
 
 
 torch.library.register_autograd("fastdiff::attention_fwd_triton", _backward, setup_context=_setup_context)
+torch.library.register_autograd("fastdiff::attention_fwd_triton_tma", _backward, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------------------
@@ -287,7 +326,7 @@ def attention(
         attn_mask: None, or a mask broadcastable to (B, H, Lq, Lk): boolean
             (True = attend) or additive in q's dtype.
         scale: multiplies q @ k^T; None means D ** -0.5.
-        backend: "auto", "reference", "sdpa" or "triton"; None follows
+        backend: "auto", "reference", "sdpa", "triton" or "triton_tma"; None follows
             ``fastdiff.use_backend`` / FASTDIFF_BACKEND, else auto.
 
     Returns:
