@@ -112,11 +112,12 @@ class BasicTransformerBlock(nn.Module):
         attention_mask: Optional[torch.Tensor] = None,
         encoder_attention_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
+        # As in diffusers, attn1 takes attention_mask even when only_cross_attention makes it
+        # attend to the encoder states.
         context = encoder_hidden_states if self.only_cross_attention else None
-        mask = encoder_attention_mask if self.only_cross_attention else attention_mask
         # Residual adds go in place on each sublayer's fresh output (a Linear or Dropout
         # output, which their backward passes do not need).
-        hidden_states = self.attn1(self.norm1(hidden_states), context, mask).add_(hidden_states)
+        hidden_states = self.attn1(self.norm1(hidden_states), context, attention_mask).add_(hidden_states)
         if self.attn2 is not None:
             hidden_states = self.attn2(self.norm2(hidden_states), encoder_hidden_states, encoder_attention_mask).add_(
                 hidden_states
