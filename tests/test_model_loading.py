@@ -243,6 +243,13 @@ def test_missing_shard_is_named(tmp_path):
         TinyModel.from_pretrained(tmp_path)
 
 
+def test_corrupt_index_is_named(tmp_path):
+    _random_model(width=16, depth=3).save_pretrained(tmp_path, max_shard_size="1KB")
+    (tmp_path / "diffusion_pytorch_model.safetensors.index.json").write_text('{"metadata": {}, "weight_')
+    with pytest.raises(OSError, match="index file .*safetensors.index.json is corrupt"):
+        TinyModel.from_pretrained(tmp_path)
+
+
 def test_missing_variant_lists_what_exists(tmp_path):
     _random_model().save_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match=r"variant 'fp16' not found .*present: \['diffusion_pytorch_model.safetensors'\]"):
