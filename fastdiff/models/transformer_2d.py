@@ -26,7 +26,10 @@ class GEGLU(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         hidden, gate = self.proj(hidden_states).chunk(2, dim=-1)
-        return hidden * F.gelu(gate)
+        if torch.is_grad_enabled() and hidden.requires_grad:
+            return hidden * F.gelu(gate)
+        # Inference: multiply into gelu's output instead of allocating a third tensor.
+        return F.gelu(gate).mul_(hidden)
 
 
 class FeedForward(nn.Module):
