@@ -34,11 +34,13 @@ Forward, two paths (chosen by :func:`launch_config`):
   1. ``_stats_kernel``: per-channel (mean, M2) of its chunk: a Welford
      update per tile lane inside the loop, then one reduction across lanes
      with Chan's merge (no naive sum / sum-of-squares);
-  2. ``_combine_kernel``: one tiny program per (n, group) merges the
-     channel x chunk partials into the group's mean and rstd;
+  2. ``_combine_kernel``: tiny programs merge each (n, group)'s channel x
+     chunk partials into its mean and rstd;
   3. ``_apply_kernel``: normalise, affine, optional SiLU, store in x's dtype.
 
-  Traffic: 1 read for the statistics + 1 read + 1 write.
+  Traffic: 1 read for the statistics + 1 read + 1 write. When the partials
+  are few (typical for NCHW), step 2 is folded into step 3: each normalise
+  program merges its own groups' partials, and the forward is 2 launches.
 
 Backward (``_bwd_reduce_kernel``, ``_bwd_combine_kernel``, ``_bwd_dx_kernel``), with
 x_hat = (x - mean) * rstd, z = x_hat * w + b, y = act(z)::
@@ -60,10 +62,10 @@ and every store casts back to the output's dtype.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import math
-from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -101,9 +103,15 @@ PROGRAMS_PER_SM = 4
 # heuristic still splits moderately large groups in tests.
 INTERPRET_NUM_SMS = 4
 COMBINE_BLOCK = 256  # partials merged per step by _combine_kernel
+# The split path's normalise kernel merges the partials of its channels' groups
+# itself (one launch fewer) when that is at most this many loads per program:
+# block_c * (C / G) * n_chunks. Typical for NCHW (e.g. SD 320x64x64: 4 x 10 x 4);
+# NHWC tiles are wide in channels and deep in chunks (64 x 10 x 64), so those
+# keep the separate _combine_kernel.
+FUSED_COMBINE_MAX_PARTIALS = 1024
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class GroupNormConfig:
     """How one GroupNorm call is launched.
 
@@ -116,6 +124,8 @@ class GroupNormConfig:
         (1 on the single-pass path). The launcher rounds each chunk down to a
         multiple of block_s, so at least ``split`` chunks run when the spatial
         size allows it (possibly a few more).
+    fused_combine: split path only: the normalise kernel merges its groups'
+        partial statistics itself, so the forward is 2 launches instead of 3.
     """
 
     single_pass: bool
@@ -123,6 +133,7 @@ class GroupNormConfig:
     block_s: int
     num_warps: int
     split: int = 1
+    fused_combine: bool = False
 
 
 def _next_pow2(v: int) -> int:
@@ -164,7 +175,9 @@ def launch_config(
     base_programs = n * triton.cdiv(c, block_c)
     want = triton.cdiv(programs_per_sm * num_sms, base_programs)
     split = max(1, min(want, triton.cdiv(s, block_s)))
-    return GroupNormConfig(False, block_c, block_s, num_warps, split)
+    config = GroupNormConfig(False, block_c, block_s, num_warps, split)
+    _, n_chunks = _chunking(s, config)
+    return dataclasses.replace(config, fused_combine=block_c * cpg * n_chunks <= FUSED_COMBINE_MAX_PARTIALS)
 
 
 def _chunking(s: int, config: GroupNormConfig) -> Tuple[int, int]:
@@ -391,6 +404,45 @@ def _stats_kernel(
 
 
 @triton.jit
+def _merge_partials(
+    PMEAN,  # pointer to fp32 partial means, (N, C, n_chunks) contiguous
+    PM2,  # pointer to fp32 partial M2, (N, C, n_chunks) contiguous
+    row_base,  # [BLOCK_R] offset of each row's first partial: (n * C + g * CPG) * n_chunks
+    mask_r,  # [BLOCK_R] valid rows
+    total,  # partials per row: CPG * n_chunks (a group's partials are contiguous)
+    S,  # number of spatial positions
+    chunk,  # spatial positions per chunk (the last chunk may be shorter)
+    n_chunks,  # chunks per channel
+    BLOCK_R: tl.constexpr,
+    BLOCK_P: tl.constexpr,  # partials merged per step
+):
+    """(mean, M2, count) of each row's group from its channel x chunk partials.
+
+    Partial p of a row belongs to chunk p % n_chunks, whose element count is
+    min(chunk, S - chunk_id * chunk). Each step merges BLOCK_P partials at once
+    with the exact parallel formula (count-weighted mean, then M2 = sum M2_i +
+    sum n_i (mean_i - mean)^2), then folds the step into the running result
+    with Chan's merge.
+    """
+    cnt = tl.zeros([BLOCK_R], dtype=tl.float32)
+    mean = tl.zeros([BLOCK_R], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for p0 in range(0, total, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        mask = mask_r[:, None] & (p < total)[None, :]
+        ptrs = row_base[:, None] + p[None, :]
+        m_i = tl.load(PMEAN + ptrs, mask=mask, other=0.0)
+        q_i = tl.load(PM2 + ptrs, mask=mask, other=0.0)
+        c_i = tl.where(mask, tl.minimum(chunk, S - (p % n_chunks) * chunk)[None, :], 0).to(tl.float32)
+        cnt_b = tl.sum(c_i, axis=1)
+        mean_b = tl.sum(c_i * m_i, axis=1) / tl.maximum(cnt_b, 1.0)
+        d_i = m_i - mean_b[:, None]
+        m2_b = tl.sum(q_i + c_i * d_i * d_i, axis=1)
+        mean, m2, cnt = _welford_combine(mean, m2, cnt, mean_b, m2_b, cnt_b)
+    return mean, m2, cnt
+
+
+@triton.jit
 def _combine_kernel(
     PMEAN,  # pointer to fp32 partial means, (N, C, n_chunks) contiguous
     PM2,  # pointer to fp32 partial M2, (N, C, n_chunks) contiguous
@@ -400,41 +452,20 @@ def _combine_kernel(
     S,  # number of spatial positions
     G,  # number of groups
     CPG,  # channels per group
-    chunk,  # spatial positions per chunk (the last chunk may be shorter)
+    chunk,  # spatial positions per chunk
     n_chunks,  # chunks per channel
+    NG,  # N * G, the number of (n, group) pairs
     eps,
+    BLOCK_R: tl.constexpr,  # (n, group) pairs per program
     BLOCK_P: tl.constexpr,  # partials merged per step
 ):
-    # One program per (n, group): pid = n * G + g. A group's CPG * n_chunks
-    # partials are contiguous; partial p belongs to chunk p % n_chunks, whose
-    # element count is min(chunk, S - chunk_id * chunk).
-    pid = tl.program_id(0)
-    n = pid // G
-    g = pid % G
-    base = (n * C + g * CPG) * n_chunks
-    total = CPG * n_chunks
-    cnt = 0.0
-    mean = 0.0
-    m2 = 0.0
-    for p0 in range(0, total, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        mask = p < total
-        m_i = tl.load(PMEAN + base + p, mask=mask, other=0.0)
-        q_i = tl.load(PM2 + base + p, mask=mask, other=0.0)
-        c_i = tl.where(mask, tl.minimum(chunk, S - (p % n_chunks) * chunk), 0).to(tl.float32)
-        # Merge the block's partials at once (exact parallel formula), then
-        # merge the block into the running total with Chan's formula.
-        cnt_b = tl.sum(c_i, axis=0)
-        mean_b = tl.sum(c_i * m_i, axis=0) / cnt_b
-        d_i = m_i - mean_b
-        m2_b = tl.sum(q_i + c_i * d_i * d_i, axis=0)
-        cnt_new = cnt + cnt_b
-        delta = mean_b - mean
-        mean = mean + delta * (cnt_b / cnt_new)
-        m2 = m2 + m2_b + delta * delta * (cnt * cnt_b / cnt_new)
-        cnt = cnt_new
-    tl.store(MEAN + pid, mean)
-    tl.store(RSTD + pid, 1.0 / tl.sqrt(m2 / cnt + eps))
+    # Program pid owns the (n, group) pairs pid * BLOCK_R + [0, BLOCK_R), flat index n * G + g.
+    offs = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_r = offs < NG
+    row_base = ((offs // G) * C + (offs % G) * CPG) * n_chunks
+    mean, m2, cnt = _merge_partials(PMEAN, PM2, row_base, mask_r, CPG * n_chunks, S, chunk, n_chunks, BLOCK_R, BLOCK_P)
+    tl.store(MEAN + offs, mean, mask=mask_r)
+    tl.store(RSTD + offs, 1.0 / tl.sqrt(m2 / tl.maximum(cnt, 1.0) + eps), mask=mask_r)
 
 
 @triton.jit
@@ -443,8 +474,10 @@ def _apply_kernel(
     Y,  # pointer to y, same shape, its own strides
     W,  # pointer to weight, (C,) contiguous
     B,  # pointer to bias, (C,) contiguous
-    MEAN,  # pointer to fp32 group means, (N, G)
-    RSTD,  # pointer to fp32 group 1/std, (N, G)
+    MEAN,  # pointer to fp32 group means, (N, G): read, or written when FUSED_COMBINE
+    RSTD,  # pointer to fp32 group 1/std, (N, G): read, or written when FUSED_COMBINE
+    PMEAN,  # pointer to fp32 partial means, (N, C, n_chunks) (FUSED_COMBINE only)
+    PM2,  # pointer to fp32 partial M2, (N, C, n_chunks) (FUSED_COMBINE only)
     C,  # number of channels
     S,  # number of spatial positions
     S1,  # size of the inner collapsed spatial dim (TWO_D only)
@@ -455,10 +488,13 @@ def _apply_kernel(
     chunk,  # spatial positions per program
     n_chunks,  # programs along the spatial axis
     n_cblocks,  # programs along the channel axis
+    eps,  # added to the variance (FUSED_COMBINE only)
     SILU: tl.constexpr,
     TWO_D: tl.constexpr,
+    FUSED_COMBINE: tl.constexpr,  # merge the partials here instead of reading _combine_kernel's output
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    BLOCK_P: tl.constexpr,  # partials merged per step (FUSED_COMBINE only)
 ):
     # Same program mapping as _stats_kernel: (n, chunk, channel block).
     pid = tl.program_id(0)
@@ -467,10 +503,23 @@ def _apply_kernel(
     n = pid // (n_cblocks * n_chunks)
     offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
-    # Per-channel affine folded with the group statistics: y = (x - mean) * scale + b.
     grp = n * G + offs_c // CPG
-    mean = tl.load(MEAN + grp, mask=mask_c, other=0.0)
-    rstd = tl.load(RSTD + grp, mask=mask_c, other=0.0)
+    if FUSED_COMBINE:
+        # Each channel lane merges its group's partials itself (a few hundred
+        # L2-resident values at most; launch_config only fuses then), saving
+        # the _combine_kernel launch. The programs holding a group's first
+        # channel in chunk 0 write the statistics the backward needs.
+        row_base = (n * C + (offs_c // CPG) * CPG) * n_chunks
+        mean, m2, cnt = _merge_partials(PMEAN, PM2, row_base, mask_c, CPG * n_chunks, S, chunk, n_chunks, BLOCK_C, BLOCK_P)
+        rstd = 1.0 / tl.sqrt(m2 / tl.maximum(cnt, 1.0) + eps)
+        if sp == 0:
+            first = mask_c & (offs_c % CPG == 0)
+            tl.store(MEAN + grp, mean, mask=first)
+            tl.store(RSTD + grp, rstd, mask=first)
+    else:
+        mean = tl.load(MEAN + grp, mask=mask_c, other=0.0)
+        rstd = tl.load(RSTD + grp, mask=mask_c, other=0.0)
+    # Per-channel affine folded with the group statistics: y = (x - mean) * scale + b.
     scale = rstd * tl.load(W + offs_c, mask=mask_c, other=0.0).to(tl.float32)
     shift = tl.load(B + offs_c, mask=mask_c, other=0.0).to(tl.float32)
     x_base = X + n.to(tl.int64) * stride_xn + offs_c[:, None] * stride_xc
@@ -750,12 +799,19 @@ def group_norm_forward(
             x, pmean, pm2, c, s, s1, *x_strides, chunk, n_chunks, n_cblocks,
             TWO_D=two_d, BLOCK_C=config.block_c, BLOCK_S=config.block_s, num_warps=config.num_warps,
         )
-        _combine_kernel[(n * num_groups,)](
-            pmean, pm2, mean, rstd, c, s, num_groups, cpg, chunk, n_chunks, eps, BLOCK_P=COMBINE_BLOCK, num_warps=4,
-        )
+        total = cpg * n_chunks
+        if not config.fused_combine:
+            block_p = min(_next_pow2(total), COMBINE_BLOCK)
+            block_r = max(2, min(_next_pow2(n * num_groups), COMBINE_BLOCK // block_p))
+            _combine_kernel[(triton.cdiv(n * num_groups, block_r),)](
+                pmean, pm2, mean, rstd, c, s, num_groups, cpg, chunk, n_chunks, n * num_groups, eps,
+                BLOCK_R=block_r, BLOCK_P=block_p, num_warps=4,
+            )
         _apply_kernel[grid](
-            x, y, weight, bias, mean, rstd, c, s, s1, *x_strides, *y_strides, num_groups, cpg, chunk, n_chunks, n_cblocks,
-            SILU=silu, TWO_D=two_d, BLOCK_C=config.block_c, BLOCK_S=config.block_s, num_warps=config.num_warps,
+            x, y, weight, bias, mean, rstd, pmean, pm2, c, s, s1, *x_strides, *y_strides, num_groups, cpg, chunk, n_chunks, n_cblocks, eps,
+            SILU=silu, TWO_D=two_d, FUSED_COMBINE=config.fused_combine, BLOCK_C=config.block_c, BLOCK_S=config.block_s,
+            BLOCK_P=max(2, min(_next_pow2(total), FUSED_COMBINE_MAX_PARTIALS // config.block_c)) if config.fused_combine else 2,
+            num_warps=config.num_warps,
         )
     return y, mean, rstd
 

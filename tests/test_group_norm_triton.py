@@ -33,12 +33,14 @@ def _kernels():
 
 
 def _config(path):
-    """Force a forward path. The split config uses tiny tiles and 3 chunks so
-    that several programs, partial tiles and a short last chunk all occur."""
+    """Force a forward path. The split configs use tiny tiles and 3 chunks so
+    that several programs, partial tiles and a short last chunk all occur;
+    "split_fused" merges the partials in the normalise kernel (2 launches),
+    "split" in the separate combine kernel (3 launches)."""
     kernels = _kernels()
     if path == "single":
         return None  # every test shape below is small enough for the heuristic's single pass
-    return kernels.GroupNormConfig(single_pass=False, block_c=2, block_s=4, num_warps=1, split=3)
+    return kernels.GroupNormConfig(single_pass=False, block_c=2, block_s=4, num_warps=1, split=3, fused_combine=path == "split_fused")
 
 
 # Each layout builds x from fresh random numbers with a non-zero mean.
@@ -110,7 +112,7 @@ def _check_forward(x, y, mean, rstd, w, b, silu):
 
 
 @pytest.mark.parametrize("silu", [False, True])
-@pytest.mark.parametrize("path", ["single", "split"])
+@pytest.mark.parametrize("path", ["single", "split", "split_fused"])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_forward_fp32(seed, layout, path, silu):
     kernels = _kernels()
@@ -124,7 +126,7 @@ def test_forward_fp32(seed, layout, path, silu):
     _check_forward(x, y, mean, rstd, w, b, silu)
 
 
-@pytest.mark.parametrize("path", ["single", "split"])
+@pytest.mark.parametrize("path", ["single", "split", "split_fused"])
 @pytest.mark.parametrize("layout", ["nchw_b1", "nhwc_b3", "step2_two_d", "3d_channels_last"])
 def test_forward_bf16(seed, layout, path):
     kernels = _kernels()
@@ -134,18 +136,36 @@ def test_forward_bf16(seed, layout, path):
     _check_forward(x, y, mean, rstd, w, b, True)
 
 
-def test_forward_statistics_survive_a_large_offset(seed):
+@pytest.mark.parametrize("fused_combine", [False, True])
+def test_forward_statistics_survive_a_large_offset(seed, fused_combine):
     # sum / sum-of-squares in fp32 loses the variance entirely at this offset
     # (E[x^2] ~ 1e6, fp32 spacing 0.06); Chan merging of tile partials does not.
     kernels = _kernels()
     x = torch.randn(2, 6, 20, 25, device=DEVICE) + 1000.0
     w, b = _affine(6, x.dtype)
-    config = kernels.GroupNormConfig(single_pass=False, block_c=2, block_s=32, num_warps=1, split=5)
+    config = kernels.GroupNormConfig(single_pass=False, block_c=2, block_s=32, num_warps=1, split=5, fused_combine=fused_combine)
     _, mean, rstd = kernels.group_norm_forward(x, w, b, G, EPS, False, config)
     xg = x.double().reshape(2, G, -1)
     assert_fp32_close(mean, xg.mean(-1), what="mean")
     rstd_ref = 1 / torch.sqrt(xg.var(-1, unbiased=False) + EPS)
     assert ((rstd.double() - rstd_ref).abs() / rstd_ref).max() < 1e-4
+
+
+@pytest.mark.parametrize("fused_combine", [False, True])
+def test_forward_merges_many_partials(seed, fused_combine):
+    # 150 chunks x 4 channels = 600 partials per group: several merge steps
+    # of 256 in both the combine kernel and the fused path.
+    # A trend along s gives every chunk a different mean, so the merge matters.
+    kernels = _kernels()
+    x = torch.randn(1, 4, 600, device=DEVICE) + torch.linspace(-15, 25, 600, device=DEVICE)
+    w, b = _affine(4, x.dtype)
+    config = kernels.GroupNormConfig(single_pass=False, block_c=4, block_s=4, num_warps=1, split=150, fused_combine=fused_combine)
+    assert kernels._chunking(600, config)[1] == 150
+    y, mean, rstd = kernels.group_norm_forward(x, w, b, 1, EPS, True, config)
+    mean_ref, rstd_ref = group_norm_stats_ref(x.double(), 1, EPS)
+    assert_fp32_close(mean, mean_ref, what="mean")
+    assert_fp32_close(rstd, rstd_ref, what="rstd")
+    assert_fp32_close(y, group_norm_ref(x.double(), 1, w.double(), b.double(), EPS, "silu"))
 
 
 @pytest.mark.parametrize("layout", ["nchw_b1", "nhwc_b3", "1d", "3d_channels_last", "channel_slice", "step2_two_d"])
@@ -191,6 +211,11 @@ def test_heuristic_fills_an_h100_on_sd_shapes(shape, channels_contiguous):
     assert config.block_c * config.block_s <= kernels.SPLIT_TILE_ELEMS
     programs = _programs(kernels, config, n, c, h * w)
     assert programs >= 2 * 132, f"{shape}: {programs} programs is under two waves of 132 SMs"
+    _, n_chunks = kernels._chunking(h * w, config)
+    partial_loads = config.block_c * (c // 32) * n_chunks
+    assert config.fused_combine == (partial_loads <= kernels.FUSED_COMBINE_MAX_PARTIALS)
+    if not channels_contiguous:
+        assert config.fused_combine, "NCHW SD shapes should need only 2 launches"
     if channels_contiguous:
         assert config.block_c >= 32, "NHWC tiles must be wide along the contiguous channel axis"
     else:
