@@ -44,6 +44,7 @@ written. Exit code 0.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import logging
@@ -83,7 +84,8 @@ SHAPES = {
 PROVIDERS = ("fastdiff-triton", "fastdiff-cuda", "torch-eager", "torch-compile", "copy")
 # --sweep: knobs of kernels.group_norm.launch_config tried besides its defaults,
 # as (tile elements, warps) x programs per SM, plus the split path where the
-# default is the single pass.
+# default is the single pass, and the default split tiling with the partial
+# merge fused or not.
 SWEEP_TILES = ((1024, 4), (2048, 4), (4096, 8))
 SWEEP_PROGRAMS_PER_SM = (2, 4, 8)
 LAYOUTS = ("nchw", "nhwc")
@@ -143,7 +145,8 @@ def _describe(config, x) -> str:
         return f"single-pass {n * GROUPS} progs, tile {config.block_c}x{config.block_s}, {config.num_warps} warps"
     _, n_chunks = kernels._chunking(s, config)
     programs = n * n_chunks * -(-c // config.block_c)
-    return f"split x{n_chunks}, {programs} progs, tile {config.block_c}x{config.block_s}, {config.num_warps} warps"
+    launches = 2 if config.fused_combine else 3
+    return f"split x{n_chunks}, {programs} progs, tile {config.block_c}x{config.block_s}, {config.num_warps} warps, {launches} launches"
 
 
 def _sweep_configs(x) -> list:
@@ -151,8 +154,12 @@ def _sweep_configs(x) -> list:
     from fastdiff.kernels import group_norm as kernels
 
     args = (*_launch_args(x), kernels._num_sms(x.device))
-    seen = {_describe(kernels.launch_config(*args), x)}
+    default = kernels.launch_config(*args)
+    seen = {_describe(default, x)}
     configs = []
+    if not default.single_pass:  # the same tiling with the partial merge in the other place
+        configs.append(dataclasses.replace(default, fused_combine=not default.fused_combine))
+        seen.add(_describe(configs[-1], x))
     for allow_single_pass in (True, False):
         for tile_elems, num_warps in SWEEP_TILES:
             for programs_per_sm in SWEEP_PROGRAMS_PER_SM:
