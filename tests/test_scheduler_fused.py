@@ -17,9 +17,9 @@ drift apart by float32 rounding. Measured maxima over 12 seeds (reference backen
 * DDPM with squaredcos_cap_v2 near t = 0: 1.2e-6 -> 4e-6. Here diffusers is the less accurate one:
   its float32 ``1 - a_t / a_prev`` cancels (1.05e-6 from a loop with float64 coefficients, against
   1.8e-7 for the fused table);
-* DPM-Solver++ order 2: 1.5e-6 -> 5e-6; order 3: 8.8e-6 -> 2e-5. Both loops are about equally far
-  (1e-6 to 2e-6) from a loop with float64 coefficients: the multistep differences of x0 predictions
-  amplify float32 rounding on either side.
+* DPM-Solver++ order 2: 1.5e-6, PNDM (PLMS): 1.0e-6 -> 5e-6; DPM-Solver++ order 3: 8.8e-6 -> 2e-5.
+  For DPM-Solver++ both loops are about equally far (1e-6 to 2e-6) from a loop with float64
+  coefficients: the multistep differences of x0 predictions amplify float32 rounding on either side.
 
 DDIM with eta = 1 at zero terminal SNR is left out: there diffusers takes sqrt(1 - a_prev - sigma^2)
 of a float32 rounding residue (about 2e-4 instead of 0) where the table has the exact 0; eta = 0.8
@@ -49,7 +49,7 @@ GUIDANCE = 7.5
 SD = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
 RTOL = 1e-6
 RTOL_DDPM_COSINE = 4e-6
-RTOL_2ND_ORDER = 5e-6
+RTOL_MULTISTEP = 5e-6
 RTOL_3RD_ORDER = 2e-5
 OP = "scheduler_step"
 
@@ -61,6 +61,7 @@ def _case(name, step_kwargs=None, stochastic=False, rtol=RTOL, **config):
 
 DDIM, DDPM, EULER = "DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler"
 EULER_A, DPM, LMS = "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "LMSDiscreteScheduler"
+PNDM = "PNDMScheduler"
 V, KARRAS = {"prediction_type": "v_prediction"}, {"use_karras_sigmas": True}
 CASES = {
     "ddim-eps-leading": _case(DDIM, clip_sample=False, set_alpha_to_one=False, steps_offset=1, **SD),
@@ -87,10 +88,10 @@ CASES = {
     "euler_ancestral-eps": _case(EULER_A, None, True, **SD),
     "euler_ancestral-v-trailing": _case(EULER_A, None, True, timestep_spacing="trailing", **V, **SD),
     "dpmpp_1-eps": _case(DPM, solver_order=1, **SD),
-    "dpmpp_2m-eps": _case(DPM, rtol=RTOL_2ND_ORDER, **SD),
-    "dpmpp_2m-v-heun-karras": _case(DPM, rtol=RTOL_2ND_ORDER, solver_type="heun", **V, **KARRAS, **SD),
+    "dpmpp_2m-eps": _case(DPM, rtol=RTOL_MULTISTEP, **SD),
+    "dpmpp_2m-v-heun-karras": _case(DPM, rtol=RTOL_MULTISTEP, solver_type="heun", **V, **KARRAS, **SD),
     "dpmpp_2m-sample-sigma_min-no_lower_final": _case(
-        DPM, rtol=RTOL_2ND_ORDER, prediction_type="sample", final_sigmas_type="sigma_min", lower_order_final=False
+        DPM, rtol=RTOL_MULTISTEP, prediction_type="sample", final_sigmas_type="sigma_min", lower_order_final=False
     ),
     "dpmpp_3m-eps": _case(DPM, rtol=RTOL_3RD_ORDER, solver_order=3, **SD),
     "dpmpp_3m-v-trailing-sigma_min-no_lower_final": _case(
@@ -100,6 +101,10 @@ CASES = {
     "lms-eps": _case(LMS, **SD),
     "lms-v-karras": _case(LMS, **V, **KARRAS, **SD),
     "lms-sample-order2": _case(LMS, {"order": 2}, prediction_type="sample"),
+    "pndm-plms-eps-sd15": _case(PNDM, rtol=RTOL_MULTISTEP, skip_prk_steps=True, steps_offset=1, **SD),
+    "pndm-plms-v-trailing": _case(
+        PNDM, rtol=RTOL_MULTISTEP, skip_prk_steps=True, timestep_spacing="trailing", set_alpha_to_one=True, **V, **SD
+    ),
 }
 STOCHASTIC = [k for k, case in CASES.items() if case[3]]
 FUSED_BACKENDS = ["reference", pytest.param("triton", marks=requires_triton)]
@@ -176,7 +181,7 @@ def test_fused_loop_matches_diffusers(case_id, backend, seed):
                 x_fused = next(fused)
             assert calls == [(OP, backend)], f"step {i}: expected one fused launch, got {calls}"
             assert_fp32_close(x_fused, x_ref, rtol=rtol, what=f"{case_id} step {i} prev_sample (seed {seed})")
-    assert i == STEPS - 1
+    assert i == len(ref.timesteps) - 1  # PNDM makes one more model call than STEPS
 
 
 @requires_diffusers
@@ -237,6 +242,7 @@ UNSUPPORTED = [
     ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, {}, "algorithm_type"),
     ("DPMSolverMultistepScheduler", {"thresholding": True}, {}, "thresholding"),
     ("LMSDiscreteScheduler", {}, {"order": 5}, "order 5"),
+    ("PNDMScheduler", {}, {}, "Runge-Kutta"),  # diffusers' default warm-up
 ]
 
 
@@ -339,10 +345,12 @@ def test_fused_loop_from_a_begin_index_matches_diffusers(case_id, seed):
 
 
 @requires_diffusers
-def test_ddim_fused_loop_starts_at_the_first_timestep_given(seed):
-    """Without set_begin_index, DDIM/DDPM read the first timestep once to place the device index."""
-    ref, step_kwargs, _, _ = _make("ddim-eps-leading", diffusers)
-    sched, _, _, _ = _make("ddim-eps-leading", fs)
+@pytest.mark.parametrize("case_id", ["ddim-eps-leading", "pndm-plms-eps-sd15"])
+def test_fused_loop_starts_at_the_first_timestep_given(case_id, seed):
+    """Without set_begin_index, DDIM, DDPM and PNDM read the first timestep once to place the device
+    index (img2img with diffusers' pipelines, which set no begin index for them)."""
+    ref, step_kwargs, _, rtol = _make(case_id, diffusers)
+    sched, _, _, _ = _make(case_id, fs)
     ref.set_timesteps(STEPS)
     sched.set_timesteps(STEPS)
     weights, x = _inputs(ref)
@@ -352,7 +360,7 @@ def test_ddim_fused_loop_starts_at_the_first_timestep_given(seed):
             _fastdiff_loop(sched, x.clone(), weights, step_kwargs, timesteps=sched.timesteps[4:]),
         )
         for i, (x_ref, x_fused) in enumerate(pairs):
-            assert_fp32_close(x_fused, x_ref, rtol=RTOL, what=f"step {4 + i}")
+            assert_fp32_close(x_fused, x_ref, rtol=rtol, what=f"{case_id} step {4 + i}")
     with pytest.raises(ValueError, match="not in this scheduler's"), fastdiff.use_backend(scheduler_step="reference"):
         sched.set_timesteps(STEPS)
         sched.step(torch.randn(SHAPE), 3, torch.randn(SHAPE))
@@ -468,6 +476,7 @@ SYNC_CASES = [
     "euler_ancestral-eps",
     "dpmpp_3m-eps",
     "lms-sample-order2",
+    "pndm-plms-eps-sd15",
 ]
 
 
@@ -511,8 +520,9 @@ def test_fused_step_reads_no_tensor_on_the_host(case_id, seed):
             model_output = fake_unet(sched.scale_model_input(torch.cat([x, x]), t), t, weights)
             with contextlib.nullcontext() if warm_up and i == 0 else _no_host_reads():
                 x = sched.step(model_output, t, x, guidance_scale=guidance, **step_kwargs).prev_sample
-    assert calls == [(OP, "reference")] * STEPS and torch.isfinite(x).all()
-    assert sched._fused.step_index.item() == STEPS
+    num_calls = len(sched.timesteps)
+    assert calls == [(OP, "reference")] * num_calls and torch.isfinite(x).all()
+    assert sched._fused.step_index.item() == num_calls
 
 
 @pytest.mark.gpu
@@ -550,7 +560,7 @@ def test_fused_loop_does_not_sync_on_cuda(case_id, backend, seed):
                 x_dev = sched.step(model_output, t, x_dev, guidance_scale=GUIDANCE, **step_kwargs).prev_sample
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert calls == [(OP, "triton" if backend == "auto" else "cuda")] * STEPS
+    assert calls == [(OP, "triton" if backend == "auto" else "cuda")] * len(timesteps)
     assert_fp32_close(x_dev.cpu(), expected, rtol=1e-5, what=f"{case_id} on CUDA vs the CPU plain loop")
 
 
@@ -575,7 +585,6 @@ def test_unsupported_config_runs_the_plain_step_on_cuda(name, config, step_kwarg
 
 NO_FUSED_FORM = {
     "heun": ("HeunDiscreteScheduler", dict(SD)),
-    "pndm-plms": ("PNDMScheduler", dict(skip_prk_steps=True, steps_offset=1, **SD)),
     "pndm-prk": ("PNDMScheduler", {}),
     "unipc": ("UniPCMultistepScheduler", dict(SD)),
 }
@@ -584,7 +593,7 @@ NO_FUSED_FORM = {
 @requires_diffusers
 @pytest.mark.parametrize("case_id", list(NO_FUSED_FORM))
 def test_guidance_scale_without_a_fused_form(case_id):
-    """Heun, PNDM and UniPC apply guidance_scale in PyTorch and match diffusers' chunk + CFG + step;
+    """Heun, PNDM's Runge-Kutta mode and UniPC apply guidance_scale in PyTorch and match diffusers' chunk + CFG + step;
     forcing a scheduler_step backend on them raises with the reason."""
     name, config = NO_FUSED_FORM[case_id]
     ref, sched = getattr(diffusers, name)(**config), getattr(fs, name)(**config)
@@ -597,7 +606,7 @@ def test_guidance_scale_without_a_fused_form(case_id):
             assert_fp32_close(x_plain, x_ref, rtol=RTOL, what=f"{case_id} step {i}")
     assert calls == []
     sched.set_timesteps(STEPS)
-    with fastdiff.use_backend(scheduler_step="triton"), pytest.raises(ValueError, match="has no fused step: "):
+    with fastdiff.use_backend(scheduler_step="triton"), pytest.raises(ValueError, match="no fused form: "):
         sched.step(torch.randn(2, *SHAPE[1:]), sched.timesteps[0], torch.randn(SHAPE), guidance_scale=GUIDANCE)
 
 
@@ -605,7 +614,7 @@ def test_guidance_scale_without_a_fused_form(case_id):
 # Replays: reset_fused_step rewinds in place; a captured CUDA graph of one step replays a loop
 # ---------------------------------------------------------------------------
 
-REPLAY_CASES = ["ddpm-eps-fixed_small", "euler_ancestral-eps", "dpmpp_3m-eps", "lms-eps"]
+REPLAY_CASES = ["ddpm-eps-fixed_small", "euler_ancestral-eps", "dpmpp_3m-eps", "lms-eps", "pndm-plms-eps-sd15"]
 
 
 def _model(x, weights):
@@ -637,7 +646,7 @@ def test_reset_fused_step_replays_the_same_loop(case_id, seed):
 @pytest.mark.gpu
 @pytest.mark.parametrize("case_id", REPLAY_CASES)
 def test_fused_step_replays_in_a_cuda_graph(case_id, seed):
-    """Capture one fused step (after an eager warm-up), replay it STEPS times: the device index,
+    """Capture one fused step (after an eager warm-up), replay it once per timestep: the device index,
     history ring and noise bank advance inside the graph and give the eager loop's numbers."""
     device = torch.device("cuda")
     sched, step_kwargs, stochastic, _ = _make(case_id, fs)

@@ -75,6 +75,105 @@ def add_noise_by_alphas_cumprod(scheduler, original_samples, noise, timesteps):
     return a**0.5 * original_samples + (1 - a) ** 0.5 * noise
 
 
+def _plms_transfer(alphas_cumprod, final_alpha_cumprod, t, prev_t, v_prediction):
+    """(sample weight, model output weight) of :meth:`PNDMScheduler._get_prev_sample`, in float64;
+    with v_prediction the model output's conversion adds ``sqrt(beta_t)`` x its weight to the sample's."""
+    a_t = alphas_cumprod[t]
+    a_prev = alphas_cumprod[prev_t] if prev_t >= 0 else final_alpha_cumprod
+    b_t, b_prev = 1 - a_t, 1 - a_prev
+    denom = a_t * b_prev**0.5 + (a_t * b_t * a_prev) ** 0.5
+    w_sample, w_output = (a_prev / a_t) ** 0.5, -(a_prev - a_t) / denom
+    if v_prediction:
+        return w_sample + w_output * b_t**0.5, w_output * a_t**0.5
+    return w_sample, w_output
+
+
+def plms_fused_coeffs(
+    alphas_cumprod, final_alpha_cumprod, timesteps, ratio, prediction_type, begin_index=0, slots=3
+) -> torch.Tensor:
+    """PLMS with ``skip_prk_steps`` as a fused-step coefficient table (columns a, e, s, p, q, h1, h2, h3
+    of :func:`fastdiff.ops.scheduler_step`), found by running :meth:`PNDMScheduler._plms` on symbols.
+
+    Every sample and model output of the loop is a vector of weights over the basis (first sample,
+    m_0, m_1, ...): the scheduler's update is linear in them. Row i then solves
+    x_{i+1} = a x_i + e m_i + h1 d_{i-1} + h2 d_{i-2} + h3 d_{i-3} exactly, with the ring entries
+    d_j = m_j. One step breaks that: the fourth PLMS step after the start needs m_0, which sits four
+    steps back (the start step's output, m_1, is never reused), and the ring holds three. There the
+    ring entry three steps back is chosen as d = p x + q m of its own step (x of that step carries
+    m_0) so the row solves exactly. Each row is checked to reproduce the update to 1e-9.
+    """
+    ac = [float(a) for a in alphas_cumprod]
+    final = float(final_alpha_cumprod)
+    timesteps = [int(t) for t in timesteps]
+    n = len(timesteps)
+    dim = 1 + n  # weights over (first sample, m_0, ..., m_{n-1})
+    unit = np.eye(dim)
+    v = prediction_type == "v_prediction"
+
+    # Symbolic run of _plms from begin_index (counter 0 there).
+    xs = {begin_index: unit[0]}
+    ets, cur_sample = [], None
+    for i in range(begin_index, n):
+        counter, m = i - begin_index, unit[1 + i]
+        t = timesteps[i]
+        prev_t = t - ratio
+        if counter != 1:
+            ets = ets[-3:] + [m]
+        else:
+            prev_t, t = t, t + ratio
+        sample = xs[i]
+        if len(ets) == 1 and counter == 0:
+            cur_sample, eps = sample, m
+        elif len(ets) == 1 and counter == 1:
+            eps, sample, cur_sample = (m + ets[-1]) / 2, cur_sample, None
+        elif len(ets) == 2:
+            eps = (3 * ets[-1] - ets[-2]) / 2
+        elif len(ets) == 3:
+            eps = (23 * ets[-1] - 16 * ets[-2] + 5 * ets[-3]) / 12
+        else:
+            eps = (55 * ets[-1] - 59 * ets[-2] + 37 * ets[-3] - 9 * ets[-4]) / 24
+        w_sample, w_output = _plms_transfer(ac, final, t, prev_t, v)
+        xs[i + 1] = w_sample * sample + w_output * eps
+
+    table = np.zeros((n, 8))
+    ring = {j: unit[1 + j] for j in range(begin_index, n)}  # d_j; p_j = 0, q_j = 1 unless re-chosen
+    table[begin_index:, 4] = 1.0
+
+    def solve(i, free_lag=None):
+        lags = [k for k in range(1, slots + 1) if i - k >= begin_index]
+        cols = [xs[i], unit[1 + i]] + [ring[i - k] for k in lags if k != free_lag]
+        if free_lag is not None:
+            cols += [xs[i - free_lag], unit[1 + i - free_lag]]
+        m = np.stack(cols, axis=1)
+        c = np.linalg.lstsq(m, xs[i + 1], rcond=None)[0]
+        ok = np.abs(m @ c - xs[i + 1]).max() <= 1e-9 * max(1.0, np.abs(xs[i + 1]).max())
+        return ok, lags, c
+
+    def fill(i, lags, c):
+        table[i, 0:2] = c[:2]
+        table[i, 5:] = 0.0
+        for k, h in zip(lags, c[2:]):
+            table[i, 4 + k] = h
+
+    for i in range(begin_index, n):
+        ok, lags, c = solve(i)
+        if not ok and i - 3 >= begin_index:
+            ok, lags, c = solve(i, free_lag=3)
+            if ok:  # d_{i-3} = p x_{i-3} + q m_{i-3}, read with weight 1 here
+                j, (p, q) = i - 3, c[-2:]
+                ring[j] = p * xs[j] + q * unit[1 + j]
+                table[j, 3:5] = p, q
+                c = np.concatenate([c[:-2], [1.0]])
+                for k in (i - 2, i - 1):  # rows i-2 and i-1 also see the new d_{i-3}: solve them again
+                    ok_k, lags_k, c_k = solve(k)
+                    ok = ok and ok_k
+                    fill(k, lags_k, c_k)
+        if not ok:
+            raise ValueError(f"PLMS step {i} has no exact fused form with {slots} history slots")
+        fill(i, lags, c)
+    return torch.from_numpy(table).to(torch.float32)
+
+
 class PNDMScheduler(SchedulerMixin):
     """Pseudo linear multistep (PLMS) sampling, Liu et al. 2022, eq. 11 to 13, with Runge-Kutta warm-up.
 
@@ -86,14 +185,18 @@ class PNDMScheduler(SchedulerMixin):
 
     Config keys and defaults are diffusers' ``PNDMScheduler``'s; only ``epsilon`` and
     ``v_prediction`` outputs are supported (as in diffusers).
+
+    Fused step (fastdiff extension): with ``skip_prk_steps`` the PLMS update is linear in the sample,
+    the model output and three ring entries (:func:`plms_fused_coeffs`), so ``step`` runs as one
+    launch of :func:`fastdiff.ops.scheduler_step` that also folds in classifier-free guidance
+    (``step(..., guidance_scale=g)`` with the batched CFG output). It runs on CUDA tensors, or wherever
+    the ``scheduler_step`` backend is forced, and follows a device step index from
+    :meth:`set_begin_index` (or from the first ``timestep``, read once), so later calls never read
+    ``timestep`` and never synchronise with the host. The Runge-Kutta warm-up has no fused form.
     """
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
     order = 1
-    _no_fused_step_reason = (
-        "its PLMS start needs a model output four steps back (the op's history ring holds three) and its "
-        "Runge-Kutta warm-up revisits earlier samples"
-    )
 
     @register_to_config
     def __init__(
@@ -125,7 +228,33 @@ class PNDMScheduler(SchedulerMixin):
         self.prk_timesteps = None
         self.plms_timesteps = None
         self.timesteps = None
+        self._begin_index = None
         self._reset_state()
+
+    # Copied from fastdiff.schedulers.scheduling_ddim.DDIMScheduler.begin_index
+    @property
+    def begin_index(self):
+        """First step index of the fused step, set by the pipeline (img2img) through :meth:`set_begin_index`."""
+        return self._begin_index
+
+    # Copied from fastdiff.schedulers.scheduling_ddim.DDIMScheduler.set_begin_index
+    def set_begin_index(self, begin_index: int = 0):
+        """Where the fused step's device index starts (fastdiff extension; the plain step reads timesteps)."""
+        self._begin_index = begin_index
+        self._restart_fused()
+
+    def _fused_reasons(self, begin_index=0):
+        if not self.config.skip_prk_steps:
+            return ["the Runge-Kutta warm-up (skip_prk_steps=False) re-evaluates earlier samples"]
+        return []
+
+    def _fused_table(self, begin_index=0):
+        ratio = self.config.num_train_timesteps // self.num_inference_steps
+        table = plms_fused_coeffs(
+            self.alphas_cumprod, self.final_alpha_cumprod, self._host_timesteps, ratio, self.config.prediction_type,
+            begin_index,
+        )  # fmt: skip
+        return table, [False] * len(self._host_timesteps), 3
 
     def _reset_state(self):
         self.cur_model_output = 0
@@ -160,7 +289,10 @@ class PNDMScheduler(SchedulerMixin):
             self.plms_timesteps = base[:-3][::-1].copy()
         timesteps = np.concatenate([self.prk_timesteps, self.plms_timesteps]).astype(np.int64)
         self._known = set(int(t) for t in timesteps)
+        self._host_timesteps = [int(t) for t in timesteps]
         self.timesteps = torch.from_numpy(timesteps).to(device)
+        self._begin_index = None
+        self._reset_fused(begin_index=0)
         self._reset_state()
 
     def scale_model_input(self, sample: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -179,12 +311,29 @@ class PNDMScheduler(SchedulerMixin):
             return_dict (`bool`): return a :class:`SchedulerOutput` rather than a tuple.
             guidance_scale (`float` or one-element float32 tensor, *optional*): fastdiff extension; with it,
                 ``model_output`` is the batched CFG output (2B, ...), uncond half first, and the guidance
-                ``u + g * (c - u)`` is applied in PyTorch first. This scheduler has no fused step
-                (``_no_fused_step_reason``), so forcing a ``scheduler_step`` backend raises.
+                ``u + g * (c - u)`` is applied (inside the fused launch when the fused step runs).
+
+        On the fused path the step follows the device step index, not ``timestep``.
         """
         if self.num_inference_steps is None:
             raise ValueError("step() called before set_timesteps(); call set_timesteps(num_inference_steps) first.")
-        use_fused_step(self, sample, model_output, self._fused_reasons())  # False, or raises when forced
+        if use_fused_step(self, sample, model_output, self._fused_reasons()):
+            state = self._fused
+            if state.step_index is None:  # the PLMS ramp starts at the first step taken
+                if self._begin_index is not None:
+                    start = self._begin_index
+                else:
+                    t = int(timestep)
+                    if t not in self._known:
+                        raise ValueError(f"timestep {t} is not in this scheduler's timesteps {self._host_timesteps}")
+                    start = self._host_timesteps.index(t)
+                state = self._fused_state((("begin_index", start),))
+            else:
+                start = state.start_index
+            prev_sample = state.run(self, model_output, sample, guidance_scale, start)
+            if not return_dict:
+                return (prev_sample,)
+            return SchedulerOutput(prev_sample=prev_sample)
         model_output = apply_guidance(model_output, guidance_scale)
         t = int(timestep)
         if t not in self._known:
