@@ -211,7 +211,6 @@ class DDIMScheduler(SchedulerMixin):
     def _fused_table(self, eta=0.0):
         from fastdiff.ops.scheduler_step import ddim_coeffs
 
-        # use_clipped_model_output recomputes eps from an unclipped x0: the same eps, the same table.
         table = ddim_coeffs(
             self.alphas_cumprod, self._host_timesteps, final_alpha_cumprod=float(self.final_alpha_cumprod),
             num_train_timesteps=self.config.num_train_timesteps, prediction_type=self.config.prediction_type,
@@ -264,6 +263,7 @@ class DDIMScheduler(SchedulerMixin):
             raise ValueError("step() called before set_timesteps(); call set_timesteps(num_inference_steps) first.")
         if eta > 0 and variance_noise is not None and generator is not None:
             raise ValueError("pass either generator or variance_noise to step(), not both.")
+        # Without clipping or thresholding, use_clipped_model_output recomputes the same eps: same table.
         if use_fused_step(self, sample, model_output, self._fused_reasons(eta)):
             state = self._fused_state((("eta", eta),))
             start = None

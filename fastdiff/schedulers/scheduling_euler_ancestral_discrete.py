@@ -270,7 +270,7 @@ class EulerAncestralDiscreteScheduler(SchedulerMixin):
             logger.warning("scale_model_input() should be called before step() to scale the model input.")
         if self.step_index is None:
             self._init_step_index(timestep)
-        if use_fused_step(self, sample, model_output, []):
+        if use_fused_step(self, sample, model_output, self._fused_reasons()):
             state = self._fused_state(())
             prev_sample = state.run(self, model_output, sample, guidance_scale, self.step_index, generator=generator)
             self._step_index += 1

@@ -313,8 +313,8 @@ class EulerDiscreteScheduler(SchedulerMixin):
         else:
             self._step_index = self._begin_index
 
-    def _fused_reasons(self):
-        return []
+    def _fused_reasons(self, s_churn=0.0):
+        return ["s_churn > 0 (Karras churn) is not supported by the fused step"] if s_churn > 0 else []
 
     def _fused_table(self):
         from fastdiff.ops.scheduler_step import euler_coeffs
@@ -359,8 +359,7 @@ class EulerDiscreteScheduler(SchedulerMixin):
             logger.warning("scale_model_input() should be called before step() to scale the model input.")
         if self.step_index is None:
             self._init_step_index(timestep)
-        reasons = ["s_churn > 0 (Karras churn) is not supported by the fused step"] if s_churn > 0 else []
-        if use_fused_step(self, sample, model_output, reasons):
+        if use_fused_step(self, sample, model_output, self._fused_reasons(s_churn)):
             state = self._fused_state(())
             prev_sample = state.run(self, model_output, sample, guidance_scale, self.step_index)
             self._step_index += 1
