@@ -236,6 +236,18 @@ def test_heuristic_single_pass_when_a_group_fits():
     assert not backward.single_pass and backward.block_c * backward.block_s <= kernels.SPLIT_TILE_ELEMS
 
 
+def test_heuristic_knobs():
+    # The benchmark's --sweep varies these; each must move the launch the documented way.
+    kernels = _kernels()
+    args = (2, 320, 64 * 64, 32, False, 132)
+    default = kernels.launch_config(*args)
+    assert (default.block_c * default.block_s, default.num_warps) == (kernels.SPLIT_TILE_ELEMS, kernels.SPLIT_NUM_WARPS)
+    more = kernels.launch_config(*args, programs_per_sm=2 * kernels.PROGRAMS_PER_SM)
+    assert _programs(kernels, more, 2, 320, 64 * 64) == 2 * _programs(kernels, default, 2, 320, 64 * 64)
+    big = kernels.launch_config(*args, tile_elems=4096, num_warps=8)
+    assert big.block_c * big.block_s == 4096 and big.num_warps == 8
+
+
 def test_heuristic_split_runs_unforced(seed):
     # Under the interpreter the heuristic assumes INTERPRET_NUM_SMS; a group of
     # 2 x 2250 elements does not fit a single-pass tile, so it splits on its own.
