@@ -61,7 +61,7 @@ def _case(name, step_kwargs=None, stochastic=False, rtol=RTOL, **config):
 
 DDIM, DDPM, EULER = "DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler"
 EULER_A, DPM, LMS = "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "LMSDiscreteScheduler"
-PNDM = "PNDMScheduler"
+PNDM, HEUN = "PNDMScheduler", "HeunDiscreteScheduler"
 V, KARRAS = {"prediction_type": "v_prediction"}, {"use_karras_sigmas": True}
 CASES = {
     "ddim-eps-leading": _case(DDIM, clip_sample=False, set_alpha_to_one=False, steps_offset=1, **SD),
@@ -101,6 +101,9 @@ CASES = {
     "lms-eps": _case(LMS, **SD),
     "lms-v-karras": _case(LMS, **V, **KARRAS, **SD),
     "lms-sample-order2": _case(LMS, {"order": 2}, prediction_type="sample"),
+    "heun-eps": _case(HEUN, **SD),
+    "heun-v-karras": _case(HEUN, **V, **KARRAS, **SD),
+    "heun-sample-trailing": _case(HEUN, prediction_type="sample", timestep_spacing="trailing"),
     "pndm-plms-eps-sd15": _case(PNDM, rtol=RTOL_MULTISTEP, skip_prk_steps=True, steps_offset=1, **SD),
     "pndm-plms-v-trailing": _case(
         PNDM, rtol=RTOL_MULTISTEP, skip_prk_steps=True, timestep_spacing="trailing", set_alpha_to_one=True, **V, **SD
@@ -243,6 +246,7 @@ UNSUPPORTED = [
     ("DPMSolverMultistepScheduler", {"thresholding": True}, {}, "thresholding"),
     ("LMSDiscreteScheduler", {}, {"order": 5}, "order 5"),
     ("PNDMScheduler", {}, {}, "Runge-Kutta"),  # diffusers' default warm-up
+    ("HeunDiscreteScheduler", {"clip_sample": True}, {}, "clip_sample"),
 ]
 
 
@@ -320,10 +324,12 @@ def test_temperature_scales_fused_noise(case_id, before_set_timesteps, seed):
 
 
 @requires_diffusers
-@pytest.mark.parametrize("case_id", ["dpmpp_3m-eps", "lms-eps", "euler_ancestral-eps"])
-def test_fused_loop_from_a_begin_index_matches_diffusers(case_id, seed):
-    """img2img: set_begin_index(k) starts the device index (and the multistep order ramp) at k."""
-    begin = 3
+@pytest.mark.parametrize(
+    "case_id,begin", [("dpmpp_3m-eps", 3), ("lms-eps", 3), ("euler_ancestral-eps", 3), ("heun-eps", 4)]
+)
+def test_fused_loop_from_a_begin_index_matches_diffusers(case_id, begin, seed):
+    """img2img: set_begin_index(k) starts the device index (and the multistep order ramp) at k
+    (a pipeline gives Heun, of order 2, an even k)."""
     ref, step_kwargs, stochastic, rtol = _make(case_id, diffusers)
     sched, _, _, _ = _make(case_id, fs)
     for s in (ref, sched):
@@ -341,7 +347,7 @@ def test_fused_loop_from_a_begin_index_matches_diffusers(case_id, seed):
         )
         for i, (x_ref, x_fused) in enumerate(pairs):
             assert_fp32_close(x_fused, x_ref, rtol=rtol, what=f"{case_id} step {begin + i}")
-    assert i == STEPS - begin - 1
+    assert i == len(ref.timesteps) - begin - 1
 
 
 @requires_diffusers
@@ -477,6 +483,7 @@ SYNC_CASES = [
     "dpmpp_3m-eps",
     "lms-sample-order2",
     "pndm-plms-eps-sd15",
+    "heun-v-karras",
 ]
 
 
@@ -584,7 +591,6 @@ def test_unsupported_config_runs_the_plain_step_on_cuda(name, config, step_kwarg
 # ---------------------------------------------------------------------------
 
 NO_FUSED_FORM = {
-    "heun": ("HeunDiscreteScheduler", dict(SD)),
     "pndm-prk": ("PNDMScheduler", {}),
     "unipc": ("UniPCMultistepScheduler", dict(SD)),
 }
@@ -593,7 +599,7 @@ NO_FUSED_FORM = {
 @requires_diffusers
 @pytest.mark.parametrize("case_id", list(NO_FUSED_FORM))
 def test_guidance_scale_without_a_fused_form(case_id):
-    """Heun, PNDM's Runge-Kutta mode and UniPC apply guidance_scale in PyTorch and match diffusers' chunk + CFG + step;
+    """PNDM's Runge-Kutta mode and UniPC apply guidance_scale in PyTorch and match diffusers' chunk + CFG + step;
     forcing a scheduler_step backend on them raises with the reason."""
     name, config = NO_FUSED_FORM[case_id]
     ref, sched = getattr(diffusers, name)(**config), getattr(fs, name)(**config)
@@ -614,7 +620,14 @@ def test_guidance_scale_without_a_fused_form(case_id):
 # Replays: reset_fused_step rewinds in place; a captured CUDA graph of one step replays a loop
 # ---------------------------------------------------------------------------
 
-REPLAY_CASES = ["ddpm-eps-fixed_small", "euler_ancestral-eps", "dpmpp_3m-eps", "lms-eps", "pndm-plms-eps-sd15"]
+REPLAY_CASES = [
+    "ddpm-eps-fixed_small",
+    "euler_ancestral-eps",
+    "dpmpp_3m-eps",
+    "lms-eps",
+    "pndm-plms-eps-sd15",
+    "heun-eps",
+]
 
 
 def _model(x, weights):

@@ -115,6 +115,45 @@ def exponential_sigmas(sigma_min, sigma_max, num_inference_steps):
     return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), num_inference_steps))
 
 
+def heun_fused_coeffs(sigmas, prediction_type: str, begin_index: int = 0) -> torch.Tensor:
+    """Heun's model calls as a fused-step coefficient table (columns a, e, s, p, q, h1, h2, h3 of
+    :func:`fastdiff.ops.scheduler_step`), one row per call, with a history ring of one slot.
+
+    ``sigmas`` is the scheduler's doubled list (final 0 included); calls alternate predictor and
+    corrector from ``begin_index``. With x0 = px x + pm m at the call's sigma_input:
+
+    * predictor at call k (sigma = sigmas[k], dt = sigmas[k + 1] - sigma): the derivative
+      D1 = (x - x0) / sigma = p x + q m goes into the ring, and x_next = x + dt D1;
+    * corrector at call k (sigma_next = sigmas[k], dt = sigma_next - sigmas[k - 1]): with the saved
+      sample x_prev = x - dt D1 and D2 = (x - x0) / sigma_next, x_next = x_prev + dt (D1 + D2) / 2 =
+      x + dt/2 D2 - dt/2 D1, so h1 = -dt/2 reads D1 from the ring.
+    """
+    sig = [float(v) for v in sigmas]
+    n = len(sig) - 1
+
+    def x0_weights(sigma):
+        if prediction_type == "epsilon":
+            return 1.0, -sigma
+        if prediction_type == "v_prediction":
+            return 1 / (sigma**2 + 1), -sigma / math.sqrt(sigma**2 + 1)
+        return 0.0, 1.0  # sample
+
+    table = torch.zeros(n, 8, dtype=torch.float64)
+    for k in range(begin_index, n):
+        if (k - begin_index) % 2 == 0:  # predictor (Euler)
+            sigma, dt = sig[k], sig[k + 1] - sig[k]
+            px, pm = x0_weights(sigma)
+            p, q = (1 - px) / sigma, -pm / sigma
+            table[k] = torch.tensor([1 + dt * p, dt * q, 0.0, p, q, 0.0, 0.0, 0.0], dtype=torch.float64)
+        else:  # corrector (trapezoidal)
+            sigma_next, dt = sig[k], sig[k] - sig[k - 1]
+            px, pm = x0_weights(sigma_next)
+            p2, q2 = (1 - px) / sigma_next, -pm / sigma_next
+            row = [1 + dt / 2 * p2, dt / 2 * q2, 0.0, 0.0, 0.0, -dt / 2, 0.0, 0.0]
+            table[k] = torch.tensor(row, dtype=torch.float64)
+    return table.to(torch.float32)
+
+
 class HeunDiscreteScheduler(SchedulerMixin):
     """Heun's second-order method for the probability-flow ODE, Karras et al. 2022, Algorithm 1 (gamma = 0).
 
@@ -126,11 +165,17 @@ class HeunDiscreteScheduler(SchedulerMixin):
 
     Config keys and defaults are diffusers' ``HeunDiscreteScheduler``'s. ``use_beta_sigmas`` is not
     supported (it needs scipy).
+
+    Fused step (fastdiff extension): without ``clip_sample`` each model call is linear in the sample,
+    the model output and the predictor's derivative (:func:`heun_fused_coeffs`), so ``step`` runs as
+    one launch of :func:`fastdiff.ops.scheduler_step` that also folds in classifier-free guidance
+    (``step(..., guidance_scale=g)`` with the batched CFG output) and keeps the derivative in a
+    one-slot device ring. It runs on CUDA tensors, or wherever the ``scheduler_step`` backend is
+    forced, and reads a device copy of the step index that the launch itself advances.
     """
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
     order = 2
-    _no_fused_step_reason = "its corrector averages two model calls per step, which the fused form does not express"
 
     @register_to_config
     def __init__(
@@ -183,6 +228,14 @@ class HeunDiscreteScheduler(SchedulerMixin):
 
     def set_begin_index(self, begin_index: int = 0):
         self._begin_index = begin_index
+        self._restart_fused()
+
+    def _fused_reasons(self, begin_index=0):
+        return ["clip_sample is not linear"] if self.config.clip_sample else []
+
+    def _fused_table(self, begin_index=0):
+        table = heun_fused_coeffs(self.sigmas, self.config.prediction_type, begin_index)
+        return table, [False] * len(self.timesteps), 1
 
     @property
     def state_in_first_order(self):
@@ -234,6 +287,7 @@ class HeunDiscreteScheduler(SchedulerMixin):
         self.sample = None
         self._step_index = None
         self._begin_index = None
+        self._reset_fused(begin_index=0)
 
     # Copied from fastdiff.schedulers.scheduling_euler_discrete.EulerDiscreteScheduler.index_for_timestep
     def index_for_timestep(self, timestep, schedule_timesteps=None) -> int:
@@ -266,15 +320,27 @@ class HeunDiscreteScheduler(SchedulerMixin):
             return_dict (`bool`): return a :class:`HeunDiscreteSchedulerOutput` rather than a tuple.
             guidance_scale (`float` or one-element float32 tensor, *optional*): fastdiff extension; with it,
                 ``model_output`` is the batched CFG output (2B, ...), uncond half first, and the guidance
-                ``u + g * (c - u)`` is applied in PyTorch first. This scheduler has no fused step
-                (``_no_fused_step_reason``), so forcing a ``scheduler_step`` backend raises.
+                ``u + g * (c - u)`` is applied (inside the fused launch when the fused step runs).
+
+        On the fused path ``pred_original_sample`` is None (computing x0 would cost another launch).
         """
         if self.num_inference_steps is None:
             raise ValueError("step() called before set_timesteps(); call set_timesteps(num_inference_steps) first.")
-        use_fused_step(self, sample, model_output, self._fused_reasons())  # False, or raises when forced
-        model_output = apply_guidance(model_output, guidance_scale)
         if self.step_index is None:
             self._init_step_index(timestep)
+        if use_fused_step(self, sample, model_output, self._fused_reasons()):
+            state = self._fused
+            if state.step_index is None:  # predictor and corrector alternate from the first call
+                state = self._fused_state((("begin_index", self.step_index),))
+            prev_sample = state.run(self, model_output, sample, guidance_scale, self.step_index)
+            # Keep state_in_first_order right; the plain step's saved sample and derivative stay unset.
+            k = self.step_index
+            self.dt = self.sigmas[k + 1] - self.sigmas[k] if self.state_in_first_order else None
+            self._step_index += 1
+            if not return_dict:
+                return (prev_sample,)
+            return HeunDiscreteSchedulerOutput(prev_sample=prev_sample)
+        model_output = apply_guidance(model_output, guidance_scale)
         dtype = sample.dtype
         sample = sample.float()
         model_output = model_output.float()
