@@ -267,6 +267,20 @@ def test_unreachable_hub_id_is_one_line(monkeypatch, tmp_path):
     assert "fastdiff-tests/no-such-model" in message and "cannot be reached" in message
 
 
+def test_hub_id_resolves_through_the_local_cache(monkeypatch, tmp_path):
+    """Offline, a Hub id is served from huggingface_hub's cache (laid out here by hand)."""
+    constants = pytest.importorskip("huggingface_hub.constants")
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "models--fastdiff-tests--tiny"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    model = _random_model()
+    model.save_pretrained(repo / "snapshots" / commit / "unet")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    _assert_same_state(model, TinyModel.from_pretrained("fastdiff-tests/tiny", subfolder="unet"))
+
+
 def test_bad_max_shard_size():
     assert parse_size("2MB") == 2_000_000 and parse_size("1GiB") == 2**30 and parse_size(77) == 77
     with pytest.raises(ValueError, match="max_shard_size"):
