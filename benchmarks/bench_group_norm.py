@@ -1,7 +1,8 @@
 """Benchmark GroupNorm + SiLU on Stable Diffusion shapes: fastdiff's kernels against PyTorch.
 
     python benchmarks/bench_group_norm.py [--out DIR] [--dtype fp16|bf16] [--shapes sd15-unet,sdxl-unet,vae-decoder]
-                                          [--layouts nchw,nhwc] [--providers ...] [--time-budget-s 200] [--cpu-smoke]
+                                          [--layouts nchw,nhwc] [--providers ...] [--time-budget-s 200]
+                                          [--sweep | --backward] [--cpu-smoke]
 
 Providers (``--providers``, all by default):
 
@@ -20,7 +21,8 @@ groups, in fp16, NCHW and NHWC (channels_last).
 
 Metrics per (shape, layout, provider): p20/p50/p80 time
 (``triton.testing.do_bench``, L2 flushed between runs), effective GB/s
-counting one read and one write of x, the speedup over torch-eager and over
+counting one read and one write of x (with ``--backward``, forward plus
+backward: 5 passes, x read, y written, x and dy read, dx written), the speedup over torch-eager and over
 torch-compile (their p50 divided by the provider's), the fraction of the copy
 bandwidth reached, and the max abs difference from torch-eager. For
 fastdiff-triton the launch the heuristic chose is recorded too. With
@@ -136,8 +138,8 @@ def _launch_args(x):
     return n, c, math.prod(x.shape[2:]), GROUPS, x.stride(1) == 1
 
 
-def _describe(config, x) -> str:
-    """A launch config in words."""
+def _describe(config, x, backward=False) -> str:
+    """A launch config in words (the backward always takes 3 launches: reduce, combine, dx)."""
     from fastdiff.kernels import group_norm as kernels
 
     n, c, s = x.shape[0], x.shape[1], math.prod(x.shape[2:])
@@ -145,7 +147,7 @@ def _describe(config, x) -> str:
         return f"single-pass {n * GROUPS} progs, tile {config.block_c}x{config.block_s}, {config.num_warps} warps"
     _, n_chunks = kernels._chunking(s, config)
     programs = n * n_chunks * -(-c // config.block_c)
-    launches = 2 if config.fused_combine else 3
+    launches = 2 if config.fused_combine and not backward else 3
     return f"split x{n_chunks}, {programs} progs, tile {config.block_c}x{config.block_s}, {config.num_warps} warps, {launches} launches"
 
 
@@ -182,15 +184,26 @@ def _bench(fn, args) -> dict:
     return {"out": out, "p20_ms": p20, "p50_ms": p50, "p80_ms": p80}
 
 
-def _run_case(providers, name, n, c, h, w, layout, dtype, unavailable, sweep) -> dict:
+def _forward_backward(fn, dy):
+    """fn's forward and backward: the gradients for x, weight and bias."""
+    return lambda x, weight, bias: torch.autograd.grad(fn(x, weight, bias), (x, weight, bias), dy)
+
+
+def _run_case(providers, name, n, c, h, w, layout, dtype, unavailable, sweep, backward) -> dict:
     from fastdiff.backends import BackendNotSupportedError
     from fastdiff.kernels import group_norm as kernels
 
     x, weight, bias = _inputs(n, c, h, w, layout, dtype, "cuda")
+    if backward:
+        x, weight, bias = (t.requires_grad_() for t in (x, weight, bias))
+        dy = torch.randn_like(x)
     results = {}
     for provider in providers:
         if provider in unavailable:
             results[provider] = {"error": unavailable[provider]}
+            continue
+        if backward and provider == "copy":
+            results[provider] = {"error": "no copy floor for --backward"}
             continue
         if provider == "torch-compile":
             torch._dynamo.reset()
@@ -201,6 +214,8 @@ def _run_case(providers, name, n, c, h, w, layout, dtype, unavailable, sweep) ->
             fn = _copy_into(torch.empty_like(x))
         else:
             fn = _fastdiff(provider.split("-", 1)[1])
+        if backward:
+            fn = _forward_backward(fn, dy)
         try:
             results[provider] = _bench(fn, (x, weight, bias))
         except Exception as err:  # noqa: BLE001 - recorded in the results, never hidden
@@ -209,7 +224,11 @@ def _run_case(providers, name, n, c, h, w, layout, dtype, unavailable, sweep) ->
             if provider == "fastdiff-cuda" and not isinstance(err, BackendNotSupportedError):
                 unavailable[provider] = message  # a failed extension load/build: do not retry it for every shape
     if "fastdiff-triton" in results and "error" not in results["fastdiff-triton"]:
-        results["fastdiff-triton"]["launch"] = _describe(kernels.launch_config(*_launch_args(x), kernels._num_sms(x.device)), x)
+        launch_args = (*_launch_args(x), kernels._num_sms(x.device))
+        launch = _describe(kernels.launch_config(*launch_args), x)
+        if backward:
+            launch = f"fwd {launch}; bwd {_describe(kernels.launch_config(*launch_args, allow_single_pass=False), x, backward=True)}"
+        results["fastdiff-triton"]["launch"] = launch
         for i, config in enumerate(_sweep_configs(x) if sweep else ()):
 
             def fn(x, weight, bias, config=config):
@@ -219,15 +238,16 @@ def _run_case(providers, name, n, c, h, w, layout, dtype, unavailable, sweep) ->
     return results
 
 
-def _rows(env, results, name, n, c, h, w, layout, dtype_name, itemsize):
-    bytes_moved = 2 * n * c * h * w * itemsize  # one read and one write of x
+def _rows(env, results, name, n, c, h, w, layout, dtype_name, itemsize, backward):
+    # Floor traffic: forward reads x and writes y; the backward reads x and dy and writes dx.
+    bytes_moved = (5 if backward else 2) * n * c * h * w * itemsize
     eager = results.get("torch-eager", {})
     compiled = results.get("torch-compile", {})
     copy = results.get("copy", {})
     reference = eager.get("out")
     rows = []
     for provider, r in results.items():
-        row = {**env, "op": "group_norm_silu", "shape": name, "N": n, "C": c, "H": h, "W": w, "groups": GROUPS, "layout": layout, "dtype": dtype_name, "provider": provider}
+        row = {**env, "op": "group_norm_silu_fwd_bwd" if backward else "group_norm_silu", "shape": name, "N": n, "C": c, "H": h, "W": w, "groups": GROUPS, "layout": layout, "dtype": dtype_name, "provider": provider}
         if "error" in r:
             row["error"] = r["error"]
             rows.append(row)
@@ -238,7 +258,8 @@ def _rows(env, results, name, n, c, h, w, layout, dtype_name, itemsize):
         row["speedup_vs_compile"] = compiled["p50_ms"] / r["p50_ms"] if "p50_ms" in compiled else None
         row["frac_of_copy_bw"] = copy["p50_ms"] / r["p50_ms"] if "p50_ms" in copy else None
         if reference is not None and provider != "copy":
-            row["max_abs_diff_vs_eager"] = (r["out"].float() - reference.float()).abs().max().item()
+            out, ref = (r["out"][0], reference[0]) if backward else (r["out"], reference)  # backward: compare dx
+            row["max_abs_diff_vs_eager"] = (out.float() - ref.float()).abs().max().item()
         if "launch" in r:
             row["launch"] = r["launch"]
         rows.append(row)
@@ -315,11 +336,14 @@ def main(argv=None) -> int:
     parser.add_argument("--time-budget-s", type=float, default=200.0, help="skip the cases left after this many seconds")
     parser.add_argument("--cpu-smoke", action="store_true", help="run the small CPU check even if CUDA is available")
     parser.add_argument("--sweep", action="store_true", help="also time other launch configs of the Triton kernels (to re-tune the heuristic)")
+    parser.add_argument("--backward", action="store_true", help="time forward + backward (gradients for x, weight, bias) instead of the forward")
     args = parser.parse_args(argv)
     for value, allowed, flag in ((args.shapes, SHAPES, "--shapes"), (args.layouts, LAYOUTS, "--layouts"), (args.providers, PROVIDERS, "--providers")):
         unknown = [v for v in value.split(",") if v not in allowed]
         if unknown:
             parser.error(f"{flag}: unknown {unknown}; expected some of {list(allowed)}")
+    if args.sweep and args.backward:
+        parser.error("--sweep times forward launches only; run it without --backward")
     sys.path.insert(0, ROOT)
     if args.cpu_smoke or not torch.cuda.is_available():
         if not args.cpu_smoke:
@@ -347,15 +371,15 @@ def main(argv=None) -> int:
                     skipped.append(f"{name}/{layout}")
                     continue
                 torch.manual_seed(0)
-                results = _run_case(providers, name, n, c, h, w, layout, dtype, unavailable, args.sweep)
-                rows = _rows(env, results, name, n, c, h, w, layout, args.dtype, torch.finfo(dtype).bits // 8)
+                results = _run_case(providers, name, n, c, h, w, layout, dtype, unavailable, args.sweep, args.backward)
+                rows = _rows(env, results, name, n, c, h, w, layout, args.dtype, torch.finfo(dtype).bits // 8, args.backward)
                 for row in rows:
                     sink.write(json.dumps(row) + "\n")
                 sink.flush()
                 table.extend(rows)
                 logger.info("%s/%s done (%.0f s)", name, layout, time.monotonic() - start)
     print(f"results appended to {path}")
-    _print_table(env, table, args.dtype, skipped)
+    _print_table(env, table, args.dtype + (", forward + backward" if args.backward else ""), skipped)
     return 0
 
 
