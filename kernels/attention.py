@@ -70,6 +70,7 @@ LOG2E = math.log2(math.e)
 MASK_NONE, MASK_BOOL, MASK_ADDITIVE = 0, 1, 2
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_GRID_Y = 65535  # CUDA's limit on grid dim 1, which holds B * H.
+MAX_HEAD_DIM = 256  # every tile keeps whole head-dim rows in registers / shared memory
 
 
 # ---------------------------------------------------------------------------
@@ -761,6 +762,8 @@ _attn_bwd_dq_tuned = triton.autotune(
 def layout_reasons(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor]) -> List[str]:
     """Why these (already validated) inputs cannot run on the Triton kernels; [] if they can."""
     reasons = []
+    if q.shape[-1] > MAX_HEAD_DIM:
+        reasons.append(f"head dim {q.shape[-1]} > {MAX_HEAD_DIM}")
     if q.dtype not in SUPPORTED_DTYPES:
         reasons.append(f"dtype {q.dtype} not supported (expected fp16, bf16 or fp32)")
     if q.shape[0] * q.shape[1] > MAX_GRID_Y:

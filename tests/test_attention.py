@@ -302,6 +302,16 @@ def test_forced_triton_without_interpreter_lists_reasons(monkeypatch):
     assert "sdpa: supported" in str(info.value)
 
 
+def test_head_dim_512_runs_on_sdpa_and_triton_declines(seed):
+    """The SD VAE mid-block has one 512-wide head: auto takes it (sdpa), Triton says why not."""
+    q, k, v = _qkv(1, 1, 37, 37, 512, torch.float32)
+    with backends.trace_dispatch() as calls:
+        out = attention(q, k, v)
+    assert calls == [("attention", "sdpa")]
+    _check(out, q, k, v, None)
+    assert "triton: head dim 512 > 256" in attention.explain(q, k, v)
+
+
 @requires_triton
 def test_triton_declines_fp64_and_mask_with_grad():
     q, k, v = _qkv(1, 3, 37, 13, 8, torch.float64)
@@ -338,7 +348,7 @@ def _good():
         (lambda q, k, v: (q, k, v[..., :8], None), "v has head dim D 8 but q has 16"),
         (lambda q, k, v: (q, k, v[:, :, :6], None), "v has length 6 but k has 7"),
         (lambda q, k, v: (q[..., :12], k[..., :12], v[..., :12], None), "head dim 12 is unsupported"),
-        (lambda q, k, v: (torch.randn(1, 1, 2, 264), torch.randn(1, 1, 2, 264), torch.randn(1, 1, 2, 264), None), "head dim 264 is unsupported"),
+        (lambda q, k, v: (torch.randn(1, 1, 2, 260), torch.randn(1, 1, 2, 260), torch.randn(1, 1, 2, 260), None), "head dim 260 is unsupported"),
         (lambda q, k, v: (q, k.half(), v, None), "k dtype torch.float16 does not match"),
         (lambda q, k, v: (q.int(), k, v, None), "q must be fp16, bf16, fp32 or fp64"),
         (lambda q, k, v: (q, k, v, torch.ones(5, 6, dtype=torch.bool)), r"attn_mask of shape \(5, 6\) does not broadcast"),

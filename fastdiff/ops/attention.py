@@ -35,9 +35,9 @@ from fastdiff import backends
 OP_NAME = "attention"
 #: dtypes the op accepts; fp64 runs on ``reference`` and ``sdpa`` only.
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-#: head dims the op accepts: every multiple of 8 in [8, 256].
+#: head dims the op accepts: every multiple of 8. The Triton backends take 8 to
+#: 256 and decline larger ones (the SD VAE's single 512-wide head runs on sdpa).
 HEAD_DIM_MULTIPLE = 8
-MAX_HEAD_DIM = 256
 
 
 # ---------------------------------------------------------------------------
@@ -108,8 +108,8 @@ def _check_inputs(q, k, v, attn_mask, scale) -> None:
     if v.shape[2] != k.shape[2]:
         raise ValueError(f"attention: v has length {v.shape[2]} but k has {k.shape[2]}; they must match (Lk)")
     head_dim = q.shape[3]
-    if head_dim % HEAD_DIM_MULTIPLE != 0 or head_dim > MAX_HEAD_DIM:
-        raise ValueError(f"attention: head dim {head_dim} is unsupported; expected a multiple of 8 from 8 to 256")
+    if head_dim % HEAD_DIM_MULTIPLE != 0:
+        raise ValueError(f"attention: head dim {head_dim} is unsupported; expected a multiple of 8")
     if attn_mask is not None:
         if not isinstance(attn_mask, torch.Tensor):
             raise ValueError(f"attention: attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
@@ -191,7 +191,8 @@ def _priority(inputs: Mapping[str, Any]) -> List[str]:
       sets out, until a device run of benchmarks/bench_attention.py (results in
       benchmarks/results/) shows per shape and architecture where SDPA is
       faster; no GPU figures exist yet. ``sdpa`` takes what Triton declines
-      (fp64, an attn_mask that requires grad, B * H > 65535). ``triton_tma``
+      (head dims above 256, fp64, an attn_mask that requires grad,
+      B * H > 65535). ``triton_tma``
       is left out until benchmarks/bench_attention.py has measured it against
       ``triton`` on a Hopper card.
     * CPU tensors -> ``sdpa``: torch's CPU flash kernel is the fastest CPU path
@@ -320,7 +321,8 @@ def attention(
 
     Args:
         q: (B, H, Lq, D) queries; fp16, bf16 or fp32 (fp64 on ``reference``
-            and ``sdpa``). D is a multiple of 8 from 8 to 256.
+            and ``sdpa``). D is a multiple of 8; the Triton backends take D up
+            to 256 (larger head dims, like the SD VAE's 512, run on ``sdpa``).
         k: (B, H, Lk, D) keys, same dtype and device as q. Lk may differ from Lq.
         v: (B, H, Lk, D) values.
         attn_mask: None, or a mask broadcastable to (B, H, Lq, Lk): boolean
