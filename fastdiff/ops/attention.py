@@ -192,9 +192,8 @@ def _priority(inputs: Mapping[str, Any]) -> List[str]:
       benchmarks/results/) shows per shape and architecture where SDPA is
       faster; no GPU figures exist yet. ``sdpa`` takes what Triton declines
       (head dims above 256, fp64, an attn_mask that requires grad,
-      B * H > 65535). ``triton_tma``
-      is left out until benchmarks/bench_attention.py has measured it against
-      ``triton`` on a Hopper card.
+      B * H > 65535). ``triton_tma`` is left out until the same benchmark
+      has measured it against ``triton`` on a Hopper card.
     * CPU tensors -> ``sdpa``: torch's CPU flash kernel is the fastest CPU path
       we have. ``triton`` runs on the CPU only when forced, under
       TRITON_INTERPRET=1 (for tests). ``reference`` is the oracle and never auto.
