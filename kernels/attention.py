@@ -215,10 +215,13 @@ def _load(ptrs, ok_rows, ok_cols, EVEN_ROWS: tl.constexpr, EVEN_COLS: tl.constex
 def _rows(base, offs, stride, ALIGNED: tl.constexpr):
     """Element offsets base + offs * stride as a (len(offs), 1) tile (positions along rows).
 
-    With ALIGNED (the launcher checked that every row starts 16 bytes apart and
-    the head-dim stride is 1) the offsets are declared multiples of 8 elements:
-    without that hint Triton cannot vectorise the row loads when a stride such
-    as D=40 is not a multiple of 16, and then cannot pipeline them (cp.async)."""
+    With ALIGNED (the launcher checked that the head-dim stride is 1 and every
+    other stride a multiple of 8 elements, :func:`_rows_aligned`) the offsets
+    are declared multiples of 8 elements (16 bytes at fp16/bf16) along both
+    tile dims, so the sum with the head-dim arange stays provably aligned along
+    the vectorised dim. Without the hint Triton cannot vectorise the row loads
+    when a stride such as D=40 is not a multiple of 16, and then cannot
+    pipeline them (cp.async)."""
     x = base + offs[:, None] * stride
     if ALIGNED:
         x = tl.multiple_of(x, [8, 8])
