@@ -773,6 +773,8 @@ def layout_reasons(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask:
         reasons.append(f"B * H = {q.shape[0] * q.shape[1]} exceeds {MAX_GRID_Y}")
     if attn_mask is not None and attn_mask.requires_grad:
         reasons.append("attn_mask requires grad; the Triton backward does not compute a mask gradient")
+    if q.device.type == "cuda" and torch.cuda.get_device_capability(q.device) < (8, 0):
+        reasons.append("needs compute capability 8.0 or newer (bf16 tensor cores; compiled and tested for sm_80/sm_90)")
     return reasons
 
 
