@@ -138,6 +138,13 @@ def test_masks_residuals_and_lora_scale_match_diffusers(tmp_path):
     assert_fp32_close(ours, reference(x, 10, text, **kwargs).sample, what="masked + controlnet")
     assert not torch.allclose(ours, model(x, 10, text).sample), "mask and residuals had no effect"
 
+    adapter = (torch.randn(2, 16, 8, 12), torch.randn(2, 32, 4, 6))
+    ours = model(x, 10, text, down_intrablock_additional_residuals=adapter).sample
+    theirs = reference(x, 10, text, down_intrablock_additional_residuals=list(adapter)).sample
+    assert_fp32_close(ours, theirs, what="T2I-Adapter residuals")
+    with pytest.raises(ValueError, match="ControlNet passes both"):
+        model(x, 10, text, down_block_additional_residuals=down)
+
 
 @torch.no_grad()
 def test_fused_qkv_projections_keep_outputs_and_keys(case):

@@ -211,12 +211,21 @@ class CrossAttnDownBlock2D(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(
-        self, hidden_states, temb=None, encoder_hidden_states=None, attention_mask=None, encoder_attention_mask=None
+        self,
+        hidden_states,
+        temb=None,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        encoder_attention_mask=None,
+        additional_residuals=None,
     ):
+        """``additional_residuals`` (a T2I-Adapter feature) is added after the last attention."""
         output_states = ()
-        for resnet, attn in zip(self.resnets, self.attentions):
+        for i, (resnet, attn) in enumerate(zip(self.resnets, self.attentions)):
             hidden_states = call_maybe_checkpointed(resnet, self.gradient_checkpointing, hidden_states, temb)
             hidden_states = attn(hidden_states, encoder_hidden_states, attention_mask, encoder_attention_mask)
+            if additional_residuals is not None and i == len(self.resnets) - 1:
+                hidden_states = hidden_states + additional_residuals
             output_states += (hidden_states,)
         if self.downsamplers is not None:
             hidden_states = self.downsamplers[0](hidden_states)

@@ -342,6 +342,7 @@ class UNet2DConditionModel(ModelMixin, ConfigMixin):
         added_cond_kwargs: Optional[Dict[str, torch.Tensor]] = None,
         down_block_additional_residuals: Optional[Tuple[torch.Tensor, ...]] = None,
         mid_block_additional_residual: Optional[torch.Tensor] = None,
+        down_intrablock_additional_residuals: Optional[Tuple[torch.Tensor, ...]] = None,
         encoder_attention_mask: Optional[torch.Tensor] = None,
         return_dict: bool = True,
     ) -> Union[UNet2DConditionOutput, Tuple]:
@@ -358,7 +359,11 @@ class UNet2DConditionModel(ModelMixin, ConfigMixin):
             cross_attention_kwargs: only ``{"scale": float}`` (the LoRA scale; no effect
                 on a model without LoRA layers, as in diffusers).
             added_cond_kwargs: ``{"text_embeds": (B, D), "time_ids": (B, k)}`` for SDXL.
-            down_block_additional_residuals, mid_block_additional_residual: ControlNet residuals.
+            down_block_additional_residuals, mid_block_additional_residual: ControlNet residuals
+                (both together), added to the skip connections and the mid-block output.
+            down_intrablock_additional_residuals: T2I-Adapter features, one per down block,
+                added inside the down path (and the last one after the mid block when its
+                shape matches), as diffusers does.
             encoder_attention_mask: (B, L) mask over the text tokens (1 keep, 0 drop).
         Returns:
             ``UNet2DConditionOutput(sample)`` with sample shaped (B, out_channels, H, W),
@@ -382,13 +387,25 @@ class UNet2DConditionModel(ModelMixin, ConfigMixin):
         if self.encoder_hid_proj is not None:
             encoder_hidden_states = self.encoder_hid_proj(encoder_hidden_states)
 
+        if (down_block_additional_residuals is None) != (mid_block_additional_residual is None):
+            raise ValueError(
+                "down_block_additional_residuals and mid_block_additional_residual: ControlNet passes both; "
+                "for T2I-Adapter features use down_intrablock_additional_residuals"
+            )
+        adapter = list(down_intrablock_additional_residuals) if down_intrablock_additional_residuals is not None else []
+
         sample = self.conv_in(sample)
         skips = (sample,)
         for block in self.down_blocks:
             if getattr(block, "has_cross_attention", False):
-                sample, res = block(sample, emb, encoder_hidden_states, attention_mask, encoder_attention_mask)
+                extra = adapter.pop(0) if adapter else None
+                sample, res = block(sample, emb, encoder_hidden_states, attention_mask, encoder_attention_mask, extra)
             else:
                 sample, res = block(sample, emb)
+                if adapter:
+                    # In place, as diffusers does: the block's last skip state is this same
+                    # tensor and carries the adapter feature too.
+                    sample.add_(adapter.pop(0))
             skips += res
 
         if down_block_additional_residuals is not None:
@@ -404,6 +421,8 @@ class UNet2DConditionModel(ModelMixin, ConfigMixin):
                 sample = self.mid_block(sample, emb, encoder_hidden_states, attention_mask, encoder_attention_mask)
             else:
                 sample = self.mid_block(sample, emb)
+            if adapter and adapter[0].shape == sample.shape:
+                sample = sample + adapter.pop(0)
         if mid_block_additional_residual is not None:
             sample = sample + mid_block_additional_residual
 
