@@ -14,9 +14,9 @@ once, while diffusers evaluates the same coefficients in float32 tensor arithmet
 drift apart by float32 rounding. Measured maxima over 12 seeds (reference backend; Triton agrees):
 
 * DDIM, DDPM, Euler, EulerAncestral, LMS, DPM-Solver++ order 1: under 7e-7 -> ``RTOL`` = 1e-6;
-* DDPM with squaredcos_cap_v2 near t = 0: 1.2e-6 -> 4e-6. Here diffusers is the less accurate one:
-  its float32 ``1 - a_t / a_prev`` cancels (1.05e-6 from a loop with float64 coefficients, against
-  1.8e-7 for the fused table);
+* DDPM near t = 0 with squaredcos_cap_v2: 1.2e-6 -> 4e-6. Here diffusers is the less accurate
+  one: its float32 ``1 - a_t / a_prev`` cancels (1.05e-6 from a loop with float64 coefficients,
+  against 1.8e-7 for the fused table; see also the custom-timesteps DDPM test);
 * DPM-Solver++ order 2: 1.5e-6, PNDM (PLMS): 1.0e-6 -> 5e-6; DPM-Solver++ order 3: 8.8e-6 -> 2e-5.
   For DPM-Solver++ both loops are about equally far (1e-6 to 2e-6) from a loop with float64
   coefficients: the multistep differences of x0 predictions amplify float32 rounding on either side.
@@ -48,7 +48,7 @@ STEPS = 10
 GUIDANCE = 7.5
 SD = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
 RTOL = 1e-6
-RTOL_DDPM_COSINE = 4e-6
+RTOL_DDPM_NEAR_0 = 4e-6
 RTOL_MULTISTEP = 5e-6
 RTOL_3RD_ORDER = 2e-5
 OP = "scheduler_step"
@@ -74,7 +74,7 @@ CASES = {
     ),
     "ddpm-eps-fixed_small": _case(DDPM, None, True, clip_sample=False),
     "ddpm-v-fixed_large-cos": _case(
-        DDPM, None, True, RTOL_DDPM_COSINE, clip_sample=False, variance_type="fixed_large",
+        DDPM, None, True, RTOL_DDPM_NEAR_0, clip_sample=False, variance_type="fixed_large",
         beta_schedule="squaredcos_cap_v2", **V,
     ),  # fmt: skip
     "ddpm-sample-fixed_small_log": _case(
@@ -372,6 +372,31 @@ def test_fused_loop_starts_at_the_first_timestep_given(case_id, seed):
         sched.step(torch.randn(SHAPE), 3, torch.randn(SHAPE))
 
 
+@requires_diffusers
+def test_ddpm_fused_loop_with_custom_timesteps(seed):
+    """DDPM's custom (uneven) timesteps: the table steps to the next listed timestep, as diffusers.
+
+    The step 3 -> 0 is where diffusers' float32 ``1 - a_t / a_prev`` cancels (3.5e-5 off a loop with
+    float64 coefficients, where the fused loop is 3.3e-7 off), so the oracle here is diffusers with its
+    alphas_cumprod in float64: its arithmetic, its samples in float32, exact coefficients."""
+    timesteps = [961, 700, 512, 311, 170, 42, 3, 0]
+    ref, sched = diffusers.DDPMScheduler(clip_sample=False), fs.DDPMScheduler(clip_sample=False)
+    ref.alphas_cumprod, ref.one = ref.alphas_cumprod.double(), ref.one.double()
+    ref.set_timesteps(timesteps=timesteps)
+    sched.set_timesteps(timesteps=timesteps)
+    weights, x = _inputs(ref)
+    sched.prepare_noise_bank(SHAPE, generator=torch.Generator().manual_seed(seed))
+    with fastdiff.use_backend(scheduler_step="reference"):
+        pairs = zip(
+            _diffusers_loop(ref, x.clone(), weights, {}, torch.Generator().manual_seed(seed)),
+            _fastdiff_loop(sched, x.clone(), weights, {}),
+        )
+        for i, (x_ref, x_fused) in enumerate(pairs):
+            assert x_ref.dtype == torch.float32
+            assert_fp32_close(x_fused, x_ref, rtol=RTOL, what=f"step {i}")
+    assert i == len(timesteps) - 1
+
+
 def test_noise_bank_holds_diffusers_draws_in_order(seed):
     """DDPM draws at t > 0 only: the bank's rows are the generator's draws in step order, zeros elsewhere."""
     sched = fs.DDPMScheduler(clip_sample=False, timestep_spacing="linspace")
@@ -435,6 +460,9 @@ def test_fused_loop_on_channels_last_and_strided_views(case_id, seed):
             model_output = wide[:, :, :, 2:9]  # strided view: last-dim stride 1, row stride 11
             x_fused = sched.step(model_output, t, x_fused, guidance_scale=GUIDANCE, **step_kwargs).prev_sample
             assert_fp32_close(x_fused, x_ref, rtol=rtol, what=f"{case_id} step {i}")
+            assert x_fused.is_contiguous(memory_format=torch.channels_last)
+    if sched._fused.history is not None:  # the ring follows the sample's layout (the CUDA kernel needs one layout)
+        assert sched._fused.history[0].stride() == x_fused.stride()
 
 
 @requires_triton

@@ -623,7 +623,7 @@ class FusedStepState:
         if self.slots:
             shape = (self.slots, *sample.shape)
             if self.history is None:
-                self.history = sample.new_zeros(shape)
+                self.history = zeros_in_layout_of(sample, self.slots)
             elif (self.history.shape, self.history.dtype, self.history.device) != (shape, sample.dtype, sample.device):
                 raise ValueError(
                     f"{type(scheduler).__name__}.step: sample changed to {tuple(sample.shape)} {sample.dtype} on "
@@ -642,6 +642,14 @@ class FusedStepState:
         )  # fmt: skip
         self.host_index += 1
         return prev_sample
+
+
+def zeros_in_layout_of(sample: torch.Tensor, count: int) -> torch.Tensor:
+    """A zeroed (count, *sample.shape) buffer whose every slice [i] has ``sample``'s memory layout
+    (channels_last stays channels_last), so kernels that need one dense layout take them together."""
+    order = sorted(range(sample.dim()), key=lambda d: (sample.stride(d), sample.shape[d]), reverse=True)
+    buffer = sample.new_zeros((count, *(sample.shape[d] for d in order)))
+    return buffer.permute(0, *(1 + order.index(d) for d in range(sample.dim())))
 
 
 def draw_noise_bank(draws, start_index: int, shape, generator=None, device=None, dtype=torch.float32):
