@@ -114,16 +114,21 @@ def _inputs(arch: str, device, dtype, batch: int = 2):
 
 
 def _models(arch: str, device, dtype):
+    """diffusers' UNet with seeded random weights, and fastdiff's loaded from its state_dict.
+
+    Both are built directly on ``device`` (an SDXL UNet takes minutes to initialise on a CPU).
+    """
     import diffusers
 
     import fastdiff
 
     torch.manual_seed(0)
-    reference = diffusers.UNet2DConditionModel(**ARCHS[arch][0]).eval()
-    ours = fastdiff.UNet2DConditionModel.from_config(dict(reference.config)).eval()
+    with torch.device(device):
+        reference = diffusers.UNet2DConditionModel(**ARCHS[arch][0]).eval()
+        ours = fastdiff.UNet2DConditionModel.from_config(dict(reference.config)).eval()
     ours.load_state_dict(reference.state_dict())
-    reference = reference.to(device, dtype)
-    ours = ours.to(device, dtype)
+    reference = reference.to(dtype)
+    ours = ours.to(dtype)
     if device.type == "cuda":
         ours = ours.to(memory_format=torch.channels_last)
     return reference, ours
