@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from _utils import assert_fp32_close, requires_triton
+from _utils import assert_fp32_close, assert_low_precision_ok, requires_triton
 from fastdiff import backends
 from fastdiff.nn.attention import Attention
 
@@ -153,3 +153,21 @@ def test_triton_backend_matches_diffusers(seed, kwargs, shape, ctx_shape):
         expected = ref(x, ctx)
     assert ("attention", "triton") in calls
     assert_fp32_close(out, expected)
+
+
+@requires_triton
+def test_bf16_triton_module_error_within_2x_diffusers_bf16(seed):
+    """Low precision: fastdiff's module on the Triton kernel in bf16 is at most 2x as far
+    from the fp32 result as diffusers' own bf16 module (flash-attention's rule)."""
+    kwargs = dict(query_dim=48, cross_attention_dim=24, heads=3, dim_head=40, bias=True)
+    ref, ours = _pair(kwargs)
+    x, ctx = torch.randn(2, 37, 48), torch.randn(2, 13, 24)
+    with torch.no_grad():
+        expected = ref(x, ctx)
+        baseline = ref.to(torch.bfloat16)(x.bfloat16(), ctx.bfloat16())
+        ours = ours.to(torch.bfloat16)
+        ours.fuse_projections()
+        with backends.use_backend(attention="triton"):
+            out = ours(x.bfloat16(), ctx.bfloat16())
+    assert out.dtype == torch.bfloat16
+    assert_low_precision_ok(out, baseline, expected)
