@@ -22,6 +22,10 @@ listing every backend with its reasons. Nothing ever falls back silently.
 ``with fastdiff.trace_dispatch() as calls:`` records ``(op_name, backend_name)``
 for each op call made inside the block, and ``explain_dispatch`` reports the
 reasons every backend gives for one set of inputs.
+
+Under ``torch.compile`` the choice is made once, when Dynamo traces the call,
+and baked into the graph without a graph break; calls replayed from a compiled
+graph are not recorded by ``trace_dispatch``.
 """
 
 from __future__ import annotations
@@ -112,13 +116,11 @@ class Dispatcher:
         """The backend name asked for, and where the request came from."""
         if backend is not None:
             return backend, "backend= argument"
-        forced = _forced_for(self.op_name)
-        if forced is not None:
-            return forced, "fastdiff.use_backend"
-        env = _choice_for(_parse_choice(os.environ.get(ENV_VAR, ""), ENV_VAR), self.op_name)
-        if env is not None:
-            return env, f"{ENV_VAR} environment variable"
-        return AUTO, "auto"
+        if _is_compiling():
+            # Inside torch.compile the choice is read once, at trace time, and
+            # baked into the graph (Dynamo cannot trace ContextVar reads).
+            return _requested_while_tracing(self.op_name)
+        return _requested_from_context(self.op_name)
 
     def select(self, inputs: Mapping[str, Any], backend: Optional[str] = None) -> Backend:
         name, source = self.requested(backend)
@@ -140,7 +142,8 @@ class Dispatcher:
             chosen = self.backends[name]
             if chosen.not_supported_reasons(inputs):
                 raise BackendNotSupportedError(self._report(f"backend {name!r} (from {source}) cannot run these inputs", inputs))
-        _record(self.op_name, chosen.name)
+        if not _is_compiling():
+            _record(self.op_name, chosen.name)
         return chosen
 
     def __call__(self, inputs: Mapping[str, Any], backend: Optional[str] = None):
@@ -186,6 +189,31 @@ def _parse_choice(text: str, source: str) -> Dict[str, str]:
             raise ValueError(f"{source}: expected 'backend' or 'op=backend,op=backend', got {text!r}")
         choice[op.strip()] = name.strip()
     return choice
+
+
+def _is_compiling() -> bool:
+    is_compiling = getattr(torch.compiler, "is_compiling", None)
+    return bool(is_compiling is not None and is_compiling())
+
+
+def _requested_from_context(op_name: str) -> Tuple[str, str]:
+    forced = _forced_for(op_name)
+    if forced is not None:
+        return forced, "fastdiff.use_backend"
+    env = _choice_for(_parse_choice(os.environ.get(ENV_VAR, ""), ENV_VAR), op_name)
+    if env is not None:
+        return env, f"{ENV_VAR} environment variable"
+    return AUTO, "auto"
+
+
+def _requested_while_tracing(op_name: str) -> Tuple[str, str]:
+    return _requested_from_context(op_name)
+
+
+# What torch.compiler.assume_constant_result(fn) does, without importing
+# torch._dynamo (about a second) when fastdiff.ops is imported: Dynamo calls the
+# function at trace time and treats its result as a constant.
+_requested_while_tracing._dynamo_marked_constant = True
 
 
 def _choice_for(choice: Mapping[str, str], op_name: str) -> Optional[str]:

@@ -124,3 +124,16 @@ def test_device_reasons():
     assert backends.device_reasons([cpu], allow_cpu_interpret=False)
     meta = torch.empty(3, device="meta")
     assert "different devices" in backends.device_reasons([cpu, meta], allow_cpu_interpret=True)[0]
+
+
+def test_ops_trace_under_torch_compile_without_graph_breaks(seed):
+    """Dispatch is resolved at trace time, so a compiled region holds the op with no graph break."""
+    from fastdiff.ops import group_norm
+
+    def f(x, w, b):
+        return group_norm(x, 2, w, b, activation="silu") * 2
+
+    x, w, b = torch.randn(2, 4, 5, 3), torch.randn(4), torch.randn(4)
+    compiled = torch.compile(f, fullgraph=True, backend="eager")
+    with fastdiff.use_backend(group_norm="reference"):
+        assert torch.allclose(compiled(x, w, b), f(x, w, b), rtol=1e-5, atol=1e-6)
