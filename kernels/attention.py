@@ -52,7 +52,7 @@ unpartitioned for sm_90 (checked in the TTGIR), so it would change nothing.
 Filling the GPU. There is no persistent grid. Short sequences fill the GPU
 through the autotuner: its configs include BLOCK_M = 16 and 32, which give
 (2, 8, 256) 256 or 128 programs, and :func:`_prune_fwd_configs` drops configs
-that leave most SMs idle when another config fills a wave.
+that leave three quarters of the SMs idle when another config fills a wave.
 """
 
 from __future__ import annotations
@@ -97,6 +97,13 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def _sms_for(t) -> Optional[int]:
+    """The SM count of a CUDA tensor's device; None elsewhere (no occupancy pruning)."""
+    if isinstance(t, torch.Tensor) and t.device.type == "cuda":
+        return _num_sms(t.device.index or 0)
+    return None
+
+
 def _keep(conf: triton.Config) -> bool:
     """Static filter on the config product: 128-row tiles get 8 warps and smaller
     ones 4, and 16/32-row tiles (for short sequences) only take 64-key steps."""
@@ -109,8 +116,12 @@ def _fwd_configs() -> List[triton.Config]:
         # One small config: the interpreter runs every tile in Python, and a tail
         # block in both directions is exercised by the odd test lengths.
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    # 12 configs survive keep(); the pruner below leaves 4-10 per shape, which
-    # keeps first-call tuning to seconds per (Lq, Lk, D, dtype).
+    return _gpu_fwd_configs()
+
+
+def _gpu_fwd_configs() -> List[triton.Config]:
+    """12 configs survive keep(); the pruner below leaves 4-8 per shape, which
+    keeps first-call tuning to seconds per (Lq, Lk, D, dtype)."""
     configs = [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
         for bm in (16, 32, 64, 128)
@@ -127,17 +138,20 @@ def _prune_fwd_configs(configs, named_args, **kwargs):
     * Large head dims (padded > 128, i.e. 160) keep BLOCK_N <= 64 and drop
       BLOCK_M = 32: on sm_90 (Triton 3.9) those tiles use 250+ registers or
       spill (ptxas resource usage).
-    * Occupancy: a config whose grid covers less than half a wave of SMs is
-      dropped whenever some other config covers a full wave.
+    * Occupancy: a config whose grid covers less than a quarter wave of SMs
+      is dropped whenever some other config covers a full wave (at
+      (2, 8, 256, 160) that keeps 16-row tiles, 256 programs, and 64-row
+      tiles, 64 programs, and lets the tuner measure which is faster).
+    * The 16/32-row tiles exist only to fill the GPU: once a tile of 64+ rows
+      fills a wave on its own, they are dropped.
     """
     args = {**named_args, **kwargs}  # Triton 3.0 passes constexpr arguments in kwargs
     padded = sum(head_dim_chunks(args["HEAD_DIM"]))
     if padded > 128:
         configs = [c for c in configs if c.kwargs["BLOCK_N"] <= 64 and c.kwargs["BLOCK_M"] != 32] or configs
-    lse = args["Lse"]  # an output every forward kernel has; it tells the device
-    if not isinstance(lse, torch.Tensor) or lse.device.type != "cuda":
+    sms = _sms_for(args["Lse"])  # an output every forward kernel has; it tells the device
+    if sms is None:
         return configs
-    sms = _num_sms(lse.device.index or 0)
     rows = args["Lq"]
     bh = args["BH"]
 
@@ -145,7 +159,9 @@ def _prune_fwd_configs(configs, named_args, **kwargs):
         return triton.cdiv(rows, c.kwargs["BLOCK_M"]) * bh
 
     if any(programs(c) >= sms for c in configs):
-        configs = [c for c in configs if 2 * programs(c) >= sms]
+        configs = [c for c in configs if 4 * programs(c) >= sms]
+    if any(c.kwargs["BLOCK_M"] >= 64 and programs(c) >= sms for c in configs):
+        configs = [c for c in configs if c.kwargs["BLOCK_M"] >= 64]
     return configs
 
 
@@ -161,8 +177,8 @@ _DQ_TILES = ((64, 64, 4), (128, 64, 8), (64, 32, 8), (64, 64, 8), (128, 32, 8))
 _DQ_TILES_LARGE_D = ((64, 32, 4), (64, 32, 8), (64, 64, 8), (128, 32, 8))
 
 
-def _bwd_configs(*tile_sets) -> List[triton.Config]:
-    if _interpret():
+def _bwd_configs(*tile_sets, interpret: Optional[bool] = None) -> List[triton.Config]:
+    if _interpret() if interpret is None else interpret:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
     tiles = sorted({t for tile_set in tile_sets for t in tile_set})
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w in tiles for s in (2, 3)]

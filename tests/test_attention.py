@@ -271,6 +271,40 @@ def test_head_dim_chunks_pad_minimally():
     assert padded == {8: (16, 0), 16: (16, 0), 40: (32, 16), 64: (64, 0), 72: (64, 16), 80: (64, 16), 112: (64, 64), 160: (128, 32), 256: (256, 0)}
 
 
+def _tiles(configs):
+    return sorted({(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) for c in configs})
+
+
+@pytest.mark.parametrize(
+    "lq,bh,d,expected_rows",
+    [
+        (4096, 16, 40, {64, 128}),  # big tiles fill a wave: the 16/32-row ones go
+        (256, 16, 160, {16, 64}),  # 160: no 32-row tiles (spills); 128-row ones leave most SMs idle
+        (256, 16, 80, {16, 32, 64}),
+        (64, 16, 160, {16, 64, 128}),  # nothing fills a wave: the tuner sees every fitting tile
+    ],
+)
+def test_forward_config_pruning(monkeypatch, lq, bh, d, expected_rows):
+    """The autotune pruner (not exercised by the interpreter, which has one config)."""
+    from fastdiff.kernels import attention as kernels
+
+    monkeypatch.setattr(kernels, "_sms_for", lambda t: 132)
+    kept = kernels._prune_fwd_configs(kernels._gpu_fwd_configs(), {"Lse": None, "Lq": lq, "BH": bh}, HEAD_DIM=d)
+    assert {bm for bm, _, _ in _tiles(kept)} == expected_rows
+    if d == 160:
+        assert all(bn <= 64 for _, bn, _ in _tiles(kept))
+
+
+def test_backward_config_pruning():
+    from fastdiff.kernels import attention as kernels
+
+    for tiles, large in ((kernels._DKDV_TILES, kernels._DKDV_TILES_LARGE_D), (kernels._DQ_TILES, kernels._DQ_TILES_LARGE_D)):
+        configs = kernels._bwd_configs(tiles, large, interpret=False)
+        prune = kernels._bwd_pruner(tiles, large)
+        assert _tiles(prune(configs, {}, HEAD_DIM=80)) == sorted(tiles)
+        assert _tiles(prune(configs, {}, HEAD_DIM=160)) == sorted(large)
+
+
 # ---------------------------------------------------------------------------
 # Dispatch
 # ---------------------------------------------------------------------------
