@@ -47,19 +47,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import logging
 import math
 import os
-import subprocess
 import sys
 import time
 
 import torch
+from bench_utils import ROOT, environment
 import torch.nn.functional as F
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GROUPS = 32
 EPS = 1e-5
 
@@ -107,21 +105,6 @@ def _fastdiff(backend):
 
 def _copy_into(out):
     return lambda x, weight, bias: out.copy_(x)
-
-
-def _environment() -> dict:
-    import triton
-
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    return {
-        "card": torch.cuda.get_device_name(0),
-        "capability": "sm_%d%d" % torch.cuda.get_device_capability(0),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-        "commit": commit or "unknown",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
 
 
 def _inputs(n, c, h, w, layout, dtype, device):
@@ -358,7 +341,7 @@ def main(argv=None) -> int:
     shapes = [group[i] for i in range(max(map(len, groups))) for group in groups if i < len(group)]
     layouts = args.layouts.split(",")
     providers = [p for p in PROVIDERS if p in args.providers.split(",")]
-    env = _environment()
+    env = environment()
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "bench_group_norm.jsonl")
     unavailable: dict = {}

@@ -30,17 +30,15 @@ Without CUDA it prints one line and exits 0.
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 
 import torch
+from bench_utils import ROOT, environment
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # (name, latent shape). SD1.5 at 512x512 and SDXL at 1024x1024, batch 1 with CFG (UNet batch 2).
 SHAPES = {"sd15": [("sd15-1x4x64x64", (1, 4, 64, 64))], "sdxl": [("sdxl-1x4x128x128", (1, 4, 128, 128))]}
@@ -62,20 +60,6 @@ def _schedulers():
         "euler_ancestral": ("EulerAncestralDiscreteScheduler", sd, lambda s, dev: ops.euler_ancestral_coeffs(s.sigmas, device=dev), {}, 0),
         "ddpm": ("DDPMScheduler", {**sd, "clip_sample": False}, lambda s, dev: ops.ddpm_coeffs(s.alphas_cumprod, s.timesteps, device=dev), {}, 0),
         "dpmpp_2m": ("DPMSolverMultistepScheduler", sd, lambda s, dev: ops.dpmpp_2m_coeffs(s.sigmas, device=dev), {}, 1),
-    }
-
-
-def _environment() -> dict:
-    import triton
-
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    return {
-        "card": torch.cuda.get_device_name(0),
-        "capability": "sm_%d%d" % torch.cuda.get_device_capability(0),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "commit": commit or "unknown",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
 
@@ -191,7 +175,7 @@ def main(argv=None) -> int:
     sys.path.insert(0, ROOT)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     specs = _schedulers()
-    env = _environment()
+    env = environment()
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "bench_scheduler_step.jsonl")
     table = []

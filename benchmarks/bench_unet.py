@@ -25,16 +25,14 @@ without ``--tiny`` it prints one line and exits 0.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import subprocess
 import sys
 import time
 
 import torch
+from bench_utils import ROOT, environment
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SD15 = dict(
     sample_size=64,
@@ -82,19 +80,6 @@ ARCHS = {
     "sdxl": (SDXL, 128, 77, 2048, True),
     "tiny": (TINY_SD, 16, 7, 32, False),
 }
-
-
-def _environment(device: torch.device) -> dict:
-    import triton
-
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    return {
-        "card": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "commit": commit or "unknown",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
 
 
 def _inputs(arch: str, device, dtype, batch: int = 2):
@@ -219,7 +204,7 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"--archs: unknown {unknown}; expected names from {sorted(ARCHS)}")
 
-    env = _environment(device)
+    env = environment()
     table = []
     for arch in archs:
         table.extend(bench_arch(arch, device, dtype, args.compile, warmup, iters))

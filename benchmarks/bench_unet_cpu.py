@@ -42,7 +42,7 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from bench_utils import ROOT, git_commit
 
 CONFIGS = {
     # A small SD-style UNet: quick, exercises every block type of the SD1 UNet.
@@ -131,7 +131,6 @@ def _environment() -> dict:
     import diffusers
     import torch
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     cpu = platform.processor() or "unknown"
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
@@ -142,7 +141,7 @@ def _environment() -> dict:
         "load_average_1min": os.getloadavg()[0],
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
-        "commit": commit or "unknown",
+        "commit": git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 

@@ -13,6 +13,8 @@ cd "$(dirname "$0")/.."
 OUT_DIR="${1:-${OUT:-benchmarks/results/device-$(date -u +%Y%m%d-%H%M%S)}}"
 mkdir -p "$OUT_DIR"
 export PYTHONUNBUFFERED=1
+# The device copy of the tree has no .git: pass FASTDIFF_COMMIT=$(git rev-parse --short HEAD) from here.
+export FASTDIFF_COMMIT="${FASTDIFF_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
 status=0
 
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -21,13 +23,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 
 echo "== environment =="
-python3 - <<'PY' | tee "$OUT_DIR/setup.log"
-import subprocess, torch, triton
-print("card:", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none")
-print("capability:", torch.cuda.get_device_capability(0) if torch.cuda.is_available() else "none")
-print("torch:", torch.__version__, "cuda:", torch.version.cuda, "triton:", triton.__version__)
-print("commit:", subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown")
-PY
+PYTHONPATH="benchmarks${PYTHONPATH:+:$PYTHONPATH}" python3 -c "import bench_utils; print(bench_utils.environment())" | tee "$OUT_DIR/setup.log"
 
 echo "== build: CUDA extension (sm_$(python3 -c 'import torch; a,b=torch.cuda.get_device_capability(0); print(f"{a}{b}")')) =="
 arch=$(python3 -c 'import torch; a,b=torch.cuda.get_device_capability(0); print(f"{a}{b}")')

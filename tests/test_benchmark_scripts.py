@@ -6,14 +6,15 @@ import os
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _load(name):
+def _load(name, monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))  # as when run as a script
     spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def test_bench_unet_tiny_matches_diffusers(capsys):
-    assert _load("bench_unet").main(["--tiny"]) == 0
+def test_bench_unet_tiny_matches_diffusers(capsys, monkeypatch):
+    assert _load("bench_unet", monkeypatch).main(["--tiny"]) == 0
     out = capsys.readouterr().out
     assert "== table ==" in out and "diffusers-eager" in out and "fastdiff" in out
