@@ -22,16 +22,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
 import os
-import subprocess
 import sys
 
 import torch
 import torch.nn.functional as F
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from bench_utils import ROOT, environment
 
 # (name, B, H, Lq, Lk, D). SD1.5 at 512x512 with CFG (batch 2), 8 heads; SDXL at 1024x1024.
 SHAPES = {
@@ -75,20 +72,6 @@ def _providers():
     return providers
 
 
-def _environment() -> dict:
-    import triton
-
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    return {
-        "card": torch.cuda.get_device_name(0),
-        "capability": "sm_%d%d" % torch.cuda.get_device_capability(0),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "commit": commit or "unknown",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
 def _bench(fn, q, k, v, context) -> dict:
     from triton.testing import do_bench
 
@@ -110,7 +93,7 @@ def main(argv=None) -> int:
     sys.path.insert(0, ROOT)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     shapes = [s for group in args.shapes.split(",") for s in SHAPES[group]]
-    env = _environment()
+    env = environment()
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "bench_attention.jsonl")
     providers = _providers()
