@@ -149,20 +149,29 @@ class Dispatcher:
     def __call__(self, inputs: Mapping[str, Any], backend: Optional[str] = None):
         return self.select(inputs, backend).run(inputs)
 
-    def _report(self, headline: str, inputs: Mapping[str, Any]) -> str:
-        lines = [f"{self.op_name}: {headline}:"]
+    def _reason_lines(self, inputs: Mapping[str, Any]) -> List[str]:
+        lines = []
         for name, reasons in self.reasons(inputs).items():
-            lines.append(f"  {name}: " + ("; ".join(reasons) if reasons else "supported"))
-        return "\n".join(lines)
+            status = "; ".join(reasons) if reasons else "supported"
+            lines.append(f"  {name}: {status}" + (f"  [{self.backends[name].description}]" if self.backends[name].description else ""))
+        return lines
+
+    def _report(self, headline: str, inputs: Mapping[str, Any]) -> str:
+        return "\n".join([f"{self.op_name}: {headline}:", *self._reason_lines(inputs)])
 
     def explain(self, inputs: Mapping[str, Any], backend: Optional[str] = None) -> str:
         """A readable account of which backend would run, why, and every backend's reasons."""
         name, source = self.requested(backend)
         order = list(self.priority(inputs))
-        lines = [f"{self.op_name}: requested {name!r} (from {source}); auto order {order}"]
-        for bname, reasons in self.reasons(inputs).items():
-            lines.append(f"  {bname}: " + ("; ".join(reasons) if reasons else "supported"))
-        return "\n".join(lines)
+        if name == AUTO:
+            runnable = [b for b in order if not self.backends[b].not_supported_reasons(inputs)]
+            verdict = f"would run {runnable[0]!r}" if runnable else "no backend can run these inputs"
+        elif name not in self.backends:
+            verdict = f"unknown backend {name!r}"
+        else:
+            verdict = "cannot run" if self.backends[name].not_supported_reasons(inputs) else f"would run {name!r}"
+        header = f"{self.op_name}: requested {name!r} (from {source}), auto order {order}: {verdict}"
+        return "\n".join([header, *self._reason_lines(inputs)])
 
 
 # ---------------------------------------------------------------------------
@@ -278,10 +287,8 @@ def register_dispatcher(dispatcher: Dispatcher) -> Dispatcher:
 
 
 def get_dispatcher(op_name: str) -> Dispatcher:
-    if op_name not in _DISPATCHERS:
-        import fastdiff.ops  # noqa: F401 - importing the ops registers their dispatchers
+    import fastdiff.ops  # noqa: F401 - importing the ops registers their dispatchers
 
-        getattr(fastdiff.ops, op_name, None)
     try:
         return _DISPATCHERS[op_name]
     except KeyError:

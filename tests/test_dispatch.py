@@ -137,3 +137,9 @@ def test_ops_trace_under_torch_compile_without_graph_breaks(seed):
     compiled = torch.compile(f, fullgraph=True, backend="eager")
     with fastdiff.use_backend(group_norm="reference"):
         assert torch.allclose(compiled(x, w, b), f(x, w, b), rtol=1e-5, atol=1e-6)
+
+
+def test_explain_names_the_backend_that_would_run():
+    x = torch.randn(2, 6, 5)
+    assert "would run 'reference'" in fastdiff.explain_dispatch("group_norm", x, 3)
+    assert ": cannot run" in fastdiff.explain_dispatch("group_norm", x, 3, backend="cuda")
