@@ -253,7 +253,7 @@ def geglu_backward(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     contiguous layout back in the usual case, so this is normally no copy).
     """
     d = x.shape[-1] // 2
-    dy = dy.to(x.dtype).contiguous()
+    dy = dy.contiguous()
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     n_rows = dy.numel() // d
     rows_inner, stride_outer, stride_inner, two_d = _row_args(x)
