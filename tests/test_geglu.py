@@ -97,6 +97,17 @@ def test_gradient_through_a_view_reaches_the_base(seed):
 
 
 @requires_triton
+def test_backward_with_a_non_contiguous_dy(seed):
+    x = LAYOUTS["3d_d40"](torch.float32).requires_grad_()
+    dy_t = _randn(37, 3, 40)  # y's gradient arrives as dy_t.transpose(0, 1): not contiguous
+    grads = []
+    for fn in (lambda t: geglu(t, backend="triton"), geglu_ref):
+        (grad,) = torch.autograd.grad((fn(x).transpose(0, 1) * dy_t).sum(), x)
+        grads.append(grad)
+    assert_fp32_close(grads[0], grads[1])
+
+
+@requires_triton
 def test_launch_covers_rows_and_columns_over_several_programs(seed):
     from fastdiff.kernels.geglu import launch_config
 
