@@ -140,6 +140,21 @@ def test_opcheck_backward_op(seed):
     torch.library.opcheck(torch.ops.fastdiff.geglu_bwd_triton.default, (dy, x))
 
 
+@requires_triton
+def test_compiles_without_graph_break(seed):
+    """The custom op's fake and autograd let Dynamo trace forward and backward in one graph."""
+    fn = torch.compile(lambda t: geglu(t, backend="triton"), backend="aot_eager", fullgraph=True)
+    x = LAYOUTS["every_other_row"](torch.float32).requires_grad_()
+    dy = _randn(*x.shape[:-1], x.shape[-1] // 2)
+    y = fn(x)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    x64 = x.detach().double().requires_grad_()
+    y_ref = geglu_ref(x64)
+    (dx_ref,) = torch.autograd.grad(y_ref, x64, dy.double())
+    assert_fp32_close(y, y_ref)
+    assert_fp32_close(dx, dx_ref, what="dx")
+
+
 # --- reference backend and dispatch ----------------------------------------------------------
 
 
