@@ -49,7 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastdiff.kernels.scheduler_step import _to_dtype
+from fastdiff.kernels._common import _to_dtype
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_ROW_DIMS = 2  # collapsed (size, stride) pairs of leading dims the kernels index

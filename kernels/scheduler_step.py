@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastdiff.kernels._common import _to_dtype
+
 MAX_DIMS = 4
 
 # Launch heuristic, in one place: aim for about 256 programs (two per SM on a
@@ -57,25 +59,6 @@ def _view_offsets(i0, i1, i2, i3, s0, s1, s2, s3, NDIM: tl.constexpr):
     if NDIM >= 4:
         off += i0 * s0
     return off
-
-
-@triton.jit
-def _to_dtype(x, dtype: tl.constexpr):
-    """Cast float32 ``x`` to ``dtype``, rounding to nearest even.
-
-    For bfloat16 the rounding is done with integer ops: Triton's interpreter
-    truncates in ``x.to(tl.bfloat16)`` (its cast passes no rounding mode), and the
-    CPU tests must measure the rounding the GPU does. Adding 0x7FFF plus the lowest
-    kept bit, then dropping the low 16 bits, is round-to-nearest-even on the bit
-    pattern (overflow to inf included); NaN keeps the plain cast.
-    """
-    if dtype == tl.bfloat16:
-        bits = x.to(tl.int32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        rounded = (bits >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
-        return tl.where(x == x, rounded, x.to(tl.bfloat16))
-    else:
-        return x.to(dtype)
 
 
 @triton.jit
