@@ -36,7 +36,7 @@ fi
 
 echo "== GPU tests =="
 tests=(tests/test_group_norm.py tests/test_group_norm_triton.py tests/test_group_norm_cuda.py tests/test_attention.py
-       tests/test_nn_attention.py tests/test_scheduler_step.py tests/test_scheduler_fused.py)
+       tests/test_nn_attention.py tests/test_scheduler_step.py tests/test_scheduler_fused.py tests/test_geglu.py)
 existing=(); for t in "${tests[@]}"; do [ -f "$t" ] && existing+=("$t"); done
 { timeout 180 python3 -m pytest -q -p no:cacheprovider "${existing[@]}" \
   && timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_schedulers.py -k sync; } 2>&1 | tee "$OUT_DIR/tests.log" | tail -15
@@ -53,9 +53,10 @@ run_bench() {  # name, timeout seconds, script arguments...
   { echo "-- $name $*"; sed -n '/^== table ==$/,$p' "$OUT_DIR/.current.log" | tail -n +2; } >>"$OUT_DIR/.summary"
   rm -f "$OUT_DIR/.current.log"
 }
-run_bench bench_group_norm 100 --time-budget-s 80
+run_bench bench_group_norm 90 --time-budget-s 70
 run_bench bench_attention 90
 run_bench bench_scheduler_step 45
+run_bench bench_geglu 45
 run_bench bench_unet 120 --archs sd15,sdxl
 echo "== summary =="
 cat "$OUT_DIR/.summary" 2>/dev/null
