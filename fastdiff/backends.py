@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -54,7 +55,9 @@ def triton_interpret_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+@functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
+    """Whether triton imports (asked once: a failed import is not retried on every op call)."""
     try:
         import triton  # noqa: F401
     except Exception:  # noqa: BLE001 - any import failure means "not available"
@@ -184,8 +187,10 @@ _TRACES: contextvars.ContextVar[Tuple[list, ...]] = contextvars.ContextVar("fast
 _ALL_OPS = "*"
 
 
-def _parse_choice(text: str, source: str) -> Dict[str, str]:
-    """Parse ``"triton"`` or ``"group_norm=triton,attention=sdpa"``."""
+@functools.lru_cache(maxsize=32)
+def _parse_choice(text: str, source: str) -> Mapping[str, str]:
+    """Parse ``"triton"`` or ``"group_norm=triton,attention=sdpa"`` (once per distinct text;
+    the environment variable is read on every call, so changing it takes effect)."""
     text = text.strip()
     if not text:
         return {}
