@@ -25,8 +25,8 @@ fi
 echo "== environment =="
 PYTHONPATH="benchmarks${PYTHONPATH:+:$PYTHONPATH}" python3 -c "import bench_utils; print(bench_utils.environment())" | tee "$OUT_DIR/setup.log"
 
-echo "== build: CUDA extension (sm_$(python3 -c 'import torch; a,b=torch.cuda.get_device_capability(0); print(f"{a}{b}")')) =="
 arch=$(python3 -c 'import torch; a,b=torch.cuda.get_device_capability(0); print(f"{a}{b}")')
+echo "== build: CUDA extension (sm_$arch) =="
 start=$(date +%s)
 if FASTDIFF_CUDA_ARCHS="$arch" python3 -m pip install -q --no-build-isolation --no-deps -e . >>"$OUT_DIR/setup.log" 2>&1; then
   echo "built in $(( $(date +%s) - start )) s"
