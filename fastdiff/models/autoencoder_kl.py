@@ -274,11 +274,15 @@ class AutoencoderKL(ModelMixin, ConfigMixin):
         if x.dim() != 4 or x.shape[1] != channels:
             raise ValueError(f"{name}: expected a (B, {channels}, H, W) tensor, got shape {tuple(x.shape)}")
 
-    def _encode(self, x: torch.Tensor) -> torch.Tensor:
-        if self.use_tiling and (x.shape[-1] > self.tile_sample_min_size or x.shape[-2] > self.tile_sample_min_size):
-            return self._tiled_encode(x)
+    def _run_encoder(self, x: torch.Tensor) -> torch.Tensor:
+        """encoder then quant_conv, on a whole batch or on one tile."""
         moments = self.encoder(x)
         return self.quant_conv(moments) if self.quant_conv is not None else moments
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_tiling and (x.shape[-1] > self.tile_sample_min_size or x.shape[-2] > self.tile_sample_min_size):
+            return self._tiles(x, self.tile_sample_min_size, self.tile_latent_min_size, self._run_encoder)
+        return self._run_encoder(x)
 
     def encode(self, x: torch.Tensor, return_dict: bool = True) -> Union[AutoencoderKLOutput, Tuple]:
         """x: (B, in_channels, H, W) images in [-1, 1]. Returns the latent distribution."""
@@ -294,12 +298,16 @@ class AutoencoderKL(ModelMixin, ConfigMixin):
 
     # --------------------------------------------------------------- decode
 
-    def _decode(self, z: torch.Tensor) -> torch.Tensor:
-        if self.use_tiling and (z.shape[-1] > self.tile_latent_min_size or z.shape[-2] > self.tile_latent_min_size):
-            return self._tiled_decode(z)
+    def _run_decoder(self, z: torch.Tensor) -> torch.Tensor:
+        """post_quant_conv then decoder, on a whole batch or on one tile."""
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
         return self.decoder(z)
+
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        if self.use_tiling and (z.shape[-1] > self.tile_latent_min_size or z.shape[-2] > self.tile_latent_min_size):
+            return self._tiles(z, self.tile_latent_min_size, self.tile_sample_min_size, self._run_decoder)
+        return self._run_decoder(z)
 
     def decode(self, z: torch.Tensor, return_dict: bool = True) -> Union[DecoderOutput, Tuple]:
         """z: (B, latent_channels, h, w) latents (already divided by ``scaling_factor``)."""
@@ -365,18 +373,3 @@ class AutoencoderKL(ModelMixin, ConfigMixin):
                 out_row.append(tile[:, :, :keep, :keep])
             out_rows.append(torch.cat(out_row, dim=3))
         return torch.cat(out_rows, dim=2)
-
-    def _tiled_encode(self, x: torch.Tensor) -> torch.Tensor:
-        def run(tile):
-            moments = self.encoder(tile)
-            return self.quant_conv(moments) if self.quant_conv is not None else moments
-
-        return self._tiles(x, self.tile_sample_min_size, self.tile_latent_min_size, run)
-
-    def _tiled_decode(self, z: torch.Tensor) -> torch.Tensor:
-        def run(tile):
-            if self.post_quant_conv is not None:
-                tile = self.post_quant_conv(tile)
-            return self.decoder(tile)
-
-        return self._tiles(z, self.tile_latent_min_size, self.tile_sample_min_size, run)
