@@ -161,17 +161,13 @@ def register_to_config(init):
 
 
 def _json_ready(value):
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, torch.Tensor):
+    if isinstance(value, (np.ndarray, torch.Tensor)):
         return value.tolist()
     if isinstance(value, Path):
         return value.as_posix()
     if isinstance(value, (list, tuple)):
         return [_json_ready(v) for v in value]
-    if isinstance(value, float) and value in (float("inf"), float("-inf")):
-        return value  # json writes Infinity / -Infinity, which diffusers reads back too
-    return value
+    return value  # json writes +-inf as Infinity / -Infinity, which diffusers reads back too
 
 
 class SchedulerMixin:
