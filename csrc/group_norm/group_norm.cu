@@ -40,9 +40,9 @@
 //             plus a tiny _finalize_kernel between the two (see "Rows path").
 #include "group_norm.h"
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
+
+#include "../common/dtype.cuh"
 
 namespace fastdiff {
 namespace group_norm {
@@ -75,34 +75,6 @@ constexpr int64_t kMaxGroupElems = int64_t{1} << 30;  // 32-bit pack indices, wi
 //   the whole tensor is 320 KB, so the launch, not bandwidth, is the cost, and a
 //   second launch would cost more than the idle SMs.
 // Untuned: set by reasoning, not measured. benchmarks/bench_group_norm.py on a GPU is the judge.
-
-// ---------------------------------------------------------------------------
-// dtype helpers
-// ---------------------------------------------------------------------------
-
-template <typename T>
-__device__ __forceinline__ float to_float(T v);
-template <>
-__device__ __forceinline__ float to_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
-template <>
-__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-
-// VEC consecutive elements moved by one load or store instruction.
-template <typename T, int VEC>
-struct alignas(sizeof(T) * VEC) Pack {
-  T v[VEC];
-};
 
 // ---------------------------------------------------------------------------
 // Geometry: where element (n, c, s) of x and y lives. Passed by value.

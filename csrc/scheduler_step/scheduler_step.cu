@@ -19,9 +19,9 @@
 // and row 0's addresses: NaN output, no out-of-bounds access.
 #include "scheduler_step.h"
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
+
+#include "../common/dtype.cuh"
 
 namespace fastdiff {
 namespace scheduler_step {
@@ -38,32 +38,8 @@ constexpr int kThreads = 128;
 constexpr int kPackBytes = 16;
 
 // ---------------------------------------------------------------------------
-// dtype helpers (fp32 math; stores round to nearest even)
+// Packed loads and stores (fp32 math; from_float rounds stores to nearest even)
 // ---------------------------------------------------------------------------
-
-template <typename T>
-__device__ __forceinline__ float to_float(T v);
-template <>
-__device__ __forceinline__ float to_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
-template <>
-__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-
-// VEC consecutive elements moved by one load or store instruction.
-template <typename T, int VEC>
-struct alignas(sizeof(T) * VEC) Pack {
-  T v[VEC];
-};
 
 template <typename T, int VEC>
 __device__ __forceinline__ void load_pack(const T* p, float (&out)[VEC]) {
