@@ -278,8 +278,7 @@ class DDIMScheduler(SchedulerMixin):
             return DDIMSchedulerOutput(prev_sample=prev_sample)
         model_output = apply_guidance(model_output, guidance_scale)
         t = int(timestep)
-        if t not in self._index_of:
-            raise ValueError(f"timestep {t} is not in this scheduler's timesteps {self.timesteps.tolist()}")
+        index = self._index_of_checked(t)
         dtype = sample.dtype
         sample = sample.float()
         model_output_f = model_output.float()
@@ -315,12 +314,12 @@ class DDIMScheduler(SchedulerMixin):
 
         if eta > 0:
             if variance_noise is None:
-                variance_noise = self._bank_noise(self._index_of[t])
+                variance_noise = self._bank_noise(index)
             if variance_noise is None:
                 variance_noise = randn_tensor(
                     model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype
                 )
-            variance_noise = self._scale_step_noise(variance_noise, self._index_of[t])
+            variance_noise = self._scale_step_noise(variance_noise, index)
             prev_sample = prev_sample + std_dev_t * variance_noise.float()
 
         prev_sample = prev_sample.to(dtype)
