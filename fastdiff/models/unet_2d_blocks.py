@@ -69,6 +69,31 @@ def _pop_skip(hidden_states: torch.Tensor, skips: Tuple[torch.Tensor, ...]):
     return torch.cat([hidden_states, skips[-1]], dim=1), skips[:-1]
 
 
+def _transformers(
+    channels: int,
+    num_layers: int,
+    transformer_layers_per_block: Union[int, Sequence[int]],
+    num_attention_heads: int,
+    **transformer_kwargs,
+) -> nn.ModuleList:
+    """One Transformer2DModel per resnet of a cross-attention block; ``transformer_layers_per_block``
+    is one depth for all of them or one per resnet."""
+    if isinstance(transformer_layers_per_block, int):
+        transformer_layers_per_block = [transformer_layers_per_block] * num_layers
+    return nn.ModuleList(
+        [
+            Transformer2DModel(
+                num_attention_heads,
+                channels // num_attention_heads,
+                in_channels=channels,
+                num_layers=transformer_layers_per_block[i],
+                **transformer_kwargs,
+            )
+            for i in range(num_layers)
+        ]
+    )
+
+
 # ---------------------------------------------------------------------------
 # Down blocks: forward returns (hidden_states, skip states for the up path)
 # ---------------------------------------------------------------------------
@@ -181,27 +206,15 @@ class CrossAttnDownBlock2D(nn.Module):
         upcast_attention: bool = False,
     ):
         super().__init__()
-        if isinstance(transformer_layers_per_block, int):
-            transformer_layers_per_block = [transformer_layers_per_block] * num_layers
         self.resnets = _resnets(
             in_channels, out_channels, num_layers, temb_channels=temb_channels, eps=resnet_eps, groups=resnet_groups,
             dropout=dropout, time_embedding_norm=resnet_time_scale_shift, non_linearity=resnet_act_fn,
         )
-        self.attentions = nn.ModuleList(
-            [
-                Transformer2DModel(
-                    num_attention_heads,
-                    out_channels // num_attention_heads,
-                    in_channels=out_channels,
-                    num_layers=transformer_layers_per_block[i],
-                    cross_attention_dim=cross_attention_dim,
-                    norm_num_groups=resnet_groups,
-                    use_linear_projection=use_linear_projection,
-                    only_cross_attention=only_cross_attention,
-                    upcast_attention=upcast_attention,
-                )
-                for i in range(num_layers)
-            ]
+        self.attentions = _transformers(
+            out_channels, num_layers, transformer_layers_per_block, num_attention_heads,
+            cross_attention_dim=cross_attention_dim, norm_num_groups=resnet_groups,
+            use_linear_projection=use_linear_projection, only_cross_attention=only_cross_attention,
+            upcast_attention=upcast_attention,
         )
         self.downsamplers = (
             nn.ModuleList([Downsample2D(out_channels, use_conv=True, padding=downsample_padding)])
@@ -341,28 +354,16 @@ class UNetMidBlock2DCrossAttn(nn.Module):
         upcast_attention: bool = False,
     ):
         super().__init__()
-        if isinstance(transformer_layers_per_block, int):
-            transformer_layers_per_block = [transformer_layers_per_block] * num_layers
         resnet_kwargs = dict(
             in_channels=in_channels, out_channels=in_channels, temb_channels=temb_channels, eps=resnet_eps,
             groups=resnet_groups, dropout=dropout, time_embedding_norm=resnet_time_scale_shift,
             non_linearity=resnet_act_fn, output_scale_factor=output_scale_factor,
         )
         self.resnets = nn.ModuleList([ResnetBlock2D(**resnet_kwargs) for _ in range(num_layers + 1)])
-        self.attentions = nn.ModuleList(
-            [
-                Transformer2DModel(
-                    num_attention_heads,
-                    in_channels // num_attention_heads,
-                    in_channels=in_channels,
-                    num_layers=transformer_layers_per_block[i],
-                    cross_attention_dim=cross_attention_dim,
-                    norm_num_groups=resnet_groups,
-                    use_linear_projection=use_linear_projection,
-                    upcast_attention=upcast_attention,
-                )
-                for i in range(num_layers)
-            ]
+        self.attentions = _transformers(
+            in_channels, num_layers, transformer_layers_per_block, num_attention_heads,
+            cross_attention_dim=cross_attention_dim, norm_num_groups=resnet_groups,
+            use_linear_projection=use_linear_projection, upcast_attention=upcast_attention,
         )
         self.gradient_checkpointing = False
 
@@ -479,28 +480,16 @@ class CrossAttnUpBlock2D(nn.Module):
         upcast_attention: bool = False,
     ):
         super().__init__()
-        if isinstance(transformer_layers_per_block, int):
-            transformer_layers_per_block = [transformer_layers_per_block] * num_layers
         self.resnets = _up_resnets(
             in_channels, prev_output_channel, out_channels, num_layers, temb_channels=temb_channels, eps=resnet_eps,
             groups=resnet_groups, dropout=dropout, time_embedding_norm=resnet_time_scale_shift,
             non_linearity=resnet_act_fn,
         )
-        self.attentions = nn.ModuleList(
-            [
-                Transformer2DModel(
-                    num_attention_heads,
-                    out_channels // num_attention_heads,
-                    in_channels=out_channels,
-                    num_layers=transformer_layers_per_block[i],
-                    cross_attention_dim=cross_attention_dim,
-                    norm_num_groups=resnet_groups,
-                    use_linear_projection=use_linear_projection,
-                    only_cross_attention=only_cross_attention,
-                    upcast_attention=upcast_attention,
-                )
-                for i in range(num_layers)
-            ]
+        self.attentions = _transformers(
+            out_channels, num_layers, transformer_layers_per_block, num_attention_heads,
+            cross_attention_dim=cross_attention_dim, norm_num_groups=resnet_groups,
+            use_linear_projection=use_linear_projection, only_cross_attention=only_cross_attention,
+            upcast_attention=upcast_attention,
         )
         self.upsamplers = nn.ModuleList([Upsample2D(out_channels, use_conv=True)]) if add_upsample else None
         self.gradient_checkpointing = False
