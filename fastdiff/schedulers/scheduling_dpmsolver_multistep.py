@@ -346,7 +346,7 @@ class DPMSolverMultistepScheduler(SchedulerMixin):
         self._begin_index = begin_index
         self._restart_fused()
 
-    def _fused_reasons(self, begin_index=0):
+    def _fused_reasons(self):
         config, reasons = self.config, []
         if config.algorithm_type != "dpmsolver++":
             reasons.append(f"algorithm_type {config.algorithm_type!r} (only 'dpmsolver++' is linear and noise-free)")

@@ -230,7 +230,7 @@ class HeunDiscreteScheduler(SchedulerMixin):
         self._begin_index = begin_index
         self._restart_fused()
 
-    def _fused_reasons(self, begin_index=0):
+    def _fused_reasons(self):
         return ["clip_sample is not linear"] if self.config.clip_sample else []
 
     def _fused_table(self, begin_index=0):

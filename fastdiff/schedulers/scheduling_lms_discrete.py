@@ -246,7 +246,7 @@ class LMSDiscreteScheduler(SchedulerMixin):
         self._begin_index = begin_index
         self._restart_fused()
 
-    def _fused_reasons(self, order=4, begin_index=0):
+    def _fused_reasons(self, order=4):
         if order > MAX_FUSED_ORDER:
             return [f"order {order} needs more than the {MAX_FUSED_ORDER - 1} history slots of the fused step"]
         return []

@@ -243,7 +243,7 @@ class PNDMScheduler(SchedulerMixin):
         self._begin_index = begin_index
         self._restart_fused()
 
-    def _fused_reasons(self, begin_index=0):
+    def _fused_reasons(self):
         if not self.config.skip_prk_steps:
             return ["the Runge-Kutta warm-up (skip_prk_steps=False) re-evaluates earlier samples"]
         return []

@@ -374,9 +374,10 @@ class SchedulerMixin:
 
     def _reset_fused(self, **default_step_args) -> None:
         """Start a new fused-step state for a new schedule, and build the table for the default step
-        arguments now (host work belongs in set_timesteps, not in step) when the config has a fused form."""
+        arguments now (host work belongs in set_timesteps, not in step) when the config has a fused form
+        (``_fused_reasons()`` at its default step arguments is empty)."""
         self._fused = FusedStepState()
-        if not self._fused_reasons(**default_step_args):
+        if not self._fused_reasons():
             self._fused_state(tuple(sorted(default_step_args.items())))
 
     def _restart_fused(self) -> None:
