@@ -28,7 +28,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from bench_utils import ROOT, environment
+from bench_utils import ROOT, environment, timings
 
 # (name, B, H, Lq, Lk, D). SD1.5 at 512x512 with CFG (batch 2), 8 heads; SDXL at 1024x1024.
 SHAPES = {
@@ -73,12 +73,9 @@ def _providers():
 
 
 def _bench(fn, q, k, v, context) -> dict:
-    from triton.testing import do_bench
-
     with context():
         out = fn(q, k, v)  # first call: compile / autotune, and a check that it runs
-        p50, p20, p80 = do_bench(lambda: fn(q, k, v), warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
-    return {"out": out, "p20_ms": p20, "p50_ms": p50, "p80_ms": p80}
+        return {"out": out, **timings(lambda: fn(q, k, v))}
 
 
 def main(argv=None) -> int:

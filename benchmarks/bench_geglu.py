@@ -38,7 +38,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from bench_utils import ROOT, environment
+from bench_utils import ROOT, environment, timings
 
 # (name, batch, tokens, D): GEGLU inputs are (batch, tokens, 2 * D).
 SHAPES = [
@@ -76,12 +76,9 @@ def _forward_backward(fn, dy):
 
 
 def _bench(fn, x) -> dict:
-    from triton.testing import do_bench
-
     out = fn(x)  # first call compiles, and checks that it runs
     torch.cuda.synchronize()
-    p50, p20, p80 = do_bench(lambda: fn(x), warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
-    return {"out": out, "p20_ms": p20, "p50_ms": p50, "p80_ms": p80}
+    return {"out": out, **timings(lambda: fn(x))}
 
 
 def _run_case(providers, batch, tokens, d, dtype, backward) -> dict:

@@ -55,7 +55,7 @@ import sys
 import time
 
 import torch
-from bench_utils import ROOT, environment
+from bench_utils import ROOT, environment, timings
 import torch.nn.functional as F
 
 GROUPS = 32
@@ -159,12 +159,9 @@ def _sweep_configs(x) -> list:
 
 
 def _bench(fn, args) -> dict:
-    from triton.testing import do_bench
-
     out = fn(*args)  # first call compiles, and checks that it runs
     torch.cuda.synchronize()
-    p50, p20, p80 = do_bench(lambda: fn(*args), warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
-    return {"out": out, "p20_ms": p20, "p50_ms": p50, "p80_ms": p80}
+    return {"out": out, **timings(lambda: fn(*args))}
 
 
 def _forward_backward(fn, dy):

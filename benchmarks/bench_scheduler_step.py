@@ -37,7 +37,7 @@ import os
 import sys
 
 import torch
-from bench_utils import ROOT, environment
+from bench_utils import ROOT, environment, timings
 
 
 # (name, latent shape). SD1.5 at 512x512 and SDXL at 1024x1024, batch 1 with CFG (UNet batch 2).
@@ -75,11 +75,8 @@ def _launches(fn) -> int:
 
 
 def _bench(fn) -> dict:
-    from triton.testing import do_bench
-
     out = fn().clone()  # first call: compiles, must run, and is the result checked (later calls reuse buffers)
-    p50, p20, p80 = do_bench(fn, warmup=25, rep=200, quantiles=[0.5, 0.2, 0.8])
-    return {"out": out, "p20_ms": p20, "p50_ms": p50, "p80_ms": p80, "launches": _launches(fn)}
+    return {"out": out, **timings(fn, rep=200), "launches": _launches(fn)}
 
 
 def _providers(name, shape, dtype, spec, compile_reference=False):

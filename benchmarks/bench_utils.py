@@ -1,4 +1,5 @@
-"""What every benchmark records beside its numbers: the card, versions, commit and date.
+"""What every benchmark records beside its numbers (the card, versions, commit and
+date), and the GPU benchmarks' timing.
 
 Imported by the bench_*.py scripts (run as ``python benchmarks/bench_x.py``, so this
 folder is on sys.path).
@@ -43,3 +44,11 @@ def environment() -> dict:
     env["commit"] = git_commit()
     env["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     return env
+
+
+def timings(fn, rep: int = 100) -> dict:
+    """p20/p50/p80 in ms of ``fn()`` on the GPU (``triton.testing.do_bench``, L2 flushed between runs)."""
+    from triton.testing import do_bench
+
+    p50, p20, p80 = do_bench(fn, warmup=25, rep=rep, quantiles=[0.5, 0.2, 0.8])
+    return {"p20_ms": p20, "p50_ms": p50, "p80_ms": p80}
