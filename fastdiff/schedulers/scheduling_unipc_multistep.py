@@ -316,7 +316,7 @@ class UniPCMultistepScheduler(SchedulerMixin):
         """Turn the model output into x0 (``predict_x0``) or eps, the quantity the solver integrates."""
         config = self.config
         kind = config.prediction_type
-        alpha_t, sigma_t = alpha_sigma_from_sigma(self.sigmas[self.step_index], config.use_flow_sigmas)
+        alpha_t, sigma_t = self._alpha_sigma(self.step_index)
         if self.predict_x0:
             if kind == "epsilon":
                 x0 = (sample - sigma_t * model_output) / alpha_t
