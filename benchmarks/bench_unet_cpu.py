@@ -25,14 +25,14 @@ fixed seed and saves it to a temporary folder.
   size after loading is reported separately.
 
 Each measurement is appended as one JSON line to ``DIR/bench_unet_cpu.jsonl``
-(CPU model, thread count, load average, torch/diffusers versions, commit,
-date), and a short table is printed after a line ``== table ==``.
+(bench_utils.environment()'s versions, commit and date, plus the CPU model,
+thread count, load average and diffusers version), and a short table is
+printed after a line ``== table ==``.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import platform
@@ -42,7 +42,7 @@ import sys
 import tempfile
 import time
 
-from bench_utils import ROOT, git_commit
+from bench_utils import ROOT, environment
 
 CONFIGS = {
     # A small SD-style UNet: quick, exercises every block type of the SD1 UNet.
@@ -128,6 +128,7 @@ def _time_interleaved(reference, config: dict, args) -> dict:
 
 
 def _environment() -> dict:
+    """bench_utils.environment() plus the CPU model, thread count, load average and diffusers version."""
     import diffusers
     import torch
 
@@ -136,13 +137,11 @@ def _environment() -> dict:
         with open("/proc/cpuinfo") as f:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     return {
+        **environment(),
         "cpu": cpu,
         "threads": torch.get_num_threads(),
         "load_average_1min": os.getloadavg()[0],
-        "torch": torch.__version__,
         "diffusers": diffusers.__version__,
-        "commit": git_commit(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
 
