@@ -56,6 +56,8 @@ class ResnetBlock2D(nn.Module):
             raise ValueError(
                 f"time_embedding_norm: expected 'default' or 'scale_shift', got {time_embedding_norm!r}"
             )
+        if conv_shortcut:
+            raise ValueError("conv_shortcut: the 3x3 shortcut convolution is not supported; expected False (a 1x1 shortcut)")
         out_channels = out_channels or in_channels
         conv_2d_out_channels = conv_2d_out_channels or out_channels
         self.in_channels = in_channels
