@@ -318,7 +318,7 @@ class PNDMScheduler(SchedulerMixin):
         if self.num_inference_steps is None:
             raise ValueError("step() called before set_timesteps(); call set_timesteps(num_inference_steps) first.")
         if use_fused_step(self, sample, model_output, self._fused_reasons()):
-            state = self._fused
+            state, start = self._fused, None
             if state.step_index is None:  # the PLMS ramp starts at the first step taken
                 if self._begin_index is not None:
                     start = self._begin_index
@@ -328,8 +328,6 @@ class PNDMScheduler(SchedulerMixin):
                         raise ValueError(f"timestep {t} is not in this scheduler's timesteps {self._host_timesteps}")
                     start = self._host_timesteps.index(t)
                 state = self._fused_state((("begin_index", start),))
-            else:
-                start = state.start_index
             prev_sample = state.run(self, model_output, sample, guidance_scale, start)
             if not return_dict:
                 return (prev_sample,)
