@@ -169,7 +169,7 @@ def _forward_backward(fn, dy):
     return lambda x, weight, bias: torch.autograd.grad(fn(x, weight, bias), (x, weight, bias), dy)
 
 
-def _run_case(providers, name, n, c, h, w, layout, dtype, unavailable, sweep, backward) -> dict:
+def _run_case(providers, n, c, h, w, layout, dtype, unavailable, sweep, backward) -> dict:
     from fastdiff.backends import BackendNotSupportedError
     from fastdiff.kernels import group_norm as kernels
 
@@ -351,7 +351,7 @@ def main(argv=None) -> int:
                     skipped.append(f"{name}/{layout}")
                     continue
                 torch.manual_seed(0)
-                results = _run_case(providers, name, n, c, h, w, layout, dtype, unavailable, args.sweep, args.backward)
+                results = _run_case(providers, n, c, h, w, layout, dtype, unavailable, args.sweep, args.backward)
                 rows = _rows(env, results, name, n, c, h, w, layout, args.dtype, torch.finfo(dtype).bits // 8, args.backward)
                 for row in rows:
                     sink.write(json.dumps(row) + "\n")

@@ -79,7 +79,7 @@ def _bench(fn) -> dict:
     return {"out": out, **timings(fn, rep=200), "launches": _launches(fn)}
 
 
-def _providers(name, shape, dtype, spec, compile_reference=False):
+def _providers(shape, dtype, spec, compile_reference=False):
     """Provider name -> zero-argument function returning x_prev, for one scheduler at step STEP."""
     import diffusers
 
@@ -180,7 +180,7 @@ def main(argv=None) -> int:
         for shape_name, shape in [s for group in args.shapes.split(",") for s in SHAPES[group]]:
             for sched_name in args.schedulers.split(","):
                 results = {}
-                for provider, fn in _providers(sched_name, shape, dtype, specs[sched_name], args.compile).items():
+                for provider, fn in _providers(shape, dtype, specs[sched_name], args.compile).items():
                     try:
                         if provider.endswith("-graph"):
                             fn = fn()
