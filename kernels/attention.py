@@ -59,12 +59,13 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from typing import Dict, List, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
+
+from fastdiff.backends import triton_interpret_enabled as _interpret
 
 LOG2E = math.log2(math.e)
 MASK_NONE, MASK_BOOL, MASK_ADDITIVE = 0, 1, 2
@@ -76,10 +77,6 @@ MAX_HEAD_DIM = 256  # every tile keeps whole head-dim rows in registers / shared
 # ---------------------------------------------------------------------------
 # Launch heuristics: every block size, chunking and config choice lives here.
 # ---------------------------------------------------------------------------
-
-
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def head_dim_chunks(head_dim: int) -> Tuple[int, int]:
