@@ -154,14 +154,15 @@ def _sdpa_run(inputs: Mapping[str, Any]) -> torch.Tensor:
     return F.scaled_dot_product_attention(inputs["q"], inputs["k"], inputs["v"], attn_mask=inputs["attn_mask"], scale=inputs["scale"])
 
 
-def _triton_reasons(inputs: Mapping[str, Any]) -> List[str]:
+def _triton_reasons(inputs: Mapping[str, Any], tma: bool = False) -> List[str]:
+    """Why ``triton`` (or, with ``tma``, ``triton_tma``) cannot run ``inputs``."""
     if not backends.triton_available():
         return ["triton is not installed"]
     q, k, v, mask = inputs["q"], inputs["k"], inputs["v"], inputs["attn_mask"]
     reasons = backends.device_reasons([q, k, v, mask], allow_cpu_interpret=True)
-    from fastdiff.kernels.attention import layout_reasons
+    from fastdiff.kernels import attention as kernels
 
-    return reasons + layout_reasons(q, k, v, mask)
+    return reasons + (kernels.tma_reasons if tma else kernels.layout_reasons)(q, k, v, mask)
 
 
 def _triton_run(inputs: Mapping[str, Any]) -> torch.Tensor:
@@ -170,13 +171,7 @@ def _triton_run(inputs: Mapping[str, Any]) -> torch.Tensor:
 
 
 def _triton_tma_reasons(inputs: Mapping[str, Any]) -> List[str]:
-    if not backends.triton_available():
-        return ["triton is not installed"]
-    q, k, v, mask = inputs["q"], inputs["k"], inputs["v"], inputs["attn_mask"]
-    reasons = backends.device_reasons([q, k, v, mask], allow_cpu_interpret=True)
-    from fastdiff.kernels.attention import tma_reasons
-
-    return reasons + tma_reasons(q, k, v, mask)
+    return _triton_reasons(inputs, tma=True)
 
 
 def _triton_tma_run(inputs: Mapping[str, Any]) -> torch.Tensor:
