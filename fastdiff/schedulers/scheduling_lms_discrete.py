@@ -221,8 +221,10 @@ class LMSDiscreteScheduler(SchedulerMixin):
         )  # fmt: skip
         self.alphas = 1.0 - self.betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
-        self.set_timesteps(num_train_timesteps, None)
-        self.num_inference_steps = None  # the training-length table above is not a user schedule
+        # The training-length schedule, as diffusers sets it up; not a user schedule (step() still
+        # needs set_timesteps), so it gets no fused table.
+        self._set_schedule(num_train_timesteps, None)
+        self.num_inference_steps = None
         self.is_scale_input_called = False
 
     @property
@@ -272,6 +274,11 @@ class LMSDiscreteScheduler(SchedulerMixin):
         if num_inference_steps is None or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
         self.num_inference_steps = num_inference_steps
+        self._set_schedule(num_inference_steps, device)
+        self._reset_fused(order=4, begin_index=0)
+
+    def _set_schedule(self, num_inference_steps: int, device):
+        """Timesteps, sigmas and a fresh step state for ``num_inference_steps`` steps (no fused table)."""
         timesteps = float_spaced_timesteps(
             self.config.timestep_spacing,
             self.config.num_train_timesteps,
@@ -291,7 +298,6 @@ class LMSDiscreteScheduler(SchedulerMixin):
         self._step_index = None
         self._begin_index = None
         self.derivatives = []
-        self._reset_fused(order=4, begin_index=0)
 
     # Copied from fastdiff.schedulers.scheduling_euler_discrete.EulerDiscreteScheduler.index_for_timestep
     def index_for_timestep(self, timestep, schedule_timesteps=None) -> int:
