@@ -537,6 +537,21 @@ def _apply_kernel(
 
 
 @triton.jit
+def _bwd_tile(x_ptrs, dy_ptrs, mask, mean, rstd, w, b, SILU: tl.constexpr):
+    """(dz, x_hat) of one [BLOCK_C, BLOCK_S] tile, for both backward kernels:
+    x_hat = (x - mean) * rstd, and dz = dy * silu'(z) with z = x_hat * w + b
+    recomputed from x (dz = dy without SILU). mean, rstd, w, b are per channel."""
+    x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+    dz = tl.load(dy_ptrs, mask=mask, other=0.0).to(tl.float32)
+    x_hat = (x - mean[:, None]) * rstd[:, None]
+    if SILU:
+        z = x_hat * w[:, None] + b[:, None]
+        sig = tl.sigmoid(z)
+        dz = dz * sig * (1.0 + z * (1.0 - sig))
+    return dz, x_hat
+
+
+@triton.jit
 def _bwd_reduce_kernel(
     DY,  # pointer to dy, same shape as x, its own strides
     X,  # pointer to x, (N, C, *spatial)
@@ -583,14 +598,11 @@ def _bwd_reduce_kernel(
     for s0 in range(s_begin, s_end, BLOCK_S):
         offs_s = s0 + tl.arange(0, BLOCK_S)
         mask = mask_c[:, None] & (offs_s < s_end)[None, :]
-        x = tl.load(x_base + _spatial_offsets(offs_s, S1, stride_xs0, stride_xs1, TWO_D)[None, :], mask=mask, other=0.0).to(tl.float32)
-        dz = tl.load(dy_base + _spatial_offsets(offs_s, S1, stride_dys0, stride_dys1, TWO_D)[None, :], mask=mask, other=0.0).to(tl.float32)
-        x_hat = (x - mean[:, None]) * rstd[:, None]
-        if SILU:
-            # z is recomputed from x; dz = dy * silu'(z).
-            z = x_hat * w[:, None] + b[:, None]
-            sig = tl.sigmoid(z)
-            dz = dz * sig * (1.0 + z * (1.0 - sig))
+        dz, x_hat = _bwd_tile(
+            x_base + _spatial_offsets(offs_s, S1, stride_xs0, stride_xs1, TWO_D)[None, :],
+            dy_base + _spatial_offsets(offs_s, S1, stride_dys0, stride_dys1, TWO_D)[None, :],
+            mask, mean, rstd, w, b, SILU,
+        )
         acc_ds += tl.where(mask, dz * x_hat, 0.0)
         acc_db += tl.where(mask, dz, 0.0)
     p_offs = (n * C + offs_c) * n_chunks + sp
@@ -694,13 +706,11 @@ def _bwd_dx_kernel(
     for s0 in range(s_begin, s_end, BLOCK_S):
         offs_s = s0 + tl.arange(0, BLOCK_S)
         mask = mask_c[:, None] & (offs_s < s_end)[None, :]
-        x = tl.load(x_base + _spatial_offsets(offs_s, S1, stride_xs0, stride_xs1, TWO_D)[None, :], mask=mask, other=0.0).to(tl.float32)
-        dz = tl.load(dy_base + _spatial_offsets(offs_s, S1, stride_dys0, stride_dys1, TWO_D)[None, :], mask=mask, other=0.0).to(tl.float32)
-        x_hat = (x - mean[:, None]) * rstd[:, None]
-        if SILU:
-            z = x_hat * w[:, None] + b[:, None]
-            sig = tl.sigmoid(z)
-            dz = dz * sig * (1.0 + z * (1.0 - sig))
+        dz, x_hat = _bwd_tile(
+            x_base + _spatial_offsets(offs_s, S1, stride_xs0, stride_xs1, TWO_D)[None, :],
+            dy_base + _spatial_offsets(offs_s, S1, stride_dys0, stride_dys1, TWO_D)[None, :],
+            mask, mean, rstd, w, b, SILU,
+        )
         dx = rstd[:, None] * (dz * w[:, None] - coef_a[:, None] - x_hat * coef_b[:, None])
         tl.store(dx_base + _spatial_offsets(offs_s, S1, stride_dxs0, stride_dxs1, TWO_D)[None, :], dx.to(DX.dtype.element_ty), mask=mask)
 
