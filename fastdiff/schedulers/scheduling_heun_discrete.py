@@ -206,8 +206,10 @@ class HeunDiscreteScheduler(SchedulerMixin):
         )  # fmt: skip
         self.alphas = 1.0 - self.betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
-        self.set_timesteps(num_train_timesteps, None, num_train_timesteps)
-        self.num_inference_steps = None  # the training-length table above is not a user schedule
+        # The training-length schedule, as diffusers sets it up; not a user schedule (step() still
+        # needs set_timesteps), so it gets no fused table.
+        self._set_schedule(num_train_timesteps, None, num_train_timesteps, None)
+        self.num_inference_steps = None
 
     @property
     def init_noise_sigma(self):
@@ -259,6 +261,11 @@ class HeunDiscreteScheduler(SchedulerMixin):
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
         self.num_inference_steps = num_inference_steps
+        self._set_schedule(num_inference_steps, device, num_train_timesteps, timesteps)
+        self._reset_fused(begin_index=0)
+
+    def _set_schedule(self, num_inference_steps: int, device, num_train_timesteps, timesteps):
+        """Timesteps, doubled sigmas and a fresh step state for ``num_inference_steps`` steps (no fused table)."""
         total = num_train_timesteps or self.config.num_train_timesteps
         if timesteps is not None:
             timesteps = np.array(timesteps, dtype=np.float32)
@@ -287,7 +294,6 @@ class HeunDiscreteScheduler(SchedulerMixin):
         self.sample = None
         self._step_index = None
         self._begin_index = None
-        self._reset_fused(begin_index=0)
 
     # Copied from fastdiff.schedulers.scheduling_euler_discrete.EulerDiscreteScheduler.index_for_timestep
     def index_for_timestep(self, timestep, schedule_timesteps=None) -> int:
