@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -26,6 +27,16 @@ logger = logging.getLogger(__name__)
 # Gauss-Legendre nodes and weights on [-1, 1]; 4 points integrate polynomials up to degree 7
 # exactly, and the LMS integrand has degree order - 1 <= 3 (orders above 4 use more points).
 _GAUSS_POINTS = 4
+
+
+@functools.lru_cache(maxsize=None)
+def _gauss_legendre(num_points: int):
+    """``np.polynomial.legendre.leggauss(num_points)``, read-only and computed once per size (it solves
+    an eigenproblem, most of the cost of one LMS coefficient, and every coefficient uses the same size)."""
+    points, weights = np.polynomial.legendre.leggauss(num_points)
+    points.setflags(write=False)
+    weights.setflags(write=False)
+    return points, weights
 
 
 @dataclass
@@ -134,7 +145,7 @@ def lms_coefficient(sigmas, order, t, current_order):
     nodes = [float(sigmas[t - k]) for k in range(order)]
     x_j = nodes[current_order]
     a, b = float(sigmas[t]), float(sigmas[t + 1])
-    points, weights = np.polynomial.legendre.leggauss(max(_GAUSS_POINTS, (order + 1) // 2))
+    points, weights = _gauss_legendre(max(_GAUSS_POINTS, (order + 1) // 2))
     tau = 0.5 * (b - a) * points + 0.5 * (b + a)
     basis = np.ones_like(tau)
     for k, x_k in enumerate(nodes):
