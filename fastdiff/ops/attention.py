@@ -228,7 +228,7 @@ def _attention_fwd_triton(
 
 
 @_attention_fwd_triton.register_fake
-def _(q, k, v, attn_mask, scale):
+def _attention_fwd_fake(q, k, v, attn_mask, scale):
     b, h, lq, d = q.shape
     out = q.new_empty((b, lq, h, d)).transpose(1, 2)
     return out, q.new_empty((b, h, lq), dtype=torch.float32)
@@ -265,11 +265,7 @@ def _attention_fwd_triton_tma(
     return attention_forward_tma(q, k, v, attn_mask, scale)
 
 
-@_attention_fwd_triton_tma.register_fake
-def _(q, k, v, attn_mask, scale):
-    b, h, lq, d = q.shape
-    out = q.new_empty((b, lq, h, d)).transpose(1, 2)
-    return out, q.new_empty((b, h, lq), dtype=torch.float32)
+_attention_fwd_triton_tma.register_fake(_attention_fwd_fake)
 
 
 def _setup_context(ctx, inputs, output):
