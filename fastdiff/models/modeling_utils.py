@@ -24,11 +24,13 @@ import os
 import pickle
 import re
 from collections import OrderedDict
-from dataclasses import fields
 from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
+
+from fastdiff.nn.attention_processor import AttentionProcessorMixin
+from fastdiff.utils.outputs import BaseOutput  # noqa: F401  (re-exported: the models import it from here)
 
 logger = logging.getLogger(__name__)
 
@@ -44,18 +46,6 @@ _LEGACY_ATTENTION_RENAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "p
 _SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 _MAX_KEYS_SHOWN = 20
-
-
-class BaseOutput:
-    """Base of the model output dataclasses: fields read as attributes, by name, or by position."""
-
-    def __getitem__(self, key):
-        if isinstance(key, str):
-            return getattr(self, key)
-        return self.to_tuple()[key]
-
-    def to_tuple(self) -> tuple:
-        return tuple(getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None)
 
 
 def call_maybe_checkpointed(module: nn.Module, checkpointed: bool, *args):
@@ -209,7 +199,7 @@ def resolve_model_folder(name_or_path: Union[str, os.PathLike], subfolder: Optio
 # ---------------------------------------------------------------------------
 
 
-class ModelMixin(nn.Module):
+class ModelMixin(AttentionProcessorMixin, nn.Module):
     """Base class of fastdiff models: diffusers-format ``from_pretrained`` / ``save_pretrained``.
 
     Subclasses also inherit :class:`~fastdiff.models.configuration_utils.ConfigMixin`

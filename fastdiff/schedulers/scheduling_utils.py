@@ -34,6 +34,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastdiff.utils.outputs import BaseOutput  # noqa: F401  (re-exported: the schedulers import it from here)
+
 logger = logging.getLogger(__name__)
 
 SCHEDULER_CONFIG_NAME = "scheduler_config.json"
@@ -92,28 +94,6 @@ class FrozenDict(OrderedDict):
         if getattr(self, "_frozen", False):
             self._refuse()
         object.__setattr__(self, name, value)
-
-
-@dataclasses.dataclass
-class BaseOutput:
-    """A dataclass output that also indexes like diffusers' outputs: ``out[0]``, ``out["prev_sample"]``.
-
-    Fields that are ``None`` are left out of the tuple view, as in diffusers.
-    """
-
-    def to_tuple(self) -> tuple:
-        return tuple(v for v in (getattr(self, f.name) for f in dataclasses.fields(self)) if v is not None)
-
-    def __getitem__(self, key):
-        if isinstance(key, str):
-            return getattr(self, key)
-        return self.to_tuple()[key]
-
-    def __iter__(self):
-        return iter(self.to_tuple())
-
-    def __len__(self):
-        return len(self.to_tuple())
 
 
 @dataclasses.dataclass
