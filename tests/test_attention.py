@@ -257,6 +257,56 @@ def test_cpu_backends_match_fp64(seed, backend, mask_kind):
     _check(attention(q, k, v, mask, backend=backend), q, k, v, mask)
 
 
+@pytest.mark.parametrize("backend", ["reference", "sdpa", pytest.param("triton", marks=requires_triton)])
+@pytest.mark.parametrize("d", [1, 5, 12, 20, 100])
+def test_any_head_dim_forward_and_gradients(seed, backend, d):
+    """Head dims that are not multiples of 8 (diffusers' tiny test configs use 2-7;
+    real ones 12, 20, 100): every backend takes them; Triton pads to its tile."""
+    q, k, v = (t.requires_grad_() for t in _qkv(2, 3, 19, 23, d, torch.float32))
+    mask = _mask("bool-keys", 2, 3, 19, 23, torch.float32)
+    with backends.trace_dispatch() as calls:
+        out = attention(q, k, v, mask, backend=backend)
+    assert calls == [("attention", backend)] and out.shape == (2, 3, 19, d)
+    _check(out, q, k, v, mask)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref_grads = torch.autograd.grad(attention_ref(q64, k64, v64, mask), (q64, k64, v64), dout.double())
+    for name, g, r in zip("qkv", grads, ref_grads):
+        assert_fp32_close(g, r, what=f"d{name} at head dim {d}")
+
+
+@requires_triton
+@pytest.mark.parametrize("d,dtype", [(6, torch.float16), (12, torch.bfloat16)], ids=["d6-fp16", "d12-bf16"])
+def test_triton_odd_head_dim_low_precision(seed, d, dtype):
+    q, k, v = _qkv(2, 3, 37, 13, d, dtype)
+    _check(attention(q, k, v, backend="triton"), q, k, v, None)
+
+
+def test_triton_tma_declines_unaligned_head_dim_and_auto_falls_back(seed):
+    """D=12 in fp16 gives 24-byte rows, which a TMA descriptor cannot address: the
+    backend says so, a forced call raises with every backend's reasons, auto runs."""
+    q, k, v = _qkv(1, 2, 9, 11, 12, torch.float16)
+    reasons = backends.get_dispatcher("attention").reasons({"q": q, "k": k, "v": v, "attn_mask": None})
+    if backends.triton_available():
+        assert any("not TMA-compatible" in r for r in reasons["triton_tma"]) or any("tensor descriptors" in r for r in reasons["triton_tma"])
+    with pytest.raises(backends.BackendNotSupportedError, match=r"(?s)backend 'triton_tma'.*cannot run.*reference: supported.*sdpa: supported.*triton_tma: "):
+        attention(q, k, v, backend="triton_tma")
+    with backends.trace_dispatch() as calls:
+        out = attention(q.float(), k.float(), v.float())
+    assert calls == [("attention", "sdpa")]
+    _check(out, q.float(), k.float(), v.float(), None)
+
+
+def test_head_dim_260_runs_on_sdpa(seed):
+    q, k, v = _qkv(1, 1, 3, 5, 260, torch.float32)
+    with backends.trace_dispatch() as calls:
+        out = attention(q, k, v)
+    assert calls == [("attention", "sdpa")]
+    _check(out, q, k, v, None)
+    assert "triton: head dim 260 > 256" in attention.explain(q, k, v)
+
+
 def test_reference_upcasts_low_precision(seed):
     q, k, v = _qkv(1, 3, 37, 13, 8, torch.bfloat16)
     out = attention_ref(q, k, v)
@@ -381,8 +431,6 @@ def _good():
         (lambda q, k, v: (q, k[:, :2], v, None), "k has head count H 2 but q has 3"),
         (lambda q, k, v: (q, k, v[..., :8], None), "v has head dim D 8 but q has 16"),
         (lambda q, k, v: (q, k, v[:, :, :6], None), "v has length 6 but k has 7"),
-        (lambda q, k, v: (q[..., :12], k[..., :12], v[..., :12], None), "head dim 12 is unsupported"),
-        (lambda q, k, v: (torch.randn(1, 1, 2, 260), torch.randn(1, 1, 2, 260), torch.randn(1, 1, 2, 260), None), "head dim 260 is unsupported"),
         (lambda q, k, v: (q, k.half(), v, None), "k dtype torch.float16 does not match"),
         (lambda q, k, v: (q.int(), k, v, None), "q must be fp16, bf16, fp32 or fp64"),
         (lambda q, k, v: (q, k, v, torch.ones(5, 6, dtype=torch.bool)), r"attn_mask of shape \(5, 6\) does not broadcast"),
@@ -568,6 +616,32 @@ def test_gpu_gradients_with_mask(seed, dtype, mask_kind, backend):
     sdpa_grads = torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, attn_mask=mask), (q, k, v), dout)
     for name, g, s, r in zip("qkv", grads, sdpa_grads, ref_grads):
         assert_low_precision_ok(g, s, r, what=f"d{name}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "triton_tma"])
+@pytest.mark.parametrize("d,dtype", [(4, torch.float32), (12, torch.float16), (20, torch.bfloat16), (24, torch.float16)], ids=["d4-fp32", "d12-fp16", "d20-bf16", "d24-fp16"])
+def test_gpu_odd_head_dims(seed, d, dtype, backend):
+    """Head dims below or between the tile widths: padded (triton) or, where a TMA
+    descriptor cannot address the rows, declined with reasons (triton_tma)."""
+    q, k, v = (t.requires_grad_() for t in _qkv(2, 4, 300, 77, d, dtype, device="cuda"))
+    _skip_unless_runs(backend, q, k, v)
+    out = attention(q, k, v, backend=backend)
+    ref = attention_ref(q.double(), k.double(), v.double())
+    if dtype == torch.float32:
+        assert_fp32_close(out, ref)
+    else:
+        assert_low_precision_ok(out, F.scaled_dot_product_attention(q, k, v), ref)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref_grads = torch.autograd.grad(attention_ref(q64, k64, v64), (q64, k64, v64), dout.double())
+    sdpa_grads = torch.autograd.grad(F.scaled_dot_product_attention(q, k, v), (q, k, v), dout)
+    for name, g, s, r in zip("qkv", grads, sdpa_grads, ref_grads):
+        if dtype == torch.float32:
+            assert_fp32_close(g, r, what=f"d{name}")
+        else:
+            assert_low_precision_ok(g, s, r, what=f"d{name}")
 
 
 @pytest.mark.gpu

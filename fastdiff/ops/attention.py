@@ -35,9 +35,10 @@ from fastdiff import backends
 OP_NAME = "attention"
 #: dtypes the op accepts; fp64 runs on ``reference`` and ``sdpa`` only.
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-#: head dims the op accepts: every multiple of 8. The Triton backends take 8 to
-#: 256 and decline larger ones (the SD VAE's single 512-wide head runs on sdpa).
-HEAD_DIM_MULTIPLE = 8
+# Head dims: every backend takes any D >= 1 up to its limit. ``reference`` and
+# ``sdpa`` have none; the Triton kernels pad D up to their tile width (a multiple
+# of 16, split into at most two power-of-two chunks; the padded columns are
+# masked) and decline D > 256 (the SD VAE's single 512-wide head runs on sdpa).
 
 
 # ---------------------------------------------------------------------------
@@ -107,9 +108,6 @@ def _check_inputs(q, k, v, attn_mask, scale) -> None:
                 )
     if v.shape[2] != k.shape[2]:
         raise ValueError(f"attention: v has length {v.shape[2]} but k has {k.shape[2]}; they must match (Lk)")
-    head_dim = q.shape[3]
-    if head_dim % HEAD_DIM_MULTIPLE != 0:
-        raise ValueError(f"attention: head dim {head_dim} is unsupported; expected a multiple of 8")
     if attn_mask is not None:
         if not isinstance(attn_mask, torch.Tensor):
             raise ValueError(f"attention: attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
@@ -311,8 +309,10 @@ def attention(
 
     Args:
         q: (B, H, Lq, D) queries; fp16, bf16 or fp32 (fp64 on ``reference``
-            and ``sdpa``). D is a multiple of 8; the Triton backends take D up
-            to 256 (larger head dims, like the SD VAE's 512, run on ``sdpa``).
+            and ``sdpa``). Any head dim D: the Triton backends pad it to their
+            tile width and take D up to 256 (larger head dims, like the SD VAE's
+            512, run on ``sdpa``); ``triton_tma`` also needs 16-byte rows and
+            says so in its reasons.
         k: (B, H, Lk, D) keys, same dtype and device as q. Lk may differ from Lq.
         v: (B, H, Lk, D) values.
         attn_mask: None, or a mask broadcastable to (B, H, Lq, Lk): boolean
