@@ -2,7 +2,7 @@
 
 `import fastdiff` is cheap (about 1 ms, measured with `python -X importtime`):
 it imports nothing, not even torch. Submodules (ops, kernels, models,
-schedulers) load the first time one of their names is used, and nothing is
+schedulers, pipelines) load the first time one of their names is used, and nothing is
 ever compiled at import time.
 """
 
@@ -36,9 +36,20 @@ _LAZY_EXPORTS = {
     "UNet2DModel": "fastdiff.models",
     "UNet2DConditionModel": "fastdiff.models",
     "AutoencoderKL": "fastdiff.models",
+    # pipelines
+    "DiffusionPipeline": "fastdiff.pipelines",
+    "DDPMPipeline": "fastdiff.pipelines",
+    "DDIMPipeline": "fastdiff.pipelines",
+    "StableDiffusionPipeline": "fastdiff.pipelines",
+    "StableDiffusionImg2ImgPipeline": "fastdiff.pipelines",
+    "StableDiffusionXLPipeline": "fastdiff.pipelines",
+    "ImagePipelineOutput": "fastdiff.pipelines",
+    "StableDiffusionPipelineOutput": "fastdiff.pipelines",
+    "StableDiffusionXLPipelineOutput": "fastdiff.pipelines",
+    "Resampler": "fastdiff.pipelines",
 }
 
-_SUBMODULES = ("backends", "ops", "nn", "kernels", "models", "schedulers")
+_SUBMODULES = ("backends", "ops", "nn", "kernels", "models", "schedulers", "pipelines")
 
 __all__ = sorted(_LAZY_EXPORTS) + list(_SUBMODULES)
 
