@@ -120,8 +120,8 @@ class Encoder(nn.Module):
     def forward(self, sample: torch.Tensor) -> torch.Tensor:
         sample = self.conv_in(sample)
         for down_block in self.down_blocks:
-            sample = call_maybe_checkpointed(down_block, self.gradient_checkpointing, sample)
-        sample = call_maybe_checkpointed(self.mid_block, self.gradient_checkpointing, sample)
+            sample = call_maybe_checkpointed(down_block, self, sample)
+        sample = call_maybe_checkpointed(self.mid_block, self, sample)
         return self.conv_out(self.conv_norm_out(sample))
 
 
@@ -176,9 +176,9 @@ class Decoder(nn.Module):
 
     def forward(self, sample: torch.Tensor) -> torch.Tensor:
         sample = self.conv_in(sample)
-        sample = call_maybe_checkpointed(self.mid_block, self.gradient_checkpointing, sample)
+        sample = call_maybe_checkpointed(self.mid_block, self, sample)
         for up_block in self.up_blocks:
-            sample = call_maybe_checkpointed(up_block, self.gradient_checkpointing, sample)
+            sample = call_maybe_checkpointed(up_block, self, sample)
         return self.conv_out(self.conv_norm_out(sample))
 
 

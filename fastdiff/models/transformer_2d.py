@@ -228,7 +228,7 @@ class Transformer2DModel(nn.Module):
         for block in self.transformer_blocks:
             hidden_states = call_maybe_checkpointed(
                 block,
-                self.gradient_checkpointing,
+                self,
                 hidden_states,
                 encoder_hidden_states,
                 attention_mask,

@@ -129,7 +129,7 @@ class DownBlock2D(nn.Module):
     def forward(self, hidden_states, temb=None):
         output_states = ()
         for resnet in self.resnets:
-            hidden_states = call_maybe_checkpointed(resnet, self.gradient_checkpointing, hidden_states, temb)
+            hidden_states = call_maybe_checkpointed(resnet, self, hidden_states, temb)
             output_states += (hidden_states,)
         if self.downsamplers is not None:
             hidden_states = self.downsamplers[0](hidden_states)
@@ -173,7 +173,7 @@ class AttnDownBlock2D(nn.Module):
     def forward(self, hidden_states, temb=None):
         output_states = ()
         for resnet, attn in zip(self.resnets, self.attentions):
-            hidden_states = call_maybe_checkpointed(resnet, self.gradient_checkpointing, hidden_states, temb)
+            hidden_states = call_maybe_checkpointed(resnet, self, hidden_states, temb)
             hidden_states = attn(hidden_states)
             output_states += (hidden_states,)
         if self.downsamplers is not None:
@@ -235,7 +235,7 @@ class CrossAttnDownBlock2D(nn.Module):
         """``additional_residuals`` (a T2I-Adapter feature) is added after the last attention."""
         output_states = ()
         for i, (resnet, attn) in enumerate(zip(self.resnets, self.attentions)):
-            hidden_states = call_maybe_checkpointed(resnet, self.gradient_checkpointing, hidden_states, temb)
+            hidden_states = call_maybe_checkpointed(resnet, self, hidden_states, temb)
             hidden_states = attn(hidden_states, encoder_hidden_states, attention_mask, encoder_attention_mask)
             if additional_residuals is not None and i == len(self.resnets) - 1:
                 hidden_states = hidden_states + additional_residuals
@@ -329,7 +329,7 @@ class UNetMidBlock2D(nn.Module):
         hidden_states = self.resnets[0](hidden_states, temb)
         for attn, resnet in zip(self.attentions, self.resnets[1:]):
             hidden_states = attn(hidden_states)
-            hidden_states = call_maybe_checkpointed(resnet, self.gradient_checkpointing, hidden_states, temb)
+            hidden_states = call_maybe_checkpointed(resnet, self, hidden_states, temb)
         return hidden_states
 
 
@@ -373,7 +373,7 @@ class UNetMidBlock2DCrossAttn(nn.Module):
         hidden_states = self.resnets[0](hidden_states, temb)
         for attn, resnet in zip(self.attentions, self.resnets[1:]):
             hidden_states = attn(hidden_states, encoder_hidden_states, attention_mask, encoder_attention_mask)
-            hidden_states = call_maybe_checkpointed(resnet, self.gradient_checkpointing, hidden_states, temb)
+            hidden_states = call_maybe_checkpointed(resnet, self, hidden_states, temb)
         return hidden_states
 
 
@@ -409,7 +409,7 @@ class UpBlock2D(nn.Module):
     def forward(self, hidden_states, res_hidden_states_tuple, temb=None, upsample_size=None):
         for resnet in self.resnets:
             hidden_states, res_hidden_states_tuple = _pop_skip(hidden_states, res_hidden_states_tuple)
-            hidden_states = call_maybe_checkpointed(resnet, self.gradient_checkpointing, hidden_states, temb)
+            hidden_states = call_maybe_checkpointed(resnet, self, hidden_states, temb)
         if self.upsamplers is not None:
             hidden_states = self.upsamplers[0](hidden_states, upsample_size)
         return hidden_states
@@ -448,7 +448,7 @@ class AttnUpBlock2D(nn.Module):
     def forward(self, hidden_states, res_hidden_states_tuple, temb=None, upsample_size=None):
         for resnet, attn in zip(self.resnets, self.attentions):
             hidden_states, res_hidden_states_tuple = _pop_skip(hidden_states, res_hidden_states_tuple)
-            hidden_states = call_maybe_checkpointed(resnet, self.gradient_checkpointing, hidden_states, temb)
+            hidden_states = call_maybe_checkpointed(resnet, self, hidden_states, temb)
             hidden_states = attn(hidden_states)
         if self.upsamplers is not None:
             # diffusers' AttnUpBlock2D always doubles, ignoring upsample_size.
@@ -506,7 +506,7 @@ class CrossAttnUpBlock2D(nn.Module):
     ):
         for resnet, attn in zip(self.resnets, self.attentions):
             hidden_states, res_hidden_states_tuple = _pop_skip(hidden_states, res_hidden_states_tuple)
-            hidden_states = call_maybe_checkpointed(resnet, self.gradient_checkpointing, hidden_states, temb)
+            hidden_states = call_maybe_checkpointed(resnet, self, hidden_states, temb)
             hidden_states = attn(hidden_states, encoder_hidden_states, attention_mask, encoder_attention_mask)
         if self.upsamplers is not None:
             hidden_states = self.upsamplers[0](hidden_states, upsample_size)
