@@ -169,7 +169,10 @@ def tiny_safety_checker(seed: int = 0):
     from transformers import CLIPConfig, CLIPImageProcessor
 
     config = CLIPConfig(
-        text_config=dict(hidden_size=16, intermediate_size=37, num_attention_heads=2, num_hidden_layers=1, vocab_size=99),
+        text_config=dict(
+            hidden_size=16, intermediate_size=37, num_attention_heads=2, num_hidden_layers=1, vocab_size=99,
+            bos_token_id=0, eos_token_id=2, pad_token_id=1,
+        ),
         vision_config=dict(
             hidden_size=16, intermediate_size=37, num_attention_heads=2, num_hidden_layers=1, image_size=16, patch_size=8
         ),
