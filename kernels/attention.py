@@ -101,6 +101,19 @@ def _sms_for(t) -> Optional[int]:
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def _smem_optin(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).shared_memory_per_block_optin
+
+
+def _smem_limit_for(t) -> Optional[int]:
+    """Shared memory per block (opt-in maximum) of a CUDA tensor's device; None elsewhere.
+    (fastdiff.tools.aot_check patches this and _sms_for to stand for an A100 or H100.)"""
+    if isinstance(t, torch.Tensor) and t.device.type == "cuda":
+        return _smem_optin(t.device.index or 0)
+    return None
+
+
 def _keep(conf: triton.Config) -> bool:
     """Static filter on the config product: 128-row tiles get 8 warps and smaller
     ones 4, and 16/32-row tiles (for short sequences) only take 64-key steps."""

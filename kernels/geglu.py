@@ -136,8 +136,10 @@ def layout_reasons(x: torch.Tensor) -> List[str]:
 # Kernels
 # ---------------------------------------------------------------------------
 
-_INV_SQRT2 = 0.7071067811865476  # 1 / sqrt(2)
-_INV_SQRT_2PI = 0.3989422804014327  # 1 / sqrt(2 * pi)
+# tl.constexpr: the Triton compiler refuses plain Python globals inside @triton.jit
+# ("Cannot access global variable"), which the interpreter allows.
+_INV_SQRT2 = tl.constexpr(0.7071067811865476)  # 1 / sqrt(2)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1 / sqrt(2 * pi)
 
 
 @triton.jit

@@ -1,0 +1,729 @@
+"""Compile every Triton kernel in ``kernels/`` ahead of time for sm_80 and sm_90, without a GPU.
+
+The Triton interpreter (what the CPU test suite runs) checks arithmetic, not
+compilation: layouts, ``tl.dot`` shapes, shared memory, registers and the JIT's
+rules are only seen by the real compiler. Triton compiles with no GPU present::
+
+    triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32), options=...)
+
+What is compiled is taken from the launchers themselves, not from a copy of
+their arguments: each launcher (``attention_forward``, ``group_norm_forward``,
+...) is called on CPU tensors of the real Stable Diffusion / SDXL shapes while
+its kernels are replaced by recorders, so the pointer dtypes, strides, ints and
+constexprs are exactly those a GPU launch would pass. Launch plans that look at
+the device are given an H100 (132 SMs, 227 KB shared memory per block) for
+sm_90 and an A100 (108 SMs, 163 KB) for sm_80. For an autotuned kernel two
+sets of configs are compiled:
+
+* ``reachable``: every config of its GPU autotune list that its pruner can
+  yield for the call on that target (the pruner without occupancy pruning, since
+  other shapes fill the GPU differently);
+* ``sd`` (a subset): the configs the pruner keeps for that SD shape on that card,
+  i.e. what the autotuner really benchmarks there.
+
+Every (kernel, signature, constexprs, config, target) is compiled once (shapes
+that specialise alike share one compile), in parallel, and its results are
+cached under ``$FASTDIFF_AOT_CACHE`` (default ``~/.cache/fastdiff-aot``) keyed
+by the kernel's source hash (Triton's ``cache_key``, which covers the
+``@triton.jit`` functions it calls), the Triton version and the instance, so a
+rerun compiles only what changed.
+
+For each compile it records registers, spill bytes, shared memory, whether the
+PTX uses ``wgmma`` and TMA, and whether ptxas serialised the wgmma.
+
+``--check`` fails (exit 1) on:
+
+* any compile error;
+* shared memory over the target's per-block limit (every compiled config is
+  reachable, so the pruner must keep over-limit configs out);
+* register spills in an ``sd`` config, unless the kernel module lists an
+  allowance for it (``AOT_SPILL_ALLOWANCES``, next to the configs, with the reason);
+* an ``sd`` attention forward config on sm_90 whose wgmma ptxas serialised, or
+  an fp16/bf16 one that does not use wgmma.
+
+Usage::
+
+    python -m fastdiff.tools.aot_check [--check] [--json OUT.json] [--report OUT.md] [--archs 80,90] [--jobs N] [--matrix full|smoke]
+
+``--matrix smoke`` compiles the ``sd`` configs only (all kernels, every target)
+and is what the Triton version matrix (old Triton venvs) runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+# The real compiler, never the interpreter; set before triton is imported.
+os.environ["TRITON_INTERPRET"] = "0"
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"  # Triton >= 3.3 prints ptxas -v; older versions are re-run below
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+
+TOOL_VERSION = "1"  # bump when what is recorded changes (invalidates the cache)
+ARCHS = (80, 90)
+# Per-block shared memory (opt-in maximum) and SM count of the card each target stands for.
+SMEM_LIMIT = {80: 166912, 90: 232448}  # A100: 163 KB, H100/H200: 227 KB
+NUM_SMS = {80: 108, 90: 132}
+CARD = {80: "A100 (sm_80)", 90: "H100/H200 (sm_90)"}
+
+_DTYPES = {
+    torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.uint8: "u8",
+    torch.int8: "i8", torch.int32: "i32", torch.int64: "i64", torch.bool: "i1",
+}
+
+# ---------------------------------------------------------------------------
+# Capturing the launchers' real arguments
+# ---------------------------------------------------------------------------
+
+
+class _Recorder:
+    """Stands in for a kernel (JITFunction or autotuner) in its module: ``kernel[grid](*args, **kwargs)`` records the call."""
+
+    def __init__(self, name: str, calls: List[Tuple[str, tuple, dict]]):
+        self.name, self.calls = name, calls
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.calls.append((self.name, args, kwargs))
+
+
+@contextlib.contextmanager
+def _recording(module, names: List[str]) -> Iterator[List[Tuple[str, tuple, dict]]]:
+    calls: List[Tuple[str, tuple, dict]] = []
+    saved = {name: getattr(module, name) for name in names}
+    try:
+        for name in names:
+            setattr(module, name, _Recorder(name, calls))
+        yield calls
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)
+
+
+@contextlib.contextmanager
+def _patched(module, **values):
+    saved = {name: getattr(module, name) for name in values}
+    try:
+        for name, value in values.items():
+            setattr(module, name, value)
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)
+
+
+def _device_patches(module, arch: int, occupancy: bool = True):
+    """Make a kernel module's launch plan see the card of ``arch`` (its device queries
+    return None on CPU tensors). ``occupancy=False`` hides the SM count, so that the
+    attention pruner drops nothing for filling the GPU (other shapes fill it differently)."""
+    name = module.__name__.rsplit(".", 1)[-1]
+    if name == "attention":
+        return _patched(
+            module,
+            _sms_for=lambda t: NUM_SMS[arch] if occupancy else None,
+            _smem_limit_for=lambda t: SMEM_LIMIT[arch],
+        )
+    if name == "group_norm":
+        return _patched(module, _num_sms=lambda device: NUM_SMS[arch])
+    return contextlib.nullcontext()
+
+
+def _unwrap(obj):
+    """(autotuner or None, heuristics values dict, JITFunction) of a kernel object."""
+    from triton.runtime.autotuner import Autotuner, Heuristics
+
+    tuner, heuristics = None, {}
+    while True:
+        if isinstance(obj, Autotuner):
+            tuner = obj
+        elif isinstance(obj, Heuristics):
+            heuristics.update(obj.values)
+        else:
+            return tuner, heuristics, obj
+        obj = obj.fn
+
+
+def _spec(value) -> Tuple:
+    """How Triton's JIT specialises one runtime argument."""
+    if isinstance(value, torch.Tensor):
+        return ("ptr", _DTYPES[value.dtype], value.data_ptr() % 16 == 0)
+    if type(value).__name__ == "TensorDescriptor":
+        return ("desc", _DTYPES[value.base.dtype], tuple(value.block_shape))
+    if isinstance(value, bool):
+        return ("i1",)
+    if isinstance(value, int):
+        kind = "i32" if -(2**31) <= value < 2**31 else "i64"
+        return ("int", kind, "one" if value == 1 else ("d16" if value % 16 == 0 else "any"))
+    if isinstance(value, float):
+        return ("fp32",)
+    raise TypeError(f"aot_check: cannot specialise an argument of type {type(value).__name__}")
+
+
+def _instances_of_call(module, name: str, args: tuple, kwargs: dict, arch: int, case: str, matrix: str) -> List[Dict[str, Any]]:
+    """The compile instances one recorded launch yields on ``arch``."""
+    obj = getattr(module, name)
+    tuner, heuristics, jit = _unwrap(obj)
+    kwargs = dict(kwargs)
+    launch = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+    named = dict(zip(jit.arg_names, args))
+    if tuner is None:
+        configs = [(None, launch.get("num_warps", 4), launch.get("num_stages"), True)]
+    else:
+        pruner = tuner.early_config_prune or (lambda configs, nargs, **kw: configs)
+        with _device_patches(module, arch, occupancy=False):
+            reachable = pruner(tuner.configs, named, **kwargs)
+        with _device_patches(module, arch):
+            kept = pruner(tuner.configs, named, **kwargs)
+        kept_ids = {id(c) for c in kept}
+        configs = [(c, c.num_warps, c.num_stages, id(c) in kept_ids) for c in reachable]
+        if matrix != "full":
+            configs = [entry for entry in configs if entry[3]]
+    out = []
+    if jit.__name__ == "_attn_fwd_tma" and arch < 90:
+        return out  # TMA is Hopper-only (tma_reasons refuses other cards)
+    for config, warps, stages, sd in configs:
+        values = {**named, **kwargs, **(config.kwargs if config is not None else {})}
+        for key, heuristic in heuristics.items():
+            values[key] = heuristic(values)
+        if config is not None and config.pre_hook is not None:
+            config.pre_hook(values)  # e.g. the TMA descriptors' block shapes
+        args_spec = []
+        for param in jit.params:
+            value = values[param.name]
+            args_spec.append((param.name, ("constexpr", value) if param.is_constexpr else _spec(value)))
+        out.append({
+            "module": module.__name__.rsplit(".", 1)[-1],
+            "kernel": jit.__name__,
+            "case": case,
+            "arch": arch,
+            "num_warps": warps,
+            "num_stages": stages,
+            "config": dict(config.kwargs) if config is not None else {},
+            "args": args_spec,
+            "sd": sd,
+        })
+    return out
+
+
+# ---------------------------------------------------------------------------
+# The matrix: the launchers on SD / SDXL shapes
+# ---------------------------------------------------------------------------
+
+# (B, H, Lq, Lk, D): SD 1.5 (D = 40, 80, 160 at 64x64 latents), SDXL (D = 64), self- and cross-attention (Lk = 77).
+SD_ATTENTION_SHAPES = [
+    (2, 8, 4096, 4096, 40), (2, 8, 4096, 77, 40),
+    (2, 8, 1024, 1024, 80), (2, 8, 1024, 77, 80),
+    (2, 8, 256, 256, 160), (2, 8, 256, 77, 160), (2, 8, 64, 64, 160), (2, 8, 64, 77, 160),
+    (2, 10, 4096, 4096, 64), (2, 10, 4096, 77, 64), (2, 20, 1024, 1024, 64), (2, 20, 1024, 77, 64),
+]
+ATTENTION_MASKS = ("none", "bool-keys", "bool-full", "additive-keys", "additive-full")
+ATTENTION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# GroupNorm: (N, C, H, W, groups), every ResNet GroupNorm of the SD 1.5 / SDXL UNet and VAE decoder at 64x64 latents.
+SD_GROUP_NORM_SHAPES = [
+    (2, 320, 64, 64, 32), (2, 640, 32, 32, 32), (2, 1280, 16, 16, 32), (2, 1280, 8, 8, 32),
+    (2, 960, 64, 64, 32), (2, 1920, 32, 32, 32), (2, 2560, 16, 16, 32),
+    (1, 512, 64, 64, 32), (1, 512, 128, 128, 32), (1, 256, 256, 256, 32), (1, 128, 512, 512, 32),
+]
+# GEGLU: (rows, D): the feed-forward widths of SD 1.5 (4 * 320/640/1280) and SDXL, self-attention token counts.
+SD_GEGLU_SHAPES = [(2 * 4096, 1280), (2 * 1024, 2560), (2 * 256, 5120), (2 * 64, 5120), (2 * 1024, 5120)]
+
+
+def _attention_variants(matrix: str) -> List[Tuple[torch.dtype, str]]:
+    """(dtype, mask) pairs compiled. fp16 and bf16 compile to the same tiles and register
+    budget (only conversions differ), so bf16 and fp32 (ieee dots, twice the shared
+    memory) are compiled without a mask and with the costliest one, fp16 with every mask."""
+    if matrix == "smoke":
+        return [(torch.float16, "none"), (torch.float16, "bool-full"), (torch.float32, "none")]
+    if matrix == "ci":
+        return [(torch.float16, m) for m in ("none", "bool-keys", "bool-full")] + [(torch.bfloat16, "none"), (torch.float32, "none")]
+    heavy = ("none", "bool-full")
+    return [(torch.float16, m) for m in ATTENTION_MASKS] + [(dt, m) for dt in (torch.bfloat16, torch.float32) for m in heavy]
+
+
+def _attention_calls(matrix: str, archs) -> Iterator[Tuple[str, Any, List[str]]]:
+    """(case, thunk, kernel names): thunk() runs one launcher on CPU tensors."""
+    from fastdiff.kernels import attention as kernels
+
+    shapes = SD_ATTENTION_SHAPES if matrix != "smoke" else [s for s in SD_ATTENTION_SHAPES if s[4] in (40, 160)]
+    for b, h, lq, lk, d in shapes:
+        for dtype, mask_kind in _attention_variants(matrix):
+            if True:
+                def tensors(b=b, h=h, lq=lq, lk=lk, d=d, dtype=dtype, mask_kind=mask_kind):
+                    # diffusers' layout: (B, L, H * D) projections viewed as (B, H, L, D).
+                    q = torch.empty(b, lq, h * d, dtype=dtype).view(b, lq, h, d).transpose(1, 2)
+                    k = torch.empty(b, lk, h * d, dtype=dtype).view(b, lk, h, d).transpose(1, 2)
+                    v = torch.empty(b, lk, h * d, dtype=dtype).view(b, lk, h, d).transpose(1, 2)
+                    mask = None
+                    if mask_kind != "none":
+                        mdtype = torch.bool if mask_kind.startswith("bool") else dtype
+                        mask = torch.empty((b, 1, 1, lk) if mask_kind.endswith("keys") else (b, 1, lq, lk), dtype=mdtype)
+                    return q, k, v, mask
+
+                case = f"D={d} {_DTYPES[dtype]} mask={mask_kind} Lq={lq} Lk={lk}"
+                yield case, lambda t=tensors: kernels.attention_forward(*t(), 0.125), ["_attn_fwd_tuned"]
+                if not kernels.tma_reasons(*tensors()) and max(archs) >= 90:
+                    yield case, lambda t=tensors: kernels.attention_forward_tma(*t(), 0.125), ["_attn_fwd_tma_tuned"]
+
+                def backward(t=tensors):
+                    q, k, v, mask = t()
+                    out = torch.empty_like(q)
+                    lse = torch.empty(q.shape[:3], dtype=torch.float32)
+                    kernels.attention_backward(torch.empty_like(out), q, k, v, mask, out, lse, 0.125)
+
+                yield case, backward, ["_attn_bwd_delta", "_attn_bwd_dkdv_tuned", "_attn_bwd_dq_tuned"]
+
+
+def _group_norm_calls(matrix: str, archs) -> Iterator[Tuple[str, Any, List[str]]]:
+    from fastdiff.kernels import group_norm as kernels
+
+    names = ["_single_pass_kernel", "_stats_kernel", "_combine_kernel", "_apply_kernel", "_bwd_reduce_kernel", "_bwd_combine_kernel", "_bwd_dx_kernel"]
+    dtypes = (torch.float16, torch.float32) if matrix != "smoke" else (torch.float16,)
+    for n, c, hh, ww, groups in SD_GROUP_NORM_SHAPES:
+        for dtype in dtypes:
+            for layout in ("NCHW", "NHWC"):
+                for silu in (False, True) if matrix != "smoke" else (True,):
+                    def tensors(n=n, c=c, hh=hh, ww=ww, dtype=dtype, layout=layout):
+                        x = torch.empty(n, c, hh, ww, dtype=dtype)
+                        if layout == "NHWC":
+                            x = x.to(memory_format=torch.channels_last)
+                        return x, torch.empty(c, dtype=dtype), torch.empty(c, dtype=dtype)
+
+                    def run(t=tensors, groups=groups, silu=silu):
+                        x, w, bias = t()
+                        y, mean, rstd = kernels.group_norm_forward(x, w, bias, groups, 1e-5, silu)
+                        kernels.group_norm_backward(torch.empty_like(x), x, w, bias, mean, rstd, groups, silu)
+
+                    case = f"{n}x{c}x{hh}x{ww} G={groups} {_DTYPES[dtype]} {layout}{' silu' if silu else ''}"
+                    yield case, run, names
+
+
+def _geglu_calls(matrix: str, archs) -> Iterator[Tuple[str, Any, List[str]]]:
+    from fastdiff.kernels import geglu as kernels
+
+    for rows, d in SD_GEGLU_SHAPES:
+        for dtype in ATTENTION_DTYPES:
+            def run(rows=rows, d=d, dtype=dtype):
+                x = torch.empty(rows, 2 * d, dtype=dtype)
+                kernels.geglu_forward(x)
+                kernels.geglu_backward(torch.empty(rows, d, dtype=dtype), x)
+
+            yield f"rows={rows} D={d} {_DTYPES[dtype]}", run, ["_geglu_fwd_kernel", "_geglu_bwd_kernel"]
+
+
+def _scheduler_step_calls(matrix: str, archs) -> Iterator[Tuple[str, Any, List[str]]]:
+    """The fused step's variants as the schedulers use them: guidance (none, float, tensor),
+    noise (none, one tensor, a per-step bank), history rings of 0-3 slots, the step index advanced."""
+    from fastdiff.kernels import scheduler_step as kernels
+
+    shape = (2, 4, 64, 64)  # SD latents (SDXL: 128x128, same specialisation)
+    full = matrix != "smoke"
+    for dtype in (torch.float16, torch.float32) if full else (torch.float16,):
+        for guidance in ("none", "float", "tensor") if full else ("float",):
+            for noise in ("none", "tensor", "bank") if full else ("none", "bank"):
+                for history in (0, 1, 2, 3) if full else (0, 3):
+                    def run(dtype=dtype, guidance=guidance, noise=noise, history=history):
+                        sample = torch.empty(shape, dtype=dtype)
+                        model_output = torch.empty((2 * shape[0] if guidance != "none" else shape[0], *shape[1:]), dtype=dtype)
+                        noise_t = {"none": None, "tensor": torch.empty(shape, dtype=dtype), "bank": torch.empty((50, *shape), dtype=dtype)}[noise]
+                        hist = torch.empty((history, *shape), dtype=dtype) if history else None
+                        kernels.scheduler_step_forward(
+                            sample, model_output, torch.empty(50, 8), torch.zeros((), dtype=torch.int64), torch.empty_like(sample),
+                            noise_t, hist, 7.5 if guidance == "float" else None,
+                            torch.full((), 7.5) if guidance == "tensor" else None, guidance != "none", True,
+                        )
+
+                    yield f"{_DTYPES[dtype]} guidance={guidance} noise={noise} history={history}", run, ["_scheduler_step_kernel"]
+
+
+FAMILIES = {
+    "attention": _attention_calls,
+    "group_norm": _group_norm_calls,
+    "geglu": _geglu_calls,
+    "scheduler_step": _scheduler_step_calls,
+}
+
+
+def enumerate_instances(archs=ARCHS, matrix: str = "ci", families=tuple(FAMILIES)) -> List[Dict[str, Any]]:
+    """Every compile instance, deduplicated: one entry per distinct compile, listing every case that needs it."""
+    import importlib
+
+    by_key: Dict[str, Dict[str, Any]] = {}
+    for family in families:
+        module = importlib.import_module(f"fastdiff.kernels.{family}")
+        for case, thunk, names in FAMILIES[family](matrix, archs):
+            for arch in archs:
+                with _device_patches(module, arch), _recording(module, names) as calls:
+                    thunk()
+                for name, args, kwargs in calls:
+                    for inst in _instances_of_call(module, name, args, kwargs, arch, case, matrix):
+                        key = _instance_key(inst)
+                        if key in by_key:
+                            by_key[key]["cases"].append(case)
+                            by_key[key]["sd"] = by_key[key]["sd"] or inst["sd"]
+                        else:
+                            inst["cases"] = [inst.pop("case")]
+                            inst["key"] = key
+                            by_key[key] = inst
+    return list(by_key.values())
+
+
+def _consts(inst) -> Dict[str, Any]:
+    return {n: s[1] for n, s in inst["args"] if s[0] == "constexpr"}
+
+
+def select(instances, matrix: str) -> List[Dict[str, Any]]:
+    """Deduplicate the matrix to what a cold run can afford (``full`` keeps everything).
+
+    * every kernel variant (pointer dtypes and constexprs other than block sizes and
+      EVEN_* flags) at one config, preferring one the pruner keeps for SD shapes;
+    * ``ci`` adds every config (tile, warps, stages) once per kernel, head-dim class
+      (padded <= 128 or larger) and element size, at the costliest variant (full
+      bool mask for attention), which settles compile, shared memory and registers
+      for every config the autotune lists can yield.
+    """
+    if matrix == "full":
+        return instances
+
+    def variant(i):
+        return (i["kernel"], i["arch"], re.sub(r" EVEN_\w+=\w+", "", _variant(i)))
+
+    def config_group(i):
+        c = _consts(i)
+        wide = sum(x for k, x in c.items() if k in ("D0", "D1")) > 128
+        elem = "fp32" if "fp32" in _variant(i).split(" ")[0] else "16-bit"
+        return (i["kernel"], i["arch"], _label(i), wide, elem)
+
+    def cost(i):
+        c = _consts(i)
+        return (not i["sd"], -(c.get("MASK_KIND", 0) == 1 and not c.get("MASK_KEYS_ONLY", False)), -int(c.get("SILU", 0)))
+
+    chosen: Dict[Any, Dict[str, Any]] = {}
+    for i in sorted(instances, key=cost):
+        chosen.setdefault(("v",) + variant(i), i)
+        if matrix == "ci":
+            chosen.setdefault(("c",) + config_group(i), i)
+    unique = {i["key"]: i for i in chosen.values()}
+    return [i for i in instances if i["key"] in unique]
+
+
+def _jit(inst):
+    import importlib
+
+    module = importlib.import_module(f"fastdiff.kernels.{inst['module']}")
+    for obj in vars(module).values():
+        if getattr(obj, "__name__", None) == inst["kernel"] and hasattr(obj, "arg_names"):
+            return obj
+    raise LookupError(inst["kernel"])
+
+
+def _instance_key(inst) -> str:
+    payload = json.dumps(
+        [TOOL_VERSION, triton.__version__, inst["module"], inst["kernel"], inst["arch"], inst["num_warps"], inst["num_stages"],
+         [(n, [str(x) for x in s]) for n, s in inst["args"]], _jit(inst).cache_key],
+        sort_keys=True,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+# ---------------------------------------------------------------------------
+# Compiling one instance
+# ---------------------------------------------------------------------------
+
+
+def _new_api() -> bool:
+    import inspect
+
+    from triton.compiler import ASTSource
+
+    return "constexprs" in inspect.signature(ASTSource.__init__).parameters
+
+
+def _type_of(spec) -> str:
+    if spec[0] == "ptr":
+        return "*" + spec[1]
+    if spec[0] == "desc":
+        return f"tensordesc<{spec[1]}[{', '.join(map(str, spec[2]))}]>"
+    if spec[0] == "int":
+        return spec[1]
+    return spec[0]
+
+
+def _source(inst):
+    from triton.compiler import ASTSource
+
+    fn = _jit(inst)
+    if _new_api():
+        signature, constexprs, attrs = {}, {}, {}
+        for i, (name, spec) in enumerate(inst["args"]):
+            if spec[0] == "constexpr" or (spec[0] == "int" and spec[2] == "one"):
+                signature[name] = "constexpr"
+                constexprs[name] = spec[1] if spec[0] == "constexpr" else 1
+            else:
+                signature[name] = _type_of(spec)
+                if (spec[0] == "ptr" and spec[2]) or (spec[0] == "int" and spec[2] == "d16"):
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+        return ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    # Triton 3.0-3.1: index-keyed attributes, integers equal to 1 folded as constants.
+    from triton.compiler.compiler import AttrsDescriptor
+
+    signature, constants, div16, ones = {}, {}, [], []
+    for i, (name, spec) in enumerate(inst["args"]):
+        if spec[0] == "constexpr":
+            constants[name] = spec[1]
+            continue
+        signature[name] = _type_of(spec)
+        if spec[0] == "int" and spec[2] == "one":
+            constants[name] = 1
+            ones.append(i)
+        elif (spec[0] == "ptr" and spec[2]) or (spec[0] == "int" and spec[2] == "d16"):
+            div16.append(i)
+    return ASTSource(fn, signature, constants, AttrsDescriptor(divisible_by_16=tuple(div16), equal_to_1=tuple(ones)))
+
+
+def _ptxas_log(compiled, captured: str, arch: int) -> str:
+    if "Used" in captured and "registers" in captured:
+        return captured
+    # Triton < 3.3 keeps no ptxas log: run its own ptxas -v on the PTX again.
+    nvidia = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    ptxas = nvidia if os.path.exists(nvidia) else shutil.which("ptxas")
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(compiled.asm["ptx"])
+        gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+        result = subprocess.run([ptxas, "-v", f"--gpu-name={gpu}", src, "-o", os.path.join(tmp, "k.cubin")], capture_output=True, text=True)
+        return result.stdout + result.stderr
+
+
+def compile_instance(inst) -> Dict[str, Any]:
+    """Compile one instance; returns its measurements (or its error)."""
+    from triton.backends.compiler import GPUTarget
+
+    options = {"num_warps": inst["num_warps"]}
+    if inst["num_stages"] is not None:
+        options["num_stages"] = inst["num_stages"]
+    start = time.time()
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer):
+            compiled = triton.compile(_source(inst), target=GPUTarget("cuda", inst["arch"], 32), options=options)
+    except Exception as exc:  # noqa: BLE001 - every compile error is a finding, reported with its message
+        message = f"{type(exc).__name__}: {exc}"
+        return {"ok": False, "error": message[-2000:], "seconds": round(time.time() - start, 2)}
+    log = _ptxas_log(compiled, buffer.getvalue(), inst["arch"])
+    regs = [int(x) for x in re.findall(r"Used (\d+) registers", log)]
+    stores = [int(x) for x in re.findall(r"(\d+) bytes spill stores", log)]
+    loads = [int(x) for x in re.findall(r"(\d+) bytes spill loads", log)]
+    ptx = compiled.asm["ptx"]
+    return {
+        "ok": True,
+        "registers": max(regs) if regs else None,
+        "spill_stores": sum(stores),
+        "spill_loads": sum(loads),
+        "shared": int(compiled.metadata.shared),
+        "wgmma": "wgmma.mma_async" in ptx,
+        "wgmma_serialized": "wgmma.mma_async instructions are serialized" in log,
+        "tma": "cp.async.bulk.tensor" in ptx,
+        "seconds": round(time.time() - start, 2),
+    }
+
+
+def _cache_dir() -> str:
+    return os.environ.get("FASTDIFF_AOT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fastdiff-aot")
+
+
+def _compile_cached(inst) -> Dict[str, Any]:
+    path = os.path.join(_cache_dir(), triton.__version__, inst["key"] + ".json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return dict(json.load(f), cached=True)
+    result = compile_instance(inst)
+    if result["ok"] or "OutOfResources" in result.get("error", ""):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(result, f)
+        os.replace(tmp, path)
+    return dict(result, cached=False)
+
+
+def run_all(instances, jobs: int) -> None:
+    """Compile every instance (cached), adding its results under ``result``."""
+    triton_cache = tempfile.mkdtemp(prefix="fastdiff-aot-triton-")
+    os.environ["TRITON_CACHE_DIR"] = triton_cache  # a fresh Triton cache, so ptxas runs and its log is seen
+    try:
+        import multiprocessing
+
+        # Most expensive first (attention), so the pool's tail is short.
+        order = sorted(range(len(instances)), key=lambda i: instances[i]["module"] != "attention")
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+            for i, result in zip(order, pool.map(_compile_cached, [instances[i] for i in order], chunksize=1)):
+                instances[i]["result"] = result
+    finally:
+        shutil.rmtree(triton_cache, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------
+# Checks and report
+# ---------------------------------------------------------------------------
+
+
+def _label(inst) -> str:
+    c = inst["config"]
+    tile = "x".join(str(c[k]) for k in ("BLOCK_M", "BLOCK_N") if k in c)
+    consts = {n: s[1] for n, s in inst["args"] if s[0] == "constexpr"}
+    if not tile:
+        tile = "x".join(str(v) for k, v in consts.items() if k.startswith("BLOCK"))
+    stages = f" s{inst['num_stages']}" if inst["num_stages"] is not None else ""
+    return f"{tile} w{inst['num_warps']}{stages}"
+
+
+def _variant(inst) -> str:
+    """The constexprs that tell instances of one kernel apart (block sizes excluded)."""
+    consts = {n: s[1] for n, s in inst["args"] if s[0] == "constexpr" and not n.startswith("BLOCK") and n not in ("UPCAST",)}
+    ptrs = sorted({s[1] for n, s in inst["args"] if s[0] in ("ptr", "desc")} - {"fp32", "u8", "i64", "i1"}) or ["fp32"]
+    return "/".join(ptrs) + " " + " ".join(f"{k}={v}" for k, v in consts.items())
+
+
+def _allowance(inst) -> Optional[str]:
+    import importlib
+
+    module = importlib.import_module(f"fastdiff.kernels.{inst['module']}")
+    for (kernel, pattern), reason in getattr(module, "AOT_SPILL_ALLOWANCES", {}).items():
+        if kernel == inst["kernel"] and re.search(pattern, f"sm_{inst['arch']} {_variant(inst)} {_label(inst)}"):
+            return reason
+    return None
+
+
+def violations(instances) -> List[str]:
+    found = []
+    for inst in instances:
+        r = inst["result"]
+        where = f"{inst['module']}.{inst['kernel']} sm_{inst['arch']} {_label(inst)} [{_variant(inst)}] ({inst['cases'][0]})"
+        if not r["ok"]:
+            found.append(f"compile error: {where}: {r['error'].splitlines()[-1] if r['error'] else ''}")
+            continue
+        if r["shared"] > SMEM_LIMIT[inst["arch"]]:
+            found.append(f"shared memory {r['shared']} B > {SMEM_LIMIT[inst['arch']]} B: {where}")
+        if inst["sd"] and r["spill_stores"] > 0 and _allowance(inst) is None:
+            found.append(f"spills {r['spill_stores']} B in a config the pruner keeps for SD shapes: {where}")
+        if inst["sd"] and inst["arch"] >= 90 and inst["kernel"] in ("_attn_fwd", "_attn_fwd_tma"):
+            if r["wgmma_serialized"]:
+                found.append(f"wgmma serialised by ptxas in a config the pruner keeps for SD shapes: {where}")
+            precision = dict(inst["args"]).get("PRECISION", ("constexpr", ""))[1]
+            if precision != "ieee" and not r["wgmma"]:
+                found.append(f"no wgmma in the sm_90 attention forward: {where}")
+    return found
+
+
+def write_report(instances, path: str, seconds: float) -> None:
+    lines = [
+        "# Triton kernels compiled ahead of time for sm_80 and sm_90",
+        "",
+        "A static figure, not a timing: what Triton's compiler and ptxas report for every kernel at every",
+        "config its launcher, autotune list and pruner can yield on the Stable Diffusion / SDXL shapes",
+        "(`python -m fastdiff.tools.aot_check --report benchmarks/results/aot_compile.md`, no GPU involved).",
+        "",
+        f"- Triton {triton.__version__}, torch {torch.__version__}; tool version {TOOL_VERSION}; kernel sources: `{sources_hash()}`",
+        f"- targets: {', '.join(CARD[a] + f', {SMEM_LIMIT[a]} B shared memory per block' for a in sorted({i['arch'] for i in instances}))}",
+        f"- {len(instances)} distinct compiles ({sum(not i['result']['ok'] for i in instances)} failed); the tool ran {seconds:.0f} s",
+        "- `sd`: the pruner keeps this config for one of the SD shapes on that card (what the autotuner benchmarks there);",
+        "  other rows are reachable for other shapes. `spill` is spill stores / loads in bytes; `serial` means ptxas",
+        "  serialised the wgmma instructions. Each row lists the first SD case that compiles to it and how many share it.",
+        "",
+    ]
+    violation_list = violations(instances)
+    lines += ["## Check", "", "no violations" if not violation_list else "\n".join(f"- {v}" for v in violation_list), ""]
+    kernels = sorted({(i["module"], i["kernel"]) for i in instances})
+    for module, kernel in kernels:
+        rows = [i for i in instances if (i["module"], i["kernel"]) == (module, kernel)]
+        rows.sort(key=lambda i: (i["arch"], _variant(i), _label(i)))
+        ok = [i for i in rows if i["result"]["ok"]]
+        spilling = sum(1 for i in ok if i["result"]["spill_stores"])
+        lines += [
+            f"## {module}.{kernel}",
+            "",
+            f"{len(rows)} compiles, {len(rows) - len(ok)} failed, {spilling} spill, max {max((i['result']['registers'] or 0) for i in ok) if ok else '-'} registers",
+            "",
+            "| arch | variant | config | sd | regs | spill | shared B | wgmma | serial | tma | first case (+ others) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for i in rows:
+            r = i["result"]
+            case = i["cases"][0] + (f" (+{len(i['cases']) - 1})" if len(i["cases"]) > 1 else "")
+            if not r["ok"]:
+                lines.append(f"| sm_{i['arch']} | {_variant(i)} | {_label(i)} | {'yes' if i['sd'] else ''} | FAILED: {r['error'].splitlines()[-1][:120] if r['error'] else ''} ||||||{case} |")
+                continue
+            lines.append(
+                f"| sm_{i['arch']} | {_variant(i)} | {_label(i)} | {'yes' if i['sd'] else ''} | {r['registers']} | "
+                f"{r['spill_stores']}/{r['spill_loads']} | {r['shared']} | {'yes' if r['wgmma'] else ''} | "
+                f"{'yes' if r['wgmma_serialized'] else ''} | {'yes' if r['tma'] else ''} | {case} |"
+            )
+        lines.append("")
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+
+
+def sources_hash() -> str:
+    """sha256 (first 16 hex digits) of every kernels/*.py file, in name order."""
+    from fastdiff import kernels
+
+    folder = os.path.dirname(kernels.__file__) if getattr(kernels, "__file__", None) else list(kernels.__path__)[0]
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".py"):
+            with open(os.path.join(folder, name), "rb") as f:
+                digest.update(name.encode() + b"\0" + f.read())
+    return digest.hexdigest()[:16]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--archs", default=",".join(map(str, ARCHS)), help="comma-separated compute capabilities (default 80,90)")
+    parser.add_argument("--matrix", choices=("ci", "smoke", "full"), default="ci")
+    parser.add_argument("--families", default=",".join(FAMILIES), help="kernel modules to compile (default: all)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--json", help="write every instance and its results here")
+    parser.add_argument("--report", help="write the markdown report here")
+    parser.add_argument("--check", action="store_true", help="exit 1 on any violation (see the module docstring)")
+    args = parser.parse_args(argv)
+
+    start = time.time()
+    archs = tuple(int(a) for a in args.archs.split(","))
+    instances = select(enumerate_instances(archs, args.matrix, tuple(args.families.split(","))), args.matrix)
+    enumerated = time.time() - start
+    run_all(instances, args.jobs)
+    seconds = time.time() - start
+    failed = sum(not i["result"]["ok"] for i in instances)
+    compiled = sum(not i["result"]["cached"] for i in instances)
+    print(
+        f"aot_check: triton {triton.__version__}: {len(instances)} distinct compiles ({compiled} compiled now, "
+        f"{len(instances) - compiled} cached), {failed} failed; enumerated in {enumerated:.1f} s, total {seconds:.1f} s"
+    )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"triton": triton.__version__, "sources": sources_hash(), "instances": instances}, f, default=str)
+    if args.report:
+        write_report(instances, args.report, seconds)
+    found = violations(instances)
+    for line in found:
+        print("VIOLATION", line)
+    return 1 if (args.check and found) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
