@@ -54,7 +54,8 @@ def test_group_norm_goes_through_fastdiff(seed):
     _, ours = _pair(dict(query_dim=32, heads=1, dim_head=32, norm_num_groups=4))
     with backends.trace_dispatch() as calls:
         ours(torch.randn(2, 32, 3, 5))
-    assert [op for op, _ in calls] == ["group_norm", "attention"]
+    assert calls[0] == ("attention_processor", "FastdiffAttnProcessor")
+    assert [op for op, _ in calls[1:]] == ["group_norm", "attention"]
 
 
 @pytest.mark.parametrize("mask_kind", ["bool-2d", "additive-3d-batch", "additive-3d-batch-heads"])

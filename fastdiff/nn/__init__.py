@@ -6,6 +6,11 @@ _LAZY = {
     "GroupNorm": "fastdiff.nn.group_norm",
     "fuse_group_norm_silu": "fastdiff.nn.group_norm",
     "Attention": "fastdiff.nn.attention",
+    "AttentionProcessorMixin": "fastdiff.nn.attention_processor",
+    "FastdiffAttnProcessor": "fastdiff.nn.attention_processor",
+    "FastdiffAttnAddedKVProcessor": "fastdiff.nn.attention_processor",
+    "SlicedAttnProcessor": "fastdiff.nn.attention_processor",
+    "SlicedAttnAddedKVProcessor": "fastdiff.nn.attention_processor",
 }
 
 __all__ = sorted(_LAZY)
