@@ -13,6 +13,7 @@ from .scheduling_utils import (
     KarrasDiffusionSchedulers,
     SchedulerMixin,
     apply_guidance,
+    integer_timestep,
     randn_tensor,
     register_to_config,
     use_fused_step,
@@ -227,6 +228,19 @@ class DDIMScheduler(SchedulerMixin):
             raise ValueError(f"timestep {t} is not in this scheduler's timesteps {self.timesteps.tolist()}")
         return self._index_of[t]
 
+    def _unscheduled_reasons(self, timestep) -> list:
+        """Why the fused step cannot start at ``timestep``: its table follows ``.timesteps`` row by row."""
+        t = int(timestep)
+        if t in self._index_of:
+            return []
+        return [f"timestep {t} is not one of `.timesteps` (the table follows the schedule; the plain step takes it)"]
+
+    def _scheduled_index(self, t: int, feature: str) -> int:
+        """The step index of ``t``, for a fastdiff extension that needs one (the noise bank, temperature)."""
+        if t not in self._index_of:
+            raise ValueError(f"timestep {t} is not in `.timesteps`, so {feature} has no step for it; pass one of them")
+        return self._index_of[t]
+
     def _alpha_prod(self, t: int) -> torch.Tensor:
         return self.alphas_cumprod[t] if t >= 0 else self.final_alpha_cumprod
 
@@ -264,7 +278,10 @@ class DDIMScheduler(SchedulerMixin):
         if eta > 0 and variance_noise is not None and generator is not None:
             raise ValueError("pass either generator or variance_noise to step(), not both.")
         # Without clipping or thresholding, use_clipped_model_output recomputes the same eps: same table.
-        if use_fused_step(self, sample, model_output, self._fused_reasons(eta)):
+        reasons = self._fused_reasons(eta)
+        if not reasons and self._fused.step_index is None and self._begin_index is None:
+            reasons = self._unscheduled_reasons(timestep)
+        if use_fused_step(self, sample, model_output, reasons):
             state = self._fused_state((("eta", eta),))
             start = None
             if state.step_index is None:
@@ -277,8 +294,8 @@ class DDIMScheduler(SchedulerMixin):
                 return (prev_sample,)
             return DDIMSchedulerOutput(prev_sample=prev_sample)
         model_output = apply_guidance(model_output, guidance_scale)
-        t = int(timestep)
-        index = self._index_of_checked(t)
+        t = integer_timestep(timestep)
+        index = self._index_of.get(t)  # None for a timestep off the schedule, which diffusers accepts too
         dtype = sample.dtype
         sample = sample.float()
         model_output_f = model_output.float()
@@ -313,13 +330,14 @@ class DDIMScheduler(SchedulerMixin):
         prev_sample = alpha_prod_t_prev**0.5 * x0 + direction
 
         if eta > 0:
-            if variance_noise is None:
-                variance_noise = self._bank_noise(index)
+            if variance_noise is None and self._fused.noise_bank is not None:
+                variance_noise = self._bank_noise(self._scheduled_index(t, "the noise bank"))
             if variance_noise is None:
                 variance_noise = randn_tensor(
                     model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype
                 )
-            variance_noise = self._scale_step_noise(variance_noise, index)
+            if self.temperature_scheduler is not None:
+                variance_noise = self._scale_step_noise(variance_noise, self._scheduled_index(t, "temperature"))
             prev_sample = prev_sample + std_dev_t * variance_noise.float()
 
         prev_sample = prev_sample.to(dtype)

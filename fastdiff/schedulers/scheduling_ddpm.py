@@ -13,6 +13,7 @@ from .scheduling_utils import (
     KarrasDiffusionSchedulers,
     SchedulerMixin,
     apply_guidance,
+    integer_timestep,
     randn_tensor,
     register_to_config,
     use_fused_step,
@@ -178,8 +179,10 @@ class DDPMScheduler(SchedulerMixin):
         steps_offset: int = 0,
         rescale_betas_zero_snr: bool = False,
     ):
-        if variance_type not in VARIANCE_TYPES:
-            raise ValueError(f"variance_type must be one of {list(VARIANCE_TYPES)}, got {variance_type!r}")
+        if variance_type is not None and variance_type not in VARIANCE_TYPES:
+            # None (what a DPM-Solver config carries into from_config) adds the posterior variance, as
+            # fixed_small does, exactly as diffusers' DDPMScheduler treats it.
+            raise ValueError(f"variance_type must be None or one of {list(VARIANCE_TYPES)}, got {variance_type!r}")
         if prediction_type not in ("epsilon", "sample", "v_prediction"):
             raise ValueError(f"prediction_type must be 'epsilon', 'sample' or 'v_prediction', got {prediction_type!r}")
         self.betas = make_betas(
@@ -194,10 +197,11 @@ class DDPMScheduler(SchedulerMixin):
         self.init_noise_sigma = 1.0
         self.custom_timesteps = False
         self.num_inference_steps = None
+        # The training-length schedule, as diffusers sets it up: step() before set_timesteps() steps on
+        # it (t -> t - 1), on the plain path (no fused table is built for it).
         self.timesteps = torch.from_numpy(np.arange(0, num_train_timesteps)[::-1].copy())
         self.variance_type = variance_type
-        self._index_of = {}
-        self._prev_of = {}
+        self._set_lookups(self.timesteps.tolist())
         self._begin_index = None
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
@@ -225,13 +229,16 @@ class DDPMScheduler(SchedulerMixin):
                 self.config.timestep_spacing, total, num_inference_steps, self.config.steps_offset
             )
         self.num_inference_steps = len(timesteps)
-        listed = [int(t) for t in timesteps]
-        self._index_of = {t: i for i, t in enumerate(listed)}
-        self._prev_of = dict(zip(listed, listed[1:] + [-1]))
-        self._host_timesteps = listed
+        self._set_lookups([int(t) for t in timesteps])
         self.timesteps = torch.from_numpy(timesteps).to(device)
         self._begin_index = None
         self._reset_fused()
+
+    def _set_lookups(self, listed: list) -> None:
+        """Host lookups of the schedule ``listed`` (ints): step index and next timestep of each timestep."""
+        self._index_of = {t: i for i, t in enumerate(listed)}
+        self._prev_of = dict(zip(listed, listed[1:] + [-1]))
+        self._host_timesteps = listed
 
     # Copied from fastdiff.schedulers.scheduling_ddim.DDIMScheduler.begin_index
     @property
@@ -253,7 +260,7 @@ class DDPMScheduler(SchedulerMixin):
             reasons.append("thresholding is not linear")
         elif self.config.clip_sample:
             reasons.append("clip_sample is not linear (set clip_sample=False)")
-        if self.variance_type not in DDPM_VARIANCE_TYPES:
+        if (self.variance_type or "fixed_small") not in DDPM_VARIANCE_TYPES:
             reasons.append(f"variance_type {self.variance_type!r} is not one of {DDPM_VARIANCE_TYPES}")
         return reasons
 
@@ -262,7 +269,7 @@ class DDPMScheduler(SchedulerMixin):
 
         table = ddpm_coeffs(
             self.alphas_cumprod, self._host_timesteps, prediction_type=self.config.prediction_type,
-            variance_type=self.variance_type,
+            variance_type=self.variance_type or "fixed_small",
         )  # fmt: skip
         return table, self._noise_draws(), 0
 
@@ -276,22 +283,35 @@ class DDPMScheduler(SchedulerMixin):
             raise ValueError(f"timestep {t} is not in this scheduler's timesteps {self.timesteps.tolist()}")
         return self._index_of[t]
 
-    def previous_timestep(self, timestep) -> int:
-        """The timestep after ``timestep`` in the schedule (-1 after the last one)."""
-        t = int(timestep)
-        if t not in self._prev_of:
-            raise ValueError(f"timestep {t} is not in this scheduler's timesteps {self.timesteps.tolist()}")
+    def previous_timestep(self, timestep):
+        """The timestep after ``timestep`` in the schedule, as diffusers returns it.
+
+        After ``set_timesteps`` (or with custom timesteps): the next entry of ``self.timesteps`` (a 0-d
+        tensor; ``tensor(-1)`` after the last one). Before it: ``timestep - 1``.
+        """
+        if not (self.custom_timesteps or self.num_inference_steps):
+            return timestep - 1
+        index = self._index_of_checked(timestep)
+        if index == len(self._host_timesteps) - 1:
+            return torch.tensor(-1)
+        return self.timesteps[index + 1]
+
+    def _previous_int(self, t: int) -> int:
+        """``previous_timestep`` as a host int (the step indexes host tables with it)."""
+        if not (self.custom_timesteps or self.num_inference_steps):
+            return t - 1
+        self._index_of_checked(t)
         return self._prev_of[t]
 
     def _get_variance(self, t, predicted_variance=None, variance_type=None):
-        prev_t = self.previous_timestep(t)
+        prev_t = self._previous_int(int(t))
         alpha_prod_t = self.alphas_cumprod[t]
         alpha_prod_t_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.one
         current_beta_t = 1 - alpha_prod_t / alpha_prod_t_prev
         # Posterior variance, Ho et al. eq. 7; clamped so that its log stays finite.
         variance = torch.clamp((1 - alpha_prod_t_prev) / (1 - alpha_prod_t) * current_beta_t, min=1e-20)
         variance_type = variance_type or self.config.variance_type
-        if variance_type == "fixed_small":
+        if variance_type in (None, "fixed_small"):
             return variance
         if variance_type == "fixed_small_log":
             return torch.exp(0.5 * torch.log(variance))
@@ -328,8 +348,6 @@ class DDPMScheduler(SchedulerMixin):
 
         On the fused path ``pred_original_sample`` is None (computing x0 would cost another launch).
         """
-        if self.num_inference_steps is None:
-            raise ValueError("step() called before set_timesteps(); call set_timesteps(num_inference_steps) first.")
         if use_fused_step(self, sample, model_output, self._fused_reasons()):
             state = self._fused_state(())
             start = None
@@ -340,8 +358,8 @@ class DDPMScheduler(SchedulerMixin):
                 return (prev_sample,)
             return DDPMSchedulerOutput(prev_sample=prev_sample)
         model_output = apply_guidance(model_output, guidance_scale)
-        t = int(timestep)
-        prev_t = self.previous_timestep(t)
+        t = integer_timestep(timestep)
+        prev_t = self._previous_int(t)
         if model_output.shape[1] == sample.shape[1] * 2 and self.variance_type in ("learned", "learned_range"):
             model_output, predicted_variance = torch.split(model_output, sample.shape[1], dim=1)
             predicted_variance = predicted_variance.float()
@@ -375,12 +393,13 @@ class DDPMScheduler(SchedulerMixin):
         prev_sample = x0_coeff * x0 + xt_coeff * sample_f
 
         if t > 0:
-            noise = self._bank_noise(self._index_of[t])
+            index = self._index_of[t]
+            noise = self._bank_noise(index)
             if noise is None:
                 noise = randn_tensor(
                     model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype
                 )
-            noise = self._scale_step_noise(noise, self._index_of[t]).float()
+            noise = self._scale_step_noise(noise, index).float()
             variance = self._get_variance(t, predicted_variance=predicted_variance)
             if self.variance_type == "fixed_small_log":
                 prev_sample = prev_sample + variance * noise

@@ -188,6 +188,12 @@ def dpmpp_multistep_coeffs(
         em1 = math.expm1(-h)  # e^{-h} - 1; -1 onto a final sigma of 0 (h = inf)
         phi = a_t * em1
         c = [-phi, 0.0, 0.0]  # weights of m0, m1 (= hist[-1]), m2 (= hist[-2])
+        for j in range(i - order + 1, i):
+            if lam[j + 1] == lam[j]:
+                raise ValueError(
+                    f"sigmas[{j}] == sigmas[{j + 1}] (a repeated timestep): the order-{order} update of step {i} "
+                    "divides by their log-SNR difference, which is zero"
+                )
         if h == 0:
             pass  # a repeated sigma (karras sigmas ending on sigma_min): x_prev = x, where diffusers gets 0/0
         elif order == 2:
@@ -586,12 +592,15 @@ class DPMSolverMultistepScheduler(SchedulerMixin):
         )
 
     def index_for_timestep(self, timestep, schedule_timesteps=None) -> int:
-        """Position of ``timestep`` in the schedule (the second match if it occurs twice, as diffusers)."""
+        """Position of ``timestep`` in the schedule (the second match if it occurs twice, as diffusers).
+
+        A timestep that is not in the schedule maps to the last step, as in diffusers.
+        """
         if schedule_timesteps is None:
             schedule_timesteps = self.timesteps
         indices = (schedule_timesteps == timestep).nonzero()
         if len(indices) == 0:
-            raise ValueError(f"timestep {timestep} is not in this scheduler's timesteps; pass one of `.timesteps`.")
+            return len(self.timesteps) - 1
         return indices[1 if len(indices) > 1 else 0].item()
 
     # Copied from fastdiff.schedulers.scheduling_euler_discrete.EulerDiscreteScheduler._init_step_index

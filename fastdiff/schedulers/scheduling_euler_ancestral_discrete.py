@@ -262,8 +262,6 @@ class EulerAncestralDiscreteScheduler(SchedulerMixin):
 
         On the fused path ``pred_original_sample`` is None (computing x0 would cost another launch).
         """
-        if self.num_inference_steps is None:
-            raise ValueError("step() called before set_timesteps(); call set_timesteps(num_inference_steps) first.")
         if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):
             raise ValueError("timestep must be one of `scheduler.timesteps`, not an integer step index.")
         if not self.is_scale_input_called:

@@ -206,8 +206,8 @@ class HeunDiscreteScheduler(SchedulerMixin):
         )  # fmt: skip
         self.alphas = 1.0 - self.betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
-        # The training-length schedule, as diffusers sets it up; not a user schedule (step() still
-        # needs set_timesteps), so it gets no fused table.
+        # The training-length schedule, as diffusers sets it up: step() before set_timesteps() runs
+        # the plain step on it, as diffusers does; it gets no fused table (set_timesteps builds one).
         self._set_schedule(num_train_timesteps, None, num_train_timesteps, None)
         self.num_inference_steps = None
 
@@ -330,8 +330,6 @@ class HeunDiscreteScheduler(SchedulerMixin):
 
         On the fused path ``pred_original_sample`` is None (computing x0 would cost another launch).
         """
-        if self.num_inference_steps is None:
-            raise ValueError("step() called before set_timesteps(); call set_timesteps(num_inference_steps) first.")
         if self.step_index is None:
             self._init_step_index(timestep)
         if use_fused_step(self, sample, model_output, self._fused_reasons()):

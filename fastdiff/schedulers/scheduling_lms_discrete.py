@@ -232,8 +232,8 @@ class LMSDiscreteScheduler(SchedulerMixin):
         )  # fmt: skip
         self.alphas = 1.0 - self.betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
-        # The training-length schedule, as diffusers sets it up; not a user schedule (step() still
-        # needs set_timesteps), so it gets no fused table.
+        # The training-length schedule, as diffusers sets it up: step() before set_timesteps() runs
+        # the plain step on it, as diffusers does; it gets no fused table (set_timesteps builds one).
         self._set_schedule(num_train_timesteps, None)
         self.num_inference_steps = None
         self.is_scale_input_called = False
@@ -352,8 +352,6 @@ class LMSDiscreteScheduler(SchedulerMixin):
 
         On the fused path ``pred_original_sample`` is None (computing x0 would cost another launch).
         """
-        if self.num_inference_steps is None:
-            raise ValueError("step() called before set_timesteps(); call set_timesteps(num_inference_steps) first.")
         if order < 1:
             raise ValueError(f"order must be at least 1, got {order}")
         if not self.is_scale_input_called:

@@ -12,6 +12,7 @@ from .scheduling_utils import (
     SchedulerMixin,
     SchedulerOutput,
     apply_guidance,
+    integer_timestep,
     register_to_config,
     use_fused_step,
 )
@@ -317,33 +318,56 @@ class PNDMScheduler(SchedulerMixin):
         """
         if self.num_inference_steps is None:
             raise ValueError("step() called before set_timesteps(); call set_timesteps(num_inference_steps) first.")
-        if use_fused_step(self, sample, model_output, self._fused_reasons()):
+        reasons = self._fused_reasons()
+        first = self._fused.step_index is None and self._begin_index is None
+        if not reasons and first and int(timestep) not in self._known:
+            # The plain step takes any timestep, as diffusers does; the table follows the schedule.
+            reasons = [f"timestep {int(timestep)} is not one of `.timesteps` (the table follows the schedule)"]
+        if use_fused_step(self, sample, model_output, reasons):
             state, start = self._fused, None
             if state.step_index is None:  # the PLMS ramp starts at the first step taken
                 if self._begin_index is not None:
                     start = self._begin_index
                 else:
-                    t = int(timestep)
-                    if t not in self._known:
-                        raise ValueError(f"timestep {t} is not in this scheduler's timesteps {self._host_timesteps}")
-                    start = self._host_timesteps.index(t)
+                    start = self._host_timesteps.index(int(timestep))
                 state = self._fused_state((("begin_index", start),))
             prev_sample = state.run(self, model_output, sample, guidance_scale, start)
             if not return_dict:
                 return (prev_sample,)
             return SchedulerOutput(prev_sample=prev_sample)
         model_output = apply_guidance(model_output, guidance_scale)
-        t = int(timestep)
-        if t not in self._known:
-            raise ValueError(f"timestep {t} is not in this scheduler's timesteps {self.timesteps.tolist()}")
-        dtype = sample.dtype
-        model_output, sample = model_output.float(), sample.float()
         if self.counter < len(self.prk_timesteps) and not self.config.skip_prk_steps:
-            prev_sample = self._prk(model_output, t, sample)
-        else:
-            prev_sample = self._plms(model_output, t, sample)
+            return self.step_prk(model_output, timestep, sample, return_dict=return_dict)
+        return self.step_plms(model_output, timestep, sample, return_dict=return_dict)
+
+    def step_prk(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
+        """One Runge-Kutta warm-up sub-step (four model calls per step; Liu et al. 2022, eq. 13).
+
+        Public as in diffusers; :meth:`step` calls it for the first ``len(self.prk_timesteps)`` calls.
+        Like diffusers, ``timestep`` need not be one of ``self.timesteps``.
+        """
+        if self.num_inference_steps is None:
+            raise ValueError("step_prk() called before set_timesteps(); call set_timesteps(num_inference_steps) first.")
+        dtype = sample.dtype
+        prev_sample = self._prk(model_output.float(), integer_timestep(timestep), sample.float()).to(dtype)
         self.counter += 1
-        prev_sample = prev_sample.to(dtype)
+        if not return_dict:
+            return (prev_sample,)
+        return SchedulerOutput(prev_sample=prev_sample)
+
+    def step_plms(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
+        """One linear multistep (PLMS) step (Liu et al. 2022, eq. 12), after the warm-up.
+
+        Public as in diffusers; :meth:`step` calls it after the Runge-Kutta warm-up (for every call with
+        ``skip_prk_steps``). Like diffusers, ``timestep`` need not be one of ``self.timesteps``.
+        """
+        if self.num_inference_steps is None:
+            raise ValueError(
+                "step_plms() called before set_timesteps(); call set_timesteps(num_inference_steps) first."
+            )
+        dtype = sample.dtype
+        prev_sample = self._plms(model_output.float(), integer_timestep(timestep), sample.float()).to(dtype)
+        self.counter += 1
         if not return_dict:
             return (prev_sample,)
         return SchedulerOutput(prev_sample=prev_sample)

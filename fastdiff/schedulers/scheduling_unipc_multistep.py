@@ -422,12 +422,15 @@ class UniPCMultistepScheduler(SchedulerMixin):
 
     # Copied from fastdiff.schedulers.scheduling_dpmsolver_multistep.DPMSolverMultistepScheduler.index_for_timestep
     def index_for_timestep(self, timestep, schedule_timesteps=None) -> int:
-        """Position of ``timestep`` in the schedule (the second match if it occurs twice, as diffusers)."""
+        """Position of ``timestep`` in the schedule (the second match if it occurs twice, as diffusers).
+
+        A timestep that is not in the schedule maps to the last step, as in diffusers.
+        """
         if schedule_timesteps is None:
             schedule_timesteps = self.timesteps
         indices = (schedule_timesteps == timestep).nonzero()
         if len(indices) == 0:
-            raise ValueError(f"timestep {timestep} is not in this scheduler's timesteps; pass one of `.timesteps`.")
+            return len(self.timesteps) - 1
         return indices[1 if len(indices) > 1 else 0].item()
 
     # Copied from fastdiff.schedulers.scheduling_euler_discrete.EulerDiscreteScheduler._init_step_index

@@ -28,6 +28,7 @@ import inspect
 import json
 import logging
 import os
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 
@@ -168,6 +169,8 @@ class SchedulerMixin:
     _compatibles: list = []
     has_compatibles = True
     ignore_for_config: list = []
+    # ``__init__`` keywords that are deprecated: ``from_config`` passes them on from the unused keys.
+    _deprecated_kwargs: list = []
     temperature_scheduler = None
 
     # ---- config -----------------------------------------------------------------------------
@@ -183,13 +186,29 @@ class SchedulerMixin:
         """The scheduler's configuration, read-only (a :class:`FrozenDict`)."""
         return self._internal_dict
 
+    def __getattr__(self, name: str):
+        # Only reached when normal lookup fails. As in diffusers, a config key read as an attribute
+        # (``scheduler.num_train_timesteps``) returns the config value with a FutureWarning.
+        internal = self.__dict__.get("_internal_dict")
+        if internal is not None and name in internal and not name.startswith("__"):
+            warnings.warn(
+                f"Accessing config attribute `{name}` directly via '{type(self).__name__}' object attribute is "
+                f"deprecated. Please access '{name}' over '{type(self).__name__}'s config object instead, e.g. "
+                f"'scheduler.config.{name}'.",
+                FutureWarning,
+                stacklevel=2,
+            )
+            return internal[name]
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
+
     def __repr__(self):
         return f"{type(self).__name__} {self.to_json_string()}"
 
     def to_json_string(self) -> str:
+        """The config as diffusers writes it. Like diffusers, this records ``_class_name`` and
+        ``_diffusers_version`` in the live config too (so they are set after ``save_pretrained``)."""
+        self.register_to_config(_class_name=type(self).__name__, _diffusers_version=DIFFUSERS_COMPAT_VERSION)
         config = dict(self._internal_dict)
-        config["_class_name"] = type(self).__name__
-        config["_diffusers_version"] = DIFFUSERS_COMPAT_VERSION
         config.pop("_use_default_values", None)
         config.pop("_ignore_files", None)
         config = {k: _json_ready(v) for k, v in config.items()}
@@ -265,6 +284,9 @@ class SchedulerMixin:
                 "use from_pretrained to load from a path."
             )
         init_dict, unused_kwargs, hidden_dict = cls.extract_init_dict(config, **kwargs)
+        for name in cls._deprecated_kwargs:
+            if name in unused_kwargs:
+                init_dict[name] = unused_kwargs.pop(name)
         scheduler = cls(**init_dict)
         if "_class_name" in hidden_dict:
             hidden_dict["_class_name"] = cls.__name__
@@ -348,7 +370,9 @@ class SchedulerMixin:
     def _scale_step_noise(self, noise: torch.Tensor, step_index: int) -> torch.Tensor:
         if self.temperature_scheduler is None:
             return noise
-        return self.temperature_scheduler.scale_step_noise(noise, step_index, self.num_inference_steps)
+        # Before set_timesteps, step() runs on the training-length schedule (as in diffusers).
+        num_steps = self.num_inference_steps or len(self.timesteps)
+        return self.temperature_scheduler.scale_step_noise(noise, step_index, num_steps)
 
     # ---- fused step hooks (schedulers with a fused form define _fused_reasons and _fused_table) ------
 
@@ -358,7 +382,14 @@ class SchedulerMixin:
         (``_fused_reasons()`` at its default step arguments is empty)."""
         self._fused = FusedStepState()
         if not self._fused_reasons():
-            self._fused_state(tuple(sorted(default_step_args.items())))
+            try:
+                self._fused_state(tuple(sorted(default_step_args.items())))
+            except (ArithmeticError, ValueError) as error:
+                # A schedule the table cannot describe (e.g. a repeated timestep that a multistep
+                # coefficient divides by) keeps the plain step, which does what diffusers does; the
+                # fused step's reasons say why it is off.
+                cause = error.__cause__ or error
+                self._fused.unavailable = f"its coefficient table cannot be built for this schedule ({cause})"
 
     def _restart_fused(self) -> None:
         """Forget the device step index and history (a new begin index); keep the table and bank."""
@@ -388,7 +419,13 @@ class SchedulerMixin:
         """The fused state with its table built for the step arguments ``key`` (rebuilt when they change)."""
         state = self._fused
         if state.key != key:
-            table, draws, slots = self._fused_table(**dict(key))
+            try:
+                table, draws, slots = self._fused_table(**dict(key))
+            except (ArithmeticError, ValueError) as error:
+                raise ValueError(
+                    f"{type(self).__name__}: the fused step's coefficient table cannot be built for this schedule "
+                    f"and step arguments {dict(key)}: {error}"
+                ) from error
             taus = None
             if self.temperature_scheduler is not None:
                 taus = self.temperature_scheduler.taus(table.shape[0])
@@ -431,6 +468,17 @@ class SchedulerMixin:
         bank = draw_noise_bank(draws, start, shape, generator=generator, device=device, dtype=dtype)
         self._fused.noise_bank = bank
         return bank
+
+
+def integer_timestep(timestep) -> int:
+    """``timestep`` (an int or a 0-d tensor) as a host int, for schedulers on integer training timesteps.
+
+    A fractional value is refused rather than truncated (diffusers fails on it too, with an IndexError).
+    """
+    value = timestep.item() if isinstance(timestep, torch.Tensor) else timestep
+    if isinstance(value, float) and not value.is_integer():
+        raise ValueError(f"timestep must be an integer training timestep, got {value}")
+    return int(value)
 
 
 def _scheduler_class(name: str):
@@ -516,6 +564,11 @@ def use_fused_step(scheduler, sample: torch.Tensor, model_output: torch.Tensor, 
 
     if model_output.dtype != sample.dtype:
         reasons = [*reasons, f"model_output is {model_output.dtype} but sample is {sample.dtype}"]
+    state = scheduler.__dict__.get("_fused")
+    if state is None and hasattr(type(scheduler), "_fused_table"):
+        reasons = [*reasons, "set_timesteps() has not been called (the training-length schedule has no table)"]
+    elif state is not None and state.unavailable:
+        reasons = [*reasons, state.unavailable]
 
     requested, source = backends.get_dispatcher(FUSED_OP_NAME).requested(None)
     if requested != backends.AUTO:
@@ -567,6 +620,7 @@ class FusedStepState:
         self.host_index = None
         self.history = None
         self.noise_bank = None
+        self.unavailable = None  # why the table could not be built for this schedule (None: it could)
 
     def set_table(self, key, table: torch.Tensor, draws, slots: int, taus=None) -> None:
         """Install a host table built for step arguments ``key``; ``taus`` (one per step) scale its
