@@ -138,7 +138,6 @@ class StableDiffusionPipeline(DiffusionPipeline):
         self._temperature_scheduler = None
         self._spatial_resampler = None
 
-    # Copied from fastdiff.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl.StableDiffusionXLPipeline._fix_old_configs
     @staticmethod
     def _fix_old_configs(scheduler, unet) -> None:
         """Rewrite the old config values diffusers rewrites, with one warning naming each key."""
