@@ -1,0 +1,886 @@
+"""The CUDA-graph runner: capture a fixed-shape region once, replay it, keep the cache bounded.
+
+A *region* is a function of tensors only, such as one denoising step (UNet call + CFG combine +
+fused scheduler step) or a whole loop whose per-step values come from device tables. The runner
+runs it through a capture backend with **static buffers**: each call copies its input tensors into
+buffers the graph was captured on, replays the graph, and returns the graph's static outputs.
+Nothing in the runner reads a device value on the host (no ``.item()``, ``.cpu()``, ``.tolist()``).
+
+Interface for a pipeline (one runner per pipeline, one region per ``__call__``)::
+
+    from fastdiff.graphs import GraphRunner
+
+    # in __init__ (or lazily): the runner frees everything when the pipeline is deleted
+    self._graphs = GraphRunner(owner=self, max_graphs=4, max_bytes=None)
+
+    # in __call__, once the shapes are known and before the loop:
+    region = self._graphs.region(
+        "denoise_step",
+        self._graph_step,                       # fn(**inputs) -> tensor / tuple / dict of tensors
+        dict(latents=latents, t=timesteps[0], prompt_embeds=prompt_embeds, guidance=guidance),
+        modules=[self.unet],                    # fingerprinted: a swapped weight recaptures
+        scheduler=self.scheduler, scheduler_kwargs=extra_step_kwargs,
+        watch=lambda: scheduler_state_tensors(self.scheduler),   # device tables the step reads
+        extra=(self._guidance_rescale, ...),    # every Python value fn reads (baked into a graph)
+        enabled=cuda_graph, callback_on_step_end=callback_on_step_end,
+        callback_tensor_inputs=callback_on_step_end_tensor_inputs,
+    )
+    for i, t in enumerate(timesteps):
+        latents = region(latents=latents, t=t, prompt_embeds=prompt_embeds, guidance=guidance)
+    latents = latents.clone()                   # static outputs are overwritten by the next replay
+    # region.reasons: why this call ran eagerly ([] when it captured); region.captured: it replayed
+
+What a region call does:
+
+1. ``region.reasons`` non-empty (see :func:`capture_reasons`): ``fn(**inputs)`` runs eagerly.
+2. A cached graph whose key, weight fingerprint and watched tensors all match: copy the inputs
+   into the static input buffers, replay, return the static outputs.
+3. Otherwise the **first** call at a new key (or after a weight swap) runs ``fn`` eagerly: this
+   is the warm-up. Triton compiles and autotunes there, torch.compile compiles there, and the
+   fused scheduler step builds its device table, step index and history ring there. Autotuning
+   never happens inside a capture. The next call (with the watched tensors unchanged by the
+   warm-up step) captures and replays. A capture that fails (a host sync inside the region, an
+   op that cannot be captured) is recorded, warned about once, and that key runs eagerly from
+   then on; ``region.reasons`` says why.
+
+Contract for ``fn``:
+
+* It takes the region's tensors as keyword arguments and returns a tensor, or a tuple/list/dict
+  of tensors. Everything else it reads is baked into the graph at capture: Python numbers, host
+  step counters, which module ``self.unet`` is. Put every Python value that can differ between
+  calls in ``extra`` (it is part of the key), and every tensor that lives outside the inputs and
+  the fingerprinted modules (the scheduler's coefficient table, device step index, history ring,
+  noise bank) in ``watch``: the graph reads those tensors' memory, so a new tensor recaptures.
+* Python side effects run once, at capture, not at replay (a scheduler's host step counter
+  advances once for the capture, not per replay).
+* The returned tensors are the graph's static outputs: valid until the next replay of the same
+  graph. Clone what must outlive the loop.
+
+The cache key (:func:`graph_key`) holds everything that changes the captured work: the region
+name, each input's shape, strides, dtype and device, the scheduler class, config, number of
+steps and step arguments, CFG on/off (a ``guidance`` input or not), every op's requested backend
+(``fastdiff.use_backend`` / ``FASTDIFF_BACKEND``; ``auto`` choices follow from shapes, dtypes and
+devices, which are in the key), the autocast state, and the caller's ``extra``.
+
+Weights (:func:`weights_fingerprint`), checked once per region (once per pipeline call):
+
+* **recapture**: a parameter or buffer with a new storage pointer, shape, stride, dtype or
+  device, or a changed set of tensors: ``load_state_dict(..., assign=True)``, replacing a
+  submodule or the whole UNet, ``.to(dtype)``, ``.to(device)``, ``.to(memory_format=...)``.
+* **served by the existing graph**: an in-place change of the same storage: ``load_state_dict``
+  (in place, the default), fused LoRA weights copied in (``weight.copy_(w + scale * B @ A)``),
+  ``.copy_``/``.add_``/``.mul_`` under ``torch.no_grad()``. The graph reads that very memory, so
+  the next replay uses the new values. These bump the tensors' ``_version`` counters, which the
+  runner records (``stats["in_place_weight_updates"]``) but which need no recapture.
+* Values baked as Python numbers are not weights: a LoRA *scale* passed as
+  ``cross_attention_kwargs={"scale": s}`` must go in ``extra``.
+
+Memory: each runner owns one private memory pool (``torch.cuda.graph_pool_handle()``) shared by
+all its graphs; graphs never run concurrently, so their intermediates share memory. The cache is
+an LRU bounded by ``max_graphs`` and ``max_bytes`` (static input buffers plus the pool's measured
+growth at each capture, which holds the static outputs). Evicting the last graph releases the
+pool; ``release()`` frees everything (graphs, static buffers, pool); deleting the owner calls it
+(``weakref.finalize``). A single graph larger than ``max_bytes`` is not kept: its key runs eagerly
+and says so.
+
+Backends: :class:`CUDAGraphBackend` (``torch.cuda.CUDAGraph`` under ``torch.cuda.graph``) is the
+default. :class:`StandInBackend` is the CPU stand-in used by tests: it records the ATen ops ``fn``
+runs (a ``TorchDispatchMode`` tape), then replays exactly those ops on the same tensors, so it has
+a CUDA graph's semantics: Python values and the tensors read are fixed at capture, inputs enter
+only through the copy-in, capture leaves no trace on tensors that existed before it, outputs are
+undefined (NaN) until the first replay, and ``.item()`` inside a capture raises.
+
+Triton autotune choices persist across processes with :func:`enable_triton_autotune_cache`.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import inspect
+import dataclasses
+import logging
+import warnings
+import weakref
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch.utils import _pytree as pytree
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CUDAGraphBackend",
+    "GraphCaptureError",
+    "GraphRunner",
+    "Region",
+    "StandInBackend",
+    "capture_reasons",
+    "enable_triton_autotune_cache",
+    "graph_key",
+    "scheduler_capture_reasons",
+    "scheduler_state_tensors",
+    "weights_fingerprint",
+]
+
+
+class GraphCaptureError(RuntimeError):
+    """A region cannot be captured (a host sync inside it, or an output that is not a tensor)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Capture backends
+# ---------------------------------------------------------------------------------------------
+
+
+class CUDAGraphBackend:
+    """Real capture: ``torch.cuda.CUDAGraph`` captured under ``torch.cuda.graph(pool=...)``.
+
+    The pool is ``torch.cuda.graph_pool_handle()``, one per runner, shared by its graphs. Its
+    growth at each capture is measured from the allocator's segments of that pool
+    (``torch.cuda.memory_snapshot``), or from ``memory_reserved`` where the snapshot lacks pool ids.
+    """
+
+    name = "cuda"
+
+    def device_reasons(self, device: torch.device) -> List[str]:
+        if device.type != "cuda":
+            return [f"the loop runs on {device.type}; CUDA graphs need CUDA tensors (it runs eagerly)"]
+        if not torch.cuda.is_available():
+            return ["torch reports no usable CUDA device"]
+        return []
+
+    def new_pool(self, device: torch.device):
+        return torch.cuda.graph_pool_handle()
+
+    def capture(self, fn: Callable[[], Any], pool, device: torch.device):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.device(device):
+            before = _pool_bytes(pool, device)
+            with torch.cuda.graph(graph, pool=pool):
+                outputs = fn()
+            growth = _pool_bytes(pool, device) - before
+        return graph, outputs, max(0, growth)
+
+    def replay(self, handle) -> None:
+        handle.replay()
+
+    def release_pool(self, pool, device: torch.device) -> None:
+        # The graphs holding the pool are gone; hand its now-free segments back to the device.
+        with torch.cuda.device(device):
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+
+
+def _pool_bytes(pool, device: torch.device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    segments = torch.cuda.memory_snapshot()
+    if segments and "segment_pool_id" in segments[0]:
+        pool_id = tuple(pool)
+        return sum(s["total_size"] for s in segments if s.get("device") == index and tuple(s["segment_pool_id"]) == pool_id)
+    return torch.cuda.memory_reserved(index)
+
+
+# ATen ops that read a device value on the host: a CUDA capture fails on them, so the stand-in does too.
+_SYNC_OPS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::is_nonzero", "aten::equal", "aten::item"}
+
+
+def _storage_key(t: torch.Tensor) -> Tuple[str, int]:
+    return (str(t.device), t.untyped_storage().data_ptr())
+
+
+def _written_tensors(func, args, kwargs) -> List[torch.Tensor]:
+    """The tensors an op writes (its schema's ``Tensor(a!)`` arguments)."""
+    written = []
+    for i, arg in enumerate(func._schema.arguments):
+        if arg.alias_info is None or not arg.alias_info.is_write:
+            continue
+        value = args[i] if i < len(args) else kwargs.get(arg.name)
+        written += [v for v in pytree.tree_leaves(value) if isinstance(v, torch.Tensor)]
+    return written
+
+
+def _tape_mode_class():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _Recorder(TorchDispatchMode):
+        """Runs and records every ATen op; snapshots tensors from before the capture before they are written."""
+
+        def __init__(self):
+            super().__init__()
+            self.ops: list = []
+            self.created: set = set()  # storages allocated inside the capture
+            self.snapshots: list = []  # (tensor that existed before, its value before the first write)
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func._schema.name in _SYNC_OPS:
+                raise GraphCaptureError(
+                    f"{func._schema.name} reads a device value on the host inside a captured region "
+                    "(.item(), a Python bool of a tensor, nonzero, ...); a CUDA graph capture fails on it"
+                )
+            for t in _written_tensors(func, args, kwargs):
+                if _storage_key(t) not in self.created:
+                    self.snapshots.append((t, t.detach().clone()))
+            inputs = {_storage_key(t) for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+            out = func(*args, **kwargs)
+            for t in pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor) and _storage_key(t) not in inputs:
+                    self.created.add(_storage_key(t))
+            self.ops.append((func, args, kwargs, out))
+            return out
+
+    return _Recorder
+
+
+class _Tape:
+    def __init__(self, ops):
+        self.ops = ops
+
+
+class StandInBackend:
+    """CPU stand-in for CUDA graphs with the same static-buffer semantics (used by the tests).
+
+    Capture records every ATen op ``fn`` runs, with its arguments (the very tensors it read) and
+    outputs. Replay re-runs the recorded ops in order on those tensors and writes each result into
+    the tensor captured for it, so intermediates and outputs keep their storage, as a CUDA graph's
+    do. Then, as a CUDA capture runs nothing:
+
+    * tensors that existed before the capture (static inputs, weights, a scheduler's step index)
+      are restored to their values from before it;
+    * floating-point outputs are NaN until the first replay;
+    * an op that reads a device value on the host raises :class:`GraphCaptureError`.
+
+    ``pool_growth`` is the bytes of the storages the capture allocated. Works on any device.
+    """
+
+    name = "stand-in"
+
+    def __init__(self):
+        self.replays = 0
+        self.captures = 0
+
+    def device_reasons(self, device: torch.device) -> List[str]:
+        return []
+
+    def new_pool(self, device: torch.device):
+        return object()
+
+    def capture(self, fn: Callable[[], Any], pool, device: torch.device):
+        recorder = _tape_mode_class()()
+        try:
+            with recorder:
+                outputs = fn()
+        finally:
+            for tensor, before in reversed(recorder.snapshots):
+                tensor.copy_(before)
+        for t in pytree.tree_leaves(outputs):
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and _storage_key(t) in recorder.created:
+                t.fill_(float("nan"))
+        growth = 0
+        seen = set()
+        for _, _, _, out in recorder.ops:
+            for t in pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor) and _storage_key(t) in recorder.created and _storage_key(t) not in seen:
+                    seen.add(_storage_key(t))
+                    growth += t.untyped_storage().nbytes()
+        self.captures += 1
+        return _Tape(recorder.ops), outputs, growth
+
+    def replay(self, handle: _Tape) -> None:
+        for func, args, kwargs, captured in handle.ops:
+            fresh = func(*args, **kwargs)
+            for old, new in zip(pytree.tree_leaves(captured), pytree.tree_leaves(fresh)):
+                if isinstance(old, torch.Tensor) and _storage_key(new) != _storage_key(old):
+                    old.copy_(new)
+        self.replays += 1
+
+    def release_pool(self, pool, device: torch.device) -> None:
+        pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Keys and fingerprints
+# ---------------------------------------------------------------------------------------------
+
+
+def _frozen(value):
+    """A hashable copy of a config value (lists -> tuples, tensors/arrays -> tuples of numbers)."""
+    if isinstance(value, Mapping):
+        return tuple(sorted((str(k), _frozen(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(v) for v in value)
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), str(value.dtype), tuple(value.detach().cpu().flatten().tolist()))
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):  # numpy arrays and scalars
+        return _frozen(value.tolist())
+    try:
+        hash(value)
+    except TypeError:
+        return repr(value)
+    return value
+
+
+def backend_choices() -> Tuple[Tuple[str, str], ...]:
+    """Every op's requested backend (``auto`` unless forced by ``use_backend``/``FASTDIFF_BACKEND``)."""
+    from fastdiff import backends
+
+    import fastdiff.ops  # noqa: F401 - registers the dispatchers
+
+    return tuple((name, backends._DISPATCHERS[name].requested(None)[0]) for name in sorted(backends._DISPATCHERS))
+
+
+def _tensor_signature(t: torch.Tensor) -> tuple:
+    return (tuple(t.shape), tuple(t.stride()), str(t.dtype), str(t.device))
+
+
+def _scheduler_signature(scheduler, scheduler_kwargs: Optional[Mapping[str, Any]]) -> tuple:
+    if scheduler is None:
+        return ()
+    kwargs = {k: v for k, v in (scheduler_kwargs or {}).items() if not isinstance(v, (torch.Generator, list))}
+    temperature = getattr(scheduler, "temperature_scheduler", None)
+    return (
+        type(scheduler).__name__,
+        _frozen(dict(scheduler.config)),
+        getattr(scheduler, "num_inference_steps", None),
+        _frozen(kwargs),
+        None if temperature is None else (type(temperature).__name__, _frozen(vars(temperature))),
+    )
+
+
+def graph_key(
+    name: str,
+    inputs: Mapping[str, torch.Tensor],
+    *,
+    scheduler=None,
+    scheduler_kwargs: Optional[Mapping[str, Any]] = None,
+    extra: Any = None,
+) -> tuple:
+    """The cache key of a region: everything that changes the captured work (see the module docstring).
+
+    CFG on/off is in the key through the inputs (a ``guidance`` tensor or none); batch, height and
+    width through the input shapes. Generators in ``scheduler_kwargs`` are not part of the key
+    (they only matter for eager draws; a captured step reads the noise bank).
+    """
+    signature = tuple((k, _tensor_signature(v)) for k, v in sorted(inputs.items()))
+    device_types = sorted({v.device.type for v in inputs.values()})
+    autocast = tuple((d, torch.is_autocast_enabled(d), str(torch.get_autocast_dtype(d))) for d in device_types)
+    return (
+        name,
+        signature,
+        _scheduler_signature(scheduler, scheduler_kwargs),
+        backend_choices(),
+        autocast,
+        _frozen(extra),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightsFingerprint:
+    """``layout``: per module, its type and per parameter/buffer (name, storage pointer, shape,
+    stride, dtype, device). A change in it means the graph would read the wrong memory: recapture.
+    ``versions``: the tensors' ``_version`` counters; a change there alone is an in-place update,
+    which the existing graph sees."""
+
+    layout: tuple
+    versions: tuple
+
+
+def weights_fingerprint(modules: Iterable[torch.nn.Module]) -> WeightsFingerprint:
+    """A cheap fingerprint of the parameters and buffers of ``modules`` (no device work, no sync)."""
+    layout, versions = [], []
+    for module in modules:
+        if module is None:
+            layout.append(None)
+            continue
+        if not isinstance(module, torch.nn.Module):
+            raise TypeError(f"modules: expected torch.nn.Module instances, got {type(module).__name__}")
+        tensors = []
+        for kind, named in (("p", module.named_parameters()), ("b", module.named_buffers())):
+            for name, t in named:
+                if t is None:
+                    continue
+                tensors.append((kind, name, t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype, t.device))
+                versions.append(t._version)
+        layout.append((type(module).__qualname__, id(module), tuple(tensors)))
+    return WeightsFingerprint(tuple(layout), tuple(versions))
+
+
+def scheduler_state_tensors(scheduler) -> Tuple[Optional[torch.Tensor], ...]:
+    """The device tensors a scheduler's fused step reads and writes (``watch`` for a region):
+    the coefficient table, device step index, history ring and noise bank (None where absent)."""
+    state = getattr(scheduler, "__dict__", {}).get("_fused")
+    if state is None:
+        return ()
+    return (state.coeffs, state.step_index, state.history, state.noise_bank)
+
+
+def _watch_fingerprint(tensors: Sequence[Optional[torch.Tensor]]) -> tuple:
+    return tuple(None if t is None else (t.data_ptr(), *_tensor_signature(t)) for t in tensors)
+
+
+# ---------------------------------------------------------------------------------------------
+# Why a region runs eagerly
+# ---------------------------------------------------------------------------------------------
+
+
+def _is_compiled(module) -> bool:
+    return hasattr(module, "_orig_mod") or getattr(module, "_compiled_call_impl", None) is not None
+
+
+def scheduler_capture_reasons(scheduler, device: torch.device, **step_kwargs) -> List[str]:
+    """Why ``scheduler.step(**step_kwargs)`` cannot run inside a captured step on ``device``.
+
+    Asks the scheduler (its fused-step reasons for these step arguments, a table that could not
+    be built), then the ``scheduler_step`` backend choice (``auto`` runs the fused step on CUDA
+    only; elsewhere the plain step reads host step counters, which a graph would bake in), then
+    ``scale_model_input``: a scheduler whose input scaling changes the sample per step (Euler,
+    Heun, LMS: sigma at a host step index) cannot be captured per step yet.
+    """
+    from fastdiff import backends
+    from fastdiff.schedulers.scheduling_utils import FUSED_OP_NAME
+
+    name = type(scheduler).__name__
+    fused_reasons = getattr(scheduler, "_fused_reasons", None)
+    if fused_reasons is None:
+        return [f"{name} is not a fastdiff scheduler with a fused step"]
+    accepted = inspect.signature(fused_reasons).parameters
+    reasons = list(fused_reasons(**{k: v for k, v in step_kwargs.items() if k in accepted}))
+    state = scheduler.__dict__.get("_fused")
+    if state is not None and state.unavailable:
+        reasons.append(state.unavailable)
+    requested, _ = backends.get_dispatcher(FUSED_OP_NAME).requested(None)
+    if requested == backends.AUTO and device.type != "cuda":
+        reasons.append(
+            f"on {device.type} {name} runs its plain step (per-step host values); the fused step runs on CUDA, "
+            "or anywhere with use_backend(scheduler_step=...)"
+        )
+    reasons += _scale_model_input_reasons(scheduler, device)
+    return reasons
+
+
+def _scale_model_input_reasons(scheduler, device: torch.device) -> List[str]:
+    timesteps = getattr(scheduler, "timesteps", None)
+    if timesteps is None or len(timesteps) == 0:
+        return []
+    probe = copy.copy(scheduler)  # scale_model_input may set its host step index: on the copy only
+    sample = torch.ones(1, device=device)
+    if probe.scale_model_input(sample, timesteps[0]) is sample:
+        return []
+    return [
+        f"{type(scheduler).__name__}.scale_model_input scales the sample by a per-step host value, which a captured "
+        "step would freeze"
+    ]
+
+
+def capture_reasons(
+    device,
+    *,
+    enabled: bool = True,
+    backend=None,
+    callback_on_step_end=None,
+    callback_tensor_inputs: Sequence[str] = (),
+    scheduler=None,
+    scheduler_kwargs: Optional[Mapping[str, Any]] = None,
+    modules: Sequence[torch.nn.Module] = (),
+    warmed: bool = True,
+) -> List[str]:
+    """Why a loop on ``device`` runs eagerly instead of through captured graphs; ``[]`` means it captures.
+
+    ``warmed``: whether this runner has run the region at these shapes before (a torch.compile'd
+    module then has compiled; when it has not, this call runs eagerly to compile and tune, and the
+    next one captures).
+    """
+    device = torch.device(device)
+    backend = backend if backend is not None else CUDAGraphBackend()
+    reasons = []
+    if not enabled:
+        reasons.append("CUDA graphs are turned off for this pipeline (enable_cuda_graph(False) or cuda_graph=False)")
+    reasons += backend.device_reasons(device)
+    if callback_on_step_end is not None and list(callback_tensor_inputs):
+        reasons.append(
+            f"callback_on_step_end receives the tensors {list(callback_tensor_inputs)} and may change them between "
+            "steps, which a captured step cannot see"
+        )
+    if scheduler is not None:
+        reasons += scheduler_capture_reasons(scheduler, device, **dict(scheduler_kwargs or {}))
+    if not warmed:
+        for module in modules:
+            if module is not None and _is_compiled(module):
+                reasons.append(
+                    f"the torch.compile'd {type(getattr(module, '_orig_mod', module)).__name__} has not run at these "
+                    "shapes yet: this call runs eagerly (compiling and autotuning), the next one captures"
+                )
+                break
+    return reasons
+
+
+# ---------------------------------------------------------------------------------------------
+# The cache and the runner
+# ---------------------------------------------------------------------------------------------
+
+
+class _Graph:
+    """One captured region: the backend's handle, static buffers and what it was captured against."""
+
+    def __init__(self, handle, static_inputs, outputs, spec, nbytes, weights, watch):
+        self.handle = handle
+        self.static_inputs = static_inputs
+        self.outputs = outputs  # flat list of static output tensors
+        self.spec = spec
+        self.nbytes = nbytes
+        self.weights = weights
+        self.watch = watch
+
+
+class _CacheState:
+    """The graphs, pool and bookkeeping of one runner. Holds no reference to the owner, so a
+    ``weakref.finalize`` on the owner can release it."""
+
+    def __init__(self, backend, max_graphs: int, max_bytes: Optional[int]):
+        self.backend = backend
+        self.max_graphs = max_graphs
+        self.max_bytes = max_bytes
+        self.graphs: "collections.OrderedDict[tuple, _Graph]" = collections.OrderedDict()
+        self.pool = None
+        self.pool_device = None
+        self.warmed: "collections.OrderedDict[tuple, None]" = collections.OrderedDict()
+        self.failed: Dict[tuple, str] = {}
+        self.released = False
+        self.stats = collections.Counter()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(g.nbytes for g in self.graphs.values())
+
+    def drop(self, key: tuple) -> None:
+        self.graphs.pop(key, None)
+        if not self.graphs:
+            self._release_pool()
+
+    def _release_pool(self) -> None:
+        if self.pool is not None:
+            pool, device, self.pool, self.pool_device = self.pool, self.pool_device, None, None
+            self.backend.release_pool(pool, device)
+            self.stats["pool_releases"] += 1
+
+    def mark_warmed(self, token: tuple) -> None:
+        self.warmed[token] = None
+        self.warmed.move_to_end(token)
+        while len(self.warmed) > 4 * max(self.max_graphs, 1) + 16:
+            self.warmed.popitem(last=False)
+
+    def insert(self, key: tuple, graph: _Graph) -> None:
+        self.graphs[key] = graph
+        self.graphs.move_to_end(key)
+        while len(self.graphs) > 1 and (
+            len(self.graphs) > self.max_graphs or (self.max_bytes is not None and self.nbytes > self.max_bytes)
+        ):
+            self.graphs.popitem(last=False)
+            self.stats["evictions"] += 1
+
+    def release(self, final: bool = True) -> None:
+        """Free every graph, static buffer and the pool; ``final``: the owner is gone, refuse further calls."""
+        self.graphs.clear()
+        self.warmed.clear()
+        self.failed.clear()
+        self._release_pool()
+        self.released = final
+
+
+class GraphRunner:
+    """Captures and replays regions of one owner (a pipeline) with one private memory pool.
+
+    Args:
+        owner: the object whose graphs these are; when it is garbage-collected, everything is freed.
+        backend: :class:`CUDAGraphBackend` (default) or :class:`StandInBackend` (tests).
+        max_graphs (`int`): at most this many graphs are kept (least recently used evicted first).
+        max_bytes (`int`, *optional*): and at most this many bytes of static input buffers plus pool
+            growth; ``None``: no byte limit.
+        enabled (`bool`): ``False`` runs every region eagerly (``pipe.enable_cuda_graph(False)``).
+    """
+
+    def __init__(self, owner=None, *, backend=None, max_graphs: int = 4, max_bytes: Optional[int] = None, enabled: bool = True):
+        if not isinstance(max_graphs, int) or max_graphs < 1:
+            raise ValueError(f"max_graphs: expected a positive int, got {max_graphs!r}")
+        if max_bytes is not None and (not isinstance(max_bytes, int) or max_bytes < 1):
+            raise ValueError(f"max_bytes: expected a positive int or None, got {max_bytes!r}")
+        self.backend = backend if backend is not None else CUDAGraphBackend()
+        self.enabled = enabled
+        self._state = _CacheState(self.backend, max_graphs, max_bytes)
+        # Freed when the owner is collected, or when this runner is (replaced or dropped), whichever is first.
+        # The state holds neither, so neither finalizer keeps anything alive.
+        self._finalizers = [weakref.finalize(self, _CacheState.release, self._state)]
+        if owner is not None:
+            self._finalizers.append(weakref.finalize(owner, _CacheState.release, self._state))
+
+    # ---- inspection ------------------------------------------------------------------------
+
+    @property
+    def stats(self) -> Dict[str, int]:
+        """Counters: warmups, captures, replays, recaptures_weights, recaptures_watch,
+        in_place_weight_updates, evictions, capture_failures, pool_releases, eager_calls."""
+        return dict(self._state.stats)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the cached graphs (static inputs + pool growth at their captures)."""
+        return self._state.nbytes
+
+    def __len__(self) -> int:
+        return len(self._state.graphs)
+
+    def keys(self) -> List[tuple]:
+        """The cached keys, least recently used first."""
+        return list(self._state.graphs)
+
+    def release(self) -> None:
+        """Free every graph, static buffer and the memory pool (``pipe.release_graphs()``)."""
+        self._state.release(final=False)
+
+    # ---- regions ---------------------------------------------------------------------------
+
+    def can_capture(self, device, **kwargs) -> List[str]:
+        """:func:`capture_reasons` with this runner's backend and ``enabled`` (``[]``: it captures)."""
+        kwargs.setdefault("enabled", self.enabled)
+        return capture_reasons(device, backend=self.backend, **kwargs)
+
+    def region(
+        self,
+        name: str,
+        fn: Callable[..., Any],
+        inputs: Mapping[str, torch.Tensor],
+        *,
+        modules: Sequence[torch.nn.Module] = (),
+        scheduler=None,
+        scheduler_kwargs: Optional[Mapping[str, Any]] = None,
+        watch: Optional[Callable[[], Sequence[Optional[torch.Tensor]]]] = None,
+        extra: Any = None,
+        enabled: Optional[bool] = None,
+        callback_on_step_end=None,
+        callback_tensor_inputs: Sequence[str] = (),
+        reasons: Sequence[str] = (),
+    ) -> "Region":
+        """A callable for one loop: ``region(**inputs)`` captures/replays ``fn`` or runs it eagerly.
+
+        ``inputs`` are example tensors (the first step's): their names, shapes, strides, dtypes and
+        devices fix the region. ``reasons``: the caller's own reasons to run eagerly, added to
+        :func:`capture_reasons`. Everything else: see the module docstring.
+        """
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"name: expected a non-empty region name, got {name!r}")
+        if not callable(fn):
+            raise TypeError(f"fn: expected a callable, got {type(fn).__name__}")
+        _check_inputs(inputs, "inputs")
+        devices = {t.device for t in inputs.values()}
+        if len(devices) != 1:
+            raise ValueError(f"inputs: expected tensors on one device, got {sorted(str(d) for d in devices)}")
+        device = devices.pop()
+        key = graph_key(name, inputs, scheduler=scheduler, scheduler_kwargs=scheduler_kwargs, extra=extra)
+        weights = weights_fingerprint(modules)
+        why = list(reasons)
+        why += capture_reasons(
+            device,
+            enabled=self.enabled if enabled is None else enabled,
+            backend=self.backend,
+            callback_on_step_end=callback_on_step_end,
+            callback_tensor_inputs=callback_tensor_inputs,
+            scheduler=scheduler,
+            scheduler_kwargs=scheduler_kwargs,
+            modules=modules,
+            warmed=(key, weights.layout) in self._state.warmed,
+        )
+        if key in self._state.failed:
+            why.append(self._state.failed[key])
+        return Region(self._state, fn, key, device, weights, watch, why)
+
+
+def _check_inputs(inputs: Mapping[str, Any], what: str) -> None:
+    if not isinstance(inputs, Mapping) or not inputs:
+        raise ValueError(f"{what}: expected a non-empty dict of name -> tensor, got {inputs!r}")
+    for k, v in inputs.items():
+        if not isinstance(v, torch.Tensor):
+            raise TypeError(
+                f"{what}[{k!r}]: expected a tensor, got {type(v).__name__} (a Python value read by fn belongs in extra=)"
+            )
+
+
+class Region:
+    """One loop's view of a runner: call it with the region's tensors (see :meth:`GraphRunner.region`).
+
+    Attributes:
+        reasons (`list[str]`): why this region runs eagerly; empty when it uses graphs.
+        captured (`bool`): whether the last call replayed a graph (False for eager and warm-up calls).
+        key (`tuple`): the cache key.
+    """
+
+    def __init__(self, state: _CacheState, fn, key, device, weights: WeightsFingerprint, watch, reasons):
+        self._state = state
+        self.fn = fn
+        self.key = key
+        self.device = device
+        self.weights = weights
+        self._watch = watch
+        self.reasons = reasons
+        self.captured = False
+        self._watch_after_last_call = None
+        self._signature = dict(key[1])
+
+    def __call__(self, **inputs):
+        state = self._state
+        if self.reasons:
+            state.stats["eager_calls"] += 1
+            self.captured = False
+            return self.fn(**inputs)
+        if state.released:
+            raise RuntimeError("this region's runner was released (owner deleted); create a new region")
+        self._check_call(inputs)
+        watch = _watch_fingerprint(self._watch()) if self._watch is not None else ()
+        graph = state.graphs.get(self.key)
+        if graph is not None and (graph.weights.layout != self.weights.layout or graph.watch != watch):
+            state.stats["recaptures_weights" if graph.weights.layout != self.weights.layout else "recaptures_watch"] += 1
+            state.drop(self.key)
+            graph = None
+        if graph is None:
+            token = (self.key, self.weights.layout)
+            if token not in state.warmed or (self._watch is not None and self._watch_after_last_call != watch):
+                # Warm-up: compile, autotune and let the scheduler build its device buffers, eagerly.
+                state.mark_warmed(token)
+                state.stats["warmups"] += 1
+                self.captured = False
+                with torch.no_grad():
+                    out = self.fn(**inputs)
+                if self._watch is not None:
+                    self._watch_after_last_call = _watch_fingerprint(self._watch())
+                return out
+            graph = self._capture(inputs, watch)
+            if graph is None:
+                self.captured = False
+                with torch.no_grad():
+                    return self.fn(**inputs)
+        else:
+            state.graphs.move_to_end(self.key)
+            if graph.weights.versions != self.weights.versions:
+                state.stats["in_place_weight_updates"] += 1
+                graph.weights = self.weights
+        for k, t in inputs.items():
+            static = graph.static_inputs[k]
+            if t is not static:
+                static.copy_(t)
+        state.backend.replay(graph.handle)
+        state.stats["replays"] += 1
+        self.captured = True
+        return pytree.tree_unflatten(graph.outputs, graph.spec)
+
+    def _check_call(self, inputs: Mapping[str, torch.Tensor]) -> None:
+        _check_inputs(inputs, "region inputs")
+        if set(inputs) != set(self._signature):
+            raise ValueError(f"region inputs: expected the tensors {sorted(self._signature)}, got {sorted(inputs)}")
+        for k, t in inputs.items():
+            if _tensor_signature(t) != self._signature[k]:
+                shape, stride, dtype, device = self._signature[k]
+                raise ValueError(
+                    f"region input {k!r}: expected shape {shape}, stride {stride}, {dtype} on {device}, got "
+                    f"shape {tuple(t.shape)}, stride {tuple(t.stride())}, {t.dtype} on {t.device}; a new shape needs a new region"
+                )
+
+    def _capture(self, inputs: Mapping[str, torch.Tensor], watch: tuple) -> Optional[_Graph]:
+        state = self._state
+        if state.pool is None:
+            state.pool, state.pool_device = state.backend.new_pool(self.device), self.device
+        static_inputs = {}
+        for k, t in inputs.items():
+            static_inputs[k] = torch.empty_like(t)
+            static_inputs[k].copy_(t)
+        input_bytes = sum(t.untyped_storage().nbytes() for t in static_inputs.values())
+        try:
+            with torch.no_grad():
+                handle, outputs, growth = state.backend.capture(lambda: self.fn(**static_inputs), state.pool, self.device)
+            leaves, spec = pytree.tree_flatten(outputs)
+            if not leaves or not all(isinstance(t, torch.Tensor) for t in leaves):
+                raise GraphCaptureError(
+                    f"fn must return a tensor or a tuple/list/dict of tensors, got {type(outputs).__name__}"
+                )
+        except Exception as error:  # noqa: BLE001 - any capture failure: run eagerly and say why
+            reason = f"capture failed for these shapes ({type(error).__name__}: {error}); this key runs eagerly"
+            self._fail(reason)
+            if not state.graphs:
+                state._release_pool()
+            return None
+        nbytes = input_bytes + growth
+        if state.max_bytes is not None and nbytes > state.max_bytes:
+            self._fail(f"one graph for these shapes needs {nbytes} bytes, over the byte budget max_bytes={state.max_bytes}")
+            if not state.graphs:
+                state._release_pool()
+            return None
+        graph = _Graph(handle, static_inputs, leaves, spec, nbytes, self.weights, watch)
+        state.insert(self.key, graph)
+        state.stats["captures"] += 1
+        logger.debug("captured %s (%d bytes; %d graphs, %d bytes cached)", self.key[0], nbytes, len(state.graphs), state.nbytes)
+        return graph
+
+    def _fail(self, reason: str) -> None:
+        self._state.failed[self.key] = reason
+        self._state.stats["capture_failures"] += 1
+        self.reasons = [reason]
+        warnings.warn(f"fastdiff.graphs: {reason}", RuntimeWarning, stacklevel=3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton autotune choices on disk
+# ---------------------------------------------------------------------------------------------
+
+
+def _autotuned_kernels():
+    """fastdiff's own Triton autotuners, by name."""
+    import importlib
+    import pkgutil
+
+    from triton.runtime.autotuner import Autotuner
+
+    import fastdiff.kernels as kernels
+
+    found = {}
+    for info in pkgutil.iter_modules(kernels.__path__):
+        module = importlib.import_module(f"fastdiff.kernels.{info.name}")
+        for attr, value in vars(module).items():
+            if isinstance(value, Autotuner):
+                found[f"{info.name}.{attr}"] = value
+    return found
+
+
+def enable_triton_autotune_cache() -> Dict[str, Any]:
+    """Make fastdiff's Triton autotuners keep their choices on disk, so a new process does not re-tune.
+
+    Uses Triton's own cache where the installed Triton has one: ``triton.autotune(cache_results=...)``
+    (Triton 3.2 and later) writes each tuning key's timings to ``<triton cache dir>/<hash>/<kernel>.autotune.json``
+    (``TRITON_CACHE_DIR``, default ``~/.triton/cache``), keyed on the Triton version, the GPU target, the
+    kernel source, the tuning key and the configs. Newer Triton reads the process default from
+    ``triton.knobs.autotuning.cache`` (environment ``TRITON_CACHE_AUTOTUNING=1``) when an autotuner is
+    created; this helper instead turns it on for fastdiff's own autotuners only (nothing global).
+    Triton skips the disk cache for configs with a ``pre_hook`` (the TMA attention kernel's) and under
+    the interpreter. Returns what it found and did: ``triton`` (version), ``knob`` (whether
+    ``triton.knobs.autotuning.cache`` exists), ``kernels`` (name -> enabled), ``skipped`` (name -> why).
+    """
+    report: Dict[str, Any] = {"triton": None, "knob": False, "kernels": {}, "skipped": {}}
+    try:
+        import triton
+    except ImportError:
+        report["skipped"]["*"] = "triton is not installed"
+        return report
+    from fastdiff.backends import triton_interpret_enabled
+
+    report["triton"] = triton.__version__
+    knobs = getattr(triton, "knobs", None)
+    report["knob"] = hasattr(getattr(knobs, "autotuning", None), "cache")
+    for name, tuner in _autotuned_kernels().items():
+        if not hasattr(tuner, "check_disk_cache"):
+            report["skipped"][name] = f"Triton {triton.__version__} has no autotune disk cache"
+        elif triton_interpret_enabled():
+            report["skipped"][name] = "TRITON_INTERPRET=1: the interpreter does not autotune on a device"
+        elif any(getattr(c, "pre_hook", None) for c in tuner.configs):
+            report["skipped"][name] = "its configs have a pre_hook, which Triton does not cache on disk"
+        else:
+            tuner.cache_results = True
+            report["kernels"][name] = True
+    return report
