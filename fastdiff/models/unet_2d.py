@@ -1,9 +1,9 @@
 """UNet2DModel: the unconditional (DDPM-style) UNet, diffusers-compatible.
 
 Supports positional, Fourier and learned time embeddings, class conditioning
-(``num_class_embeds`` or ``class_embed_type`` "timestep"/"identity"), and the
-down/up block types ``DownBlock2D``/``AttnDownBlock2D`` and
-``UpBlock2D``/``AttnUpBlock2D``.
+(``num_class_embeds`` or ``class_embed_type`` "timestep"/"identity"), and every
+down/up block type of ``fastdiff.models.unet_2d_blocks`` that diffusers' UNet2DModel
+builds, including the score-SDE (NCSN++) ``Skip*`` blocks with their image skip path.
 """
 
 from __future__ import annotations
@@ -210,18 +210,29 @@ class UNet2DModel(ModelMixin, ConfigMixin):
         elif class_labels is not None:
             raise ValueError("class_labels: this model is not class-conditioned (no class embedding)")
 
+        # The NCSN++ blocks (Skip*) carry a second, image-space path alongside the features.
+        skip_sample = sample
         sample = self.conv_in(sample)
         skips = (sample,)
         for block in self.down_blocks:
-            sample, res = block(sample, emb)
+            if hasattr(block, "skip_conv"):
+                sample, res, skip_sample = block(sample, emb, skip_sample)
+            else:
+                sample, res = block(sample, emb)
             skips += res
         if self.mid_block is not None:
             sample = self.mid_block(sample, emb)
+        skip_sample = None
         for block in self.up_blocks:
             n = len(block.resnets)
-            sample = block(sample, skips[-n:], emb)
+            if hasattr(block, "skip_conv"):
+                sample, skip_sample = block(sample, skips[-n:], emb, skip_sample)
+            else:
+                sample = block(sample, skips[-n:], emb)
             skips = skips[:-n]
         sample = self.conv_out(self.conv_norm_out(sample))
+        if skip_sample is not None:
+            sample = sample + skip_sample
 
         if self.config.time_embedding_type == "fourier":
             sample = sample / timesteps.reshape(-1, 1, 1, 1)

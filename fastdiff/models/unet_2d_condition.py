@@ -11,9 +11,10 @@ folder loads unchanged. What each family uses:
   fed through ``added_cond_kwargs={"text_embeds", "time_ids"}``.
 * LCM-style guidance embedding: ``time_cond_proj_dim`` with ``timestep_cond``.
 
-Config values that select diffusers features fastdiff does not implement (other
-block types, image/text addition embeddings, dual cross-attention, GLIGEN) raise a
-ValueError naming the key; they are never silently ignored.
+Block types are built by ``fastdiff.models.unet_2d_blocks``' factories under diffusers'
+names. Config values that select diffusers features fastdiff does not implement
+(image/text addition embeddings, dual cross-attention, GLIGEN, block types listed there
+as not implemented) raise an error naming the key; they are never silently ignored.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from fastdiff.models.embeddings import GaussianFourierProjection, TimestepEmbedd
 from fastdiff.models.modeling_utils import BaseOutput, ModelMixin
 from fastdiff.models.resnet import check_silu
 from fastdiff.models.unet_2d import timesteps_for_batch
-from fastdiff.models.unet_2d_blocks import UNetMidBlock2D, UNetMidBlock2DCrossAttn, get_down_block, get_up_block
+from fastdiff.models.unet_2d_blocks import get_down_block, get_mid_block, get_up_block
 from fastdiff.nn import GroupNorm
 
 #: ``cross_attention_kwargs`` entries understood here. ``scale`` is the LoRA scale;
@@ -113,10 +114,8 @@ class UNet2DConditionModel(ModelMixin, ConfigMixin):
         addition_embed_type_num_heads: int = 64,
     ):
         super().__init__()
-        # resnet_skip_time_act, resnet_out_scale_factor, cross_attention_norm,
-        # mid_block_only_cross_attention and addition_embed_type_num_heads only affect
-        # diffusers' Simple*/text addition blocks, which are rejected below; they are
-        # accepted so that every diffusers config loads.
+        # addition_embed_type_num_heads only affects diffusers' text addition embedding,
+        # which is rejected below; it is accepted so that every diffusers config loads.
         check_silu(act_fn)
         n = len(down_block_types)
         if num_attention_heads is not None:
@@ -133,10 +132,6 @@ class UNet2DConditionModel(ModelMixin, ConfigMixin):
             raise ValueError("dual_cross_attention: not supported by fastdiff")
         if attention_type != "default":
             raise ValueError(f"attention_type: only 'default' is supported, got {attention_type!r}")
-        if mid_block_type not in ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D", None):
-            raise ValueError(
-                f"mid_block_type: expected 'UNetMidBlock2DCrossAttn', 'UNetMidBlock2D' or None, got {mid_block_type!r}"
-            )
         heads = _per_block(attention_head_dim, n, "attention_head_dim")
         only_cross = _per_block(only_cross_attention, n, "only_cross_attention")
         cross_dims = _per_block(cross_attention_dim, n, "cross_attention_dim")
@@ -248,42 +243,36 @@ class UNet2DConditionModel(ModelMixin, ConfigMixin):
                     only_cross_attention=only_cross[i],
                     upcast_attention=upcast_attention,
                     resnet_time_scale_shift=resnet_time_scale_shift,
+                    resnet_skip_time_act=resnet_skip_time_act,
+                    resnet_out_scale_factor=resnet_out_scale_factor,
+                    cross_attention_norm=cross_attention_norm,
                     dropout=dropout,
                 )
             )
 
         # -- mid
-        if mid_block_type == "UNetMidBlock2DCrossAttn":
-            self.mid_block = UNetMidBlock2DCrossAttn(
-                in_channels=block_out_channels[-1],
-                temb_channels=blocks_time_embed_dim,
-                dropout=dropout,
-                transformer_layers_per_block=transformer_layers[-1],
-                resnet_eps=norm_eps,
-                resnet_act_fn=act_fn,
-                output_scale_factor=mid_block_scale_factor,
-                resnet_time_scale_shift=resnet_time_scale_shift,
-                cross_attention_dim=cross_dims[-1],
-                num_attention_heads=heads[-1],
-                resnet_groups=norm_num_groups,
-                use_linear_projection=use_linear_projection,
-                upcast_attention=upcast_attention,
-            )
-        elif mid_block_type == "UNetMidBlock2D":
-            self.mid_block = UNetMidBlock2D(
-                in_channels=block_out_channels[-1],
-                temb_channels=blocks_time_embed_dim,
-                dropout=dropout,
-                num_layers=0,
-                resnet_eps=norm_eps,
-                resnet_act_fn=act_fn,
-                output_scale_factor=mid_block_scale_factor,
-                resnet_groups=norm_num_groups,
-                resnet_time_scale_shift=resnet_time_scale_shift,
-                add_attention=False,
-            )
-        else:
-            self.mid_block = None
+        if mid_block_only_cross_attention is None:
+            mid_block_only_cross_attention = only_cross_attention if isinstance(only_cross_attention, bool) else False
+        self.mid_block = get_mid_block(
+            mid_block_type,
+            temb_channels=blocks_time_embed_dim,
+            in_channels=block_out_channels[-1],
+            resnet_eps=norm_eps,
+            resnet_act_fn=act_fn,
+            resnet_groups=norm_num_groups,
+            output_scale_factor=mid_block_scale_factor,
+            transformer_layers_per_block=transformer_layers[-1],
+            num_attention_heads=heads[-1],
+            cross_attention_dim=cross_dims[-1],
+            use_linear_projection=use_linear_projection,
+            mid_block_only_cross_attention=mid_block_only_cross_attention,
+            upcast_attention=upcast_attention,
+            resnet_time_scale_shift=resnet_time_scale_shift,
+            resnet_skip_time_act=resnet_skip_time_act,
+            cross_attention_norm=cross_attention_norm,
+            attention_head_dim=heads[-1],
+            dropout=dropout,
+        )
 
         # -- up path
         self.up_blocks = nn.ModuleList()
@@ -316,6 +305,10 @@ class UNet2DConditionModel(ModelMixin, ConfigMixin):
                     only_cross_attention=reversed_only_cross[i],
                     upcast_attention=upcast_attention,
                     resnet_time_scale_shift=resnet_time_scale_shift,
+                    resnet_skip_time_act=resnet_skip_time_act,
+                    resnet_out_scale_factor=resnet_out_scale_factor,
+                    cross_attention_norm=cross_attention_norm,
+                    resolution_idx=i,
                     dropout=dropout,
                 )
             )
