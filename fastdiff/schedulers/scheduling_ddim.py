@@ -244,6 +244,11 @@ class DDIMScheduler(SchedulerMixin):
     def _alpha_prod(self, t: int) -> torch.Tensor:
         return self.alphas_cumprod[t] if t >= 0 else self.final_alpha_cumprod
 
+    def _get_variance(self, timestep: int, prev_timestep: int) -> torch.Tensor:
+        """sigma_t^2 / eta^2 of Song et al. 2021, eq. 16: (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)."""
+        alpha_prod_t, alpha_prod_t_prev = self.alphas_cumprod[timestep], self._alpha_prod(prev_timestep)
+        return (1 - alpha_prod_t_prev) / (1 - alpha_prod_t) * (1 - alpha_prod_t / alpha_prod_t_prev)
+
     def step(
         self,
         model_output: torch.Tensor,
@@ -321,7 +326,7 @@ class DDIMScheduler(SchedulerMixin):
         elif self.config.clip_sample:
             x0 = x0.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
 
-        variance = (1 - alpha_prod_t_prev) / beta_prod_t * (1 - alpha_prod_t / alpha_prod_t_prev)
+        variance = self._get_variance(t, prev_t)
         std_dev_t = eta * variance**0.5
         if use_clipped_model_output:
             eps = (sample - alpha_prod_t**0.5 * x0) / beta_prod_t**0.5

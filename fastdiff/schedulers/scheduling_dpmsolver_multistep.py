@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import numpy as np
@@ -113,6 +114,19 @@ def karras_sigmas(sigma_min, sigma_max, num_inference_steps, rho=7.0):
 def exponential_sigmas(sigma_min, sigma_max, num_inference_steps):
     """Sigmas evenly spaced in log(sigma) from sigma_max down to sigma_min."""
     return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), num_inference_steps))
+
+
+# Copied from fastdiff.schedulers.scheduling_euler_discrete.beta_sigmas
+def beta_sigmas(sigma_min, sigma_max, num_inference_steps, alpha=0.6, beta=0.6):
+    """Sigmas at the quantiles of a Beta(alpha, beta) distribution, from sigma_max down to sigma_min
+    (Lee et al. 2024, "Beta Sampling is All You Need", arXiv:2407.12173).
+
+    Needs scipy (its beta quantile function), imported here only, as diffusers needs it only here.
+    """
+    import scipy.stats
+
+    quantiles = scipy.stats.beta.ppf(1 - np.linspace(0, 1, num_inference_steps), alpha, beta)
+    return np.array([sigma_min + q * (sigma_max - sigma_min) for q in quantiles])
 
 
 def alpha_sigma_from_sigma(sigma, flow=False):
@@ -234,8 +248,8 @@ class DPMSolverMultistepScheduler(SchedulerMixin):
     The order ramps up from 1 over the first steps; ``lower_order_final`` drops it again on the
     last steps of short (< 15 step) schedules, which stabilises few-step sampling.
 
-    Config keys and defaults are diffusers' ``DPMSolverMultistepScheduler``'s. Not supported:
-    ``use_beta_sigmas`` (needs scipy) and ``use_dynamic_shifting``.
+    Config keys and defaults are diffusers' ``DPMSolverMultistepScheduler``'s. ``use_beta_sigmas``
+    needs scipy (its beta quantile), as in diffusers. Not supported: ``use_dynamic_shifting``.
 
     Fused step (fastdiff extension): ``dpmsolver++`` without thresholding, flow sigmas or learned
     variances is linear in the sample, the model output and the last one or two x0 predictions
@@ -306,13 +320,23 @@ class DPMSolverMultistepScheduler(SchedulerMixin):
                 "prediction_type must be 'epsilon', 'sample', 'v_prediction' or 'flow_prediction', "
                 f"got {prediction_type!r}"
             )
-        if use_beta_sigmas:
-            raise ValueError("use_beta_sigmas=True is not supported by fastdiff (it needs scipy's beta quantile).")
+        if use_beta_sigmas and importlib.util.find_spec("scipy") is None:
+            raise ImportError("use_beta_sigmas=True needs scipy (pip install scipy), as in diffusers.")
         if use_dynamic_shifting:
             raise ValueError("use_dynamic_shifting=True is not supported by fastdiff's DPMSolverMultistepScheduler.")
-        if sum([use_karras_sigmas, use_exponential_sigmas, use_lu_lambdas, use_flow_sigmas]) > 1:
+        # As in diffusers, these three exclude each other; with use_lu_lambdas as well, set_timesteps takes
+        # the first of karras, lu lambdas, exponential, beta.
+        if sum([use_beta_sigmas, use_exponential_sigmas, use_karras_sigmas]) > 1:
+            raise ValueError("set at most one of use_beta_sigmas, use_exponential_sigmas, use_karras_sigmas.")
+        # diffusers takes those sigmas and then reads them as flow sigmas (alpha = 1 - sigma with sigma up to
+        # ~157): every sample is NaN. fastdiff refuses the combination instead (a deliberate difference).
+        other = [k for k, v in [("use_karras_sigmas", use_karras_sigmas), ("use_lu_lambdas", use_lu_lambdas),
+                                ("use_exponential_sigmas", use_exponential_sigmas),
+                                ("use_beta_sigmas", use_beta_sigmas)] if v]  # fmt: skip
+        if use_flow_sigmas and other:
             raise ValueError(
-                "set at most one of use_karras_sigmas, use_exponential_sigmas, use_lu_lambdas, use_flow_sigmas."
+                f"use_flow_sigmas=True cannot be combined with {other[0]}=True: diffusers reads those (VP) sigmas as "
+                "flow sigmas and samples NaN; choose one."
             )
         self.betas = make_betas(
             num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
@@ -374,16 +398,22 @@ class DPMSolverMultistepScheduler(SchedulerMixin):
         slots = 0 if c.solver_order == 1 else c.solver_order - 1
         return table, [False] * len(self.timesteps), slots
 
-    def set_timesteps(self, num_inference_steps=None, device=None, timesteps=None):
-        """Build the schedule from ``num_inference_steps`` or custom descending integer ``timesteps``."""
+    def set_timesteps(self, num_inference_steps=None, device=None, mu=None, timesteps=None):
+        """Build the schedule from ``num_inference_steps`` or custom descending integer ``timesteps``.
+
+        ``mu`` (diffusers' dynamic shifting) is refused, as ``use_dynamic_shifting`` is.
+        """
         config = self.config
+        if mu is not None:
+            raise ValueError("set_timesteps(mu=...) needs use_dynamic_shifting, which fastdiff does not support.")
         if (num_inference_steps is None) == (timesteps is None):
             raise ValueError("pass exactly one of num_inference_steps or timesteps to set_timesteps().")
         if timesteps is not None and (
-            config.use_karras_sigmas or config.use_lu_lambdas or config.use_exponential_sigmas
+            config.use_karras_sigmas or config.use_lu_lambdas or config.use_exponential_sigmas or config.use_beta_sigmas
         ):
             raise ValueError(
-                "custom timesteps cannot be combined with use_karras_sigmas/use_lu_lambdas/use_exponential_sigmas."
+                "custom timesteps cannot be combined with use_karras_sigmas/use_lu_lambdas/use_exponential_sigmas/"
+                "use_beta_sigmas."
             )
         if num_inference_steps is not None and num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
@@ -411,13 +441,21 @@ class DPMSolverMultistepScheduler(SchedulerMixin):
         log_sigmas = np.log(sigmas)
         n = num_inference_steps
         keep_fractional = config.beta_schedule == "squaredcos_cap_v2"
-        if config.use_karras_sigmas or config.use_exponential_sigmas:
+        if config.use_karras_sigmas or (config.use_exponential_sigmas and not config.use_lu_lambdas) or (
+            config.use_beta_sigmas and not config.use_lu_lambdas
+        ):
+            # diffusers' order of precedence: karras, lu lambdas, exponential, beta, flow
             sigmas = np.flip(sigmas).copy()
-            lo = config.get("sigma_min")
+            lo = config.get("sigma_min")  # keys of other schedulers' configs, read as diffusers reads them
             hi = config.get("sigma_max")
             lo = lo if lo is not None else sigmas[-1].item()
             hi = hi if hi is not None else sigmas[0].item()
-            sigmas = (karras_sigmas if config.use_karras_sigmas else exponential_sigmas)(lo, hi, n)
+            if config.use_karras_sigmas:
+                sigmas = karras_sigmas(lo, hi, n)
+            elif config.use_exponential_sigmas:
+                sigmas = exponential_sigmas(lo, hi, n)
+            else:
+                sigmas = beta_sigmas(lo, hi, n)
             timesteps = np.array([sigma_to_t(s, log_sigmas) for s in sigmas])
             if config.use_karras_sigmas and not keep_fractional:
                 timesteps = timesteps.round()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 from dataclasses import dataclass
@@ -125,6 +126,18 @@ def exponential_sigmas(sigma_min, sigma_max, num_inference_steps):
     """Sigmas evenly spaced in log(sigma) from sigma_max down to sigma_min."""
     return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), num_inference_steps))
 
+def beta_sigmas(sigma_min, sigma_max, num_inference_steps, alpha=0.6, beta=0.6):
+    """Sigmas at the quantiles of a Beta(alpha, beta) distribution, from sigma_max down to sigma_min
+    (Lee et al. 2024, "Beta Sampling is All You Need", arXiv:2407.12173).
+
+    Needs scipy (its beta quantile function), imported here only, as diffusers needs it only here.
+    """
+    import scipy.stats
+
+    quantiles = scipy.stats.beta.ppf(1 - np.linspace(0, 1, num_inference_steps), alpha, beta)
+    return np.array([sigma_min + q * (sigma_max - sigma_min) for q in quantiles])
+
+
 
 class EulerDiscreteScheduler(SchedulerMixin):
     """Euler method for the probability-flow ODE, Karras et al. 2022, Algorithm 2 (with churn, eq. 8 to 10).
@@ -134,8 +147,8 @@ class EulerDiscreteScheduler(SchedulerMixin):
     ``min(s_churn / N, sqrt(2) - 1)`` inside [s_tmin, s_tmax] and 0 otherwise, so the default
     (s_churn=0) is the deterministic Euler sampler. Inputs are scaled by 1 / sqrt(sigma^2 + 1).
 
-    Config keys and defaults are diffusers' ``EulerDiscreteScheduler``'s. ``use_beta_sigmas`` is
-    not supported (it needs scipy's beta quantile).
+    Config keys and defaults are diffusers' ``EulerDiscreteScheduler``'s. ``use_beta_sigmas`` needs
+    scipy (its beta quantile), as in diffusers; nothing else does.
 
     Fused step (fastdiff extension): without churn (``s_churn == 0``) the update is
     x_prev = a x + e m per element, one launch of :func:`fastdiff.ops.scheduler_step` that also folds
@@ -168,10 +181,10 @@ class EulerDiscreteScheduler(SchedulerMixin):
         rescale_betas_zero_snr: bool = False,
         final_sigmas_type: str = "zero",
     ):
-        if use_beta_sigmas:
-            raise ValueError("use_beta_sigmas=True is not supported by fastdiff (it needs scipy's beta quantile).")
-        if use_karras_sigmas and use_exponential_sigmas:
-            raise ValueError("use_karras_sigmas and use_exponential_sigmas are exclusive; set at most one.")
+        if use_beta_sigmas and importlib.util.find_spec("scipy") is None:
+            raise ImportError("use_beta_sigmas=True needs scipy (pip install scipy), as in diffusers.")
+        if sum([use_beta_sigmas, use_exponential_sigmas, use_karras_sigmas]) > 1:
+            raise ValueError("set at most one of use_beta_sigmas, use_exponential_sigmas, use_karras_sigmas.")
         if prediction_type not in ("epsilon", "v_prediction", "sample", "original_sample"):
             raise ValueError(f"prediction_type must be 'epsilon', 'v_prediction' or 'sample', got {prediction_type!r}")
         if interpolation_type not in ("linear", "log_linear"):
@@ -184,6 +197,10 @@ class EulerDiscreteScheduler(SchedulerMixin):
         )  # fmt: skip
         if rescale_betas_zero_snr:
             self.betas = rescale_zero_terminal_snr(self.betas)
+        # Instance attributes that diffusers sets too (read without the config-attribute FutureWarning).
+        self.use_karras_sigmas = use_karras_sigmas
+        self.use_exponential_sigmas = use_exponential_sigmas
+        self.use_beta_sigmas = use_beta_sigmas
         self.alphas = 1.0 - self.betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
         if rescale_betas_zero_snr:
@@ -243,8 +260,12 @@ class EulerDiscreteScheduler(SchedulerMixin):
         given = [x is not None for x in (num_inference_steps, timesteps, sigmas)]
         if sum(given) != 1:
             raise ValueError("pass exactly one of num_inference_steps, timesteps or sigmas to set_timesteps().")
-        if timesteps is not None and (self.config.use_karras_sigmas or self.config.use_exponential_sigmas):
-            raise ValueError("custom timesteps cannot be combined with use_karras_sigmas/use_exponential_sigmas.")
+        if timesteps is not None and (
+            self.config.use_karras_sigmas or self.config.use_exponential_sigmas or self.config.use_beta_sigmas
+        ):
+            raise ValueError(
+                "custom timesteps cannot be combined with use_karras_sigmas/use_exponential_sigmas/use_beta_sigmas."
+            )
         if timesteps is not None and self._continuous_v:
             raise ValueError("custom timesteps cannot be combined with timestep_type='continuous' and v_prediction.")
         if num_inference_steps is None:
@@ -274,11 +295,15 @@ class EulerDiscreteScheduler(SchedulerMixin):
                     .exp()
                     .numpy()
                 )
-            if self.config.use_karras_sigmas or self.config.use_exponential_sigmas:
+            if self.config.use_karras_sigmas or self.config.use_exponential_sigmas or self.config.use_beta_sigmas:
                 lo = self.config.sigma_min if self.config.sigma_min is not None else sigmas[-1].item()
                 hi = self.config.sigma_max if self.config.sigma_max is not None else sigmas[0].item()
-                convert = karras_sigmas if self.config.use_karras_sigmas else exponential_sigmas
-                sigmas = convert(lo, hi, num_inference_steps)
+                if self.config.use_karras_sigmas:
+                    sigmas = karras_sigmas(lo, hi, num_inference_steps)
+                elif self.config.use_exponential_sigmas:
+                    sigmas = exponential_sigmas(lo, hi, num_inference_steps)
+                else:
+                    sigmas = beta_sigmas(lo, hi, num_inference_steps)
                 timesteps = np.array([sigma_to_t(s, log_sigmas) for s in sigmas])
             if self.config.final_sigmas_type == "sigma_min":
                 sigma_last = ((1 - self.alphas_cumprod[0]) / self.alphas_cumprod[0]) ** 0.5

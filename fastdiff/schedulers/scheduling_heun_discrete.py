@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass
 
@@ -114,6 +115,19 @@ def exponential_sigmas(sigma_min, sigma_max, num_inference_steps):
     """Sigmas evenly spaced in log(sigma) from sigma_max down to sigma_min."""
     return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), num_inference_steps))
 
+# Copied from fastdiff.schedulers.scheduling_euler_discrete.beta_sigmas
+def beta_sigmas(sigma_min, sigma_max, num_inference_steps, alpha=0.6, beta=0.6):
+    """Sigmas at the quantiles of a Beta(alpha, beta) distribution, from sigma_max down to sigma_min
+    (Lee et al. 2024, "Beta Sampling is All You Need", arXiv:2407.12173).
+
+    Needs scipy (its beta quantile function), imported here only, as diffusers needs it only here.
+    """
+    import scipy.stats
+
+    quantiles = scipy.stats.beta.ppf(1 - np.linspace(0, 1, num_inference_steps), alpha, beta)
+    return np.array([sigma_min + q * (sigma_max - sigma_min) for q in quantiles])
+
+
 
 def heun_fused_coeffs(sigmas, prediction_type: str, begin_index: int = 0) -> torch.Tensor:
     """Heun's model calls as a fused-step coefficient table (columns a, e, s, p, q, h1, h2, h3 of
@@ -163,8 +177,8 @@ class HeunDiscreteScheduler(SchedulerMixin):
     d = (x - x0_hat) / sigma. ``timesteps`` therefore lists every interior timestep twice and
     ``order`` is 2. Inputs are scaled by 1 / sqrt(sigma^2 + 1).
 
-    Config keys and defaults are diffusers' ``HeunDiscreteScheduler``'s. ``use_beta_sigmas`` is not
-    supported (it needs scipy).
+    Config keys and defaults are diffusers' ``HeunDiscreteScheduler``'s. ``use_beta_sigmas`` needs
+    scipy (its beta quantile), as in diffusers; nothing else does.
 
     Fused step (fastdiff extension): without ``clip_sample`` each model call is linear in the sample,
     the model output and the predictor's derivative (:func:`heun_fused_coeffs`), so ``step`` runs as
@@ -194,16 +208,18 @@ class HeunDiscreteScheduler(SchedulerMixin):
         timestep_spacing: str = "linspace",
         steps_offset: int = 0,
     ):
-        if use_beta_sigmas:
-            raise ValueError("use_beta_sigmas=True is not supported by fastdiff (it needs scipy's beta quantile).")
-        if use_karras_sigmas and use_exponential_sigmas:
-            raise ValueError("use_karras_sigmas and use_exponential_sigmas are exclusive; set at most one.")
+        if use_beta_sigmas and importlib.util.find_spec("scipy") is None:
+            raise ImportError("use_beta_sigmas=True needs scipy (pip install scipy), as in diffusers.")
+        if sum([use_beta_sigmas, use_exponential_sigmas, use_karras_sigmas]) > 1:
+            raise ValueError("set at most one of use_beta_sigmas, use_exponential_sigmas, use_karras_sigmas.")
         if prediction_type not in ("epsilon", "v_prediction", "sample"):
             raise ValueError(f"prediction_type must be 'epsilon', 'v_prediction' or 'sample', got {prediction_type!r}")
         self.betas = make_betas(
             num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
             ("linear", "scaled_linear", "squaredcos_cap_v2", "exp"),
         )  # fmt: skip
+        # Instance attributes that diffusers sets too (read without the config-attribute FutureWarning).
+        self.use_karras_sigmas = use_karras_sigmas
         self.alphas = 1.0 - self.betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
         # The training-length schedule, as diffusers sets it up: step() before set_timesteps() runs
@@ -255,8 +271,12 @@ class HeunDiscreteScheduler(SchedulerMixin):
         """Build the schedule from ``num_inference_steps`` or custom ``timesteps``; interior entries are doubled."""
         if (num_inference_steps is None) == (timesteps is None):
             raise ValueError("pass exactly one of num_inference_steps or timesteps to set_timesteps().")
-        if timesteps is not None and (self.config.use_karras_sigmas or self.config.use_exponential_sigmas):
-            raise ValueError("custom timesteps cannot be combined with use_karras_sigmas/use_exponential_sigmas.")
+        if timesteps is not None and (
+            self.config.use_karras_sigmas or self.config.use_exponential_sigmas or self.config.use_beta_sigmas
+        ):
+            raise ValueError(
+                "custom timesteps cannot be combined with use_karras_sigmas/use_exponential_sigmas/use_beta_sigmas."
+            )
         num_inference_steps = num_inference_steps or len(timesteps)
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
@@ -276,13 +296,17 @@ class HeunDiscreteScheduler(SchedulerMixin):
         train_sigmas = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).numpy()
         log_sigmas = np.log(train_sigmas)
         sigmas = np.interp(timesteps, np.arange(0, len(train_sigmas)), train_sigmas)
-        if self.config.use_karras_sigmas or self.config.use_exponential_sigmas:
+        if self.config.use_karras_sigmas or self.config.use_exponential_sigmas or self.config.use_beta_sigmas:
             lo = self.config.get("sigma_min")
             hi = self.config.get("sigma_max")
             lo = lo if lo is not None else sigmas[-1].item()
             hi = hi if hi is not None else sigmas[0].item()
-            convert = karras_sigmas if self.config.use_karras_sigmas else exponential_sigmas
-            sigmas = convert(lo, hi, num_inference_steps)
+            if self.config.use_karras_sigmas:
+                sigmas = karras_sigmas(lo, hi, num_inference_steps)
+            elif self.config.use_exponential_sigmas:
+                sigmas = exponential_sigmas(lo, hi, num_inference_steps)
+            else:
+                sigmas = beta_sigmas(lo, hi, num_inference_steps)
             timesteps = np.array([sigma_to_t(s, log_sigmas) for s in sigmas])
         sigmas = torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32))
         self.sigmas = torch.cat([sigmas[:1], sigmas[1:-1].repeat_interleave(2), sigmas[-1:]])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
 import math
 from dataclasses import dataclass
@@ -134,6 +135,19 @@ def exponential_sigmas(sigma_min, sigma_max, num_inference_steps):
     """Sigmas evenly spaced in log(sigma) from sigma_max down to sigma_min."""
     return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), num_inference_steps))
 
+# Copied from fastdiff.schedulers.scheduling_euler_discrete.beta_sigmas
+def beta_sigmas(sigma_min, sigma_max, num_inference_steps, alpha=0.6, beta=0.6):
+    """Sigmas at the quantiles of a Beta(alpha, beta) distribution, from sigma_max down to sigma_min
+    (Lee et al. 2024, "Beta Sampling is All You Need", arXiv:2407.12173).
+
+    Needs scipy (its beta quantile function), imported here only, as diffusers needs it only here.
+    """
+    import scipy.stats
+
+    quantiles = scipy.stats.beta.ppf(1 - np.linspace(0, 1, num_inference_steps), alpha, beta)
+    return np.array([sigma_min + q * (sigma_max - sigma_min) for q in quantiles])
+
+
 
 def lms_coefficient(sigmas, order, t, current_order):
     """Integral over [sigmas[t], sigmas[t+1]] of the Lagrange basis polynomial for node ``t - current_order``.
@@ -192,7 +206,8 @@ class LMSDiscreteScheduler(SchedulerMixin):
     scaled by 1 / sqrt(sigma^2 + 1).
 
     Config keys and defaults are diffusers' ``LMSDiscreteScheduler``'s; no scipy is needed (the
-    coefficients come from exact Gauss-Legendre quadrature). ``use_beta_sigmas`` is not supported.
+    coefficients come from exact Gauss-Legendre quadrature) except for ``use_beta_sigmas`` (scipy's
+    beta quantile).
 
     Fused step (fastdiff extension): for ``order <= 4`` the update is linear in the sample, the model
     output and the last ``order - 1`` derivatives (:func:`lms_fused_coeffs`), so ``step`` runs as one
@@ -220,16 +235,18 @@ class LMSDiscreteScheduler(SchedulerMixin):
         timestep_spacing: str = "linspace",
         steps_offset: int = 0,
     ):
-        if use_beta_sigmas:
-            raise ValueError("use_beta_sigmas=True is not supported by fastdiff (it needs scipy's beta quantile).")
-        if use_karras_sigmas and use_exponential_sigmas:
-            raise ValueError("use_karras_sigmas and use_exponential_sigmas are exclusive; set at most one.")
+        if use_beta_sigmas and importlib.util.find_spec("scipy") is None:
+            raise ImportError("use_beta_sigmas=True needs scipy (pip install scipy), as in diffusers.")
+        if sum([use_beta_sigmas, use_exponential_sigmas, use_karras_sigmas]) > 1:
+            raise ValueError("set at most one of use_beta_sigmas, use_exponential_sigmas, use_karras_sigmas.")
         if prediction_type not in ("epsilon", "v_prediction", "sample"):
             raise ValueError(f"prediction_type must be 'epsilon', 'v_prediction' or 'sample', got {prediction_type!r}")
         self.betas = make_betas(
             num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
             ("linear", "scaled_linear", "squaredcos_cap_v2"),
         )  # fmt: skip
+        # Instance attributes that diffusers sets too (read without the config-attribute FutureWarning).
+        self.use_karras_sigmas = use_karras_sigmas
         self.alphas = 1.0 - self.betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
         # The training-length schedule, as diffusers sets it up: step() before set_timesteps() runs
@@ -302,6 +319,13 @@ class LMSDiscreteScheduler(SchedulerMixin):
         if self.config.use_karras_sigmas or self.config.use_exponential_sigmas:
             convert = karras_sigmas if self.config.use_karras_sigmas else exponential_sigmas
             sigmas = convert(sigmas[-1].item(), sigmas[0].item(), num_inference_steps)
+            timesteps = np.array([sigma_to_t(s, log_sigmas) for s in sigmas])
+        elif self.config.use_beta_sigmas:
+            # sigma_min/sigma_max are other schedulers' keys (kept by from_config); diffusers reads them here
+            lo, hi = self.config.get("sigma_min"), self.config.get("sigma_max")
+            lo = lo if lo is not None else sigmas[-1].item()
+            hi = hi if hi is not None else sigmas[0].item()
+            sigmas = beta_sigmas(lo, hi, num_inference_steps)
             timesteps = np.array([sigma_to_t(s, log_sigmas) for s in sigmas])
         self.sigmas = torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32))
         self._sigmas_list = self.sigmas.tolist()  # host copy for the quadrature, read without syncs

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import numpy as np
@@ -112,6 +113,19 @@ def exponential_sigmas(sigma_min, sigma_max, num_inference_steps):
     return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), num_inference_steps))
 
 
+# Copied from fastdiff.schedulers.scheduling_euler_discrete.beta_sigmas
+def beta_sigmas(sigma_min, sigma_max, num_inference_steps, alpha=0.6, beta=0.6):
+    """Sigmas at the quantiles of a Beta(alpha, beta) distribution, from sigma_max down to sigma_min
+    (Lee et al. 2024, "Beta Sampling is All You Need", arXiv:2407.12173).
+
+    Needs scipy (its beta quantile function), imported here only, as diffusers needs it only here.
+    """
+    import scipy.stats
+
+    quantiles = scipy.stats.beta.ppf(1 - np.linspace(0, 1, num_inference_steps), alpha, beta)
+    return np.array([sigma_min + q * (sigma_max - sigma_min) for q in quantiles])
+
+
 # Copied from fastdiff.schedulers.scheduling_dpmsolver_multistep.alpha_sigma_from_sigma
 def alpha_sigma_from_sigma(sigma, flow=False):
     """(alpha_t, sigma_t) of the VP process for a VE sigma: alpha = 1 / sqrt(sigma^2 + 1), sigma_t = sigma alpha.
@@ -141,8 +155,8 @@ class UniPCMultistepScheduler(SchedulerMixin):
     ``disable_corrector`` lists step indices whose corrector is skipped; ``solver_p`` replaces
     the predictor by another scheduler's step.
 
-    Config keys and defaults are diffusers' ``UniPCMultistepScheduler``'s. Not supported:
-    ``use_beta_sigmas`` (needs scipy) and ``use_dynamic_shifting``.
+    Config keys and defaults are diffusers' ``UniPCMultistepScheduler``'s. ``use_beta_sigmas`` needs
+    scipy (its beta quantile), as in diffusers. Not supported: ``use_dynamic_shifting``.
     """
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
@@ -196,12 +210,21 @@ class UniPCMultistepScheduler(SchedulerMixin):
             )
         if final_sigmas_type not in ("zero", "sigma_min"):
             raise ValueError(f"final_sigmas_type must be 'zero' or 'sigma_min', got {final_sigmas_type!r}")
-        if use_beta_sigmas:
-            raise ValueError("use_beta_sigmas=True is not supported by fastdiff (it needs scipy's beta quantile).")
+        if use_beta_sigmas and importlib.util.find_spec("scipy") is None:
+            raise ImportError("use_beta_sigmas=True needs scipy (pip install scipy), as in diffusers.")
         if use_dynamic_shifting:
             raise ValueError("use_dynamic_shifting=True is not supported by fastdiff's UniPCMultistepScheduler.")
-        if sum([use_karras_sigmas, use_exponential_sigmas, use_flow_sigmas]) > 1:
-            raise ValueError("set at most one of use_karras_sigmas, use_exponential_sigmas, use_flow_sigmas.")
+        # As in diffusers, these three exclude each other; use_flow_sigmas combines with use_karras_sigmas
+        # (set_timesteps takes the karras sigmas and maps them to flow sigmas).
+        if sum([use_beta_sigmas, use_exponential_sigmas, use_karras_sigmas]) > 1:
+            raise ValueError("set at most one of use_beta_sigmas, use_exponential_sigmas, use_karras_sigmas.")
+        if use_flow_sigmas and (use_exponential_sigmas or use_beta_sigmas):
+            # diffusers reads these (VP) sigmas as flow sigmas and samples NaN: refused (a deliberate difference).
+            name = "use_exponential_sigmas" if use_exponential_sigmas else "use_beta_sigmas"
+            raise ValueError(
+                f"use_flow_sigmas=True cannot be combined with {name}=True: diffusers reads those sigmas as flow "
+                "sigmas and samples NaN; choose one (use_karras_sigmas does combine with it)."
+            )
         if shift_terminal is not None and not use_flow_sigmas:
             raise ValueError("shift_terminal is only supported with use_flow_sigmas=True.")
         self.betas = make_betas(
@@ -246,9 +269,14 @@ class UniPCMultistepScheduler(SchedulerMixin):
     def set_begin_index(self, begin_index: int = 0):
         self._begin_index = begin_index
 
-    def set_timesteps(self, num_inference_steps=None, device=None, sigmas=None):
-        """Build the schedule for ``num_inference_steps`` (custom ``sigmas`` only with ``use_flow_sigmas``)."""
+    def set_timesteps(self, num_inference_steps=None, device=None, sigmas=None, mu=None):
+        """Build the schedule for ``num_inference_steps`` (custom ``sigmas`` only with ``use_flow_sigmas``).
+
+        ``mu`` (diffusers' dynamic shifting) is refused, as ``use_dynamic_shifting`` is.
+        """
         config = self.config
+        if mu is not None:
+            raise ValueError("set_timesteps(mu=...) needs use_dynamic_shifting, which fastdiff does not support.")
         if sigmas is not None:
             if not config.use_flow_sigmas:
                 raise ValueError("custom sigmas need use_flow_sigmas=True for UniPCMultistepScheduler.")
@@ -270,15 +298,26 @@ class UniPCMultistepScheduler(SchedulerMixin):
             )
 
         train_sigmas = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).numpy()
-        if config.use_karras_sigmas or config.use_exponential_sigmas:
-            log_sigmas = np.log(train_sigmas)
-            flipped = np.flip(train_sigmas).copy()
+        if config.use_karras_sigmas or config.use_exponential_sigmas or config.use_beta_sigmas:
+            # Custom (flow) sigmas are the input sigmas here, as in diffusers.
+            base = train_sigmas if sigmas is None else np.asarray(sigmas, dtype=np.float64)
+            log_sigmas = np.log(base)
+            flipped = np.flip(base).copy()
             lo = config.sigma_min if config.sigma_min is not None else flipped[-1].item()
             hi = config.sigma_max if config.sigma_max is not None else flipped[0].item()
-            sigmas = (karras_sigmas if config.use_karras_sigmas else exponential_sigmas)(lo, hi, n)
-            timesteps = np.array([sigma_to_t(s, log_sigmas) for s in sigmas])
             if config.use_karras_sigmas:
-                timesteps = timesteps.round()
+                sigmas = karras_sigmas(lo, hi, n)
+            elif config.use_exponential_sigmas:
+                sigmas = exponential_sigmas(lo, hi, n)
+            else:
+                sigmas = beta_sigmas(lo, hi, n)
+            if config.use_karras_sigmas and config.use_flow_sigmas:
+                sigmas = sigmas / (sigmas + 1)  # VE sigma to flow sigma, as diffusers maps karras sigmas
+                timesteps = (sigmas * total).copy()
+            else:
+                timesteps = np.array([sigma_to_t(s, log_sigmas) for s in sigmas])
+                if config.use_karras_sigmas:
+                    timesteps = timesteps.round()
             sigma_last = sigmas[-1] if config.final_sigmas_type == "sigma_min" else 0
         elif config.use_flow_sigmas:
             if sigmas is None:

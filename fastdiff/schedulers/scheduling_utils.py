@@ -232,6 +232,22 @@ class SchedulerMixin:
 
     save_config = save_pretrained
 
+    def to_json_file(self, json_file_path) -> None:
+        """Write the config as diffusers' json (what ``save_pretrained`` writes) to ``json_file_path``."""
+        with open(json_file_path, "w", encoding="utf-8") as f:
+            f.write(self.to_json_string())
+
+    @classmethod
+    def get_config_dict(cls, *args, **kwargs) -> dict:
+        """Deprecated alias of :meth:`load_config`, kept (with diffusers' FutureWarning) for old code."""
+        warnings.warn(
+            f"The function get_config_dict is deprecated. Please use {cls}.load_config instead. This function will "
+            "be removed in version v1.0.0",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return cls.load_config(*args, **kwargs)
+
     @classmethod
     def load_config(cls, pretrained_model_name_or_path, subfolder=None, **hub_kwargs) -> dict:
         """Read a scheduler config dict from a json file, a directory, or a Hugging Face Hub repo id."""
