@@ -1103,26 +1103,494 @@ def _skip_up_resnets(
 
 
 # ---------------------------------------------------------------------------
-# Blocks that need diffusers' added-KV / K-attention features
+# Blocks with added-KV attention (unCLIP, DeepFloyd IF): the encoder states are
+# projected to extra keys/values of a spatial self-attention (``added_kv_proj_dim``)
 # ---------------------------------------------------------------------------
 
 
-def _unavailable(name: str, needs: str):
-    def __init__(self, *args, **kwargs):
-        raise NotImplementedError(f"{name}: not implemented in fastdiff yet; it needs {needs}")
+def _added_kv_attention(channels, head_dim, cross_attention_dim, groups, only_cross_attention, cross_attention_norm):
+    return Attention(
+        query_dim=channels,
+        cross_attention_dim=channels,
+        heads=channels // head_dim,
+        dim_head=head_dim,
+        added_kv_proj_dim=cross_attention_dim,
+        norm_num_groups=groups,
+        bias=True,
+        upcast_softmax=True,
+        only_cross_attention=only_cross_attention,
+        cross_attention_norm=cross_attention_norm,
+    )
 
-    return type(name, (nn.Module,), {"__init__": __init__, "__doc__": f"Not implemented yet: needs {needs}."})
+
+def _simple_mask(attention_mask, encoder_hidden_states, encoder_attention_mask):
+    """diffusers' rule: ``attention_mask`` when given (unCLIP passes its cross-attention mask
+    there), else the encoder mask when attending to encoder states."""
+    if attention_mask is not None:
+        return attention_mask
+    return None if encoder_hidden_states is None else encoder_attention_mask
 
 
-_ADDED_KV = "fastdiff.nn.Attention with added_kv_proj_dim and cross_attention_norm (diffusers' AttnAddedKVProcessor)"
-_K_ATTENTION = "fastdiff.nn.Attention with diffusers' KAttentionBlock options (cross_attention_norm, AdaGroupNorm inputs)"
-SimpleCrossAttnDownBlock2D = _unavailable("SimpleCrossAttnDownBlock2D", _ADDED_KV)
-SimpleCrossAttnUpBlock2D = _unavailable("SimpleCrossAttnUpBlock2D", _ADDED_KV)
-UNetMidBlock2DSimpleCrossAttn = _unavailable("UNetMidBlock2DSimpleCrossAttn", _ADDED_KV)
-KDownBlock2D = _unavailable("KDownBlock2D", "the K-UNet blocks")
-KUpBlock2D = _unavailable("KUpBlock2D", "the K-UNet blocks")
-KCrossAttnDownBlock2D = _unavailable("KCrossAttnDownBlock2D", _K_ATTENTION)
-KCrossAttnUpBlock2D = _unavailable("KCrossAttnUpBlock2D", _K_ATTENTION)
+class SimpleCrossAttnDownBlock2D(nn.Module):
+    has_cross_attention = True
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        temb_channels: int,
+        dropout: float = 0.0,
+        num_layers: int = 1,
+        resnet_eps: float = 1e-6,
+        resnet_time_scale_shift: str = "default",
+        resnet_act_fn: str = "swish",
+        resnet_groups: int = 32,
+        resnet_pre_norm: bool = True,
+        attention_head_dim: int = 1,
+        cross_attention_dim: int = 1280,
+        output_scale_factor: float = 1.0,
+        add_downsample: bool = True,
+        skip_time_act: bool = False,
+        only_cross_attention: bool = False,
+        cross_attention_norm: Optional[str] = None,
+    ):
+        super().__init__()
+        self.attention_head_dim = attention_head_dim
+        self.num_heads = out_channels // attention_head_dim
+        resnet_kwargs = dict(
+            temb_channels=temb_channels, eps=resnet_eps, groups=resnet_groups, dropout=dropout,
+            time_embedding_norm=resnet_time_scale_shift, non_linearity=resnet_act_fn,
+            output_scale_factor=output_scale_factor, skip_time_act=skip_time_act,
+        )
+        self.resnets = _resnets(in_channels, out_channels, num_layers, **resnet_kwargs)
+        self.attentions = nn.ModuleList(
+            [
+                _added_kv_attention(
+                    out_channels, attention_head_dim, cross_attention_dim, resnet_groups, only_cross_attention,
+                    cross_attention_norm,
+                )
+                for _ in range(num_layers)
+            ]
+        )
+        self.downsamplers = (
+            nn.ModuleList([ResnetBlock2D(in_channels=out_channels, out_channels=out_channels, down=True, **resnet_kwargs)])
+            if add_downsample
+            else None
+        )
+        self.gradient_checkpointing = False
+
+    def forward(
+        self,
+        hidden_states,
+        temb=None,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        encoder_attention_mask=None,
+        additional_residuals=None,
+    ):
+        if additional_residuals is not None:
+            raise ValueError("additional_residuals: T2I-Adapter features go to CrossAttnDownBlock2D only, as in diffusers")
+        mask = _simple_mask(attention_mask, encoder_hidden_states, encoder_attention_mask)
+        output_states = ()
+        for resnet, attn in zip(self.resnets, self.attentions):
+            hidden_states = call_maybe_checkpointed(resnet, self, hidden_states, temb)
+            hidden_states = attn(hidden_states, encoder_hidden_states=encoder_hidden_states, attention_mask=mask)
+            output_states += (hidden_states,)
+        if self.downsamplers is not None:
+            hidden_states = self.downsamplers[0](hidden_states, temb)
+            output_states += (hidden_states,)
+        return hidden_states, output_states
+
+
+class UNetMidBlock2DSimpleCrossAttn(nn.Module):
+    has_cross_attention = True
+
+    def __init__(
+        self,
+        in_channels: int,
+        temb_channels: int,
+        dropout: float = 0.0,
+        num_layers: int = 1,
+        resnet_eps: float = 1e-6,
+        resnet_time_scale_shift: str = "default",
+        resnet_act_fn: str = "swish",
+        resnet_groups: Optional[int] = 32,
+        resnet_pre_norm: bool = True,
+        attention_head_dim: int = 1,
+        output_scale_factor: float = 1.0,
+        cross_attention_dim: int = 1280,
+        skip_time_act: bool = False,
+        only_cross_attention: bool = False,
+        cross_attention_norm: Optional[str] = None,
+    ):
+        super().__init__()
+        self.attention_head_dim = attention_head_dim
+        resnet_groups = resnet_groups if resnet_groups is not None else min(in_channels // 4, 32)
+        self.num_heads = in_channels // attention_head_dim
+        resnet_kwargs = dict(
+            in_channels=in_channels, out_channels=in_channels, temb_channels=temb_channels, eps=resnet_eps,
+            groups=resnet_groups, dropout=dropout, non_linearity=resnet_act_fn,
+            output_scale_factor=output_scale_factor, skip_time_act=skip_time_act,
+        )
+        self.resnets = nn.ModuleList([_resnet(resnet_time_scale_shift, **resnet_kwargs) for _ in range(num_layers + 1)])
+        self.attentions = nn.ModuleList(
+            [
+                _added_kv_attention(
+                    in_channels, attention_head_dim, cross_attention_dim, resnet_groups, only_cross_attention,
+                    cross_attention_norm,
+                )
+                for _ in range(num_layers)
+            ]
+        )
+
+    def forward(self, hidden_states, temb=None, encoder_hidden_states=None, attention_mask=None, encoder_attention_mask=None):
+        mask = _simple_mask(attention_mask, encoder_hidden_states, encoder_attention_mask)
+        hidden_states = self.resnets[0](hidden_states, temb)
+        for attn, resnet in zip(self.attentions, self.resnets[1:]):
+            hidden_states = attn(hidden_states, encoder_hidden_states=encoder_hidden_states, attention_mask=mask)
+            hidden_states = resnet(hidden_states, temb)
+        return hidden_states
+
+
+class SimpleCrossAttnUpBlock2D(nn.Module):
+    has_cross_attention = True
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        prev_output_channel: int,
+        temb_channels: int,
+        resolution_idx: Optional[int] = None,
+        dropout: float = 0.0,
+        num_layers: int = 1,
+        resnet_eps: float = 1e-6,
+        resnet_time_scale_shift: str = "default",
+        resnet_act_fn: str = "swish",
+        resnet_groups: int = 32,
+        resnet_pre_norm: bool = True,
+        attention_head_dim: int = 1,
+        cross_attention_dim: int = 1280,
+        output_scale_factor: float = 1.0,
+        add_upsample: bool = True,
+        skip_time_act: bool = False,
+        only_cross_attention: bool = False,
+        cross_attention_norm: Optional[str] = None,
+    ):
+        super().__init__()
+        self.resolution_idx = resolution_idx
+        self.attention_head_dim = attention_head_dim
+        self.num_heads = out_channels // attention_head_dim
+        resnet_kwargs = dict(
+            temb_channels=temb_channels, eps=resnet_eps, groups=resnet_groups, dropout=dropout,
+            time_embedding_norm=resnet_time_scale_shift, non_linearity=resnet_act_fn,
+            output_scale_factor=output_scale_factor, skip_time_act=skip_time_act,
+        )
+        self.resnets = _up_resnets(in_channels, prev_output_channel, out_channels, num_layers, **resnet_kwargs)
+        self.attentions = nn.ModuleList(
+            [
+                _added_kv_attention(
+                    out_channels, attention_head_dim, cross_attention_dim, resnet_groups, only_cross_attention,
+                    cross_attention_norm,
+                )
+                for _ in range(num_layers)
+            ]
+        )
+        self.upsamplers = (
+            nn.ModuleList([ResnetBlock2D(in_channels=out_channels, out_channels=out_channels, up=True, **resnet_kwargs)])
+            if add_upsample
+            else None
+        )
+        self.gradient_checkpointing = False
+
+    def forward(
+        self,
+        hidden_states,
+        res_hidden_states_tuple,
+        temb=None,
+        encoder_hidden_states=None,
+        upsample_size=None,
+        attention_mask=None,
+        encoder_attention_mask=None,
+    ):
+        mask = _simple_mask(attention_mask, encoder_hidden_states, encoder_attention_mask)
+        for resnet, attn in zip(self.resnets, self.attentions):
+            hidden_states, res_hidden_states_tuple = _pop_skip(hidden_states, res_hidden_states_tuple)
+            hidden_states = call_maybe_checkpointed(resnet, self, hidden_states, temb)
+            hidden_states = attn(hidden_states, encoder_hidden_states=encoder_hidden_states, attention_mask=mask)
+        if self.upsamplers is not None:
+            # As in diffusers, the resnet upsampler always doubles.
+            hidden_states = self.upsamplers[0](hidden_states, temb)
+        return hidden_states
+
+
+# ---------------------------------------------------------------------------
+# K-upscaler blocks: AdaGroupNorm resnets (GELU), KAttentionBlock, fixed-filter resampling
+# ---------------------------------------------------------------------------
+
+
+def _k_resnet(in_channels, out_channels, temb_channels, group_size, eps, act, dropout, conv_2d_out_channels=None):
+    return ResnetBlockCondNorm2D(
+        in_channels=in_channels, out_channels=out_channels, conv_2d_out_channels=conv_2d_out_channels,
+        temb_channels=temb_channels, eps=eps, groups=in_channels // group_size,
+        groups_out=out_channels // group_size, dropout=dropout, non_linearity=act, time_embedding_norm="ada_group",
+        conv_shortcut_bias=False,
+    )
+
+
+class KAttentionBlock(nn.Module):
+    """AdaGroupNorm then (optional) self-attention, AdaGroupNorm then cross-attention, each
+    with a residual, on (B, C, H, W) features."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_attention_heads: int,
+        attention_head_dim: int,
+        dropout: float = 0.0,
+        cross_attention_dim: Optional[int] = None,
+        attention_bias: bool = False,
+        upcast_attention: bool = False,
+        temb_channels: int = 768,
+        add_self_attention: bool = False,
+        cross_attention_norm: Optional[str] = None,
+        group_size: int = 32,
+    ):
+        super().__init__()
+        from fastdiff.models.resnet import AdaGroupNorm
+
+        self.add_self_attention = add_self_attention
+        groups = max(1, dim // group_size)
+        if add_self_attention:
+            self.norm1 = AdaGroupNorm(temb_channels, dim, groups)
+            self.attn1 = Attention(
+                query_dim=dim, heads=num_attention_heads, dim_head=attention_head_dim, dropout=dropout,
+                bias=attention_bias,
+            )
+        self.norm2 = AdaGroupNorm(temb_channels, dim, groups)
+        self.attn2 = Attention(
+            query_dim=dim, cross_attention_dim=cross_attention_dim, heads=num_attention_heads,
+            dim_head=attention_head_dim, dropout=dropout, bias=attention_bias, upcast_attention=upcast_attention,
+            cross_attention_norm=cross_attention_norm,
+        )
+
+    @staticmethod
+    def _attend(attn, normed, encoder_hidden_states, mask):
+        batch, channels, height, width = normed.shape
+        tokens = normed.permute(0, 2, 3, 1).reshape(batch, height * width, channels)
+        out = attn(tokens, encoder_hidden_states=encoder_hidden_states, attention_mask=mask)
+        return out.permute(0, 2, 1).reshape(batch, -1, height, width)
+
+    def forward(self, hidden_states, encoder_hidden_states=None, emb=None, attention_mask=None, encoder_attention_mask=None):
+        if self.add_self_attention:
+            hidden_states = self._attend(self.attn1, self.norm1(hidden_states, emb), None, attention_mask) + hidden_states
+        mask = attention_mask if encoder_hidden_states is None else encoder_attention_mask
+        return self._attend(self.attn2, self.norm2(hidden_states, emb), encoder_hidden_states, mask) + hidden_states
+
+
+class KDownBlock2D(nn.Module):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        temb_channels: int,
+        dropout: float = 0.0,
+        num_layers: int = 4,
+        resnet_eps: float = 1e-5,
+        resnet_act_fn: str = "gelu",
+        resnet_group_size: int = 32,
+        add_downsample: bool = False,
+    ):
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            [
+                _k_resnet(in_channels if i == 0 else out_channels, out_channels, temb_channels, resnet_group_size,
+                          resnet_eps, resnet_act_fn, dropout)
+                for i in range(num_layers)
+            ]
+        )
+        self.downsamplers = nn.ModuleList([KDownsample2D()]) if add_downsample else None
+        self.gradient_checkpointing = False
+
+    def forward(self, hidden_states, temb=None):
+        output_states = ()
+        for resnet in self.resnets:
+            hidden_states = call_maybe_checkpointed(resnet, self, hidden_states, temb)
+            output_states += (hidden_states,)
+        if self.downsamplers is not None:
+            hidden_states = self.downsamplers[0](hidden_states)
+        return hidden_states, output_states
+
+
+class KCrossAttnDownBlock2D(nn.Module):
+    has_cross_attention = True
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        temb_channels: int,
+        cross_attention_dim: int,
+        dropout: float = 0.0,
+        num_layers: int = 4,
+        resnet_group_size: int = 32,
+        add_downsample: bool = True,
+        attention_head_dim: int = 64,
+        add_self_attention: bool = False,
+        resnet_eps: float = 1e-5,
+        resnet_act_fn: str = "gelu",
+    ):
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            [
+                _k_resnet(in_channels if i == 0 else out_channels, out_channels, temb_channels, resnet_group_size,
+                          resnet_eps, resnet_act_fn, dropout)
+                for i in range(num_layers)
+            ]
+        )
+        self.attentions = nn.ModuleList(
+            [
+                KAttentionBlock(
+                    out_channels, out_channels // attention_head_dim, attention_head_dim,
+                    cross_attention_dim=cross_attention_dim, temb_channels=temb_channels, attention_bias=True,
+                    add_self_attention=add_self_attention, cross_attention_norm="layer_norm",
+                    group_size=resnet_group_size,
+                )
+                for _ in range(num_layers)
+            ]
+        )
+        self.downsamplers = nn.ModuleList([KDownsample2D()]) if add_downsample else None
+        self.gradient_checkpointing = False
+
+    def forward(
+        self,
+        hidden_states,
+        temb=None,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        encoder_attention_mask=None,
+        additional_residuals=None,
+    ):
+        if additional_residuals is not None:
+            raise ValueError("additional_residuals: T2I-Adapter features go to CrossAttnDownBlock2D only, as in diffusers")
+        output_states = ()
+        for resnet, attn in zip(self.resnets, self.attentions):
+            hidden_states = call_maybe_checkpointed(resnet, self, hidden_states, temb)
+            hidden_states = attn(hidden_states, encoder_hidden_states, temb, attention_mask, encoder_attention_mask)
+            # As in diffusers: the last block (no downsampler) hands the up path no skip states.
+            output_states += (None if self.downsamplers is None else hidden_states,)
+        if self.downsamplers is not None:
+            hidden_states = self.downsamplers[0](hidden_states)
+        return hidden_states, output_states
+
+
+class KUpBlock2D(nn.Module):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        temb_channels: int,
+        resolution_idx: Optional[int] = None,
+        dropout: float = 0.0,
+        num_layers: int = 5,
+        resnet_eps: float = 1e-5,
+        resnet_act_fn: str = "gelu",
+        resnet_group_size: int = 32,
+        add_upsample: bool = True,
+    ):
+        super().__init__()
+        self.resolution_idx = resolution_idx
+        num_layers -= 1
+        self.resnets = nn.ModuleList(
+            [
+                _k_resnet(2 * out_channels if i == 0 else out_channels,
+                          in_channels if i == num_layers - 1 else out_channels, temb_channels, resnet_group_size,
+                          resnet_eps, resnet_act_fn, dropout)
+                for i in range(num_layers)
+            ]
+        )
+        self.upsamplers = nn.ModuleList([KUpsample2D()]) if add_upsample else None
+        self.gradient_checkpointing = False
+
+    def forward(self, hidden_states, res_hidden_states_tuple, temb=None, upsample_size=None):
+        # Only the last skip state is used, concatenated once (diffusers' K-UNet wiring).
+        skip = res_hidden_states_tuple[-1]
+        if skip is not None:
+            hidden_states = torch.cat([hidden_states, skip], dim=1)
+        for resnet in self.resnets:
+            hidden_states = call_maybe_checkpointed(resnet, self, hidden_states, temb)
+        if self.upsamplers is not None:
+            hidden_states = self.upsamplers[0](hidden_states)
+        return hidden_states
+
+
+class KCrossAttnUpBlock2D(nn.Module):
+    has_cross_attention = True
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        temb_channels: int,
+        resolution_idx: Optional[int] = None,
+        dropout: float = 0.0,
+        num_layers: int = 4,
+        resnet_eps: float = 1e-5,
+        resnet_act_fn: str = "gelu",
+        resnet_group_size: int = 32,
+        attention_head_dim: int = 1,
+        cross_attention_dim: int = 768,
+        add_upsample: bool = True,
+        upcast_attention: bool = False,
+    ):
+        super().__init__()
+        self.resolution_idx = resolution_idx
+        self.attention_head_dim = attention_head_dim
+        is_first_block = in_channels == out_channels == temb_channels
+        is_middle_block = in_channels != out_channels
+        k_in_channels = out_channels if is_first_block else 2 * out_channels
+        k_out_channels = in_channels
+        num_layers -= 1
+        resnets, attentions = [], []
+        for i in range(num_layers):
+            last = i == num_layers - 1
+            resnets.append(
+                _k_resnet(k_in_channels if i == 0 else out_channels, out_channels, temb_channels, resnet_group_size,
+                          resnet_eps, resnet_act_fn, dropout,
+                          conv_2d_out_channels=k_out_channels if is_middle_block and last else None)
+            )
+            dim = k_out_channels if last else out_channels
+            attentions.append(
+                KAttentionBlock(
+                    dim, dim // attention_head_dim, attention_head_dim, cross_attention_dim=cross_attention_dim,
+                    temb_channels=temb_channels, attention_bias=True, add_self_attention=is_first_block,
+                    cross_attention_norm="layer_norm", upcast_attention=upcast_attention,
+                )
+            )
+        self.resnets = nn.ModuleList(resnets)
+        self.attentions = nn.ModuleList(attentions)
+        self.upsamplers = nn.ModuleList([KUpsample2D()]) if add_upsample else None
+        self.gradient_checkpointing = False
+
+    def forward(
+        self,
+        hidden_states,
+        res_hidden_states_tuple,
+        temb=None,
+        encoder_hidden_states=None,
+        upsample_size=None,
+        attention_mask=None,
+        encoder_attention_mask=None,
+    ):
+        skip = res_hidden_states_tuple[-1]
+        if skip is not None:
+            hidden_states = torch.cat([hidden_states, skip], dim=1)
+        for resnet, attn in zip(self.resnets, self.attentions):
+            hidden_states = call_maybe_checkpointed(resnet, self, hidden_states, temb)
+            hidden_states = attn(hidden_states, encoder_hidden_states, temb, attention_mask, encoder_attention_mask)
+        if self.upsamplers is not None:
+            hidden_states = self.upsamplers[0](hidden_states)
+        return hidden_states
 
 
 # ---------------------------------------------------------------------------
