@@ -41,7 +41,9 @@ What a region call does:
    never happens inside a capture. The next call (with the watched tensors unchanged by the
    warm-up step) captures and replays. A capture that fails (a host sync inside the region, an
    op that cannot be captured) is recorded, warned about once, and that key runs eagerly from
-   then on; ``region.reasons`` says why.
+   then on; ``region.reasons`` says why. Random draws inside a capture are refused the same way
+   (they would not repeat the eager run's numbers): a stochastic scheduler needs its noise bank
+   (``scheduler.prepare_noise_bank``) before the loop.
 
 Contract for ``fn``:
 
@@ -150,6 +152,9 @@ class CUDAGraphBackend:
             return ["torch reports no usable CUDA device"]
         return []
 
+    def module_reasons(self, modules: Sequence[torch.nn.Module]) -> List[str]:
+        return []
+
     def new_pool(self, device: torch.device):
         return torch.cuda.graph_pool_handle()
 
@@ -157,7 +162,7 @@ class CUDAGraphBackend:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.device(device):
             before = _pool_bytes(pool, device)
-            with torch.cuda.graph(graph, pool=pool):
+            with torch.cuda.graph(graph, pool=pool), _lint_mode_class()():
                 outputs = fn()
             growth = _pool_bytes(pool, device) - before
         return graph, outputs, max(0, growth)
@@ -181,8 +186,42 @@ def _pool_bytes(pool, device: torch.device) -> int:
     return torch.cuda.memory_reserved(index)
 
 
-# ATen ops that read a device value on the host: a CUDA capture fails on them, so the stand-in does too.
+# ATen ops that read a device value on the host: a CUDA capture fails on them.
 _SYNC_OPS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::is_nonzero", "aten::equal", "aten::item"}
+# ATen ops that draw random numbers: inside a graph they would not give the eager run's numbers.
+_RANDOM_OPS = {
+    "aten::randn", "aten::rand", "aten::randint", "aten::randn_like", "aten::rand_like", "aten::randint_like",
+    "aten::normal", "aten::normal_", "aten::uniform_", "aten::bernoulli", "aten::bernoulli_", "aten::multinomial",
+    "aten::exponential_", "aten::randperm",
+}  # fmt: skip
+
+
+def _refuse_in_capture(func) -> None:
+    """Raise :class:`GraphCaptureError` for an op a captured region must not run."""
+    name = func._schema.name
+    if name in _SYNC_OPS:
+        raise GraphCaptureError(
+            f"{name} reads a device value on the host inside a captured region "
+            "(.item(), a Python bool of a tensor, nonzero, ...); a CUDA graph capture fails on it"
+        )
+    if name in _RANDOM_OPS:
+        raise GraphCaptureError(
+            f"{name} draws random numbers inside a captured region, which would not repeat the eager run's draws; "
+            "pre-draw them (scheduler.prepare_noise_bank(...) before the loop)"
+        )
+
+
+def _lint_mode_class():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _Lint(TorchDispatchMode):
+        """Watches a CUDA capture (not its replays) for host syncs and random draws, and names the op."""
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            _refuse_in_capture(func)
+            return func(*args, **(kwargs or {}))
+
+    return _Lint
 
 
 def _storage_key(t: torch.Tensor) -> Tuple[str, int]:
@@ -214,11 +253,7 @@ def _tape_mode_class():
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
-            if func._schema.name in _SYNC_OPS:
-                raise GraphCaptureError(
-                    f"{func._schema.name} reads a device value on the host inside a captured region "
-                    "(.item(), a Python bool of a tensor, nonzero, ...); a CUDA graph capture fails on it"
-                )
+            _refuse_in_capture(func)
             for t in _written_tensors(func, args, kwargs):
                 if _storage_key(t) not in self.created:
                     self.snapshots.append((t, t.detach().clone()))
@@ -249,9 +284,13 @@ class StandInBackend:
     * tensors that existed before the capture (static inputs, weights, a scheduler's step index)
       are restored to their values from before it;
     * floating-point outputs are NaN until the first replay;
-    * an op that reads a device value on the host raises :class:`GraphCaptureError`.
+    * an op that reads a device value on the host, or draws random numbers, raises
+      :class:`GraphCaptureError` (the CUDA backend watches its captures for both too).
 
-    ``pool_growth`` is the bytes of the storages the capture allocated. Works on any device.
+    ``pool_growth`` is the bytes of the storages the capture allocated. Works on any device. It
+    replays what goes through the PyTorch dispatcher: ATen ops and ``torch.library`` custom ops
+    (every fastdiff kernel is one, Triton under the interpreter included); it refuses
+    torch.compile'd modules, whose generated kernels bypass the dispatcher.
     """
 
     name = "stand-in"
@@ -261,6 +300,12 @@ class StandInBackend:
         self.captures = 0
 
     def device_reasons(self, device: torch.device) -> List[str]:
+        return []
+
+    def module_reasons(self, modules: Sequence[torch.nn.Module]) -> List[str]:
+        # Inductor's generated kernels do not go through the dispatcher, so a tape would miss them.
+        if any(m is not None and _is_compiled(m) for m in modules):
+            return ["the stand-in backend cannot replay torch.compile'd code (its kernels bypass the dispatcher)"]
         return []
 
     def new_pool(self, device: torch.device):
@@ -497,6 +542,7 @@ def capture_reasons(
     if not enabled:
         reasons.append("CUDA graphs are turned off for this pipeline (enable_cuda_graph(False) or cuda_graph=False)")
     reasons += backend.device_reasons(device)
+    reasons += backend.module_reasons(modules)
     if callback_on_step_end is not None and list(callback_tensor_inputs):
         reasons.append(
             f"callback_on_step_end receives the tensors {list(callback_tensor_inputs)} and may change them between "
@@ -633,6 +679,18 @@ class GraphRunner:
     def keys(self) -> List[tuple]:
         """The cached keys, least recently used first."""
         return list(self._state.graphs)
+
+    def describe(self) -> str:
+        """A few lines for ``pipe.explain()``: the cache's size and limits, counters, failed keys."""
+        state = self._state
+        budget = "no byte limit" if state.max_bytes is None else f"max_bytes={state.max_bytes}"
+        lines = [
+            f"CUDA graphs ({self.backend.name} backend, {'on' if self.enabled else 'off'}): {len(state.graphs)} cached "
+            f"of max_graphs={state.max_graphs}, {state.nbytes} bytes ({budget})",
+            "  " + (", ".join(f"{k}={v}" for k, v in sorted(state.stats.items())) or "nothing run yet"),
+        ]
+        lines += [f"  eager at {key[0]} {dict(key[1])}: {why}" for key, why in state.failed.items()]
+        return "\n".join(lines)
 
     def release(self) -> None:
         """Free every graph, static buffer and the memory pool (``pipe.release_graphs()``)."""
@@ -859,7 +917,8 @@ def enable_triton_autotune_cache() -> Dict[str, Any]:
     ``triton.knobs.autotuning.cache`` (environment ``TRITON_CACHE_AUTOTUNING=1``) when an autotuner is
     created; this helper instead turns it on for fastdiff's own autotuners only (nothing global).
     Triton skips the disk cache for configs with a ``pre_hook`` (the TMA attention kernel's) and under
-    the interpreter. Returns what it found and did: ``triton`` (version), ``knob`` (whether
+    the interpreter. Triton 3.6 (the GPU image) and 3.9 (.venv) both have ``cache_results``,
+    ``check_disk_cache`` and ``knobs.autotuning.cache``, read once when an autotuner is created. Returns what it found and did: ``triton`` (version), ``knob`` (whether
     ``triton.knobs.autotuning.cache`` exists), ``kernels`` (name -> enabled), ``skipped`` (name -> why).
     """
     report: Dict[str, Any] = {"triton": None, "knob": False, "kernels": {}, "skipped": {}}

@@ -305,6 +305,90 @@ def test_host_sync_inside_capture_falls_back_to_eager_with_a_reason():
     assert any("capture failed" in r for r in again.reasons)
 
 
+def test_random_draw_inside_capture_falls_back_to_eager():
+    runner = _runner()
+
+    def fn(x):
+        return x + torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+
+    x = torch.randn(4)
+    region = runner.region("f", fn, dict(x=x))
+    region(x=x)
+    with pytest.warns(RuntimeWarning, match="prepare_noise_bank"):
+        torch.testing.assert_close(region(x=x), fn(x), rtol=0, atol=0)
+    assert "aten::randn" in region.reasons[0]
+
+
+def test_stochastic_scheduler_with_noise_bank_gives_eager_numbers():
+    from fastdiff.schedulers import DDPMScheduler
+
+    unet, x = TinyDenoiser(), _latents()
+
+    def loop(runner):
+        scheduler = DDPMScheduler(clip_sample=False)
+        generator = torch.Generator().manual_seed(21)
+        with fastdiff.use_backend(scheduler_step="reference"), torch.no_grad():
+            scheduler.set_timesteps(STEPS)
+
+            def step(latents, t, guidance):
+                noise_pred = unet(torch.cat([latents] * 2), t)
+                return scheduler.step(noise_pred, t, latents, generator=generator, guidance_scale=guidance, return_dict=False)[0]
+
+            if runner is None:
+                latents = x
+                for t in scheduler.timesteps:
+                    latents = step(latents, t, GUIDANCE)
+                return latents
+            scheduler.prepare_noise_bank(x.shape, generator=generator, dtype=x.dtype)
+            region = runner.region(
+                "step", step, dict(latents=x, t=scheduler.timesteps[0], guidance=GUIDANCE), modules=[unet],
+                scheduler=scheduler, watch=lambda: scheduler_state_tensors(scheduler),
+            )  # fmt: skip
+            latents = x
+            for t in scheduler.timesteps:
+                latents = region(latents=latents, t=t, guidance=GUIDANCE)
+            assert region.captured
+            return latents.clone()
+
+    runner = _runner()
+    assert torch.equal(loop(runner), loop(None))
+    assert runner.stats["captures"] == 1 and runner.stats["replays"] == STEPS - 1
+
+
+def test_fastdiff_custom_ops_are_captured():
+    # Triton kernels (under the interpreter here) run inside torch.library custom ops, which the
+    # stand-in records and replays, in-place step index advance included.
+    from fastdiff.nn import GroupNorm
+
+    norm = GroupNorm(2, 6, activation="silu")
+    conv_in, conv_out = torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.Conv2d(6, 3, 1)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    model = torch.nn.Sequential(conv_in, norm, conv_out)
+    x = _latents(shape=(1, 3, 5, 6))
+
+    def run(runner):
+        scheduler = DDIMScheduler(clip_sample=False)
+        with fastdiff.use_backend(group_norm="triton", scheduler_step="triton"), torch.no_grad():
+            scheduler.set_timesteps(3)
+
+            def step(latents):
+                return scheduler.step(model(latents), scheduler.timesteps[0], latents, return_dict=False)[0]
+
+            region = runner.region("s", step, dict(latents=x), modules=[model], watch=lambda: scheduler_state_tensors(scheduler))
+            latents = x
+            for _ in range(3):
+                latents = region(latents=latents)
+            return latents.clone(), region
+
+    captured, region = run(_runner())
+    assert region.reasons == [] and region.captured
+    eager, eager_region = run(_runner(enabled=False))
+    assert not eager_region.captured
+    assert torch.equal(captured, eager)
+
+
 # ---------------------------------------------------------------------------- keys
 
 
@@ -451,9 +535,10 @@ def test_capture_reasons():
     assert euler.step_index is None  # the probe did not move the scheduler
 
     compiled = torch.compile(TinyDenoiser())  # not run: compiling happens at the first call
-    not_warmed = capture_reasons(cpu, backend=stand_in, modules=[compiled], warmed=False)
-    assert "torch.compile'd TinyDenoiser has not run at these shapes" in not_warmed[0]
-    assert capture_reasons(cpu, backend=stand_in, modules=[compiled], warmed=True) == []
+    not_warmed = " ".join(capture_reasons(cpu, backend=stand_in, modules=[compiled], warmed=False))
+    assert "torch.compile'd TinyDenoiser has not run at these shapes" in not_warmed
+    warmed = capture_reasons(cpu, backend=stand_in, modules=[compiled], warmed=True)
+    assert warmed == ["the stand-in backend cannot replay torch.compile'd code (its kernels bypass the dispatcher)"]
     assert capture_reasons(cpu, backend=stand_in, modules=[TinyDenoiser()], warmed=False) == []
 
 
@@ -567,18 +652,21 @@ def test_cuda_graph_memory_bounded_over_cycled_resolutions():
     guidance = torch.full((1,), 7.5, device=device)
     scheduler = DDIMScheduler(clip_sample=False)
     runner = GraphRunner(unet, max_graphs=2)
+    torch.cuda.synchronize()
     baseline = torch.cuda.memory_reserved()
-    after_cycle = []
+    after_cycle, graph_bytes = [], []
     for _ in range(3):
-        for size in (8, 16, 24, 32, 40):
+        for size in (32, 48, 64, 80, 96):  # the 96x96 step's activations are tens of MiB
             latents = torch.randn(2, 4, size, size, device=device, dtype=dtype)
             _, region = _sd_loop(unet, scheduler, runner, latents, text, guidance)
             assert region.captured
         torch.cuda.synchronize()
-        after_cycle.append(torch.cuda.memory_reserved())
-    assert len(runner) == 2
-    # the LRU keeps two graphs in one pool: later cycles need no more memory than the first
-    assert after_cycle[2] <= after_cycle[0] + 2 * 1024 * 1024, after_cycle
+        after_cycle.append(torch.cuda.memory_reserved() - baseline)
+        graph_bytes.append(runner.nbytes)
+    assert len(runner) == 2 and runner.stats["evictions"] > 0
+    # the LRU keeps two graphs in one shared pool: later cycles need no more memory than the first
+    mib = 1024 * 1024
+    assert after_cycle[2] <= after_cycle[0] + 4 * mib, (after_cycle, graph_bytes)
     runner.release()
     torch.cuda.synchronize()
-    assert torch.cuda.memory_reserved() <= baseline + 2 * 1024 * 1024
+    assert torch.cuda.memory_reserved() - baseline <= 4 * mib, (torch.cuda.memory_reserved() - baseline, after_cycle)
