@@ -334,6 +334,10 @@ def train(args) -> int:
     if args.image_size % 8:
         raise CLIError(f"--image-size: expected a multiple of 8, got {args.image_size}")
     run_training(config_from_args(args))
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():  # started by torchrun
+        dist.destroy_process_group()
     return 0
 
 
