@@ -59,10 +59,13 @@ Contract for ``fn``:
   graph. Clone what must outlive the loop.
 
 The cache key (:func:`graph_key`) holds everything that changes the captured work: the region
-name, each input's shape, strides, dtype and device, the scheduler class, config, number of
-steps and step arguments, CFG on/off (a ``guidance`` input or not), every op's requested backend
+name, each input's shape, strides, dtype and device, the scheduler class, config and step
+arguments, CFG on/off (a ``guidance`` input or not), every op's requested backend
 (``fastdiff.use_backend`` / ``FASTDIFF_BACKEND``; ``auto`` choices follow from shapes, dtypes and
-devices, which are in the key), the autocast state, and the caller's ``extra``.
+devices, which are in the key), the autocast state, and the caller's ``extra``. The number of
+steps is not in it: a per-step graph does the same work at any count, and a new schedule's table is
+a new watched tensor, so it replaces the graph rather than adding one (a whole-loop region puts its
+step count in ``extra``).
 
 Weights (:func:`weights_fingerprint`), checked once per region (once per pipeline call):
 
@@ -387,7 +390,6 @@ def _scheduler_signature(scheduler, scheduler_kwargs: Optional[Mapping[str, Any]
     return (
         type(scheduler).__name__,
         _frozen(dict(scheduler.config)),
-        getattr(scheduler, "num_inference_steps", None),
         _frozen(kwargs),
         None if temperature is None else (type(temperature).__name__, _frozen(vars(temperature))),
     )
