@@ -15,9 +15,8 @@ import torch
 from torch import nn
 
 from fastdiff.models.configuration_utils import ConfigMixin, register_to_config
-from fastdiff.models.embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps
+from fastdiff.models.embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps, get_activation
 from fastdiff.models.modeling_utils import BaseOutput, ModelMixin
-from fastdiff.models.resnet import check_silu
 from fastdiff.models.unet_2d_blocks import UNetMidBlock2D, get_down_block, get_up_block
 from fastdiff.nn import GroupNorm
 
@@ -78,7 +77,7 @@ class UNet2DModel(ModelMixin, ConfigMixin):
         num_train_timesteps: Optional[int] = None,
     ):
         super().__init__()
-        check_silu(act_fn)
+        get_activation(act_fn)  # an unknown name raises here, naming act_fn
         if len(down_block_types) != len(up_block_types) or len(block_out_channels) != len(down_block_types):
             raise ValueError(
                 f"down_block_types, up_block_types and block_out_channels must have the same length, got "

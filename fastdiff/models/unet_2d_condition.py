@@ -28,7 +28,6 @@ from torch import nn
 from fastdiff.models.configuration_utils import ConfigMixin, register_to_config
 from fastdiff.models.embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps, get_activation
 from fastdiff.models.modeling_utils import BaseOutput, ModelMixin
-from fastdiff.models.resnet import check_silu
 from fastdiff.models.unet_2d import timesteps_for_batch
 from fastdiff.models.unet_2d_blocks import get_down_block, get_mid_block, get_up_block
 from fastdiff.nn import GroupNorm
@@ -116,7 +115,7 @@ class UNet2DConditionModel(ModelMixin, ConfigMixin):
         super().__init__()
         # addition_embed_type_num_heads only affects diffusers' text addition embedding,
         # which is rejected below; it is accepted so that every diffusers config loads.
-        check_silu(act_fn)
+        get_activation(act_fn)  # an unknown name raises here, naming act_fn
         n = len(down_block_types)
         if num_attention_heads is not None:
             raise ValueError(
@@ -313,9 +312,14 @@ class UNet2DConditionModel(ModelMixin, ConfigMixin):
                 )
             )
 
-        # -- out: diffusers' conv_norm_out + conv_act (SiLU) as one fused module
+        # -- out: diffusers' conv_norm_out + conv_act, one fused module when the activation is SiLU
+        self.conv_act = None
         if norm_num_groups is not None:
-            self.conv_norm_out = GroupNorm(norm_num_groups, block_out_channels[0], eps=norm_eps, activation="silu")
+            fused = act_fn in ("silu", "swish")
+            self.conv_norm_out = GroupNorm(
+                norm_num_groups, block_out_channels[0], eps=norm_eps, activation="silu" if fused else None
+            )
+            self.conv_act = None if fused else get_activation(act_fn)
         else:
             self.conv_norm_out = None
         conv_out_padding = (conv_out_kernel - 1) // 2
@@ -433,6 +437,8 @@ class UNet2DConditionModel(ModelMixin, ConfigMixin):
 
         if self.conv_norm_out is not None:
             sample = self.conv_norm_out(sample)
+            if self.conv_act is not None:
+                sample = self.conv_act(sample)
         sample = self.conv_out(sample)
         if not return_dict:
             return (sample,)
