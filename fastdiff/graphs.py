@@ -57,6 +57,13 @@ Contract for ``fn``:
   advances once for the capture, not per replay).
 * The returned tensors are the graph's static outputs: valid until the next replay of the same
   graph. Clone what must outlive the loop.
+* One region runs on one thread and the current stream; regions of one runner never run
+  concurrently (they share the memory pool).
+
+Scheduler buffers across calls: ``set_timesteps`` gives the fused step new device tensors (table,
+step index, history ring), so a per-step graph from an earlier call is stale (its watched tensors
+changed): the call warms up one eager step and recaptures. A loop that rewinds the same buffers
+(``scheduler.reset_fused_step()``) replays from step 0 with no capture.
 
 The cache key (:func:`graph_key`) holds everything that changes the captured work: the region
 name, each input's shape, strides, dtype and device, the scheduler class, config and step
@@ -102,8 +109,8 @@ from __future__ import annotations
 
 import collections
 import copy
-import inspect
 import dataclasses
+import inspect
 import logging
 import warnings
 import weakref
@@ -185,7 +192,8 @@ def _pool_bytes(pool, device: torch.device) -> int:
     segments = torch.cuda.memory_snapshot()
     if segments and "segment_pool_id" in segments[0]:
         pool_id = tuple(pool)
-        return sum(s["total_size"] for s in segments if s.get("device") == index and tuple(s["segment_pool_id"]) == pool_id)
+        mine = (s for s in segments if s.get("device") == index and tuple(s["segment_pool_id"]) == pool_id)
+        return sum(s["total_size"] for s in mine)
     return torch.cuda.memory_reserved(index)
 
 
@@ -648,7 +656,9 @@ class GraphRunner:
         enabled (`bool`): ``False`` runs every region eagerly (``pipe.enable_cuda_graph(False)``).
     """
 
-    def __init__(self, owner=None, *, backend=None, max_graphs: int = 4, max_bytes: Optional[int] = None, enabled: bool = True):
+    def __init__(
+        self, owner=None, *, backend=None, max_graphs: int = 4, max_bytes: Optional[int] = None, enabled: bool = True
+    ):
         if not isinstance(max_graphs, int) or max_graphs < 1:
             raise ValueError(f"max_graphs: expected a positive int, got {max_graphs!r}")
         if max_bytes is not None and (not isinstance(max_bytes, int) or max_bytes < 1):
@@ -761,7 +771,8 @@ def _check_inputs(inputs: Mapping[str, Any], what: str) -> None:
     for k, v in inputs.items():
         if not isinstance(v, torch.Tensor):
             raise TypeError(
-                f"{what}[{k!r}]: expected a tensor, got {type(v).__name__} (a Python value read by fn belongs in extra=)"
+                f"{what}[{k!r}]: expected a tensor, got {type(v).__name__} "
+                "(a Python value read by fn belongs in extra=)"
             )
 
 
@@ -798,7 +809,8 @@ class Region:
         watch = _watch_fingerprint(self._watch()) if self._watch is not None else ()
         graph = state.graphs.get(self.key)
         if graph is not None and (graph.weights.layout != self.weights.layout or graph.watch != watch):
-            state.stats["recaptures_weights" if graph.weights.layout != self.weights.layout else "recaptures_watch"] += 1
+            weights_changed = graph.weights.layout != self.weights.layout
+            state.stats["recaptures_weights" if weights_changed else "recaptures_watch"] += 1
             state.drop(self.key)
             graph = None
         if graph is None:
@@ -841,7 +853,8 @@ class Region:
                 shape, stride, dtype, device = self._signature[k]
                 raise ValueError(
                     f"region input {k!r}: expected shape {shape}, stride {stride}, {dtype} on {device}, got "
-                    f"shape {tuple(t.shape)}, stride {tuple(t.stride())}, {t.dtype} on {t.device}; a new shape needs a new region"
+                    f"shape {tuple(t.shape)}, stride {tuple(t.stride())}, {t.dtype} on {t.device}; "
+                    "a new shape needs a new region"
                 )
 
     def _capture(self, inputs: Mapping[str, torch.Tensor], watch: tuple) -> Optional[_Graph]:
@@ -855,7 +868,8 @@ class Region:
         input_bytes = sum(t.untyped_storage().nbytes() for t in static_inputs.values())
         try:
             with torch.no_grad():
-                handle, outputs, growth = state.backend.capture(lambda: self.fn(**static_inputs), state.pool, self.device)
+                run = lambda: self.fn(**static_inputs)  # noqa: E731
+                handle, outputs, growth = state.backend.capture(run, state.pool, self.device)
             leaves, spec = pytree.tree_flatten(outputs)
             if not leaves or not all(isinstance(t, torch.Tensor) for t in leaves):
                 raise GraphCaptureError(
@@ -869,14 +883,18 @@ class Region:
             return None
         nbytes = input_bytes + growth
         if state.max_bytes is not None and nbytes > state.max_bytes:
-            self._fail(f"one graph for these shapes needs {nbytes} bytes, over the byte budget max_bytes={state.max_bytes}")
+            self._fail(
+                f"one graph for these shapes needs {nbytes} bytes, over the byte budget max_bytes={state.max_bytes}"
+            )
             if not state.graphs:
                 state._release_pool()
             return None
         graph = _Graph(handle, static_inputs, leaves, spec, nbytes, self.weights, watch)
         state.insert(self.key, graph)
         state.stats["captures"] += 1
-        logger.debug("captured %s (%d bytes; %d graphs, %d bytes cached)", self.key[0], nbytes, len(state.graphs), state.nbytes)
+        logger.debug(
+            "captured %s (%d bytes; %d graphs, %d bytes cached)", self.key[0], nbytes, len(state.graphs), state.nbytes
+        )
         return graph
 
     def _fail(self, reason: str) -> None:
@@ -920,7 +938,9 @@ def enable_triton_autotune_cache() -> Dict[str, Any]:
     created; this helper instead turns it on for fastdiff's own autotuners only (nothing global).
     Triton skips the disk cache for configs with a ``pre_hook`` (the TMA attention kernel's) and under
     the interpreter. Triton 3.6 (the GPU image) and 3.9 (.venv) both have ``cache_results``,
-    ``check_disk_cache`` and ``knobs.autotuning.cache``, read once when an autotuner is created. Returns what it found and did: ``triton`` (version), ``knob`` (whether
+    ``check_disk_cache`` and ``knobs.autotuning.cache``, read once when an autotuner is created.
+
+    Returns what it found and did: ``triton`` (version), ``knob`` (whether
     ``triton.knobs.autotuning.cache`` exists), ``kernels`` (name -> enabled), ``skipped`` (name -> why).
     """
     report: Dict[str, Any] = {"triton": None, "knob": False, "kernels": {}, "skipped": {}}

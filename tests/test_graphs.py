@@ -161,7 +161,8 @@ def test_new_scheduler_buffers_recapture():
 
 def _new_state_dict(module, seed):
     g = torch.Generator().manual_seed(seed)
-    return {k: torch.randn(v.shape, generator=g, dtype=v.dtype) * 0.3 + (1.0 if k == "scale" else 0.0) for k, v in module.state_dict().items()}
+    state = module.state_dict()
+    return {k: torch.randn(v.shape, generator=g, dtype=v.dtype) * 0.3 + (k == "scale") for k, v in state.items()}
 
 
 def _load_in_place(pipe):
@@ -360,7 +361,8 @@ def test_stochastic_scheduler_with_noise_bank_gives_eager_numbers():
 
             def step(latents, t, guidance):
                 noise_pred = unet(torch.cat([latents] * 2), t)
-                return scheduler.step(noise_pred, t, latents, generator=generator, guidance_scale=guidance, return_dict=False)[0]
+                out = scheduler.step(noise_pred, t, latents, generator=generator, guidance_scale=guidance)
+                return out.prev_sample
 
             if runner is None:
                 latents = x
@@ -404,7 +406,8 @@ def test_fastdiff_custom_ops_are_captured():
             def step(latents):
                 return scheduler.step(model(latents), scheduler.timesteps[0], latents, return_dict=False)[0]
 
-            region = runner.region("s", step, dict(latents=x), modules=[model], watch=lambda: scheduler_state_tensors(scheduler))
+            watch = lambda: scheduler_state_tensors(scheduler)  # noqa: E731
+            region = runner.region("s", step, dict(latents=x), modules=[model], watch=watch)
             latents = x
             for _ in range(3):
                 latents = region(latents=latents)
@@ -421,42 +424,37 @@ def test_fastdiff_custom_ops_are_captured():
 
 
 def test_graph_key_holds_everything_that_changes_the_work():
-    x = torch.randn(2, 4, 8, 8)
-    t = torch.tensor(999)
-    g = torch.full((1,), 7.5)
+    x, t, g = torch.randn(2, 4, 8, 8), torch.tensor(999), torch.full((1,), 7.5)
     ddim = DDIMScheduler(clip_sample=False)
-    base = graph_key("step", dict(latents=x, t=t, guidance=g), scheduler=ddim, extra=("a",))
-    assert graph_key("step", dict(latents=torch.randn(2, 4, 8, 8), t=t, guidance=g), scheduler=ddim, extra=("a",)) == base
 
+    def key(name="step", extra=("a",), scheduler=ddim, scheduler_kwargs=None, **inputs):
+        inputs = {"latents": x, "t": t, "guidance": g, **inputs}
+        inputs = {k: v for k, v in inputs.items() if v is not None}
+        return graph_key(name, inputs, scheduler=scheduler, scheduler_kwargs=scheduler_kwargs, extra=extra)
+
+    base = key()
+    assert key(latents=torch.randn(2, 4, 8, 8)) == base  # values are not part of it
     variants = {
-        "batch": graph_key("step", dict(latents=torch.randn(4, 4, 8, 8), t=t, guidance=g), scheduler=ddim, extra=("a",)),
-        "height": graph_key("step", dict(latents=torch.randn(2, 4, 16, 8), t=t, guidance=g), scheduler=ddim, extra=("a",)),
-        "width": graph_key("step", dict(latents=torch.randn(2, 4, 8, 16), t=t, guidance=g), scheduler=ddim, extra=("a",)),
-        "dtype": graph_key("step", dict(latents=x.double(), t=t, guidance=g), scheduler=ddim, extra=("a",)),
-        "layout": graph_key(
-            "step", dict(latents=x.to(memory_format=torch.channels_last), t=t, guidance=g), scheduler=ddim, extra=("a",)
-        ),
-        "cfg_off": graph_key("step", dict(latents=x, t=t), scheduler=ddim, extra=("a",)),
-        "scheduler_class": graph_key(
-            "step", dict(latents=x, t=t, guidance=g), scheduler=EulerDiscreteScheduler(), extra=("a",)
-        ),
-        "scheduler_config": graph_key(
-            "step", dict(latents=x, t=t, guidance=g), scheduler=DDIMScheduler(clip_sample=False, beta_end=0.03), extra=("a",)
-        ),
-        "step_kwargs": graph_key(
-            "step", dict(latents=x, t=t, guidance=g), scheduler=ddim, scheduler_kwargs={"eta": 0.3}, extra=("a",)
-        ),
-        "extra": graph_key("step", dict(latents=x, t=t, guidance=g), scheduler=ddim, extra=("b",)),
-        "name": graph_key("loop", dict(latents=x, t=t, guidance=g), scheduler=ddim, extra=("a",)),
+        "batch": key(latents=torch.randn(4, 4, 8, 8)),
+        "height": key(latents=torch.randn(2, 4, 16, 8)),
+        "width": key(latents=torch.randn(2, 4, 8, 16)),
+        "dtype": key(latents=x.double()),
+        "layout": key(latents=x.to(memory_format=torch.channels_last)),
+        "cfg_off": key(guidance=None),
+        "scheduler_class": key(scheduler=EulerDiscreteScheduler()),
+        "scheduler_config": key(scheduler=DDIMScheduler(clip_sample=False, beta_end=0.03)),
+        "step_kwargs": key(scheduler_kwargs={"eta": 0.3}),
+        "extra": key(extra=("b",)),
+        "name": key(name="loop"),
     }
     with fastdiff.use_backend(group_norm="reference"):
-        variants["forced_backend"] = graph_key("step", dict(latents=x, t=t, guidance=g), scheduler=ddim, extra=("a",))
-    for name, key in variants.items():
-        assert key != base, name
+        variants["forced_backend"] = key()
+    for name, value in variants.items():
+        assert value != base, name
     assert len(set(variants.values())) == len(variants)
     # the step count is not part of the key: a new schedule is a new watched table, which recaptures
     ddim.set_timesteps(10)
-    assert graph_key("step", dict(latents=x, t=t, guidance=g), scheduler=ddim, extra=("a",)) == base
+    assert key() == base
 
 
 # ---------------------------------------------------------------------------- the cache
@@ -540,12 +538,13 @@ def test_capture_reasons():
     with fastdiff.use_backend(scheduler_step="reference"):
         assert capture_reasons(cpu, backend=stand_in, scheduler=ddim) == []
         assert "turned off" in capture_reasons(cpu, backend=stand_in, enabled=False)[0]
-        callback = capture_reasons(
-            cpu, backend=stand_in, callback_on_step_end=lambda *a: {}, callback_tensor_inputs=["latents"]
-        )
-        assert "callback_on_step_end" in callback[0] and "latents" in callback[0]
+        def callback(pipe, i, t, tensors):
+            return tensors
+
+        edits = capture_reasons(cpu, backend=stand_in, callback_on_step_end=callback, callback_tensor_inputs=["latents"])
+        assert "callback_on_step_end" in edits[0] and "latents" in edits[0]
         # a callback that receives no tensors changes nothing
-        assert capture_reasons(cpu, backend=stand_in, callback_on_step_end=lambda *a: {}, callback_tensor_inputs=[]) == []
+        assert capture_reasons(cpu, backend=stand_in, callback_on_step_end=callback, callback_tensor_inputs=[]) == []
     # the real backend on the CPU
     assert "CUDA graphs need CUDA tensors" in capture_reasons(cpu, backend=CUDAGraphBackend())[0]
     # auto on the CPU runs the plain step with host step counters
@@ -559,7 +558,8 @@ def test_capture_reasons():
     euler.set_timesteps(5)
     with fastdiff.use_backend(scheduler_step="reference"):
         assert "clip_sample" in " ".join(capture_reasons(cpu, backend=stand_in, scheduler=clipped))
-        assert "UniPCMultistepScheduler has no fused step" in " ".join(capture_reasons(cpu, backend=stand_in, scheduler=unipc))
+        unipc_reasons = " ".join(capture_reasons(cpu, backend=stand_in, scheduler=unipc))
+        assert "UniPCMultistepScheduler has no fused step" in unipc_reasons
         assert "scale_model_input" in " ".join(capture_reasons(cpu, backend=stand_in, scheduler=euler))
     assert euler.step_index is None  # the probe did not move the scheduler
 
