@@ -538,10 +538,13 @@ def test_capture_reasons():
     with fastdiff.use_backend(scheduler_step="reference"):
         assert capture_reasons(cpu, backend=stand_in, scheduler=ddim) == []
         assert "turned off" in capture_reasons(cpu, backend=stand_in, enabled=False)[0]
+
         def callback(pipe, i, t, tensors):
             return tensors
 
-        edits = capture_reasons(cpu, backend=stand_in, callback_on_step_end=callback, callback_tensor_inputs=["latents"])
+        edits = capture_reasons(
+            cpu, backend=stand_in, callback_on_step_end=callback, callback_tensor_inputs=["latents"]
+        )
         assert "callback_on_step_end" in edits[0] and "latents" in edits[0]
         # a callback that receives no tensors changes nothing
         assert capture_reasons(cpu, backend=stand_in, callback_on_step_end=callback, callback_tensor_inputs=[]) == []
