@@ -99,16 +99,18 @@ def spatial_attention(
     )
 
 
-def _resnet(time_scale_shift: str = "default", **kwargs) -> nn.Module:
-    """A ResnetBlock2D, or the ResnetBlockCondNorm2D that diffusers builds for ``"spatial"``/``"ada_group"``."""
-    if time_scale_shift in ("spatial", "ada_group"):
+def _resnet(time_scale_shift: str = "default", conditioned_norms: bool = False, **kwargs) -> nn.Module:
+    """A ResnetBlock2D, or, in the blocks where diffusers builds one for ``"spatial"`` (the VAE-style
+    decoder and mid blocks: ``conditioned_norms``), a ResnetBlockCondNorm2D. Elsewhere ResnetBlock2D
+    refuses ``"spatial"``/``"ada_group"`` with a ValueError, as diffusers does."""
+    if conditioned_norms and time_scale_shift == "spatial":
         kwargs.pop("skip_time_act", None)
         return ResnetBlockCondNorm2D(time_embedding_norm=time_scale_shift, **kwargs)
     return ResnetBlock2D(time_embedding_norm=time_scale_shift, **kwargs)
 
 
 def _resnets(in_channels: int, out_channels: int, num_layers: int, **resnet_kwargs) -> nn.ModuleList:
-    """``resnet_kwargs`` are ResnetBlock2D's, with ``time_embedding_norm`` (any of diffusers' four)."""
+    """``resnet_kwargs`` are ResnetBlock2D's (``conditioned_norms`` as in :func:`_resnet`)."""
     kind = resnet_kwargs.pop("time_embedding_norm", "default")
     return nn.ModuleList(
         [
@@ -618,7 +620,9 @@ class UNetMidBlock2D(nn.Module):
             groups=resnet_groups, dropout=dropout, non_linearity=resnet_act_fn, output_scale_factor=output_scale_factor,
         )
         self.add_attention = add_attention
-        self.resnets = nn.ModuleList([_resnet(resnet_time_scale_shift, **resnet_kwargs) for _ in range(num_layers + 1)])
+        self.resnets = nn.ModuleList(
+            [_resnet(resnet_time_scale_shift, conditioned_norms=True, **resnet_kwargs) for _ in range(num_layers + 1)]
+        )
         self.attentions = nn.ModuleList(
             [
                 spatial_attention(
@@ -869,7 +873,7 @@ class UpDecoderBlock2D(nn.Module):
         self.resnets = _resnets(
             in_channels, out_channels, num_layers, temb_channels=temb_channels, eps=resnet_eps, groups=resnet_groups,
             dropout=dropout, non_linearity=resnet_act_fn, time_embedding_norm=resnet_time_scale_shift,
-            output_scale_factor=output_scale_factor,
+            output_scale_factor=output_scale_factor, conditioned_norms=True,
         )
         self.upsamplers = nn.ModuleList([Upsample2D(out_channels, use_conv=True)]) if add_upsample else None
 
@@ -907,7 +911,7 @@ class AttnUpDecoderBlock2D(nn.Module):
         self.resnets = _resnets(
             in_channels, out_channels, num_layers, temb_channels=temb_channels, eps=resnet_eps, groups=resnet_groups,
             dropout=dropout, non_linearity=resnet_act_fn, time_embedding_norm=resnet_time_scale_shift,
-            output_scale_factor=output_scale_factor,
+            output_scale_factor=output_scale_factor, conditioned_norms=True,
         )
         self.attentions = nn.ModuleList(
             [
