@@ -405,7 +405,7 @@ def _scheduler_signature(scheduler, scheduler_kwargs: Optional[Mapping[str, Any]
 
 def graph_key(
     name: str,
-    inputs: Mapping[str, torch.Tensor],
+    inputs: Mapping[str, Any],
     *,
     scheduler=None,
     scheduler_kwargs: Optional[Mapping[str, Any]] = None,
@@ -417,8 +417,9 @@ def graph_key(
     width through the input shapes. Generators in ``scheduler_kwargs`` are not part of the key
     (they only matter for eager draws; a captured step reads the noise bank).
     """
-    signature = tuple((k, _tensor_signature(v)) for k, v in sorted(inputs.items()))
-    device_types = sorted({v.device.type for v in inputs.values()})
+    paths, leaves, spec = _flatten_inputs(inputs, "inputs")
+    signature = (repr(spec), *((p, None if t is None else _tensor_signature(t)) for p, t in zip(paths, leaves)))
+    device_types = sorted({t.device.type for t in leaves if t is not None})
     autocast = tuple((d, torch.is_autocast_enabled(d), str(torch.get_autocast_dtype(d))) for d in device_types)
     return (
         name,
@@ -579,11 +580,12 @@ def capture_reasons(
 class _Graph:
     """One captured region: the backend's handle, static buffers and what it was captured against."""
 
-    def __init__(self, handle, static_inputs, outputs, spec, nbytes, weights, watch):
+    def __init__(self, handle, static_inputs, static_leaves, outputs, spec, nbytes, weights, watch):
         self.handle = handle
-        self.static_inputs = static_inputs
+        self.static_inputs = static_inputs  # the structure fn was called with
+        self.static_leaves = static_leaves  # its tensors, in the region's flattening order
         self.outputs = outputs  # flat list of static output tensors
-        self.spec = spec
+        self.spec = spec  # their structure
         self.nbytes = nbytes
         self.weights = weights
         self.watch = watch
@@ -741,8 +743,7 @@ class GraphRunner:
             raise ValueError(f"name: expected a non-empty region name, got {name!r}")
         if not callable(fn):
             raise TypeError(f"fn: expected a callable, got {type(fn).__name__}")
-        _check_inputs(inputs, "inputs")
-        devices = {t.device for t in inputs.values()}
+        devices = {t.device for t in _flatten_inputs(inputs, "inputs")[1] if t is not None}
         if len(devices) != 1:
             raise ValueError(f"inputs: expected tensors on one device, got {sorted(str(d) for d in devices)}")
         device = devices.pop()
@@ -765,15 +766,34 @@ class GraphRunner:
         return Region(self._state, fn, key, device, weights, watch, why)
 
 
-def _check_inputs(inputs: Mapping[str, Any], what: str) -> None:
+def _sorted_dicts(value):
+    """``value`` with every dict's keys in sorted order (so keyword order never changes a region)."""
+    if isinstance(value, Mapping):
+        return {k: _sorted_dicts(value[k]) for k in sorted(value)}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_sorted_dicts(v) for v in value)
+    return value
+
+
+def _flatten_inputs(inputs: Mapping[str, Any], what: str):
+    """(paths, leaves, spec) of a region's inputs: a dict whose values are tensors, None, or
+    dicts/lists/tuples of those (``added_cond_kwargs``). Leaves are tensors or None; where a None
+    stands is part of the region (a tensor there later is refused)."""
     if not isinstance(inputs, Mapping) or not inputs:
         raise ValueError(f"{what}: expected a non-empty dict of name -> tensor, got {inputs!r}")
-    for k, v in inputs.items():
-        if not isinstance(v, torch.Tensor):
+    with_paths, spec = pytree.tree_flatten_with_path(_sorted_dicts(inputs))
+    paths, leaves = [], []
+    for path, leaf in with_paths:
+        if leaf is not None and not isinstance(leaf, torch.Tensor):
             raise TypeError(
-                f"{what}[{k!r}]: expected a tensor, got {type(v).__name__} "
+                f"{what}{pytree.keystr(path)}: expected a tensor or None, got {type(leaf).__name__} "
                 "(a Python value read by fn belongs in extra=)"
             )
+        paths.append(pytree.keystr(path))
+        leaves.append(leaf)
+    if all(leaf is None for leaf in leaves):
+        raise ValueError(f"{what}: expected at least one tensor, got {inputs!r}")
+    return paths, leaves, spec
 
 
 class Region:
@@ -795,7 +815,9 @@ class Region:
         self.reasons = reasons
         self.captured = False
         self._watch_after_last_call = None
-        self._signature = dict(key[1])
+        self._spec_repr, *signature = key[1]
+        self._paths = [p for p, _ in signature]
+        self._signatures = [sig for _, sig in signature]
 
     def __call__(self, **inputs):
         state = self._state
@@ -805,7 +827,7 @@ class Region:
             return self.fn(**inputs)
         if state.released:
             raise RuntimeError("this region's runner was released (owner deleted); create a new region")
-        self._check_call(inputs)
+        leaves, spec = self._check_call(inputs)
         watch = _watch_fingerprint(self._watch()) if self._watch is not None else ()
         graph = state.graphs.get(self.key)
         if graph is not None and (graph.weights.layout != self.weights.layout or graph.watch != watch):
@@ -825,7 +847,7 @@ class Region:
                 if self._watch is not None:
                     self._watch_after_last_call = _watch_fingerprint(self._watch())
                 return out
-            graph = self._capture(inputs, watch)
+            graph = self._capture(leaves, spec, watch)
             if graph is None:
                 self.captured = False
                 with torch.no_grad():
@@ -835,43 +857,43 @@ class Region:
             if graph.weights.versions != self.weights.versions:
                 state.stats["in_place_weight_updates"] += 1
                 graph.weights = self.weights
-        for k, t in inputs.items():
-            static = graph.static_inputs[k]
-            if t is not static:
+        for static, t in zip(graph.static_leaves, leaves):
+            if t is not static:  # None stays None (checked above)
                 static.copy_(t)
         state.backend.replay(graph.handle)
         state.stats["replays"] += 1
         self.captured = True
         return pytree.tree_unflatten(graph.outputs, graph.spec)
 
-    def _check_call(self, inputs: Mapping[str, torch.Tensor]) -> None:
-        _check_inputs(inputs, "region inputs")
-        if set(inputs) != set(self._signature):
-            raise ValueError(f"region inputs: expected the tensors {sorted(self._signature)}, got {sorted(inputs)}")
-        for k, t in inputs.items():
-            if _tensor_signature(t) != self._signature[k]:
-                shape, stride, dtype, device = self._signature[k]
+    def _check_call(self, inputs: Mapping[str, Any]):
+        paths, leaves, spec = _flatten_inputs(inputs, "region inputs")
+        given = ", ".join(f"{p}{'=None' if t is None else ''}" for p, t in zip(paths, leaves))
+        expected = ", ".join(f"{p}{'=None' if sig is None else ''}" for p, sig in zip(self._paths, self._signatures))
+        if repr(spec) != self._spec_repr or given != expected:
+            raise ValueError(f"region inputs: expected the tensors {expected}, got {given} (the same None entries too)")
+        for path, t, expected in zip(paths, leaves, self._signatures):
+            if t is not None and _tensor_signature(t) != expected:
+                shape, stride, dtype, device = expected
                 raise ValueError(
-                    f"region input {k!r}: expected shape {shape}, stride {stride}, {dtype} on {device}, got "
+                    f"region input {path}: expected shape {shape}, stride {stride}, {dtype} on {device}, got "
                     f"shape {tuple(t.shape)}, stride {tuple(t.stride())}, {t.dtype} on {t.device}; "
                     "a new shape needs a new region"
                 )
+        return leaves, spec
 
-    def _capture(self, inputs: Mapping[str, torch.Tensor], watch: tuple) -> Optional[_Graph]:
+    def _capture(self, leaves: List[torch.Tensor], spec, watch: tuple) -> Optional[_Graph]:
         state = self._state
         if state.pool is None:
             state.pool, state.pool_device = state.backend.new_pool(self.device), self.device
-        static_inputs = {}
-        for k, t in inputs.items():
-            static_inputs[k] = torch.empty_like(t)
-            static_inputs[k].copy_(t)
-        input_bytes = sum(t.untyped_storage().nbytes() for t in static_inputs.values())
+        static_leaves = [None if t is None else torch.empty_like(t).copy_(t) for t in leaves]
+        static_inputs = pytree.tree_unflatten(static_leaves, spec)
+        input_bytes = sum(t.untyped_storage().nbytes() for t in static_leaves if t is not None)
         try:
             with torch.no_grad():
                 run = lambda: self.fn(**static_inputs)  # noqa: E731
                 handle, outputs, growth = state.backend.capture(run, state.pool, self.device)
-            leaves, spec = pytree.tree_flatten(outputs)
-            if not leaves or not all(isinstance(t, torch.Tensor) for t in leaves):
+            out_leaves, out_spec = pytree.tree_flatten(outputs)
+            if not out_leaves or not all(isinstance(t, torch.Tensor) for t in out_leaves):
                 raise GraphCaptureError(
                     f"fn must return a tensor or a tuple/list/dict of tensors, got {type(outputs).__name__}"
                 )
@@ -889,7 +911,7 @@ class Region:
             if not state.graphs:
                 state._release_pool()
             return None
-        graph = _Graph(handle, static_inputs, leaves, spec, nbytes, self.weights, watch)
+        graph = _Graph(handle, static_inputs, static_leaves, out_leaves, out_spec, nbytes, self.weights, watch)
         state.insert(self.key, graph)
         state.stats["captures"] += 1
         logger.debug(

@@ -288,12 +288,42 @@ def test_inputs_enter_only_through_the_copy_in():
 def test_region_refuses_other_shapes_and_non_tensor_inputs():
     runner = _runner()
     region = runner.region("f", torch.sin, dict(input=torch.randn(3, 4)))
-    with pytest.raises(ValueError, match="region input 'input': expected shape"):
+    with pytest.raises(ValueError, match=r"region input \['input'\]: expected shape"):
         region(input=torch.randn(4, 3))
     with pytest.raises(ValueError, match="expected the tensors"):
         region(other=torch.randn(3, 4))
-    with pytest.raises(TypeError, match=r"inputs\['scale'\]: expected a tensor.*extra="):
+    with pytest.raises(TypeError, match=r"inputs\['scale'\]: expected a tensor or None.*extra="):
         runner.region("f", torch.sin, dict(input=torch.randn(3), scale=2.0))
+
+
+def test_nested_inputs_with_none_entries():
+    # SDXL's added_cond_kwargs (a dict of tensors) and an absent timestep_cond travel as one region input
+    runner = _runner()
+
+    def fn(latents, added_cond_kwargs, timestep_cond):
+        assert timestep_cond is None
+        return {"out": latents * added_cond_kwargs["text_embeds"].sum() + added_cond_kwargs["time_ids"].mean()}
+
+    def inputs(seed):
+        g = torch.Generator().manual_seed(seed)
+        return dict(
+            timestep_cond=None,  # keyword order does not matter
+            latents=torch.randn(2, 3, generator=g),
+            added_cond_kwargs={
+                "time_ids": torch.randn(2, 6, generator=g),
+                "text_embeds": torch.randn(2, 4, generator=g),
+            },
+        )
+
+    region = runner.region("f", fn, inputs(0))
+    for seed in range(3):
+        out = region(**inputs(seed))["out"]
+        torch.testing.assert_close(out, fn(**inputs(seed))["out"], rtol=0, atol=0)
+    assert region.captured and runner.stats["captures"] == 1
+    with pytest.raises(ValueError, match="same None entries"):
+        region(**{**inputs(0), "timestep_cond": torch.randn(2)})
+    with pytest.raises(ValueError, match=r"region input \['added_cond_kwargs'\]\['time_ids'\]: expected shape"):
+        region(**{**inputs(0), "added_cond_kwargs": {"time_ids": torch.randn(1, 6), "text_embeds": torch.randn(2, 4)}})
 
 
 def test_stand_in_capture_runs_nothing_until_replay():
