@@ -47,8 +47,8 @@ What a region call does:
 
 Contract for ``fn``:
 
-* It takes the region's tensors as keyword arguments and returns a tensor, or a tuple/list/dict
-  of tensors. Everything else it reads is baked into the graph at capture: Python numbers, host
+* It takes the region's inputs as keyword arguments (tensors, None, or dicts/lists of those, such
+  as ``added_cond_kwargs``) and returns a tensor, or a tuple/list/dict of tensors. Everything else it reads is baked into the graph at capture: Python numbers, host
   step counters, which module ``self.unet`` is. Put every Python value that can differ between
   calls in ``extra`` (it is part of the key), and every tensor that lives outside the inputs and
   the fingerprinted modules (the scheduler's coefficient table, device step index, history ring,
@@ -735,8 +735,8 @@ class GraphRunner:
     ) -> "Region":
         """A callable for one loop: ``region(**inputs)`` captures/replays ``fn`` or runs it eagerly.
 
-        ``inputs`` are example tensors (the first step's): their names, shapes, strides, dtypes and
-        devices fix the region. ``reasons``: the caller's own reasons to run eagerly, added to
+        ``inputs`` are the first step's inputs (tensors, None, or dicts/lists of those): their
+        names, where the Nones are, and the tensors' shapes, strides, dtypes and devices fix the region. ``reasons``: the caller's own reasons to run eagerly, added to
         :func:`capture_reasons`. Everything else: see the module docstring.
         """
         if not isinstance(name, str) or not name:
