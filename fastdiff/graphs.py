@@ -169,10 +169,13 @@ class CUDAGraphBackend:
         return torch.cuda.graph_pool_handle()
 
     def capture(self, fn: Callable[[], Any], pool, device: torch.device):
+        import torch._dynamo  # noqa: F401 - a dispatch mode's first call imports it; not inside the capture
+
         graph = torch.cuda.CUDAGraph()
+        lint = _lint_mode_class()()
         with torch.cuda.device(device):
             before = _pool_bytes(pool, device)
-            with torch.cuda.graph(graph, pool=pool), _lint_mode_class()():
+            with torch.cuda.graph(graph, pool=pool), lint:
                 outputs = fn()
             growth = _pool_bytes(pool, device) - before
         return graph, outputs, max(0, growth)
