@@ -557,12 +557,12 @@ def _fusion_partner(parent: nn.Module, norm_attr: str) -> Tuple[Optional[str], O
 def _swap_processors(model: nn.Module, prefix: str, state: _ModelState, report: OptimizeReport, backend) -> None:
     from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
-    if not hasattr(model, "set_attn_processor") or not hasattr(model, "attn_processors"):
-        return
-    current = model.attn_processors
+    modules = {f"{n}.processor": m for n, m in model.named_modules() if hasattr(m, "get_processor") and hasattr(m, "set_processor")}
+    # the model's own API where it has one (UNet2DConditionModel, AutoencoderKL); UNet2DModel has none
+    by_model = hasattr(model, "set_attn_processor") and hasattr(model, "attn_processors")
+    current = model.attn_processors if by_model else {k: m.get_processor() for k, m in modules.items()}
     if not current:
         return
-    modules = {f"{n}.processor": m for n, m in model.named_modules() if hasattr(m, "get_processor") and hasattr(m, "set_processor")}
     new_processors = dict(current)
     processor = FastdiffDiffusersAttnProcessor(backend=backend)
     changed = []
@@ -589,7 +589,11 @@ def _swap_processors(model: nn.Module, prefix: str, state: _ModelState, report: 
         changed.append((module, old, where))
     if not changed:
         return
-    model.set_attn_processor(new_processors)
+    if by_model:
+        model.set_attn_processor(new_processors)
+    else:
+        for module, _, _ in changed:
+            module.set_processor(processor)
     for module, old, where in changed:
         state.processors.append((module, old, processor))
         report.swapped.append((where, f"{type(old).__name__} -> FastdiffDiffusersAttnProcessor (fastdiff.ops.attention)"))
