@@ -15,10 +15,22 @@ import os
 
 import torch
 
+import pytest
+
 TOKENIZER_MAX_LENGTH = 16
 TEXT_VOCAB_SIZE = 600  # >= the tokenizer's 518 ids
 
 _MERGES = ["a b", "ab c</w>", "t h", "th e</w>", "c a", "ca t</w>", "d o", "do g</w>", "r e", "re d</w>"]
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Run a module's tests on one torch thread: on a shared 2-core machine, torch's default thread
+    pool oversubscribes the cores and makes these tiny convolutions about 20x slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 def _bytes_to_unicode():

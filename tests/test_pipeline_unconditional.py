@@ -9,20 +9,21 @@ import pytest
 import torch
 
 import fastdiff
-from _tiny_pipelines import save_unconditional_folder
+from _tiny_pipelines import one_torch_thread, save_unconditional_folder  # noqa: F401 (fixture)
 
 diffusers = pytest.importorskip("diffusers")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 STEPS = 4
 
 
 @pytest.fixture(scope="module")
-def ddpm_folder(tmp_path_factory):
+def ddpm_folder(tmp_path_factory, one_torch_thread):
     return save_unconditional_folder(tmp_path_factory.mktemp("ddpm"), "DDPMPipeline", seed=1)
 
 
 @pytest.fixture(scope="module")
-def ddim_gray_folder(tmp_path_factory):
+def ddim_gray_folder(tmp_path_factory, one_torch_thread):
     return save_unconditional_folder(tmp_path_factory.mktemp("ddim_gray"), "DDIMPipeline", in_channels=1, seed=2)
 
 

@@ -264,8 +264,10 @@ class StableDiffusionPipeline(DiffusionPipeline):
             return self.text_encoder(text_input_ids.to(device), attention_mask=attention_mask)[0]
         out = self.text_encoder(text_input_ids.to(device), attention_mask=attention_mask, output_hidden_states=True)
         # hidden_states[-1] is the last layer's output before the final layer norm
-        hidden = out[-1][-(clip_skip + 1)]
-        return self.text_encoder.text_model.final_layer_norm(hidden)
+        hidden = out.hidden_states[-(clip_skip + 1)]
+        # transformers < 5 nests the layers under `text_model`; 5.x puts them on the model itself
+        final_layer_norm = getattr(self.text_encoder, "text_model", self.text_encoder).final_layer_norm
+        return final_layer_norm(hidden)
 
     def encode_prompt(
         self,
@@ -490,13 +492,14 @@ class StableDiffusionPipeline(DiffusionPipeline):
 
         num_channels_latents = self.unet.config.in_channels
         resampler = self._spatial_resampler
-        latent_height, latent_width = height, width
-        if resampler is not None:
-            latent_height, latent_width = resampler.low_resolution(height, width, self.vae_scale_factor, self.unet)
         latents = self.prepare_latents(
-            batch_size * num_images_per_prompt, num_channels_latents, latent_height, latent_width,
+            batch_size * num_images_per_prompt, num_channels_latents, height, width,
             prompt_embeds.dtype, device, generator, latents,
         )  # fmt: skip
+        initial_noise = None
+        if resampler is not None:
+            initial_noise = latents / self.scheduler.init_noise_sigma
+            latents = resampler.downsample(latents, self.unet)
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
 
         timestep_cond = None
@@ -517,8 +520,7 @@ class StableDiffusionPipeline(DiffusionPipeline):
                     continue
                 if i == switch_index:
                     latents = resampler.upsample(
-                        self, latents, t, i, prompt_embeds, guidance, generator, height // self.vae_scale_factor,
-                        width // self.vae_scale_factor, timestep_cond=timestep_cond,
+                        self, latents, t, i, prompt_embeds, guidance, initial_noise, timestep_cond=timestep_cond,
                     )  # fmt: skip
                 latents = self.denoise_step(latents, t, prompt_embeds, guidance, extra_step_kwargs, timestep_cond)
 

@@ -486,13 +486,14 @@ class StableDiffusionXLPipeline(DiffusionPipeline):
         timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps, sigmas)
 
         resampler = self._spatial_resampler
-        latent_height, latent_width = height, width
-        if resampler is not None:
-            latent_height, latent_width = resampler.low_resolution(height, width, self.vae_scale_factor, self.unet)
         latents = self.prepare_latents(
-            batch_size * num_images_per_prompt, self.unet.config.in_channels, latent_height, latent_width,
+            batch_size * num_images_per_prompt, self.unet.config.in_channels, height, width,
             prompt_embeds.dtype, device, generator, latents,
         )  # fmt: skip
+        initial_noise = None
+        if resampler is not None:
+            initial_noise = latents / self.scheduler.init_noise_sigma
+            latents = resampler.downsample(latents, self.unet)
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
 
         add_text_embeds = pooled_prompt_embeds
@@ -542,8 +543,7 @@ class StableDiffusionXLPipeline(DiffusionPipeline):
                 added_cond_kwargs = {"text_embeds": add_text_embeds, "time_ids": add_time_ids}
                 if i == switch_index:
                     latents = resampler.upsample(
-                        self, latents, t, i, prompt_embeds, guidance, generator, height // self.vae_scale_factor,
-                        width // self.vae_scale_factor, timestep_cond=timestep_cond, added_cond_kwargs=added_cond_kwargs,
+                        self, latents, t, i, prompt_embeds, guidance, initial_noise, timestep_cond=timestep_cond, added_cond_kwargs=added_cond_kwargs,
                     )  # fmt: skip
                 latents = self.denoise_step(
                     latents, t, prompt_embeds, guidance, extra_step_kwargs, timestep_cond, added_cond_kwargs
