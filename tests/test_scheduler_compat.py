@@ -363,3 +363,15 @@ def test_beta_sigmas_exclude_karras_and_exponential_as_diffusers(name):
             getattr(diffusers, name)(use_beta_sigmas=True, **{other: True})
         with pytest.raises(ValueError, match="at most one"):
             getattr(fs, name)(use_beta_sigmas=True, **{other: True})
+
+
+def test_euler_get_velocity_is_refused_where_diffusers_uses_the_wrong_timestep(seed):
+    gen = torch.Generator().manual_seed(seed)
+    sample, noise = torch.randn(SHAPE, generator=gen), torch.randn(SHAPE, generator=gen)
+    t = torch.tensor([900.0, 123.0])
+    ref = diffusers.EulerDiscreteScheduler().get_velocity(sample, noise, t)
+    right = diffusers.DDPMScheduler().get_velocity(sample, noise, t.long())
+    assert not torch.allclose(ref, right, atol=1e-2)  # diffusers' answer is another timestep's target
+    with pytest.raises(NotImplementedError, match="DDPMScheduler"):
+        fs.EulerDiscreteScheduler().get_velocity(sample, noise, t)
+    torch.testing.assert_close(fs.DDPMScheduler().get_velocity(sample, noise, t.long()), right)

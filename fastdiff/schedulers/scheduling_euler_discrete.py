@@ -419,6 +419,19 @@ class EulerDiscreteScheduler(SchedulerMixin):
             return (prev_sample, x0)
         return EulerDiscreteSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
 
+    def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """Refused (a deliberate difference from diffusers, which has this method).
+
+        diffusers' ``EulerDiscreteScheduler.get_velocity`` indexes ``alphas_cumprod`` by the timestep's
+        position in ``timesteps`` rather than by the timestep, so its v-prediction targets belong to
+        another timestep (all but the middle one). Use ``DDPMScheduler.get_velocity`` (same config).
+        """
+        raise NotImplementedError(
+            "EulerDiscreteScheduler.get_velocity is refused: diffusers' version indexes alphas_cumprod by the step "
+            "index instead of the timestep, which gives the v-prediction target of another timestep. Use "
+            "DDPMScheduler.from_config(scheduler.config).get_velocity(sample, noise, timesteps)."
+        )
+
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """x_0 + sigma(t) * noise, with sigma taken at ``timesteps`` (or the current/begin index if set)."""
         sigmas = self.sigmas.to(device=original_samples.device, dtype=original_samples.dtype)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -351,8 +352,23 @@ class UniPCMultistepScheduler(SchedulerMixin):
     def _alpha_sigma(self, index):
         return alpha_sigma_from_sigma(self.sigmas[index], self.config.use_flow_sigmas)
 
-    def convert_model_output(self, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
-        """Turn the model output into x0 (``predict_x0``) or eps, the quantity the solver integrates."""
+    def convert_model_output(self, model_output: torch.Tensor, *args, sample: torch.Tensor = None, **kwargs):
+        """Turn the model output into x0 (``predict_x0``) or eps, the quantity the solver integrates.
+
+        ``sample`` is a keyword argument, as in diffusers, which also still takes its old positional form
+        ``(model_output, timestep, sample)`` (the timestep is unused) with a FutureWarning.
+        """
+        if sample is None:
+            if len(args) < 2:
+                raise ValueError("convert_model_output() is missing `sample` as a required keyword argument")
+            sample = args[1]
+        if args or "timestep" in kwargs:
+            warnings.warn(
+                "Passing `timesteps` is deprecated and has no effect as model output conversion is now handled via "
+                "an internal counter `self.step_index`",
+                FutureWarning,
+                stacklevel=2,
+            )
         config = self.config
         kind = config.prediction_type
         alpha_t, sigma_t = self._alpha_sigma(self.step_index)

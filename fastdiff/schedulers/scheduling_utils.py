@@ -214,13 +214,13 @@ class SchedulerMixin:
         config = {k: _json_ready(v) for k, v in config.items()}
         return json.dumps(config, indent=2, sort_keys=True) + "\n"
 
-    def save_pretrained(self, save_directory, **kwargs):
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
         """Write ``save_directory/scheduler_config.json`` (the directory is created if needed).
 
         The file is diffusers' format: diffusers' ``from_pretrained`` loads it. ``push_to_hub`` is
         not supported.
         """
-        if kwargs.get("push_to_hub"):
+        if push_to_hub:
             raise ValueError("save_pretrained(push_to_hub=True) is not supported by fastdiff schedulers.")
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory must be a directory, got the file {save_directory!r}.")
@@ -248,10 +248,23 @@ class SchedulerMixin:
         )
         return cls.load_config(*args, **kwargs)
 
+    _HUB_KEYS = ("revision", "cache_dir", "token", "local_files_only", "force_download", "proxies")
+
     @classmethod
-    def load_config(cls, pretrained_model_name_or_path, subfolder=None, **hub_kwargs) -> dict:
-        """Read a scheduler config dict from a json file, a directory, or a Hugging Face Hub repo id."""
+    def load_config(
+        cls, pretrained_model_name_or_path, return_unused_kwargs=False, return_commit_hash=False, **kwargs
+    ):
+        """Read a scheduler config dict from a json file, a directory, or a Hugging Face Hub repo id.
+
+        Same signature and returns as diffusers: the dict, or ``(dict, unused_kwargs[, commit_hash])``
+        with ``return_unused_kwargs`` / ``return_commit_hash`` (the commit hash is None for local files).
+        ``subfolder`` and the hub options (``revision``, ``cache_dir``, ``token``, ``local_files_only``,
+        ``force_download``, ``proxies``) are taken from ``kwargs``; the rest are the unused kwargs.
+        """
+        subfolder = kwargs.pop("subfolder", None)
+        hub_kwargs = {k: kwargs.pop(k) for k in cls._HUB_KEYS if k in kwargs}
         path = os.fspath(pretrained_model_name_or_path)
+        commit_hash = None
         if os.path.isfile(path):
             config_file = path
         elif os.path.isdir(path):
@@ -267,10 +280,18 @@ class SchedulerMixin:
 
             config_file = hf_hub_download(path, filename=cls.config_name, subfolder=subfolder, **hub_kwargs)
         with open(config_file, encoding="utf-8") as f:
-            return json.load(f)
+            config = json.load(f)
+        if not (return_unused_kwargs or return_commit_hash):
+            return config
+        outputs = (config,)
+        if return_unused_kwargs:
+            outputs += (kwargs,)
+        if return_commit_hash:
+            outputs += (commit_hash,)
+        return outputs
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, subfolder=None, return_unused_kwargs=False, **kwargs):
+    def from_pretrained(cls, pretrained_model_name_or_path=None, subfolder=None, return_unused_kwargs=False, **kwargs):
         """Build the scheduler from a saved config (local directory or file, or Hub repo id).
 
         Args:
@@ -280,9 +301,9 @@ class SchedulerMixin:
             kwargs: config overrides, as in :meth:`from_config`; hub options (``revision``,
                 ``cache_dir``, ``token``, ``local_files_only``) go to ``hf_hub_download``.
         """
-        hub_keys = ("revision", "cache_dir", "token", "local_files_only", "force_download", "proxies")
-        hub_kwargs = {k: kwargs.pop(k) for k in hub_keys if k in kwargs}
-        config = cls.load_config(pretrained_model_name_or_path, subfolder=subfolder, **hub_kwargs)
+        config, kwargs = cls.load_config(
+            pretrained_model_name_or_path, subfolder=subfolder, return_unused_kwargs=True, **kwargs
+        )
         return cls.from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     @classmethod
