@@ -295,6 +295,8 @@ UNET = dict(
 
 @pytest.fixture(scope="module")
 def unets():
+    """diffusers' tiny UNet with perturbed weights, fastdiff's with the same state_dict,
+    inputs (with a text mask), and fastdiff's output on its default processors."""
     from diffusers import UNet2DConditionModel as DiffusersUNet2DConditionModel
 
     from fastdiff import UNet2DConditionModel
@@ -307,13 +309,10 @@ def unets():
     model = UNet2DConditionModel(**UNET)
     result = model.load_state_dict(reference.state_dict())
     assert not result.missing_keys and not result.unexpected_keys
-    return reference.eval(), model.eval()
-
-
-def _unet_inputs():
-    x, text = torch.randn(2, 4, 8, 6), torch.randn(2, 5, TEXT_DIM)
-    mask = torch.tensor([[1, 1, 1, 0, 1], [1, 0, 1, 1, 1]])
-    return x, torch.tensor([3, 700]), text, mask
+    inputs = (torch.randn(2, 4, 8, 6), torch.tensor([3, 700]), torch.randn(2, 5, TEXT_DIM), torch.tensor([[1, 1, 1, 0, 1], [1, 0, 1, 1, 1]]))
+    with torch.no_grad():
+        default = model.eval()(*inputs[:3], encoder_attention_mask=inputs[3]).sample
+    return reference.eval(), model, inputs, default
 
 
 SETTINGS = {
@@ -344,11 +343,8 @@ SLICE_BY_LAYER = {
 @pytest.mark.parametrize("setting", sorted(SETTINGS))
 @torch.no_grad()
 def test_unet_processors_match_diffusers(unets, setting):
-    reference, model = unets
+    reference, model, (x, t, text, mask), default = unets
     assert sorted(model.attn_processors) == sorted(reference.attn_processors) == sorted(SLICE_BY_LAYER)
-    torch.manual_seed(1)
-    x, t, text, mask = _unet_inputs()
-    default = model(x, t, text, encoder_attention_mask=mask).sample
     SETTINGS[setting](reference)
     SETTINGS[setting](model)
     try:
@@ -365,12 +361,21 @@ def test_unet_processors_match_diffusers(unets, setting):
     finally:
         reference.set_attn_processor(dap.AttnProcessor2_0())
         model.set_default_attn_processor()
+
+
+@torch.no_grad()
+def test_unet_set_default_attn_processor_restores_the_fused_path(unets):
+    _, model, (x, t, text, mask), default = unets
+    model.set_attention_slice([SLICE_BY_LAYER[key] for key in model.attn_processors])
+    model.set_attn_processor({key: dap.AttnProcessor() if "attn2" in key else p for key, p in model.attn_processors.items()})
+    assert {type(p) for p in model.attn_processors.values()} == {dap.AttnProcessor, SlicedAttnProcessor, FastdiffAttnProcessor}
+    model.set_default_attn_processor()
     assert all(type(p) is FastdiffAttnProcessor for p in model.attn_processors.values())
     assert torch.equal(model(x, t, text, encoder_attention_mask=mask).sample, default)
 
 
 def test_unet_slice_errors_match_diffusers(unets):
-    reference, model = unets
+    reference, model, _, _ = unets
     layers = len(model.attn_processors)
     with pytest.raises(ValueError, match=f"You have provided 1, but .* has {layers} different attention layers"):
         reference.set_attention_slice([1])
@@ -386,3 +391,42 @@ def test_unet_slice_errors_match_diffusers(unets):
     with pytest.raises(ValueError, match="one entry per attention layer"):
         model.set_attn_processor({"nope.processor": dap.AttnProcessor()})
     assert all(type(p) is FastdiffAttnProcessor for p in model.attn_processors.values())
+
+
+UNCLIP = dict(
+    sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
+    down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+    up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"), mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+    attention_head_dim=8, cross_attention_dim=32, encoder_hid_dim=20, resnet_time_scale_shift="scale_shift",
+    cross_attention_norm="group_norm",
+)
+
+
+@torch.no_grad()
+def test_added_kv_unet_processors_match_diffusers():
+    """An unCLIP-style UNet (SimpleCrossAttn blocks, added key/value projections): diffusers'
+    AttnAddedKVProcessor and sliced attention give diffusers' outputs; the default comes back."""
+    from diffusers import UNet2DConditionModel as DiffusersUNet2DConditionModel
+
+    from fastdiff import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    reference = DiffusersUNet2DConditionModel(**UNCLIP)
+    for p in reference.parameters():
+        p.add_(0.1 * torch.randn_like(p))
+    model = UNet2DConditionModel(**UNCLIP)
+    model.load_state_dict(reference.state_dict())
+    reference.eval(), model.eval()
+    assert all(type(p) is FastdiffAttnAddedKVProcessor for p in model.attn_processors.values())
+    x, t, text = torch.randn(2, 4, 8, 6), torch.tensor([3, 700]), torch.randn(2, 5, 20)
+    default = model(x, t, text).sample
+    assert_fp32_close(default, reference(x, t, text).sample, what="default")
+    for setting in ("AttnAddedKVProcessor", "max"):
+        for m in (reference, model):
+            m.set_attn_processor(dap.AttnAddedKVProcessor()) if setting == "AttnAddedKVProcessor" else m.set_attention_slice(setting)
+        if setting != "AttnAddedKVProcessor":
+            assert {type(p) for p in model.attn_processors.values()} == {SlicedAttnAddedKVProcessor}
+        assert_fp32_close(model(x, t, text).sample, reference(x, t, text).sample, what=setting)
+    model.set_default_attn_processor()
+    assert all(type(p) is FastdiffAttnAddedKVProcessor for p in model.attn_processors.values())
+    assert torch.equal(model(x, t, text).sample, default)
