@@ -199,8 +199,8 @@ def test_lora_operations_through_captured_graphs(sd_folder, lora_folders):
     optimize(pipe, cuda_graph=StandInBackend())
     runner = optimization_report(pipe).graph_runners["unet"]
     attn = pipe.unet.mid_block.attentions[0].transformer_blocks[0].attn1
-    base = _images(ref)
-    _assert_close(_images(pipe), base, "before LoRA")
+    base = _images(ref, steps=2)
+    _assert_close(_images(pipe, steps=2), base, "before LoRA")
     replays = runner.stats["replays"]
 
     def both(operation):
@@ -209,8 +209,8 @@ def test_lora_operations_through_captured_graphs(sd_folder, lora_folders):
 
     def check(what):
         nonlocal replays
-        expected = _images(ref)
-        _assert_close(_images(pipe), expected, what)
+        expected = _images(ref, steps=2)
+        _assert_close(_images(pipe, steps=2), expected, what)
         assert runner.stats["replays"] > replays, f"{what}: the graph path did not run"
         replays = runner.stats["replays"]
         return expected
@@ -369,8 +369,14 @@ def test_bench_optimize_cpu_plumbing(capsys, monkeypatch):
     spec = importlib.util.spec_from_file_location("bench_optimize", os.path.join(ROOT, "benchmarks", "bench_optimize.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    assert module.main(["--tiny"]) == 0
+    rows = module.bench_arch("tiny", torch.device("cpu"), torch.float32, steps=2, iters=1, with_compile=False, compile_mode=None, lora_rank=4)
+    assert [r["provider"] for r in rows] == ["diffusers-eager", "fastdiff-optimize"]
+    assert rows[1]["swaps"] > 20 and rows[0]["swaps"] == 0
+    for r in rows:
+        assert r["it_per_s"] > 0 and r["first_call_s"] > 0 and r["lora_load_s"] > 0
+        assert r["max_abs_diff_vs_eager"] <= 1e-4 * r["latent_scale"] and r["lora_max_abs_diff_vs_eager"] <= 1e-4 * r["latent_scale"]
+    module.print_table({"card": "cpu", "torch": torch.__version__, "triton": None, "commit": "test"}, torch.float32, rows)
     out = capsys.readouterr().out
-    assert "== table ==" in out
-    for provider in ("diffusers-eager", "fastdiff-optimize"):
-        assert provider in out
+    assert "== table ==" in out and "fastdiff-optimize" in out
+    with pytest.raises(SystemExit):
+        module.main(["--tiny", "--archs", "sd3"])
