@@ -1,0 +1,354 @@
+"""Benchmark whole text-to-image pipelines: fastdiff against diffusers, and the spatial resampler.
+
+    python benchmarks/bench_pipeline.py [--out DIR] [--archs sd15,sdxl] [--steps 50]   # GPU mode
+    python benchmarks/bench_pipeline.py --cpu                                           # CPU plumbing
+    python benchmarks/bench_pipeline.py --resampler-table [--out DIR]                   # speed/drift table
+
+GPU mode: Stable Diffusion 1.5 (512x512) and SDXL (1024x1024) architectures with seeded random
+weights, fp16, batch 1 with classifier-free guidance, ``--steps`` denoising steps (DDIM for SD1.5,
+Euler for SDXL) and the VAE decode. Text encoders are left out (random prompt embeddings of the
+real shapes), so the numbers are the denoising loop and the decode. Providers:
+
+* ``diffusers-eager``: diffusers' pipeline with its default SDPA attention;
+* ``fastdiff``: fastdiff's pipeline on the same weights, channels_last UNet, every op on auto
+  dispatch, the guidance folded into the scheduler's fused step.
+
+Metrics: seconds per image (median of ``--repeats`` after one warm-up), it/s (steps / seconds),
+peak GPU memory, and the largest pixel difference between the two providers' images.
+
+``--cpu``: tiny configs in fp32 on the CPU, 3 steps; checks the plumbing and that fastdiff's images
+match diffusers' to 1e-3 (CI runs it through tests/test_pipeline_bench.py).
+
+``--resampler-table``: the spatial resampler's speed and drift on the tiny SD-style model on the CPU
+(or on the SD1.5 architecture with ``--archs sd15`` on a GPU): for each ``fastdiff.Resampler``
+setting, the time per image against the plain full-resolution loop and the drift of its images from
+the plain run's (PSNR in dB and SSIM, mean over seeds). Writes ``DIR/resampler_<device>.jsonl``.
+
+Every mode appends JSON lines (with card, versions, commit and date) to ``DIR`` and prints a short
+table after ``== table ==``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+from bench_utils import ROOT, environment
+
+SD15_UNET = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    cross_attention_dim=768,
+    attention_head_dim=8,
+)
+SDXL_UNET = dict(
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(320, 640, 1280),
+    layers_per_block=2,
+    cross_attention_dim=2048,
+    attention_head_dim=(5, 10, 20),
+    transformer_layers_per_block=(1, 2, 10),
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+)
+SD_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    latent_channels=4,
+    sample_size=512,
+)
+TINY_UNET = dict(
+    sample_size=32,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    cross_attention_dim=32,
+    attention_head_dim=4,  # 4 heads of dim 8 in the 32-channel blocks
+    norm_num_groups=8,
+)
+TINY_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 2,
+    up_block_types=("UpDecoderBlock2D",) * 2,
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=8,
+    sample_size=64,
+)
+SD_SCHEDULER = dict(
+    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, steps_offset=1
+)
+
+# name -> (unet config, vae config, image size, text length, text dim, SDXL, scheduler class)
+ARCHS = {
+    "sd15": (SD15_UNET, SD_VAE, 512, 77, 768, False, "DDIMScheduler"),
+    "sdxl": (SDXL_UNET, SD_VAE, 1024, 77, 2048, True, "EulerDiscreteScheduler"),
+    "tiny": (TINY_UNET, TINY_VAE, 64, 7, 32, False, "DPMSolverMultistepScheduler"),
+}
+
+
+def _pipelines(arch: str, device, dtype):
+    """diffusers' pipeline with seeded random weights, and fastdiff's on the same weights."""
+    import diffusers
+
+    import fastdiff
+
+    unet_config, vae_config, _, _, _, sdxl, scheduler_name = ARCHS[arch]
+    torch.manual_seed(0)
+    with torch.device(device):
+        unet = diffusers.UNet2DConditionModel(**unet_config).eval()
+        vae = diffusers.AutoencoderKL(**vae_config).eval()
+        our_unet = fastdiff.UNet2DConditionModel.from_config(dict(unet.config)).eval()
+        our_vae = fastdiff.AutoencoderKL.from_config(dict(vae.config)).eval()
+    our_unet.load_state_dict(unet.state_dict())
+    our_vae.load_state_dict(vae.state_dict())
+    scheduler_config = dict(SD_SCHEDULER, **({"clip_sample": False} if scheduler_name == "DDIMScheduler" else {}))
+    if sdxl:
+        common = dict(text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None)
+        reference = diffusers.StableDiffusionXLPipeline(
+            vae=vae, unet=unet, scheduler=getattr(diffusers, scheduler_name)(**scheduler_config), **common
+        )
+        ours = fastdiff.StableDiffusionXLPipeline(
+            vae=our_vae, unet=our_unet, scheduler=getattr(fastdiff, scheduler_name)(**scheduler_config), **common
+        )
+    else:
+        common = dict(text_encoder=None, tokenizer=None, safety_checker=None, feature_extractor=None)
+        reference = diffusers.StableDiffusionPipeline(
+            vae=vae, unet=unet, scheduler=getattr(diffusers, scheduler_name)(**scheduler_config),
+            requires_safety_checker=False, **common,
+        )  # fmt: skip
+        ours = fastdiff.StableDiffusionPipeline(
+            vae=our_vae, unet=our_unet, scheduler=getattr(fastdiff, scheduler_name)(**scheduler_config),
+            requires_safety_checker=False, **common,
+        )  # fmt: skip
+    for pipe in (reference, ours):
+        pipe.to(device, dtype)
+        pipe.set_progress_bar_config(disable=True)
+    if torch.device(device).type == "cuda":
+        ours.unet.to(memory_format=torch.channels_last)
+    return reference, ours
+
+
+def _call_kwargs(arch: str, device, dtype, steps: int, seed: int = 0):
+    _, _, size, text_len, text_dim, sdxl, _ = ARCHS[arch]
+    g = torch.Generator().manual_seed(1000 + seed)
+    kwargs = dict(
+        prompt_embeds=torch.randn(1, text_len, text_dim, generator=g).to(device, dtype),
+        negative_prompt_embeds=torch.randn(1, text_len, text_dim, generator=g).to(device, dtype),
+        height=size, width=size, num_inference_steps=steps, guidance_scale=7.5, output_type="np",
+    )  # fmt: skip
+    if sdxl:
+        kwargs["pooled_prompt_embeds"] = torch.randn(1, 1280, generator=g).to(device, dtype)
+        kwargs["negative_pooled_prompt_embeds"] = torch.randn(1, 1280, generator=g).to(device, dtype)
+    return kwargs
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _run(pipe, kwargs, seed, device):
+    """(images, seconds) of one call with a CPU generator seeded ``seed``."""
+    _sync(device)
+    start = time.perf_counter()
+    images = pipe(generator=torch.Generator().manual_seed(seed), **kwargs).images
+    _sync(device)
+    return images, time.perf_counter() - start
+
+
+def bench_arch(arch: str, device, dtype, steps: int, repeats: int):
+    reference, ours = _pipelines(arch, device, dtype)
+    kwargs = _call_kwargs(arch, device, dtype, steps)
+    rows, images = [], {}
+    for name, pipe in (("diffusers-eager", reference), ("fastdiff", ours)):
+        _run(pipe, {**kwargs, "num_inference_steps": min(3, steps)}, 0, device)  # warm-up
+        if torch.device(device).type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        times = []
+        for _ in range(repeats):
+            images[name], seconds = _run(pipe, kwargs, 0, device)
+            times.append(seconds)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if torch.device(device).type == "cuda" else None
+        seconds = statistics.median(times)
+        rows.append({"arch": arch, "provider": name, "steps": steps, "seconds": seconds, "it_per_s": steps / seconds,
+                     "peak_gib": peak})  # fmt: skip
+    diff = float(np.abs(images["fastdiff"].astype(np.float64) - images["diffusers-eager"]).max())
+    base = rows[0]["seconds"]
+    for row in rows:
+        row.update(speedup=base / row["seconds"], max_pixel_diff_vs_diffusers=diff)
+    del reference, ours
+    return rows
+
+
+# ---------------------------------------------------------------------------------- drift metrics
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """Peak signal-to-noise ratio in dB of images in [0, 1]."""
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+def ssim(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean SSIM (Wang et al. 2004) of (H, W, C) images in [0, 1]: 11x11 Gaussian window (sigma 1.5),
+    per channel, then averaged."""
+    x = torch.from_numpy(a.astype(np.float64)).permute(2, 0, 1)[:, None]
+    y = torch.from_numpy(b.astype(np.float64)).permute(2, 0, 1)[:, None]
+    size = min(11, x.shape[-1], x.shape[-2])
+    coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-(coords**2) / (2 * 1.5**2))
+    window = (g[:, None] * g[None, :] / g.sum() ** 2)[None, None]
+
+    def blur(t):
+        return torch.nn.functional.conv2d(t, window)
+
+    c1, c2 = 0.01**2, 0.03**2
+    mx, my = blur(x), blur(y)
+    sxx, syy, sxy = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
+    value = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx**2 + my**2 + c1) * (sxx + syy + c2))
+    return float(value.mean())
+
+
+RESAMPLER_SETTINGS = [(0.5, 0.2), (0.5, 0.4), (0.5, 0.6), (0.75, 0.4)]
+
+
+def resampler_table(arch: str, device, dtype, steps: int, seeds: int, repeats: int):
+    import fastdiff
+
+    _, ours = _pipelines(arch, device, dtype)
+    kwargs = _call_kwargs(arch, device, dtype, steps)
+    _run(ours, {**kwargs, "num_inference_steps": 2}, 0, device)  # warm-up
+    plain_images, plain_times = [], []
+    for seed in range(seeds):
+        runs = [_run(ours, kwargs, seed, device) for _ in range(repeats)]
+        plain_images.append(runs[0][0][0])
+        plain_times.append(statistics.median(r[1] for r in runs))
+    plain_seconds = statistics.median(plain_times)
+    rows = [{"arch": arch, "setting": "plain", "scale": 1.0, "fraction": 0.0, "seconds": plain_seconds,
+             "speedup": 1.0, "psnr_db": math.inf, "ssim": 1.0, "steps": steps, "seeds": seeds}]  # fmt: skip
+    for scale, fraction in RESAMPLER_SETTINGS:
+        ours.set_spatial_resampler(fastdiff.Resampler(scale=scale, fraction=fraction))
+        times, psnrs, ssims = [], [], []
+        for seed in range(seeds):
+            runs = [_run(ours, kwargs, seed, device) for _ in range(repeats)]
+            image = runs[0][0][0]
+            times.append(statistics.median(r[1] for r in runs))
+            psnrs.append(psnr(image, plain_images[seed]))
+            ssims.append(ssim(image, plain_images[seed]))
+        seconds = statistics.median(times)
+        rows.append({"arch": arch, "setting": f"Resampler(scale={scale}, fraction={fraction})", "scale": scale,
+                     "fraction": fraction, "seconds": seconds, "speedup": plain_seconds / seconds,
+                     "psnr_db": statistics.mean(psnrs), "ssim": statistics.mean(ssims), "steps": steps,
+                     "seeds": seeds})  # fmt: skip
+    ours.set_spatial_resampler(None)
+    return rows
+
+
+# -------------------------------------------------------------------------------------- main
+
+
+def _write(out_dir: str, name: str, rows, env):
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, name)
+    with open(path, "a", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps({**env, **row}) + "\n")
+    return path
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"), help="folder for the .jsonl")
+    parser.add_argument("--archs", default="sd15,sdxl", help="comma-separated: sd15,sdxl (GPU) or tiny")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cpu", action="store_true", help="tiny fp32 plumbing run on the CPU")
+    parser.add_argument("--resampler-table", action="store_true", help="the spatial resampler's speed and drift")
+    parser.add_argument("--seeds", type=int, default=4, help="seeds averaged in the resampler table")
+    args = parser.parse_args(argv)
+    env = environment()
+
+    if args.resampler_table:
+        cuda = torch.cuda.is_available() and args.archs != "tiny" and not args.cpu
+        device, dtype = ("cuda", torch.float16) if cuda else ("cpu", torch.float32)
+        arch = args.archs.split(",")[0] if cuda else "tiny"
+        if not cuda:
+            torch.set_num_threads(min(4, torch.get_num_threads()))
+        steps = args.steps if cuda else min(args.steps, 20)
+        rows = resampler_table(arch, device, dtype, steps, args.seeds, args.repeats if cuda else 1)
+        path = _write(args.out, f"resampler_{'cuda' if cuda else 'cpu'}.jsonl", rows, env)
+        print(f"wrote {path}")
+        print("== table ==")
+        print(f"{'setting':42s} {'s/image':>8s} {'speedup':>8s} {'PSNR dB':>8s} {'SSIM':>6s}")
+        for r in rows:
+            print(f"{r['setting']:42s} {r['seconds']:8.3f} {r['speedup']:7.2f}x {r['psnr_db']:8.2f} {r['ssim']:6.3f}")
+        return 0
+
+    if args.cpu:
+        reference, ours = _pipelines("tiny", "cpu", torch.float32)
+        kwargs = _call_kwargs("tiny", "cpu", torch.float32, steps=3)
+        kwargs.update(height=16, width=16)
+        expected, t_ref = _run(reference, kwargs, 0, "cpu")
+        images, t_ours = _run(ours, kwargs, 0, "cpu")
+        diff = float(np.abs(images - expected).max())
+        rows = [{"arch": "tiny", "provider": n, "seconds": s, "max_pixel_diff_vs_diffusers": diff}
+                for n, s in (("diffusers-eager", t_ref), ("fastdiff", t_ours))]  # fmt: skip
+        print("== table ==")
+        for r in rows:
+            print(f"{r['arch']:6s} {r['provider']:16s} {r['seconds']:7.3f} s  max |diff| {diff:.2e}")
+        if diff > 1e-3:
+            print(f"fastdiff's images differ from diffusers' by {diff:.2e} (> 1e-3)", file=sys.stderr)
+            return 1
+        return 0
+
+    if not torch.cuda.is_available():
+        print("bench_pipeline: no CUDA device; run with --cpu (plumbing) or --resampler-table")
+        return 0
+    archs = [a for a in args.archs.split(",") if a]
+    unknown = [a for a in archs if a not in ARCHS]
+    if unknown:
+        parser.error(f"--archs: unknown {unknown}; expected names from {sorted(ARCHS)}")
+    rows = []
+    for arch in archs:
+        rows += bench_arch(arch, "cuda", torch.float16, args.steps, args.repeats)
+        torch.cuda.empty_cache()
+    path = _write(args.out, "bench_pipeline.jsonl", rows, env)
+    print(f"wrote {path}")
+    print("== table ==")
+    print(f"{'arch':6s} {'provider':16s} {'s/image':>8s} {'it/s':>7s} {'peak GiB':>9s} {'speedup':>8s} {'max|diff|':>9s}")
+    for r in rows:
+        print(f"{r['arch']:6s} {r['provider']:16s} {r['seconds']:8.3f} {r['it_per_s']:7.2f} {r['peak_gib']:9.2f} "
+              f"{r['speedup']:7.2f}x {r['max_pixel_diff_vs_diffusers']:9.2e}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
