@@ -34,7 +34,8 @@ What a region call does:
 
 1. ``region.reasons`` non-empty (see :func:`capture_reasons`): ``fn(**inputs)`` runs eagerly.
 2. A cached graph whose key, weight fingerprint and watched tensors all match: copy the inputs
-   into the static input buffers, replay, return the static outputs.
+   into the static input buffers, replay, return the static outputs. (After an in-place weight
+   change, one eager step first: see Weights below.)
 3. Otherwise the **first** call at a new key (or after a weight swap) runs ``fn`` eagerly: this
    is the warm-up. Triton compiles and autotunes there, torch.compile compiles there, and the
    fused scheduler step builds its device table, step index and history ring there. Autotuning
@@ -48,8 +49,9 @@ What a region call does:
 Contract for ``fn``:
 
 * It takes the region's inputs as keyword arguments (tensors, None, or dicts/lists of those, such
-  as ``added_cond_kwargs``) and returns a tensor, or a tuple/list/dict of tensors. Everything else it reads is baked into the graph at capture: Python numbers, host
-  step counters, which module ``self.unet`` is. Put every Python value that can differ between
+  as ``added_cond_kwargs``) and returns a tensor, or a tuple/list/dict of tensors. Everything else
+  it reads is baked into the graph at capture: Python numbers, host step counters, which module
+  ``self.unet`` is. Put every Python value that can differ between
   calls in ``extra`` (it is part of the key), and every tensor that lives outside the inputs and
   the fingerprinted modules (the scheduler's coefficient table, device step index, history ring,
   noise bank) in ``watch``: the graph reads those tensors' memory, so a new tensor recaptures.
@@ -74,16 +76,21 @@ steps is not in it: a per-step graph does the same work at any count, and a new 
 a new watched tensor, so it replaces the graph rather than adding one (a whole-loop region puts its
 step count in ``extra``).
 
-Weights (:func:`weights_fingerprint`), checked once per region (once per pipeline call):
+Weights (:func:`weights_fingerprint`), taken when a region is made (once per pipeline call) and at
+each capture:
 
 * **recapture**: a parameter or buffer with a new storage pointer, shape, stride, dtype or
   device, or a changed set of tensors: ``load_state_dict(..., assign=True)``, replacing a
   submodule or the whole UNet, ``.to(dtype)``, ``.to(device)``, ``.to(memory_format=...)``.
 * **served by the existing graph**: an in-place change of the same storage: ``load_state_dict``
   (in place, the default), fused LoRA weights copied in (``weight.copy_(w + scale * B @ A)``),
-  ``.copy_``/``.add_``/``.mul_`` under ``torch.no_grad()``. The graph reads that very memory, so
-  the next replay uses the new values. These bump the tensors' ``_version`` counters, which the
-  runner records (``stats["in_place_weight_updates"]``) but which need no recapture.
+  ``.copy_``/``.add_``/``.mul_`` under ``torch.no_grad()``. The graph reads that very memory. Such
+  a change bumps the tensors' ``_version`` counters; the first call that sees it runs one step
+  eagerly, so that caches derived from the weights on the host side (fastdiff's fused QKV weight
+  of ``Attention.fuse_projections()``, rebuilt when its sources' versions change) are refreshed,
+  then fingerprints again: every tensor still in place, the graph replays from the next step on
+  (``stats["in_place_weight_updates"]``); a cache rebuilt as a new tensor recaptures instead. Either
+  way the output is the new weights' output, never a stale graph's.
 * Values baked as Python numbers are not weights: a LoRA *scale* passed as
   ``cross_attention_kwargs={"scale": s}`` must go in ``extra``.
 
@@ -739,9 +746,10 @@ class GraphRunner:
         """A callable for one loop: ``region(**inputs)`` captures/replays ``fn`` or runs it eagerly.
 
         ``inputs`` are the first step's inputs (tensors, None, or dicts/lists of those): their
-        names, where the Nones are, and the tensors' shapes, strides, dtypes and devices fix the region. ``reasons``: the caller's own reasons to run eagerly, added to
-        :func:`capture_reasons`. Everything else: see the module docstring.
-        """
+        names, where the Nones are, and the tensors' shapes, strides, dtypes and devices fix the
+        region. ``reasons``: the caller's own reasons to run eagerly, added to :func:`capture_reasons`.
+        Everything else: see the module docstring. Make a new region per loop, and keep none past it
+        (``fn`` is usually a bound method of the owner)."""
         if not isinstance(name, str) or not name:
             raise ValueError(f"name: expected a non-empty region name, got {name!r}")
         if not callable(fn):
@@ -766,7 +774,7 @@ class GraphRunner:
         )
         if key in self._state.failed:
             why.append(self._state.failed[key])
-        return Region(self._state, fn, key, device, weights, watch, why)
+        return Region(self._state, fn, key, device, tuple(modules), weights, watch, why)
 
 
 def _sorted_dicts(value):
@@ -808,11 +816,12 @@ class Region:
         key (`tuple`): the cache key.
     """
 
-    def __init__(self, state: _CacheState, fn, key, device, weights: WeightsFingerprint, watch, reasons):
+    def __init__(self, state: _CacheState, fn, key, device, modules, weights: WeightsFingerprint, watch, reasons):
         self._state = state
         self.fn = fn
         self.key = key
         self.device = device
+        self.modules = modules
         self.weights = weights
         self._watch = watch
         self.reasons = reasons
@@ -833,7 +842,19 @@ class Region:
         leaves, spec = self._check_call(inputs)
         watch = _watch_fingerprint(self._watch()) if self._watch is not None else ()
         graph = state.graphs.get(self.key)
-        if graph is not None and (graph.weights.layout != self.weights.layout or graph.watch != watch):
+        if graph is not None and graph.weights.layout == self.weights.layout and graph.watch == watch:
+            if graph.weights.versions != self.weights.versions:
+                # Weights changed in place since the capture: one eager step refreshes what is derived
+                # from them (a fused QKV weight), then the fingerprint decides: same tensors, same graph.
+                state.stats["in_place_weight_updates"] += 1
+                out = self._eager(inputs)
+                self.weights = weights_fingerprint(self.modules)
+                state.mark_warmed((self.key, self.weights.layout))
+                if self.weights.layout == graph.weights.layout:
+                    graph.weights = self.weights
+                return out
+            state.graphs.move_to_end(self.key)
+        elif graph is not None:
             weights_changed = graph.weights.layout != self.weights.layout
             state.stats["recaptures_weights" if weights_changed else "recaptures_watch"] += 1
             state.drop(self.key)
@@ -844,29 +865,26 @@ class Region:
                 # Warm-up: compile, autotune and let the scheduler build its device buffers, eagerly.
                 state.mark_warmed(token)
                 state.stats["warmups"] += 1
-                self.captured = False
-                with torch.no_grad():
-                    out = self.fn(**inputs)
-                if self._watch is not None:
-                    self._watch_after_last_call = _watch_fingerprint(self._watch())
-                return out
+                return self._eager(inputs)
             graph = self._capture(leaves, spec, watch)
             if graph is None:
-                self.captured = False
-                with torch.no_grad():
-                    return self.fn(**inputs)
-        else:
-            state.graphs.move_to_end(self.key)
-            if graph.weights.versions != self.weights.versions:
-                state.stats["in_place_weight_updates"] += 1
-                graph.weights = self.weights
-        for static, t in zip(graph.static_leaves, leaves):
-            if t is not static:  # None stays None (checked above)
-                static.copy_(t)
-        state.backend.replay(graph.handle)
+                return self._eager(inputs)
+        with torch.no_grad():
+            for static, t in zip(graph.static_leaves, leaves):
+                if t is not static:  # None stays None (checked above)
+                    static.copy_(t)
+            state.backend.replay(graph.handle)
         state.stats["replays"] += 1
         self.captured = True
         return pytree.tree_unflatten(graph.outputs, graph.spec)
+
+    def _eager(self, inputs: Mapping[str, Any]):
+        self.captured = False
+        with torch.no_grad():
+            out = self.fn(**inputs)
+        if self._watch is not None:
+            self._watch_after_last_call = _watch_fingerprint(self._watch())
+        return out
 
     def _check_call(self, inputs: Mapping[str, Any]):
         paths, leaves, spec = _flatten_inputs(inputs, "region inputs")
@@ -886,6 +904,8 @@ class Region:
 
     def _capture(self, leaves: List[torch.Tensor], spec, watch: tuple) -> Optional[_Graph]:
         state = self._state
+        # Tensors a module creates at its first call (a lazily built cache) exist now: fingerprint them too.
+        self.weights = weights_fingerprint(self.modules)
         if state.pool is None:
             state.pool, state.pool_device = state.backend.new_pool(self.device), self.device
         static_leaves = [None if t is None else torch.empty_like(t).copy_(t) for t in leaves]

@@ -5,8 +5,8 @@ graph that is stale (captured against old weights, or a host value) gives stale 
 would on a GPU: the tests compare every captured run with an eager run of the same weights.
 """
 
+import copy
 import gc
-import warnings
 import weakref
 
 import pytest
@@ -223,6 +223,35 @@ def test_weight_change_shows_in_next_output(change):
         assert "recaptures_weights" not in stats
     else:
         assert stats["captures"] == 2 and stats["recaptures_weights"] == 1 and stats["warmups"] == 2
+
+
+def test_in_place_update_refreshes_fused_qkv_weight():
+    # fastdiff's Attention.fuse_projections() keeps a concatenated q/k/v weight, rebuilt on the host when
+    # its sources' versions change: the eager step after an in-place update rebuilds it, and since it is
+    # a new tensor, the graph is recaptured. A replay of the old graph would have used the old weight.
+    from fastdiff.nn import Attention
+
+    torch.manual_seed(4)
+    attn = Attention(query_dim=16, heads=2, dim_head=8).eval()
+    attn.fuse_projections()
+    x = torch.randn(2, 5, 16)
+    runner = _runner()
+
+    def run():
+        region = runner.region("attn", attn, dict(hidden_states=x), modules=[attn])
+        outs = [region(hidden_states=x).clone() for _ in range(3)]
+        return outs, region
+
+    outs, region = run()
+    assert region.captured and all(torch.equal(o, outs[0]) for o in outs)
+    with torch.no_grad():
+        attn.to_q.weight.mul_(-1.5)  # in place, as a fused LoRA copy is
+        expected = copy.deepcopy(attn)(x)  # (a call of attn itself would rebuild the fused weight here)
+    assert not torch.equal(expected, outs[0])
+    outs, region = run()
+    for out in outs:
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert region.captured and runner.stats["in_place_weight_updates"] == 1 and runner.stats["recaptures_weights"] == 1
 
 
 def test_stale_region_replays_the_old_weights():
