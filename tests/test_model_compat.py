@@ -291,3 +291,20 @@ def test_unet_2d_condition_families_match_diffusers(name, config, tmp_path):
     t = torch.tensor([3, 700])
     expected = reference(x, t, text, encoder_attention_mask=mask).sample
     assert_fp32_close(model(x, t, text, encoder_attention_mask=mask).sample, expected, what=name)
+
+
+class _IgnoresExtraKeys(UNet2DModel):
+    _keys_to_ignore_on_load_unexpected = [r"^extra\."]
+
+
+def test_keys_to_ignore_on_load_unexpected(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    model = _perturbed(UNet2DModel(**TINY))
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "diffusion_pytorch_model.safetensors"
+    save_file({**load_file(path), "extra.weight": torch.randn(3)}, path)
+    _same_weights(_IgnoresExtraKeys.from_pretrained(tmp_path), model)
+    with pytest.raises(ValueError, match=r"unexpected keys \[extra.weight\]"):
+        UNet2DModel.from_pretrained(tmp_path)

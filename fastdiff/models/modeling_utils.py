@@ -237,6 +237,10 @@ class ModelMixin(AttentionProcessorMixin, nn.Module):
     config_name = "config.json"
     _supports_gradient_checkpointing = False
     _keep_in_fp32_modules: Optional[Union[str, List[str]]] = None
+    #: Regexes of checkpoint keys a model drops by design; they are not reported as unexpected (diffusers).
+    _keys_to_ignore_on_load_unexpected: Optional[List[str]] = None
+    #: diffusers' device-map hint; fastdiff places a whole model on one device, so it is informational.
+    _no_split_modules: Optional[List[str]] = None
 
     def __getattr__(self, name: str) -> Any:
         # Modules, parameters and buffers first (nn.Module), then config keys read as
@@ -578,6 +582,9 @@ class ModelMixin(AttentionProcessorMixin, nn.Module):
         """
         expected = self.state_dict()
         files = sorted(set(source.values()))
+        for pattern in self._keys_to_ignore_on_load_unexpected or ():
+            for key in [k for k in state_dict if k not in expected and re.search(pattern, k)]:
+                del state_dict[key]
         missing = set(expected) - set(state_dict)
         unexpected = set(state_dict) - set(expected)
         if missing or unexpected:
