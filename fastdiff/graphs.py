@@ -144,7 +144,7 @@ __all__ = [
 
 
 class GraphCaptureError(RuntimeError):
-    """A region cannot be captured (a host sync inside it, or an output that is not a tensor)."""
+    """A region cannot be captured (a host sync or a random draw inside it, or an output that is not a tensor)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -683,6 +683,8 @@ class GraphRunner:
         self._finalizers = [weakref.finalize(self, _CacheState.release, self._state)]
         if owner is not None:
             self._finalizers.append(weakref.finalize(owner, _CacheState.release, self._state))
+        for finalizer in self._finalizers:
+            finalizer.atexit = False  # at interpreter exit the process frees it all; CUDA may be gone already
 
     # ---- inspection ------------------------------------------------------------------------
 
