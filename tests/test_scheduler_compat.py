@@ -199,6 +199,7 @@ def test_unipc_flow_sigmas_with_karras_sigmas_as_diffusers(seed):
      ("DPMSolverMultistepScheduler", {"use_flow_sigmas": True, "use_lu_lambdas": True})],
 )  # fmt: skip
 def test_sigma_combinations_that_diffusers_turns_into_nan_are_refused(name, config):
+    pytest.importorskip("scipy")  # diffusers' beta sigmas need it
     ref = getattr(diffusers, name)(**config)
     ref.set_timesteps(6)
     x = torch.randn(SHAPE)
@@ -334,6 +335,7 @@ BETA_SIGMAS = [
 
 @pytest.mark.parametrize("name", BETA_SIGMAS)
 def test_beta_sigmas_match_diffusers(name, seed):
+    pytest.importorskip("scipy")  # both need it for beta sigmas
     ours, ref = _pair(name, use_beta_sigmas=True)
     ours.set_timesteps(7)
     ref.set_timesteps(7)
@@ -358,6 +360,7 @@ def test_beta_sigmas_need_scipy_and_nothing_else_does(name, monkeypatch):
 
 @pytest.mark.parametrize("name", BETA_SIGMAS)
 def test_beta_sigmas_exclude_karras_and_exponential_as_diffusers(name):
+    pytest.importorskip("scipy")  # diffusers refuses beta sigmas without it before checking the others
     for other in ("use_karras_sigmas", "use_exponential_sigmas"):
         with pytest.raises(ValueError):
             getattr(diffusers, name)(use_beta_sigmas=True, **{other: True})

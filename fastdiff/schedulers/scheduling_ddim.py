@@ -265,7 +265,9 @@ class DDIMScheduler(SchedulerMixin):
 
         Args:
             model_output (`torch.Tensor`): the model's prediction (per ``config.prediction_type``).
-            timestep (`int` or 0-d tensor): one of ``self.timesteps``.
+            timestep (`int` or 0-d tensor): the current integer training timestep, normally one of
+                ``self.timesteps``; as in diffusers, another one is accepted (it steps by
+                ``num_train_timesteps // num_inference_steps``).
             sample (`torch.Tensor`): x_t.
             eta (`float`): noise weight; 0 is deterministic DDIM, 1 is DDPM-like ancestral sampling.
             use_clipped_model_output (`bool`): recompute eps from the clipped x0 estimate.

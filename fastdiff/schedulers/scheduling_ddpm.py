@@ -338,7 +338,8 @@ class DDPMScheduler(SchedulerMixin):
         Args:
             model_output (`torch.Tensor`): the model's prediction; with a learned variance type it may
                 carry twice the sample's channels (prediction, then variance).
-            timestep (`int` or 0-d tensor): one of ``self.timesteps``.
+            timestep (`int` or 0-d tensor): one of ``self.timesteps`` (before ``set_timesteps``, any
+                training timestep: it steps to ``timestep - 1``, as in diffusers).
             sample (`torch.Tensor`): x_t.
             generator (`torch.Generator`, *optional*): source of the noise.
             return_dict (`bool`): return a :class:`DDPMSchedulerOutput` rather than a tuple.

@@ -680,7 +680,8 @@ class DPMSolverMultistepScheduler(SchedulerMixin):
 
         Args:
             model_output (`torch.Tensor`): the model's prediction (per ``config.prediction_type``).
-            timestep (`int` or 0-d tensor): one of ``self.timesteps``.
+            timestep (`int` or 0-d tensor): one of ``self.timesteps``; as in diffusers, a first timestep
+                that is not in it starts at the last step.
             sample (`torch.Tensor`): the current sample.
             generator (`torch.Generator`, *optional*): noise source for the SDE variants.
             variance_noise (`torch.Tensor`, *optional*): the SDE noise itself, instead of ``generator``.

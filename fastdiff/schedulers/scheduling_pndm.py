@@ -307,7 +307,8 @@ class PNDMScheduler(SchedulerMixin):
 
         Args:
             model_output (`torch.Tensor`): the model's eps (or v) prediction at ``timestep``.
-            timestep (`int` or 0-d tensor): the current entry of ``self.timesteps``.
+            timestep (`int` or 0-d tensor): the current entry of ``self.timesteps`` (as in diffusers,
+                any integer training timestep is accepted).
             sample (`torch.Tensor`): the current sample.
             return_dict (`bool`): return a :class:`SchedulerOutput` rather than a tuple.
             guidance_scale (`float` or one-element float32 tensor, *optional*): fastdiff extension; with it,

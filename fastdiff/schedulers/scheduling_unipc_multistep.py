@@ -504,7 +504,8 @@ class UniPCMultistepScheduler(SchedulerMixin):
 
         Args:
             model_output (`torch.Tensor`): the model's prediction (per ``config.prediction_type``).
-            timestep (`int` or 0-d tensor): one of ``self.timesteps``.
+            timestep (`int` or 0-d tensor): one of ``self.timesteps``; as in diffusers, a first timestep
+                that is not in it starts at the last step.
             sample (`torch.Tensor`): the current sample.
             return_dict (`bool`): return a :class:`SchedulerOutput` rather than a tuple.
             guidance_scale (`float` or one-element float32 tensor, *optional*): fastdiff extension; with it,
