@@ -308,3 +308,58 @@ def test_keys_to_ignore_on_load_unexpected(tmp_path):
     _same_weights(_IgnoresExtraKeys.from_pretrained(tmp_path), model)
     with pytest.raises(ValueError, match=r"unexpected keys \[extra.weight\]"):
         UNet2DModel.from_pretrained(tmp_path)
+
+
+# ------------------------------------------------------------------------- outputs
+
+
+def _output_behaviour(cls, field, value):
+    import copy
+    import pickle
+
+    out = cls(**{field: value})
+    seen = [isinstance(out, dict), list(out.keys()), out[0] is value, out[field] is value, out.to_tuple() == (value,)]
+    seen.append(list(out) == [field] and len(out) == 1)
+    restored = pickle.loads(pickle.dumps(out))
+    seen.append((type(restored).__name__, torch.equal(getattr(restored, field), value)))
+    seen.append(torch.equal(copy.deepcopy(out)[field], value))
+    setattr(out, field, value + 1)
+    seen.append(torch.equal(out[field], value + 1))
+    empty = cls(**{field: None})
+    seen.append((list(empty.keys()), empty.to_tuple()))
+    for method in ("pop", "update", "setdefault", "__delitem__"):
+        with pytest.raises(Exception):
+            getattr(out, method)(field)
+    import torch.utils._pytree as pytree
+
+    leaves, _ = pytree.tree_flatten(cls(**{field: value}))
+    seen.append(len(leaves))
+    return seen
+
+
+@pytest.mark.parametrize(
+    "ours, theirs, field",
+    [
+        ("fastdiff.models.unet_2d:UNet2DOutput", "diffusers.models.unets.unet_2d:UNet2DOutput", "sample"),
+        (
+            "fastdiff.models.unet_2d_condition:UNet2DConditionOutput",
+            "diffusers.models.unets.unet_2d_condition:UNet2DConditionOutput",
+            "sample",
+        ),
+        ("fastdiff.models.autoencoder_kl:DecoderOutput", "diffusers.models.autoencoders.vae:DecoderOutput", "sample"),
+        (
+            "fastdiff.models.autoencoder_kl:AutoencoderKLOutput",
+            "diffusers.models.modeling_outputs:AutoencoderKLOutput",
+            "latent_dist",
+        ),
+    ],
+)
+def test_model_outputs_behave_as_diffusers(ours, theirs, field):
+    import importlib
+
+    def load(spec):
+        module, name = spec.split(":")
+        return getattr(importlib.import_module(module), name)
+
+    value = torch.randn(2, 3)
+    assert _output_behaviour(load(ours), field, value) == _output_behaviour(load(theirs), field, value)
