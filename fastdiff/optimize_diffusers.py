@@ -15,7 +15,7 @@ Everything happens on that instance: no diffusers or torch class is patched, oth
 as they were. What it swaps, where the result is the same to floating-point tolerance:
 
 * **GroupNorm + SiLU.** In a module whose ``forward`` (read with :mod:`ast`) assigns
-  ``x = self.<norm>(x)`` and then, as the very next statement, ``x = self.<act>(x)`` with
+  ``x = self.<norm>(...)`` and then, as the very next statement, ``x = self.<act>(x)`` with
   ``<norm>`` a ``torch.nn.GroupNorm`` and ``<act>`` a ``torch.nn.SiLU`` (diffusers'
   ``ResnetBlock2D.norm1``/``norm2`` + ``nonlinearity``, the UNets' and VAE's ``conv_norm_out`` +
   ``conv_act``), the norm becomes a :class:`fastdiff.nn.GroupNorm` with ``activation="silu"``
@@ -275,17 +275,20 @@ def _is_self_attr(node, attr: str) -> bool:
     return isinstance(node, ast.Attribute) and node.attr == attr and isinstance(node.value, ast.Name) and node.value.id == "self"
 
 
-def _self_call_assign(stmt, attr: str) -> Optional[str]:
-    """``V = self.<attr>(V)``: returns V; anything else: None."""
+def _self_call_assign(stmt, attr: str, same_variable: bool) -> Optional[str]:
+    """``T = self.<attr>(<one argument>)``: returns T (with ``same_variable``, only when the
+    argument is T itself); anything else: None."""
     if not (isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name)):
         return None
     call = stmt.value
     if not (isinstance(call, ast.Call) and _is_self_attr(call.func, attr) and not call.keywords and len(call.args) == 1):
         return None
-    arg = call.args[0]
-    if isinstance(arg, ast.Name) and arg.id == stmt.targets[0].id:
-        return arg.id
-    return None
+    if isinstance(call.args[0], ast.Starred):
+        return None
+    target = stmt.targets[0].id
+    if same_variable and not (isinstance(call.args[0], ast.Name) and call.args[0].id == target):
+        return None
+    return target
 
 
 _UNDECIDED = object()
@@ -322,9 +325,10 @@ def _is_self_attr_any(node) -> bool:
 
 
 def _norm_act_fusable(func: ast.FunctionDef, module: nn.Module, norm_attr: str, act_attr: str) -> Optional[str]:
-    """None when every live call of ``self.<norm_attr>`` in ``func`` is ``V = self.<norm>(V)``
+    """None when every live call of ``self.<norm_attr>`` in ``func`` is ``V = self.<norm>(x)``
     directly followed (in the same block, or after the ``if``/``with`` it ends) by
-    ``V = self.<act>(V)``; otherwise the reason it is not."""
+    ``V = self.<act>(V)``, which overwrites the only name of the norm's output; otherwise the
+    reason it is not."""
     found = []
     problems = []
 
@@ -367,10 +371,10 @@ def _norm_act_fusable(func: ast.FunctionDef, module: nn.Module, norm_attr: str, 
             uses = uses_in([stmt])
             if not uses:
                 continue
-            variable = _self_call_assign(stmt, norm_attr)
+            variable = _self_call_assign(stmt, norm_attr, same_variable=False)
             if variable is not None:
                 following = next_statement(here)
-                if following is None or _self_call_assign(following, act_attr) != variable:
+                if following is None or _self_call_assign(following, act_attr, same_variable=True) != variable:
                     problems.append(f"self.{norm_attr}(...) in forward is not followed directly by self.{act_attr} on its output")
                 else:
                     found.append(stmt)

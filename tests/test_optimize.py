@@ -377,3 +377,55 @@ def test_bench_optimize_cpu_plumbing(capsys, monkeypatch):
     assert "== table ==" in out and "fastdiff-optimize" in out
     with pytest.raises(SystemExit):
         module.main(["--tiny", "--archs", "sd3"])
+
+
+def test_fusion_reads_the_forward():
+    """A GroupNorm is fused with a SiLU only where the parent's forward feeds the norm's output
+    straight into the activation and uses it nowhere else."""
+    from torch import nn
+
+    from fastdiff.optimize_diffusers import _fusion_partner
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.GroupNorm(2, 4)
+            self.act = nn.SiLU()
+            self.mode = "plain"
+
+    class Fusable(Block):
+        def forward(self, x):
+            h = self.norm(x)
+            h = self.act(h)
+            return h + self.act(x)
+
+    class NormOutputReused(Block):
+        def forward(self, x):
+            h = self.norm(x)
+            skip = h * 2
+            h = self.act(h)
+            return h + skip
+
+    class NormReadElsewhere(Block):
+        def forward(self, x):
+            h = self.norm(x)
+            h = self.act(h)
+            return h * self.norm.weight.mean()
+
+    class DeadBranch(Block):
+        def forward(self, x):
+            if self.mode == "scale":
+                h = self.norm(x)
+                h = h * 3
+            else:
+                h = self.norm(x)
+            h = self.act(h)
+            return h
+
+    assert _fusion_partner(Fusable(), "norm") == ("act", None)
+    assert _fusion_partner(DeadBranch(), "norm") == ("act", None)
+    scaled = DeadBranch()
+    scaled.mode = "scale"
+    for block in (NormOutputReused(), NormReadElsewhere(), scaled):
+        partner, why = _fusion_partner(block, "norm")
+        assert partner is None and "self.norm" in why, (type(block).__name__, why)
