@@ -363,3 +363,24 @@ def test_model_outputs_behave_as_diffusers(ours, theirs, field):
 
     value = torch.randn(2, 3)
     assert _output_behaviour(load(ours), field, value) == _output_behaviour(load(theirs), field, value)
+
+
+@torch.no_grad()
+def test_autoencoder_with_attention_encoder_decoder_blocks_matches_diffusers(tmp_path):
+    from diffusers import AutoencoderKL as DiffusersAutoencoderKL
+
+    from fastdiff import AutoencoderKL
+
+    config = dict(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D", "AttnDownEncoderBlock2D"),
+        up_block_types=("AttnUpDecoderBlock2D", "UpDecoderBlock2D"), act_fn="mish",
+    )
+    torch.manual_seed(0)
+    reference = _perturbed(DiffusersAutoencoderKL(**config))
+    reference.save_pretrained(tmp_path)
+    model = AutoencoderKL.from_pretrained(tmp_path)
+    x = torch.randn(2, 3, 12, 16)
+    latents = model.encode(x).latent_dist.mean
+    assert_fp32_close(latents, reference.encode(x).latent_dist.mean, what="encode")
+    assert_fp32_close(model.decode(latents).sample, reference.decode(latents).sample, what="decode")

@@ -17,7 +17,7 @@ from torch import nn
 
 from fastdiff.models.configuration_utils import ConfigMixin, register_to_config
 from fastdiff.models.modeling_utils import BaseOutput, ModelMixin, call_maybe_checkpointed
-from fastdiff.models.resnet import check_silu
+from fastdiff.models.embeddings import get_activation
 from fastdiff.models.unet_2d_blocks import UNetMidBlock2D, get_down_block, get_up_block
 from fastdiff.nn import GroupNorm
 
@@ -215,7 +215,7 @@ class AutoencoderKL(ModelMixin, ConfigMixin):
         mid_block_add_attention: bool = True,
     ):
         super().__init__()
-        check_silu(act_fn)
+        get_activation(act_fn)  # an unknown name raises here, naming act_fn
         if len(down_block_types) != len(block_out_channels) or len(up_block_types) != len(block_out_channels):
             raise ValueError(
                 f"down_block_types, up_block_types and block_out_channels must have the same length, got "
