@@ -26,12 +26,6 @@ _SILU_NAMES = ("silu", "swish")
 _FIR_KERNEL = (1, 3, 3, 1)
 
 
-def check_silu(act_fn: str, what: str = "act_fn") -> None:
-    """For models whose every activation is one of the fused GroupNorm's (diffusers' UNets and VAE use SiLU)."""
-    if act_fn not in _SILU_NAMES:
-        raise ValueError(f"{what}: only 'silu' (or its alias 'swish') is supported, got {act_fn!r}")
-
-
 def _norm_then_act(groups: int, channels: int, eps: float, act_fn: str) -> Tuple[GroupNorm, Optional[nn.Module]]:
     """A GroupNorm with SiLU fused in, or a plain one and the activation to apply after it."""
     if act_fn in _SILU_NAMES:

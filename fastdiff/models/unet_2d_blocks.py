@@ -2,9 +2,9 @@
 
 Every block type that diffusers' ``get_down_block``, ``get_mid_block`` and ``get_up_block``
 accept by name is listed in ``DOWN_BLOCK_TYPES``, ``MID_BLOCK_TYPES`` and ``UP_BLOCK_TYPES``
-(a ``UNetRes`` prefix is stripped, as in diffusers). Any other name raises a ValueError
-that lists them; a listed block that cannot be built here raises NotImplementedError
-naming what it lacks. No name is ever replaced by another block.
+(a ``UNetRes`` prefix is stripped, as in diffusers), each built with diffusers' wiring and
+state_dict keys. Any other name raises a ValueError that lists them; no name is ever
+replaced by another block.
 
 * plain UNets and the VAE: ``DownBlock2D``, ``AttnDownBlock2D``, ``CrossAttnDownBlock2D``,
   ``DownEncoderBlock2D``, ``AttnDownEncoderBlock2D`` and their up twins, ``UNetMidBlock2D``,
