@@ -584,7 +584,8 @@ def _swap_processors(model: nn.Module, prefix: str, state: _ModelState, report: 
             continue
         head_dim = module.inner_dim // module.heads
         if abs(module.scale - head_dim**-0.5) > 1e-12 * head_dim**-0.5:
-            report.left.append((where, f"attn.scale={module.scale} is not head_dim ** -0.5 (scale_qk=False): diffusers' two processors disagree there"))
+            why = f"attn.scale={module.scale} is not head_dim ** -0.5 (scale_qk=False): diffusers' two processors disagree there"
+            report.left.append((where, why))
             continue
         if getattr(module, "added_kv_proj_dim", None) is not None:
             report.left.append((where, "added key/value projections (added_kv_proj_dim)"))
@@ -722,7 +723,8 @@ def _swap_scheduler(pipe, report: OptimizeReport, pipe_state: _PipelineState) ->
     name = type(scheduler).__name__
     diffusers = _diffusers()
     if type(pipe).__name__ not in _CHECKED_PIPELINES or not _is_diffusers_object(pipe):
-        report.left.append(("scheduler", f"{type(pipe).__name__}'s loop is not one fastdiff has checked ({', '.join(_CHECKED_PIPELINES)})"))
+        checked = ", ".join(_CHECKED_PIPELINES)
+        report.left.append(("scheduler", f"{type(pipe).__name__}'s loop is not one fastdiff has checked ({checked})"))
         return
     if name not in _SCHEDULER_NAMES or type(scheduler) is not getattr(diffusers, name, None):
         report.left.append(("scheduler", f"{type(scheduler).__module__}.{name} has no fastdiff counterpart"))
@@ -870,7 +872,9 @@ def revert(pipe):
     problems: List[str] = []
     if isinstance(state, _ModelState):
         if state.in_pipeline:
-            raise ValueError(f"revert: this {type(pipe).__name__} was optimized as part of a pipeline; call fastdiff.revert(pipe) on the pipeline")
+            raise ValueError(
+                f"revert: this {type(pipe).__name__} was optimized as part of a pipeline; call fastdiff.revert(pipe) on the pipeline"
+            )
         _revert_model(state, problems)
     else:
         for model_state in state.models:

@@ -280,7 +280,8 @@ def test_bare_unets_graphs_and_unusual_blocks():
         assert block.norm1.activation == "silu" and block.norm2.activation is None
         report = optimization_report(unet)
         assert any(w == "down_blocks.0.resnets.0.norm2" and "not followed directly by self.nonlinearity" in why for w, why in report.left)
-        assert ("down_blocks.1.attentions.0", "processor CustomProcessor is not one fastdiff replaces (AttnProcessor2_0, AttnProcessor)") in report.left
+        why = "processor CustomProcessor is not one fastdiff replaces (AttnProcessor2_0, AttnProcessor)"
+        assert ("down_blocks.1.attentions.0", why) in report.left
         assert unet.down_blocks[1].attentions[0].processor is custom
         outs = [unet(x, t).sample for _ in range(3)]  # warm-up, capture + replay, replay
         runner = report.graph_runners["UNet2DModel"]
@@ -366,7 +367,9 @@ def test_bench_optimize_cpu_plumbing(capsys, monkeypatch):
     spec = importlib.util.spec_from_file_location("bench_optimize", os.path.join(ROOT, "benchmarks", "bench_optimize.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    rows = module.bench_arch("tiny", torch.device("cpu"), torch.float32, steps=2, iters=1, with_compile=False, compile_mode=None, lora_rank=4)
+    rows = module.bench_arch(
+        "tiny", torch.device("cpu"), torch.float32, steps=2, iters=1, with_compile=False, compile_mode=None, lora_rank=4
+    )
     assert [r["provider"] for r in rows] == ["diffusers-eager", "fastdiff-optimize"]
     assert rows[1]["swaps"] > 20 and rows[0]["swaps"] == 0
     for r in rows:
