@@ -432,3 +432,36 @@ def test_fusion_reads_the_forward():
     for block in (NormOutputReused(), NormReadElsewhere(), scaled):
         partner, why = _fusion_partner(block, "norm")
         assert partner is None and "self.norm" in why, (type(block).__name__, why)
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_fp16_and_lora(sd_folder, lora_folders):
+    """On CUDA in fp16: real CUDA graphs capture the UNet call, images match diffusers' within
+    fp16 tolerance, a LoRA scale change after capture is seen, revert is bitwise."""
+
+    def cuda_pipe():
+        pipe = diffusers.StableDiffusionPipeline.from_pretrained(sd_folder, torch_dtype=torch.float16).to("cuda")
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def images(pipe, steps=4):
+        g = torch.Generator("cuda").manual_seed(7)
+        return pipe(PROMPT, num_inference_steps=steps, generator=g, output_type="np", height=16, width=16).images
+
+    ref, pipe = cuda_pipe(), cuda_pipe()
+    expected = images(ref)
+    optimize(pipe)
+    runner = optimization_report(pipe).graph_runners["unet"]
+    got = images(pipe)
+    assert runner.stats["captures"] == 1 and runner.stats["replays"] >= 2, runner.stats
+    assert np.abs(got - expected).max() < 1e-2
+    for p in (ref, pipe):
+        p.load_lora_weights(lora_folders[0], adapter_name="a")
+    for scale in (1.0, 0.3):
+        for p in (ref, pipe):
+            p.set_adapters(["a"], [scale])
+        assert np.abs(images(pipe) - images(ref)).max() < 1e-2, f"LoRA scale {scale}"
+    for p in (ref, pipe):
+        p.unload_lora_weights()
+    revert(pipe)
+    assert np.array_equal(images(pipe), expected)
