@@ -19,6 +19,8 @@ nothing is materialised. A mask that does not vary along queries (key padding,
 (B, 1, 1, Lk)) is read as one vector of keys per step (``MASK_KEYS_ONLY``); a
 full (Lq, Lk) mask needs a tile of pointers, which on sm_90 makes the 128x64
 forward tiles spill (ptxas, Triton 3.9), so expect full masks to run slower.
+Even a key-padding mask makes 64x128 tiles spill at D=40/64/80 (255 registers,
+serialised wgmma), so the pruner keeps masked calls on 64-key tiles.
 A fully-masked row gives zeros (SDPA's behaviour in torch >= 2.5) and zero
 gradients; its saved logsumexp is +inf so that the backward's exp2(s - lse)
 is 0 there.
@@ -148,6 +150,8 @@ def _prune_fwd_configs(configs, named_args, **kwargs):
     * Large head dims (padded > 128, i.e. 160) keep BLOCK_N <= 64 and drop
       BLOCK_M = 32: on sm_90 (Triton 3.9) those tiles use 250+ registers or
       spill (ptxas resource usage).
+    * Masked calls keep BLOCK_N <= 64, and full (Lq, Lk) masks BLOCK_M <= 64
+      as well: bigger tiles spill and serialise wgmma on sm_90.
     * Occupancy: a config whose grid covers less than a quarter wave of SMs
       is dropped whenever some other config covers a full wave (at
       (2, 8, 256, 160) that keeps 16-row tiles, 256 programs, and 64-row
@@ -159,6 +163,14 @@ def _prune_fwd_configs(configs, named_args, **kwargs):
     padded = sum(head_dim_chunks(args["HEAD_DIM"]))
     if padded > 128:
         configs = [c for c in configs if c.kwargs["BLOCK_N"] <= 64 and c.kwargs["BLOCK_M"] != 32] or configs
+    if args.get("MASK_KIND", MASK_NONE) != MASK_NONE:
+        # Masked calls (ptxas, Triton 3.9, fastdiff.tools.aot_check): with a key-padding
+        # mask, 64x128 tiles at D=40/64/80 reach 255 registers, spill and serialise wgmma
+        # on sm_90; a full mask (a tile of mask pointers) does the same at 128-row tiles,
+        # and its 128x128 3-stage tile at D=80 exceeds sm_80's shared memory. Masked
+        # calls keep 64-key steps, and full masks at most 64 query rows.
+        keys_only = args.get("MASK_KEYS_ONLY", False)
+        configs = [c for c in configs if c.kwargs["BLOCK_N"] <= 64 and (keys_only or c.kwargs["BLOCK_M"] <= 64)] or configs
     sms = _sms_for(args["Lse"])  # an output every forward kernel has; it tells the device
     if sms is None:
         return configs

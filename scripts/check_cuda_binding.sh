@@ -30,6 +30,10 @@ if [ -z "$CUDA_INCLUDE" ]; then
   exit 2
 fi
 
+if ! "$PYTHON" -c "import torch" >/dev/null 2>&1; then
+  echo "check_cuda_binding.sh: $PYTHON ($(command -v "$PYTHON" || echo 'not found')) cannot import torch; set PYTHON to the venv's python" >&2
+  exit 1
+fi
 mapfile -t TORCH_INCLUDES < <("$PYTHON" -c "from torch.utils.cpp_extension import include_paths; print('\n'.join(include_paths()))")
 PY_INCLUDE=$("$PYTHON" -c "import sysconfig; print(sysconfig.get_paths()['include'])")
 STUB=$(mktemp -d "${TMPDIR:-/tmp}/fastdiff-binding-XXXXXX")

@@ -18,3 +18,7 @@ if [ ! -x "$PY" ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
   "$PY" -m pip install -q --no-build-isolation -e "$ROOT[test]"
   echo "$want" > "$STAMP"
 fi
+# Everything the sourcing script runs (and what that runs: pytest's subprocesses, bash helpers calling
+# a bare `python`) finds .venv first, never a Python installed elsewhere on the machine.
+export VIRTUAL_ENV="$VENV"
+export PATH="$VENV/bin:$PATH"

@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -98,8 +99,10 @@ def test_vectorised_group_norm_kernels_do_not_spill(compiled):
 def test_bindings_pass_a_syntax_check():
     if shutil.which(os.environ.get("CXX", "g++")) is None:
         pytest.skip("no host C++ compiler")
+    # PYTHON: this interpreter (the one with torch), never whatever `python` is on PATH.
+    env = dict(os.environ, PYTHON=sys.executable)
     result = subprocess.run(
-        ["bash", os.path.join(REPO, "scripts", "check_cuda_binding.sh")], cwd=REPO, capture_output=True, text=True, timeout=600
+        ["bash", os.path.join(REPO, "scripts", "check_cuda_binding.sh")], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
     )
     if result.returncode == 2:
         pytest.skip(result.stderr.strip())

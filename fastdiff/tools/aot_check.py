@@ -696,6 +696,7 @@ def main(argv=None) -> int:
     parser.add_argument("--archs", default=",".join(map(str, ARCHS)), help="comma-separated compute capabilities (default 80,90)")
     parser.add_argument("--matrix", choices=("ci", "smoke", "full"), default="ci")
     parser.add_argument("--families", default=",".join(FAMILIES), help="kernel modules to compile (default: all)")
+    parser.add_argument("--kernels", help="comma-separated kernel names to keep (default: all)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--json", help="write every instance and its results here")
     parser.add_argument("--report", help="write the markdown report here")
@@ -705,6 +706,8 @@ def main(argv=None) -> int:
     start = time.time()
     archs = tuple(int(a) for a in args.archs.split(","))
     instances = select(enumerate_instances(archs, args.matrix, tuple(args.families.split(","))), args.matrix)
+    if args.kernels:
+        instances = [i for i in instances if i["kernel"] in args.kernels.split(",")]
     enumerated = time.time() - start
     run_all(instances, args.jobs)
     seconds = time.time() - start
