@@ -22,7 +22,9 @@ match diffusers' to 1e-3 (CI runs it through tests/test_pipeline_bench.py).
 ``--resampler-table``: the spatial resampler's speed and drift on the tiny SD-style model on the CPU
 (or on the SD1.5 architecture with ``--archs sd15`` on a GPU): for each ``fastdiff.Resampler``
 setting, the time per image against the plain full-resolution loop and the drift of its images from
-the plain run's (PSNR in dB and SSIM, mean over seeds). Writes ``DIR/resampler_<device>.jsonl``.
+the plain run's (PSNR in dB and SSIM, mean over seeds). Writes ``DIR/resampler_cpu.jsonl`` on the
+CPU (one torch thread, for stable timings on a shared machine) and joins ``DIR/bench_pipeline.jsonl``
+on a GPU.
 
 Every mode appends JSON lines (with card, versions, commit and date) to ``DIR`` and prints a short
 table after ``== table ==``.
@@ -301,10 +303,12 @@ def main(argv=None) -> int:
         device, dtype = ("cuda", torch.float16) if cuda else ("cpu", torch.float32)
         arch = args.archs.split(",")[0] if cuda else "tiny"
         if not cuda:
-            torch.set_num_threads(min(4, torch.get_num_threads()))
+            torch.set_num_threads(1)  # stable timings on a shared machine
         steps = args.steps if cuda else min(args.steps, 20)
         rows = resampler_table(arch, device, dtype, steps, args.seeds, args.repeats if cuda else 1)
-        path = _write(args.out, f"resampler_{'cuda' if cuda else 'cpu'}.jsonl", rows, env)
+        # on a GPU the rows join bench_pipeline.jsonl (one file per benchmark in a device run)
+        name = "bench_pipeline.jsonl" if cuda else "resampler_cpu.jsonl"
+        path = _write(args.out, name, [{"mode": "resampler", **r} for r in rows], env)
         print(f"wrote {path}")
         print("== table ==")
         print(f"{'setting':42s} {'s/image':>8s} {'speedup':>8s} {'PSNR dB':>8s} {'SSIM':>6s}")
@@ -340,7 +344,7 @@ def main(argv=None) -> int:
     for arch in archs:
         rows += bench_arch(arch, "cuda", torch.float16, args.steps, args.repeats)
         torch.cuda.empty_cache()
-    path = _write(args.out, "bench_pipeline.jsonl", rows, env)
+    path = _write(args.out, "bench_pipeline.jsonl", [{"mode": "pipeline", **r} for r in rows], env)
     print(f"wrote {path}")
     print("== table ==")
     print(f"{'arch':6s} {'provider':16s} {'s/image':>8s} {'it/s':>7s} {'peak GiB':>9s} {'speedup':>8s} {'max|diff|':>9s}")

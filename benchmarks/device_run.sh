@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The one script to run on a GPU machine (fits in ~8 minutes on an H100):
+# The one script to run on a GPU machine (fits in ~12 minutes on an H100):
 #   bash benchmarks/device_run.sh [OUT_DIR]      (default: $OUT, else benchmarks/results/device-<date>)
 # 1. builds the CUDA extension for this card,
 # 2. runs the GPU tests (the same test files as CI, now on CUDA instead of the interpreter),
 # 3. runs every benchmark: one JSON-lines file each under OUT_DIR, their logs in bench.log,
-#    (OUT_DIR ends with at most 8 files: setup.log, tests.log, bench.log and the .jsonl files),
+#    (OUT_DIR ends with at most 9 files: setup.log, tests.log, bench.log and the .jsonl files),
 # 4. prints a short summary table last.
 # Wheels the device image lacks (e.g. diffusers for the oracle tests) can travel in .whl/
 # (see the device tool's README); they are installed to /tmp/site when present.
@@ -58,6 +58,8 @@ run_bench bench_attention 90
 run_bench bench_scheduler_step 45
 run_bench bench_geglu 45
 run_bench bench_unet 120 --archs sd15,sdxl
+run_bench bench_pipeline 300 --archs sd15,sdxl --steps 50 --repeats 2
+run_bench bench_pipeline 150 --resampler-table --archs sd15 --steps 50 --seeds 2 --repeats 1
 echo "== summary =="
 cat "$OUT_DIR/.summary" 2>/dev/null
 rm -f "$OUT_DIR/.summary"
