@@ -50,6 +50,13 @@ as they were. What it swaps, where the result is the same to floating-point tole
 ``optimize(..., report=True)`` also prints it. :func:`revert` puts back the original modules
 (with whatever Parameters the swapped ones hold now), processors and scheduler, and drops the
 graphs: the next image is bitwise the un-optimised one.
+
+Limits: a component shared by two pipelines (``Img2ImgPipeline(**pipe.components)``) is one
+instance, so optimizing either pipeline changes it for both. Deep-copying or pickling an optimized
+model copies a forward bound to the original instance: revert first. With
+``enable_model_cpu_offload`` the weights move on every call, so each call recaptures: pass
+``cuda_graph=False`` there. LoRA state is read from peft's layers (found through ``peft_config``,
+which diffusers' and peft's LoRA APIs set).
 """
 
 from __future__ import annotations
@@ -604,23 +611,41 @@ def _swap_processors(model: nn.Module, prefix: str, state: _ModelState, report: 
         report.swapped.append((where, f"{type(old).__name__} -> FastdiffDiffusersAttnProcessor (fastdiff.ops.attention)"))
 
 
-def _lora_state(model: nn.Module) -> tuple:
+def _is_lora_layer(module: nn.Module) -> bool:
+    return isinstance(getattr(module, "scaling", None), dict) and hasattr(module, "merged_adapters")
+
+
+def _lora_state(model: nn.Module, cache: Optional[dict] = None) -> tuple:
     """Every peft LoRA layer's Python state a captured graph bakes in: active adapters, scales,
-    merged adapters, disabled flag."""
+    merged adapters, disabled flag.
+
+    A model without ``peft_config`` (set by diffusers' ``load_lora_weights``/``add_adapter`` and by
+    peft's ``inject_adapter_in_model``) has no LoRA layers, and the walk over the module tree that
+    finds them is done again only when ``peft_config`` or one of its adapter configs is a new object
+    (``cache``; a load, delete or unload):
+    it is paid once per load, not once per UNet call."""
+    config = getattr(model, "peft_config", None)
+    if not config:
+        return ()
+    token = (id(config), tuple((name, id(c)) for name, c in config.items()))
+    if cache is None or cache.get("token") != token:
+        layers = tuple((name, m) for name, m in model.named_modules() if _is_lora_layer(m))
+        if cache is None:
+            cache = {}
+        # holding the config objects keeps their ids from being reused by a later load
+        cache.update(token=token, layers=layers, held=(config, tuple(config.values())))
     state = []
-    for name, m in model.named_modules():
-        scaling = getattr(m, "scaling", None)
-        if isinstance(scaling, dict) and hasattr(m, "merged_adapters"):
-            active = getattr(m, "active_adapters", ())
-            state.append(
-                (
-                    name,
-                    tuple(sorted((k, float(v)) for k, v in scaling.items())),
-                    tuple(m.merged_adapters),
-                    tuple(active) if isinstance(active, (list, tuple)) else (active,),
-                    bool(getattr(m, "disable_adapters", False)),
-                )
+    for name, m in cache["layers"]:
+        active = getattr(m, "active_adapters", ())
+        state.append(
+            (
+                name,
+                tuple(sorted((k, float(v)) for k, v in m.scaling.items())),
+                tuple(m.merged_adapters),
+                tuple(active) if isinstance(active, (list, tuple)) else (active,),
+                bool(getattr(m, "disable_adapters", False)),
             )
+        )
     return tuple(state)
 
 
@@ -645,6 +670,7 @@ def _install_graphs(model: nn.Module, name: str, state: _ModelState, report: Opt
     signature = inspect.signature(original_forward)
     output_class = _output_class(model)
     attention_modules = [m for m in model.modules() if hasattr(m, "get_processor") and hasattr(m, "set_processor")]
+    lora_cache: dict = {}
 
     def graphed_forward(*args, **kwargs):
         bound = signature.bind(*args, **kwargs)
@@ -675,7 +701,7 @@ def _install_graphs(model: nn.Module, name: str, state: _ModelState, report: Opt
             tuple(repr(c) if c is not None and not isinstance(c, (bool, int, float, str)) else c for c in constants),
             model.training,
             tuple(type(m.get_processor()).__qualname__ for m in attention_modules),
-            _lora_state(model),
+            _lora_state(model, lora_cache),
         )
         region = runner.region(f"{name}.forward", fn, inputs, modules=[model], extra=extra, reasons=reasons)
         out = region(**inputs)
