@@ -213,6 +213,21 @@ def test_missing_transformers_is_one_line(sd_folder, monkeypatch):
     assert "fastdiff[text]" in message and "\n" not in message
 
 
+def test_vae_slicing_and_tiling_pass_through(pipes):
+    ours, _ = pipes
+    latent = ours(prompt="a", generator=_gen(1), **{**BASE, "output_type": "latent", "num_inference_steps": 2}).images
+    plain = ours.vae.decode(latent / ours.vae.config.scaling_factor).sample
+    ours.enable_vae_slicing()
+    ours.enable_vae_tiling()
+    try:
+        assert ours.vae.use_slicing and ours.vae.use_tiling
+        torch.testing.assert_close(ours.vae.decode(latent / ours.vae.config.scaling_factor).sample, plain)
+    finally:
+        ours.disable_vae_slicing()
+        ours.disable_vae_tiling()
+    assert not ours.vae.use_slicing and not ours.vae.use_tiling
+
+
 def test_bad_arguments_name_them(pipes):
     ours, _ = pipes
     with pytest.raises(ValueError, match="height and width"):

@@ -188,3 +188,16 @@ def test_bad_call_arguments(ddpm_folder):
         pipe(num_inference_steps=2, output_type="jpeg")
     with pytest.raises(TypeError, match="unet"):
         fastdiff.DDPMPipeline(unet=torch.nn.Linear(2, 2), scheduler=pipe.scheduler)
+
+
+def test_temperature_scheduler_on_ddpm(ddpm_folder):
+    pipe = _quiet(fastdiff.DDPMPipeline.from_pretrained(ddpm_folder))
+    kwargs = dict(num_inference_steps=STEPS, output_type="np")
+    plain = pipe(generator=torch.Generator().manual_seed(4), **kwargs).images
+    pipe.set_temperature_scheduler(fastdiff.TemperatureScheduler("constant", tau=1.0))
+    np.testing.assert_array_equal(pipe(generator=torch.Generator().manual_seed(4), **kwargs).images, plain)
+    pipe.set_temperature_scheduler(fastdiff.TemperatureScheduler("constant", tau=0.5))
+    cooled = pipe(generator=torch.Generator().manual_seed(4), **kwargs).images
+    assert np.abs(cooled - plain).max() > 1e-3
+    pipe.set_temperature_scheduler(None)
+    np.testing.assert_array_equal(pipe(generator=torch.Generator().manual_seed(4), **kwargs).images, plain)
