@@ -3,25 +3,31 @@
 SDEdit (Meng et al. 2021, https://arxiv.org/abs/2108.01073): the input image is encoded, noised to
 the timestep that ``strength`` selects, and denoised from there with text guidance.
 
-The text encoding, the safety checker and the step function are the text-to-image pipeline's
-(this class derives from it, one level); what differs is here: ``get_timesteps``,
-``prepare_latents`` (encode and noise the image) and ``__call__``.
+A single file in diffusers' style: the text encoding, the safety checker and the step function are
+copied from the text-to-image pipeline (marked ``# Copied from``); what differs is
+``get_timesteps``, ``prepare_latents`` (encode and noise the image) and ``__call__``.
 """
 
 from __future__ import annotations
 
+import inspect
+import logging
 from typing import Any, Callable, Dict, List, Optional, Union
 
 import torch
 
-from fastdiff.pipelines.image_processor import check_output_type
+from fastdiff.pipelines.image_processor import VaeImageProcessor, check_output_type
+from fastdiff.pipelines.pipeline_utils import DiffusionPipeline, check_component_type, warn_old_config
 from fastdiff.pipelines.stable_diffusion.pipeline_stable_diffusion import (
-    StableDiffusionPipeline,
     StableDiffusionPipelineOutput,
+    _version_below,
     get_guidance_scale_embedding,
+    rescale_noise_cfg,
     retrieve_timesteps,
 )
 from fastdiff.schedulers.scheduling_utils import randn_tensor
+
+logger = logging.getLogger(__name__)
 
 
 def retrieve_latents(encoder_output, generator=None, sample_mode: str = "sample"):
@@ -31,8 +37,331 @@ def retrieve_latents(encoder_output, generator=None, sample_mode: str = "sample"
     return encoder_output.latent_dist.mode()
 
 
-class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
-    """Same components as :class:`StableDiffusionPipeline`."""
+class StableDiffusionImg2ImgPipeline(DiffusionPipeline):
+    """Args (as :class:`StableDiffusionPipeline`):
+    vae (`AutoencoderKL`), text_encoder (`transformers.CLIPTextModel`), tokenizer (`transformers.CLIPTokenizer`),
+    unet (`UNet2DConditionModel`), scheduler (any fastdiff scheduler),
+    safety_checker (`StableDiffusionSafetyChecker` or None), feature_extractor (`transformers.CLIPImageProcessor`
+    or None), requires_safety_checker (`bool`): warn when the safety checker is None.
+    """
+
+    _optional_components = ["safety_checker", "feature_extractor", "image_encoder"]
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+
+    def __init__(
+        self,
+        vae,
+        text_encoder,
+        tokenizer,
+        unet,
+        scheduler,
+        safety_checker,
+        feature_extractor,
+        image_encoder=None,
+        requires_safety_checker: bool = True,
+    ):
+        super().__init__()
+        name = type(self).__name__
+        check_component_type(name, "vae", vae, ("AutoencoderKL",))
+        check_component_type(name, "unet", unet, ("UNet2DConditionModel",))
+        check_component_type(name, "scheduler", scheduler, ("SchedulerMixin",))
+        if image_encoder is not None:
+            raise ValueError(f"{name}: image_encoder (IP-Adapter) is not supported by fastdiff; pass None")
+        self._fix_old_configs(scheduler, unet)
+        if safety_checker is None and requires_safety_checker:
+            logger.warning(
+                "%s: the safety checker is disabled (safety_checker=None); keep it enabled in public services. "
+                "Pass requires_safety_checker=False to silence this.",
+                name,
+            )
+        if safety_checker is not None and feature_extractor is None:
+            raise ValueError(f"{name}: a safety_checker needs a feature_extractor (CLIPImageProcessor) to prepare its input")
+        self._check_component_fit(vae, text_encoder, unet)
+        self.register_modules(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=safety_checker,
+            feature_extractor=feature_extractor,
+            image_encoder=image_encoder,
+        )
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+        self.register_to_config(requires_safety_checker=requires_safety_checker)
+        self._temperature_scheduler = None
+
+    # Copied from fastdiff.pipelines.stable_diffusion.pipeline_stable_diffusion.StableDiffusionPipeline._fix_old_configs
+    @staticmethod
+    def _fix_old_configs(scheduler, unet) -> None:
+        """Rewrite the old config values diffusers rewrites, with one warning naming each key."""
+        if scheduler is not None:
+            config = scheduler.config
+            if "steps_offset" in config and config["steps_offset"] != 1:
+                warn_old_config("scheduler", "steps_offset", config["steps_offset"], 1, "configs before diffusers 0.6")
+                scheduler.register_to_config(steps_offset=1)
+            if config.get("clip_sample") is True:
+                warn_old_config("scheduler", "clip_sample", True, False, "latent diffusion does not clip samples")
+                scheduler.register_to_config(clip_sample=False)
+        if unet is not None:
+            version = unet.config.get("_diffusers_version")
+            size = unet.config.get("sample_size")
+            if version is not None and isinstance(size, int) and size < 64 and _version_below(version, (0, 9)):
+                warn_old_config("unet", "sample_size", size, 64, "configs written before diffusers 0.9")
+                unet.register_to_config(sample_size=64)
+
+    # Copied from fastdiff.pipelines.stable_diffusion.pipeline_stable_diffusion.StableDiffusionPipeline._check_component_fit
+    def _check_component_fit(self, vae, text_encoder, unet) -> None:
+        name = type(self).__name__
+        if unet is not None and text_encoder is not None:
+            hidden = text_encoder.config.hidden_size
+            if unet.config.cross_attention_dim != hidden:
+                raise ValueError(
+                    f"{name}: unet.config.cross_attention_dim={unet.config.cross_attention_dim} does not match "
+                    f"text_encoder.config.hidden_size={hidden}"
+                )
+        if unet is not None and vae is not None and unet.config.in_channels != vae.config.latent_channels:
+            raise ValueError(
+                f"{name}: unet.config.in_channels={unet.config.in_channels} does not match "
+                f"vae.config.latent_channels={vae.config.latent_channels}"
+            )
+
+    # Copied from fastdiff.pipelines.stable_diffusion.pipeline_stable_diffusion.StableDiffusionPipeline.guidance_scale
+    @property
+    def guidance_scale(self):
+        return self._guidance_scale
+
+    # Copied from fastdiff.pipelines.stable_diffusion.pipeline_stable_diffusion.StableDiffusionPipeline.guidance_rescale
+    @property
+    def guidance_rescale(self):
+        return self._guidance_rescale
+
+    # Copied from fastdiff.pipelines.stable_diffusion.pipeline_stable_diffusion.StableDiffusionPipeline.clip_skip
+    @property
+    def clip_skip(self):
+        return self._clip_skip
+
+    # Copied from fastdiff.pipelines.stable_diffusion.pipeline_stable_diffusion.StableDiffusionPipeline.do_classifier_free_guidance
+    @property
+    def do_classifier_free_guidance(self):
+        return self._guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None
+
+    # Copied from fastdiff.pipelines.stable_diffusion.pipeline_stable_diffusion.StableDiffusionPipeline.cross_attention_kwargs
+    @property
+    def cross_attention_kwargs(self):
+        return self._cross_attention_kwargs
+
+    # Copied from fastdiff.pipelines.stable_diffusion.pipeline_stable_diffusion.StableDiffusionPipeline.num_timesteps
+    @property
+    def num_timesteps(self):
+        return self._num_timesteps
+
+    # Copied from fastdiff.pipelines.stable_diffusion.pipeline_stable_diffusion.StableDiffusionPipeline.interrupt
+    @property
+    def interrupt(self):
+        return self._interrupt
+
+    # Copied from fastdiff.pipelines.stable_diffusion.pipeline_stable_diffusion.StableDiffusionPipeline.set_temperature_scheduler
+    def set_temperature_scheduler(self, temperature_scheduler) -> None:
+        """Attach a :class:`fastdiff.TemperatureScheduler`: tau(0) scales the initial noise and tau(i)
+        the noise a stochastic scheduler injects at step i. ``None`` restores tau = 1 (bitwise the plain
+        pipeline). It follows the pipeline when ``pipe.scheduler`` is replaced."""
+        self._temperature_scheduler = temperature_scheduler
+        self.scheduler.set_temperature_scheduler(temperature_scheduler)
+
+    # Copied from fastdiff.pipelines.stable_diffusion.pipeline_stable_diffusion.StableDiffusionPipeline.check_inputs
+    def check_inputs(
+        self,
+        prompt,
+        height,
+        width,
+        callback_steps,
+        negative_prompt=None,
+        prompt_embeds=None,
+        negative_prompt_embeds=None,
+        callback_on_step_end_tensor_inputs=None,
+    ):
+        if height % self.vae_scale_factor != 0 or width % self.vae_scale_factor != 0:
+            raise ValueError(
+                f"height and width must be divisible by {self.vae_scale_factor} (the VAE's scale factor), got "
+                f"height={height}, width={width}"
+            )
+        if callback_on_step_end_tensor_inputs is not None:
+            unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
+            if unknown:
+                raise ValueError(
+                    f"callback_on_step_end_tensor_inputs: {unknown} are not available; choose from "
+                    f"{self._callback_tensor_inputs}"
+                )
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("pass either `prompt` or `prompt_embeds`, not both")
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("pass `prompt` or `prompt_embeds`")
+        if prompt is not None and not isinstance(prompt, (str, list)):
+            raise ValueError(f"prompt: expected a str or a list of str, got {type(prompt).__name__}")
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("pass either `negative_prompt` or `negative_prompt_embeds`, not both")
+        if prompt_embeds is not None and negative_prompt_embeds is not None:
+            if prompt_embeds.shape != negative_prompt_embeds.shape:
+                raise ValueError(
+                    f"prompt_embeds {tuple(prompt_embeds.shape)} and negative_prompt_embeds "
+                    f"{tuple(negative_prompt_embeds.shape)} must have the same shape"
+                )
+
+    # Copied from fastdiff.pipelines.stable_diffusion.pipeline_stable_diffusion.StableDiffusionPipeline._encode_text
+    def _encode_text(self, text_input_ids, attention_mask, device, clip_skip):
+        if clip_skip is None:
+            return self.text_encoder(text_input_ids.to(device), attention_mask=attention_mask)[0]
+        out = self.text_encoder(text_input_ids.to(device), attention_mask=attention_mask, output_hidden_states=True)
+        # hidden_states[-1] is the last layer's output before the final layer norm
+        hidden = out.hidden_states[-(clip_skip + 1)]
+        # transformers < 5 nests the layers under `text_model`; 5.x puts them on the model itself
+        final_layer_norm = getattr(self.text_encoder, "text_model", self.text_encoder).final_layer_norm
+        return final_layer_norm(hidden)
+
+    # Copied from fastdiff.pipelines.stable_diffusion.pipeline_stable_diffusion.StableDiffusionPipeline.encode_prompt
+    def encode_prompt(
+        self,
+        prompt,
+        device,
+        num_images_per_prompt,
+        do_classifier_free_guidance,
+        negative_prompt=None,
+        prompt_embeds: Optional[torch.Tensor] = None,
+        negative_prompt_embeds: Optional[torch.Tensor] = None,
+        lora_scale: Optional[float] = None,
+        clip_skip: Optional[int] = None,
+    ):
+        """Text embeddings ``(prompt_embeds, negative_prompt_embeds)``, each (B * n, L, D).
+
+        ``lora_scale`` is accepted for diffusers' signature; fastdiff's text encoders carry no LoRA.
+        """
+        if prompt is not None and isinstance(prompt, str):
+            batch_size = 1
+        elif prompt is not None and isinstance(prompt, list):
+            batch_size = len(prompt)
+        else:
+            batch_size = prompt_embeds.shape[0]
+
+        use_mask = getattr(self.text_encoder.config, "use_attention_mask", False) if self.text_encoder else False
+        if prompt_embeds is None:
+            if self.tokenizer is None or self.text_encoder is None:
+                raise ValueError("prompt: this pipeline has no tokenizer/text_encoder; pass prompt_embeds instead")
+            text_inputs = self.tokenizer(
+                prompt,
+                padding="max_length",
+                max_length=self.tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            )
+            text_input_ids = text_inputs.input_ids
+            untruncated_ids = self.tokenizer(prompt, padding="longest", return_tensors="pt").input_ids
+            if untruncated_ids.shape[-1] >= text_input_ids.shape[-1] and not torch.equal(text_input_ids, untruncated_ids):
+                removed = self.tokenizer.batch_decode(untruncated_ids[:, self.tokenizer.model_max_length - 1 : -1])
+                logger.warning(
+                    "The prompt was truncated to %d tokens; dropped: %s", self.tokenizer.model_max_length, removed
+                )
+            attention_mask = text_inputs.attention_mask.to(device) if use_mask else None
+            prompt_embeds = self._encode_text(text_input_ids, attention_mask, device, clip_skip)
+
+        if self.text_encoder is not None:
+            dtype = self.text_encoder.dtype
+        elif self.unet is not None:
+            dtype = self.unet.dtype
+        else:
+            dtype = prompt_embeds.dtype
+        prompt_embeds = prompt_embeds.to(dtype=dtype, device=device)
+        bs_embed, seq_len, _ = prompt_embeds.shape
+        prompt_embeds = prompt_embeds.repeat(1, num_images_per_prompt, 1).view(bs_embed * num_images_per_prompt, seq_len, -1)
+
+        if do_classifier_free_guidance and negative_prompt_embeds is None:
+            if negative_prompt is None:
+                uncond_tokens = [""] * batch_size
+            elif prompt is not None and type(prompt) is not type(negative_prompt):
+                raise TypeError(
+                    f"negative_prompt must be of the same type as prompt: {type(negative_prompt).__name__} != "
+                    f"{type(prompt).__name__}"
+                )
+            elif isinstance(negative_prompt, str):
+                uncond_tokens = [negative_prompt]
+            elif batch_size != len(negative_prompt):
+                raise ValueError(
+                    f"negative_prompt has {len(negative_prompt)} entries but prompt has {batch_size}; they must match"
+                )
+            else:
+                uncond_tokens = negative_prompt
+            if self.tokenizer is None or self.text_encoder is None:
+                raise ValueError("this pipeline has no tokenizer/text_encoder; pass negative_prompt_embeds")
+            uncond_input = self.tokenizer(
+                uncond_tokens, padding="max_length", max_length=prompt_embeds.shape[1], truncation=True, return_tensors="pt"
+            )
+            attention_mask = uncond_input.attention_mask.to(device) if use_mask else None
+            negative_prompt_embeds = self.text_encoder(uncond_input.input_ids.to(device), attention_mask=attention_mask)[0]
+
+        if do_classifier_free_guidance:
+            seq_len = negative_prompt_embeds.shape[1]
+            negative_prompt_embeds = negative_prompt_embeds.to(dtype=dtype, device=device)
+            negative_prompt_embeds = negative_prompt_embeds.repeat(1, num_images_per_prompt, 1)
+            negative_prompt_embeds = negative_prompt_embeds.view(batch_size * num_images_per_prompt, seq_len, -1)
+        return prompt_embeds, negative_prompt_embeds
+
+    # Copied from fastdiff.pipelines.stable_diffusion.pipeline_stable_diffusion.StableDiffusionPipeline.run_safety_checker
+    def run_safety_checker(self, image, device, dtype):
+        if self.safety_checker is None:
+            return image, None
+        if torch.is_tensor(image):
+            extractor_input = self.image_processor.postprocess(image, output_type="pil")
+        else:
+            extractor_input = self.numpy_to_pil(image)
+        checker_input = self.feature_extractor(extractor_input, return_tensors="pt").to(device)
+        return self.safety_checker(images=image, clip_input=checker_input.pixel_values.to(dtype))
+
+    # Copied from fastdiff.pipelines.stable_diffusion.pipeline_stable_diffusion.StableDiffusionPipeline.prepare_extra_step_kwargs
+    def prepare_extra_step_kwargs(self, generator, eta):
+        """``eta`` (DDIM only) and ``generator`` for the schedulers whose ``step`` takes them."""
+        params = set(inspect.signature(self.scheduler.step).parameters)
+        extra = {}
+        if "eta" in params:
+            extra["eta"] = eta
+        if "generator" in params:
+            extra["generator"] = generator
+        return extra
+
+    # Copied from fastdiff.pipelines.stable_diffusion.pipeline_stable_diffusion.StableDiffusionPipeline.denoise_step
+    def denoise_step(
+        self,
+        latents: torch.Tensor,
+        t: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        guidance: Optional[torch.Tensor],
+        extra_step_kwargs: Dict[str, Any],
+        timestep_cond: Optional[torch.Tensor] = None,
+        added_cond_kwargs: Optional[Dict[str, torch.Tensor]] = None,
+    ) -> torch.Tensor:
+        """One denoising step; every per-step input is a device tensor (``t``; ``guidance`` is the
+        (1,) float32 guidance scale, or None without CFG), so the step can be captured as a graph."""
+        latent_model_input = torch.cat([latents] * 2) if guidance is not None else latents
+        latent_model_input = self.scheduler.scale_model_input(latent_model_input, t)
+        noise_pred = self.unet(
+            latent_model_input,
+            t,
+            encoder_hidden_states=prompt_embeds,
+            timestep_cond=timestep_cond,
+            cross_attention_kwargs=self._cross_attention_kwargs,
+            added_cond_kwargs=added_cond_kwargs,
+            return_dict=False,
+        )[0]
+        if guidance is not None and self._guidance_rescale > 0.0:
+            # rescaling needs the text half and the guided output: combine here, plain step
+            noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
+            noise_pred = noise_pred_uncond + guidance * (noise_pred_text - noise_pred_uncond)
+            noise_pred = rescale_noise_cfg(noise_pred, noise_pred_text, guidance_rescale=self._guidance_rescale)
+            return self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
+        return self.scheduler.step(
+            noise_pred, t, latents, **extra_step_kwargs, guidance_scale=guidance, return_dict=False
+        )[0]
+
 
     def check_img2img_inputs(self, image, strength):
         if image is None:
@@ -200,6 +529,7 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
         return StableDiffusionPipelineOutput(images=image, nsfw_content_detected=has_nsfw_concept)
 
     def set_spatial_resampler(self, resampler) -> None:
+        """Not available here: the spatial resampler changes the starting resolution of text-to-image."""
         raise NotImplementedError(
             "StableDiffusionImg2ImgPipeline: the spatial resampler is for text-to-image (it changes the starting "
             "resolution); use StableDiffusionPipeline"
