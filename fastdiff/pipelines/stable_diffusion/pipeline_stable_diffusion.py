@@ -419,7 +419,7 @@ class StableDiffusionPipeline(DiffusionPipeline):
         if guidance is not None and self._guidance_rescale > 0.0:
             # rescaling needs the text half and the guided output: combine here, plain step
             noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
-            noise_pred = noise_pred_uncond + guidance * (noise_pred_text - noise_pred_uncond)
+            noise_pred = (noise_pred_uncond + guidance * (noise_pred_text - noise_pred_uncond)).to(noise_pred_text.dtype)
             noise_pred = rescale_noise_cfg(noise_pred, noise_pred_text, guidance_rescale=self._guidance_rescale)
             return self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
         return self.scheduler.step(

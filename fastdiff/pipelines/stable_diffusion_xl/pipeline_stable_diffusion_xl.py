@@ -400,7 +400,7 @@ class StableDiffusionXLPipeline(DiffusionPipeline):
         )[0]
         if guidance is not None and self._guidance_rescale > 0.0:
             noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
-            noise_pred = noise_pred_uncond + guidance * (noise_pred_text - noise_pred_uncond)
+            noise_pred = (noise_pred_uncond + guidance * (noise_pred_text - noise_pred_uncond)).to(noise_pred_text.dtype)
             noise_pred = rescale_noise_cfg(noise_pred, noise_pred_text, guidance_rescale=self._guidance_rescale)
             return self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
         return self.scheduler.step(
@@ -543,7 +543,8 @@ class StableDiffusionXLPipeline(DiffusionPipeline):
                 added_cond_kwargs = {"text_embeds": add_text_embeds, "time_ids": add_time_ids}
                 if i == switch_index:
                     latents = resampler.upsample(
-                        self, latents, t, i, prompt_embeds, guidance, initial_noise, timestep_cond=timestep_cond, added_cond_kwargs=added_cond_kwargs,
+                        self, latents, t, i, prompt_embeds, guidance, initial_noise, timestep_cond=timestep_cond,
+                        added_cond_kwargs=added_cond_kwargs,
                     )  # fmt: skip
                 latents = self.denoise_step(
                     latents, t, prompt_embeds, guidance, extra_step_kwargs, timestep_cond, added_cond_kwargs
