@@ -89,3 +89,25 @@ def test_sdxl_bad_components_and_arguments(pipes):
     )
     with pytest.raises(ValueError, match="addition_embed_type"):
         fastdiff.StableDiffusionXLPipeline(**{**ours.components, "unet": sd_unet})
+
+
+def test_sdxl_spatial_resampler_and_temperature(pipes):
+    ours, _ = pipes
+    ours.scheduler = fastdiff.EulerDiscreteScheduler.from_config(ours.scheduler.config)
+    args = dict(prompt="a cat", num_inference_steps=4, height=32, width=32, output_type="np")
+    plain = ours(generator=torch.Generator().manual_seed(2), **args).images
+    sizes = []
+    handle = ours.unet.register_forward_pre_hook(lambda m, a: sizes.append(tuple(a[0].shape[-2:])))
+    try:
+        ours.set_spatial_resampler(fastdiff.Resampler(scale=0.5, fraction=0.5))
+        resampled = ours(generator=torch.Generator().manual_seed(2), **args).images
+    finally:
+        handle.remove()
+        ours.set_spatial_resampler(None)
+    assert sizes == [(8, 8)] * 3 + [(16, 16)] * 2
+    assert resampled.shape == plain.shape and np.isfinite(resampled).all()
+    ours.set_temperature_scheduler(fastdiff.TemperatureScheduler("constant", tau=0.7))
+    cooled = ours(generator=torch.Generator().manual_seed(2), **args).images
+    ours.set_temperature_scheduler(None)
+    assert np.abs(cooled - plain).max() > 1e-3  # the initial noise is scaled even for a deterministic sampler
+    np.testing.assert_array_equal(ours(generator=torch.Generator().manual_seed(2), **args).images, plain)
