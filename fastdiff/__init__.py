@@ -47,6 +47,10 @@ _LAZY_EXPORTS = {
     "StableDiffusionPipelineOutput": "fastdiff.pipelines",
     "StableDiffusionXLPipelineOutput": "fastdiff.pipelines",
     "Resampler": "fastdiff.pipelines",
+    # keep diffusers, swap in fastdiff
+    "optimize": "fastdiff.optimize_diffusers",
+    "revert": "fastdiff.optimize_diffusers",
+    "optimization_report": "fastdiff.optimize_diffusers",
 }
 
 _SUBMODULES = ("backends", "ops", "nn", "kernels", "models", "schedulers", "pipelines")

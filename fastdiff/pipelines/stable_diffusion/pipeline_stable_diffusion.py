@@ -24,6 +24,7 @@ from typing import Any, Callable, Dict, List, Optional, Union
 import numpy as np
 import torch
 
+from fastdiff.loaders.lora import StableDiffusionLoraLoaderMixin
 from fastdiff.pipelines.image_processor import VaeImageProcessor, check_output_type
 from fastdiff.pipelines.pipeline_utils import DiffusionPipeline, check_component_type, warn_old_config
 from fastdiff.schedulers.scheduling_utils import randn_tensor
@@ -82,7 +83,7 @@ def get_guidance_scale_embedding(w: torch.Tensor, embedding_dim: int = 512, dtyp
     return emb
 
 
-class StableDiffusionPipeline(DiffusionPipeline):
+class StableDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     """Args:
     vae (`AutoencoderKL`), text_encoder (`transformers.CLIPTextModel`), tokenizer (`transformers.CLIPTokenizer`),
     unet (`UNet2DConditionModel`), scheduler (any fastdiff scheduler),

@@ -16,6 +16,7 @@ from typing import Any, Callable, Dict, List, Optional, Union
 
 import torch
 
+from fastdiff.loaders.lora import StableDiffusionLoraLoaderMixin
 from fastdiff.pipelines.image_processor import VaeImageProcessor, check_output_type
 from fastdiff.pipelines.pipeline_utils import DiffusionPipeline, check_component_type, warn_old_config
 from fastdiff.pipelines.stable_diffusion.pipeline_stable_diffusion import (
@@ -37,7 +38,7 @@ def retrieve_latents(encoder_output, generator=None, sample_mode: str = "sample"
     return encoder_output.latent_dist.mode()
 
 
-class StableDiffusionImg2ImgPipeline(DiffusionPipeline):
+class StableDiffusionImg2ImgPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     """Args (as :class:`StableDiffusionPipeline`):
     vae (`AutoencoderKL`), text_encoder (`transformers.CLIPTextModel`), tokenizer (`transformers.CLIPTokenizer`),
     unet (`UNet2DConditionModel`), scheduler (any fastdiff scheduler),

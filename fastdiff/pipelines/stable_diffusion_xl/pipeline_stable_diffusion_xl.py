@@ -20,6 +20,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import numpy as np
 import torch
 
+from fastdiff.loaders.lora import StableDiffusionXLLoraLoaderMixin
 from fastdiff.pipelines.image_processor import VaeImageProcessor, check_output_type
 from fastdiff.pipelines.pipeline_utils import DiffusionPipeline, check_component_type, warn_old_config
 from fastdiff.pipelines.stable_diffusion.pipeline_stable_diffusion import (
@@ -42,7 +43,7 @@ class StableDiffusionXLPipelineOutput(BaseOutput):
     images: Union[List[Any], np.ndarray, torch.Tensor]
 
 
-class StableDiffusionXLPipeline(DiffusionPipeline):
+class StableDiffusionXLPipeline(DiffusionPipeline, StableDiffusionXLLoraLoaderMixin):
     """Args:
     vae (`AutoencoderKL`), text_encoder (`CLIPTextModel`), text_encoder_2 (`CLIPTextModelWithProjection`),
     tokenizer, tokenizer_2 (`CLIPTokenizer`), unet (`UNet2DConditionModel` with ``addition_embed_type="text_time"``),

@@ -1,0 +1,1 @@
+"""Loaders that pipelines mix in: LoRA (``fastdiff.loaders.lora``)."""
