@@ -39,7 +39,7 @@ for version in $VERSIONS; do
   got=$("$venv/bin/python" -c "import triton; print(triton.__version__)")
   [ "$got" = "$version" ] || { echo "aot_check.sh: $venv has triton $got, expected $version" >&2; exit 1; }
   echo "== triton $version: fastdiff.tools.aot_check --matrix $MATRIX --check (sm_80, sm_90)"
-  if ! "$venv/bin/python" -m fastdiff.tools.aot_check --matrix "$MATRIX" --check --jobs "${JOBS:-$(nproc)}" \
+  if ! "$venv/bin/python" -m fastdiff.tools.aot_check --matrix "$MATRIX" --check --compile-only --jobs "${JOBS:-$(nproc)}" \
       --json "$OUT/aot_triton-$version.json" --report "$OUT/aot_triton-$version.md"; then
     echo "aot_check.sh: triton $version FAILED (report: $OUT/aot_triton-$version.md)" >&2
     failed=1

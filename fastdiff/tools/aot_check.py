@@ -609,7 +609,9 @@ def _allowance(inst) -> Optional[str]:
     return None
 
 
-def violations(instances) -> List[str]:
+def violations(instances, compile_only: bool = False) -> List[str]:
+    """What --check fails on; ``compile_only``: compile errors and shared memory only
+    (the older Triton versions, whose register allocation is not what runs on the GPU image)."""
     found = []
     for inst in instances:
         r = inst["result"]
@@ -619,24 +621,27 @@ def violations(instances) -> List[str]:
             continue
         if r["shared"] > SMEM_LIMIT[inst["arch"]]:
             found.append(f"shared memory {r['shared']} B > {SMEM_LIMIT[inst['arch']]} B: {where}")
+        if compile_only:
+            continue
         if inst["sd"] and r["spill_stores"] > 0 and _allowance(inst) is None:
             found.append(f"spills {r['spill_stores']} B in a config the pruner keeps for SD shapes: {where}")
         if inst["sd"] and inst["arch"] >= 90 and inst["kernel"] in ("_attn_fwd", "_attn_fwd_tma"):
             if r["wgmma_serialized"]:
                 found.append(f"wgmma serialised by ptxas in a config the pruner keeps for SD shapes: {where}")
             precision = dict(inst["args"]).get("PRECISION", ("constexpr", ""))[1]
-            if precision != "ieee" and not r["wgmma"]:
+            # wgmma takes 64 rows per warpgroup: the 16/32-row tiles (short sequences) use mma.
+            if precision != "ieee" and inst["config"].get("BLOCK_M", 0) >= 64 and not r["wgmma"]:
                 found.append(f"no wgmma in the sm_90 attention forward: {where}")
     return found
 
 
-def write_report(instances, path: str, seconds: float) -> None:
+def write_report(instances, path: str, seconds: float, compile_only: bool = False) -> None:
     lines = [
         "# Triton kernels compiled ahead of time for sm_80 and sm_90",
         "",
         "A static figure, not a timing: what Triton's compiler and ptxas report for every kernel at every",
         "config its launcher, autotune list and pruner can yield on the Stable Diffusion / SDXL shapes",
-        "(`python -m fastdiff.tools.aot_check --report benchmarks/results/aot_compile.md`, no GPU involved).",
+        "(`python -m fastdiff.tools.aot_check --matrix smoke --report benchmarks/results/aot_compile.md`, no GPU involved).",
         "",
         f"- Triton {triton.__version__}, torch {torch.__version__}; tool version {TOOL_VERSION}; kernel sources: `{sources_hash()}`",
         f"- targets: {', '.join(CARD[a] + f', {SMEM_LIMIT[a]} B shared memory per block' for a in sorted({i['arch'] for i in instances}))}",
@@ -646,7 +651,7 @@ def write_report(instances, path: str, seconds: float) -> None:
         "  serialised the wgmma instructions. Each row lists the first SD case that compiles to it and how many share it.",
         "",
     ]
-    violation_list = violations(instances)
+    violation_list = violations(instances, compile_only)
     lines += ["## Check", "", "no violations" if not violation_list else "\n".join(f"- {v}" for v in violation_list), ""]
     kernels = sorted({(i["module"], i["kernel"]) for i in instances})
     for module, kernel in kernels:
@@ -701,6 +706,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="write every instance and its results here")
     parser.add_argument("--report", help="write the markdown report here")
     parser.add_argument("--check", action="store_true", help="exit 1 on any violation (see the module docstring)")
+    parser.add_argument("--compile-only", action="store_true", help="with --check: fail on compile errors and shared memory only")
     args = parser.parse_args(argv)
 
     start = time.time()
@@ -721,8 +727,8 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump({"triton": triton.__version__, "sources": sources_hash(), "instances": instances}, f, default=str)
     if args.report:
-        write_report(instances, args.report, seconds)
-    found = violations(instances)
+        write_report(instances, args.report, seconds, args.compile_only)
+    found = violations(instances, args.compile_only)
     for line in found:
         print("VIOLATION", line)
     return 1 if (args.check and found) else 0
