@@ -19,6 +19,10 @@ listing every backend with its reasons. Nothing ever falls back silently.
 (``"triton"``) or per-op choices (``"group_norm=triton,attention=sdpa"`` /
 ``use_backend(group_norm="triton")``). A name an op does not have is an error.
 
+``with fastdiff.backends.use_target("sm_90"):`` makes the reasons decide for a
+named GPU (:class:`DeviceDescription`: capability, SM count, name) instead of
+querying ``torch.cuda``, so dispatch runs on fake CUDA tensors without a GPU.
+
 ``with fastdiff.trace_dispatch() as calls:`` records ``(op_name, backend_name)``
 for each op call made inside the block, and ``explain_dispatch`` reports the
 reasons every backend gives for one set of inputs.
@@ -300,12 +304,118 @@ def get_dispatcher(op_name: str) -> Dispatcher:
         raise ValueError(f"unknown op {op_name!r}; expected one of {sorted(_DISPATCHERS)}") from None
 
 
-def explain_dispatch(op_name: str, *args, **kwargs) -> str:
-    """Which backend ``fastdiff.ops.<op_name>(*args, **kwargs)`` would run, and every backend's reasons."""
+def explain_dispatch(op_name: str, *args, target: Any = None, **kwargs) -> str:
+    """Which backend ``fastdiff.ops.<op_name>(*args, **kwargs)`` would run, and every backend's reasons.
+
+    ``target`` (``"sm_90"``, ``"sm_80"``, ... or a :class:`DeviceDescription`) answers
+    for that GPU instead of the visible one: pass CUDA tensors made under
+    ``torch._subclasses.FakeTensorMode`` (or real ones) and read what would run
+    on an H100 from a machine without one.
+    """
     import fastdiff.ops
 
     op = getattr(fastdiff.ops, op_name, None)
     explain = getattr(op, "explain", None)
     if explain is None:
         raise ValueError(f"unknown op {op_name!r}")
-    return explain(*args, **kwargs)
+    if target is None:
+        return explain(*args, **kwargs)
+    with use_target(target) as description:
+        return f"target {description.name}, capability {description.capability}, {description.sm_count} SMs\n" + explain(*args, **kwargs)
+
+
+# ---------------------------------------------------------------------------
+# Device description: what the backends' reasons read instead of torch.cuda.
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeviceDescription:
+    """The GPU that dispatch decides for: compute capability, SM count and name.
+
+    Backends' reasons read this (through :func:`cuda_device_description`), never
+    ``torch.cuda`` directly, so dispatch also runs on fake CUDA tensors
+    (``FakeTensorMode`` on a CPU-only torch) once a target is set with
+    :func:`use_target`.
+    """
+
+    capability: Tuple[int, int]
+    sm_count: int
+    name: str
+
+
+#: Named targets for :func:`use_target` and ``explain_dispatch(..., target=...)``.
+TARGETS: Dict[str, DeviceDescription] = {
+    "sm_80": DeviceDescription((8, 0), 108, "NVIDIA A100 (sm_80, 108 SMs)"),
+    "sm_86": DeviceDescription((8, 6), 84, "NVIDIA RTX 3090 (sm_86, 82-84 SMs)"),
+    "sm_89": DeviceDescription((8, 9), 128, "NVIDIA RTX 4090 (sm_89, 128 SMs)"),
+    "sm_90": DeviceDescription((9, 0), 132, "NVIDIA H100 SXM (sm_90, 132 SMs)"),
+}
+
+_TARGET: contextvars.ContextVar[Optional[DeviceDescription]] = contextvars.ContextVar("fastdiff_device_target", default=None)
+
+
+def _as_description(target: Any) -> DeviceDescription:
+    if isinstance(target, DeviceDescription):
+        return target
+    if isinstance(target, str) and target in TARGETS:
+        return TARGETS[target]
+    raise ValueError(f"target: expected one of {sorted(TARGETS)} or a fastdiff.backends.DeviceDescription, got {target!r}")
+
+
+@contextlib.contextmanager
+def use_target(target: Any) -> Iterator[DeviceDescription]:
+    """Inside the block, dispatch decides for ``target`` (a name in :data:`TARGETS`,
+    such as ``"sm_90"``, or a :class:`DeviceDescription`) instead of the visible GPU.
+
+    Per thread (and asyncio task), like :func:`use_backend`. It changes what the
+    reasons say for CUDA tensors only; CPU tensors still take CPU paths.
+    """
+    description = _as_description(target)
+    token = _TARGET.set(description)
+    try:
+        yield description
+    finally:
+        _TARGET.reset(token)
+
+
+def current_target() -> Optional[DeviceDescription]:
+    """The description set by the innermost :func:`use_target`, or None."""
+    return _TARGET.get()
+
+
+@functools.lru_cache(maxsize=None)
+def _visible_description(index: int) -> DeviceDescription:
+    props = torch.cuda.get_device_properties(index)
+    return DeviceDescription((props.major, props.minor), props.multi_processor_count, props.name)
+
+
+def cuda_device_description(device: torch.device) -> Optional[DeviceDescription]:
+    """What the reasons should assume about CUDA ``device``: the :func:`use_target`
+    description if one is set, else the visible GPU's (asked once per index).
+    None when there is no target and torch cannot query the device (fake CUDA
+    tensors on a CPU-only torch); reasons then say so, see :func:`capability_reasons`."""
+    target = _TARGET.get()
+    if target is not None:
+        return target
+    try:
+        if not torch.cuda.is_available():
+            return None
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return _visible_description(index)
+    except (RuntimeError, AssertionError):  # torch without CUDA, or no driver
+        return None
+
+
+def capability_reasons(device: torch.device, minimum: Tuple[int, int], why: str) -> List[str]:
+    """[] when CUDA ``device`` (as described by :func:`cuda_device_description`) has
+    compute capability >= ``minimum``; CPU devices give []."""
+    if device.type != "cuda":
+        return []
+    description = cuda_device_description(device)
+    if description is None:
+        return ["cannot query the CUDA device (no GPU visible); set a target with fastdiff.backends.use_target('sm_90')"]
+    if tuple(description.capability) < tuple(minimum):
+        major, minor = minimum
+        return [f"needs compute capability {major}.{minor} or newer ({why}); the target is {description.name}, capability {description.capability}"]
+    return []

@@ -143,3 +143,56 @@ def test_explain_names_the_backend_that_would_run():
     x = torch.randn(2, 6, 5)
     assert "would run 'reference'" in fastdiff.explain_dispatch("group_norm", x, 3)
     assert ": cannot run" in fastdiff.explain_dispatch("group_norm", x, 3, backend="cuda")
+
+
+# ---------------------------------------------------------------------------
+# Device description: dispatch for a named target on fake CUDA tensors.
+# ---------------------------------------------------------------------------
+
+
+def _fake_cuda_attention_inputs(dtype=torch.float16):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode()
+    with mode:
+        q = torch.empty(2, 5, 97, 40, device="cuda", dtype=dtype)
+        k = torch.empty(2, 5, 77, 40, device="cuda", dtype=dtype)
+    return mode, q, k
+
+
+def test_use_target_sets_the_description_and_restores_it():
+    assert backends.current_target() is None
+    with backends.use_target("sm_90") as description:
+        assert description.capability == (9, 0) and description.sm_count == 132
+        assert backends.current_target() is description
+        with backends.use_target("sm_80"):
+            assert backends.current_target().sm_count == 108
+        assert backends.current_target() is description
+    assert backends.current_target() is None
+    with pytest.raises(ValueError, match="target"):
+        with backends.use_target("sm_1000"):
+            pass
+
+
+def test_fake_cuda_dispatch_follows_the_target():
+    mode, q, k = _fake_cuda_attention_inputs()
+    with mode:
+        h100 = fastdiff.explain_dispatch("attention", q, k, k, target="sm_90")
+        a100 = fastdiff.explain_dispatch("attention", q, k, k, target="sm_80")
+        old = fastdiff.explain_dispatch("attention", q, k, k, target=backends.DeviceDescription((7, 5), 40, "T4"))
+        with backends.use_target("sm_90"), fastdiff.trace_dispatch() as calls:
+            out = fastdiff.ops.attention(q, k, k)
+    assert "132 SMs" in h100 and "would run 'triton'" in h100
+    assert "triton_tma: supported" in h100
+    assert "triton_tma: needs compute capability 9.0" in a100 and "would run 'triton'" in a100
+    assert "would run 'sdpa'" in old and "needs compute capability 8.0" in old
+    assert calls == [("attention", "triton")] and out.shape == q.shape and out.device.type == "cuda"
+
+
+def test_fake_cuda_dispatch_without_target_says_why():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible; its own description applies")
+    mode, q, k = _fake_cuda_attention_inputs()
+    with mode:
+        text = fastdiff.explain_dispatch("attention", q, k, k)
+    assert "would run 'sdpa'" in text and "use_target" in text

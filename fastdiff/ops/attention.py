@@ -160,7 +160,43 @@ def _triton_reasons(inputs: Mapping[str, Any], tma: bool = False) -> List[str]:
     reasons = backends.device_reasons([q, k, v, mask], allow_cpu_interpret=True)
     from fastdiff.kernels import attention as kernels
 
+    if q.device.type == "cuda":
+        # The device's capability comes from the dispatch description
+        # (fastdiff.backends.use_target or the visible GPU), not torch.cuda, so
+        # dispatch also decides on fake CUDA tensors. The kernels' own reasons
+        # query torch.cuda for CUDA tensors, so they see the tensors as "meta"
+        # stand-ins (same shape, strides, dtype) and the check is made here.
+        capability = backends.capability_reasons(q.device, (8, 0), "bf16 tensor cores; compiled and tested for sm_80/sm_90")
+        if tma and not capability:
+            capability = backends.capability_reasons(q.device, (9, 0), "TMA needs Hopper")
+        reasons += capability
+        q, k, v, mask = (_DeviceFree(t) if t is not None else None for t in (q, k, v, mask))
     return reasons + (kernels.tma_reasons if tma else kernels.layout_reasons)(q, k, v, mask)
+
+
+class _DeviceFree:
+    """A tensor as the kernels' layout reasons read it (shape, strides, dtype,
+    requires_grad, pointer alignment), with ``device`` reported as meta so that
+    they make no torch.cuda query. Fake tensors have no storage pointer; they
+    are taken as 16-byte aligned, as the caching allocator's blocks are."""
+
+    __slots__ = ("_t",)
+
+    def __init__(self, t: torch.Tensor):
+        self._t = t
+
+    device = torch.device("meta")
+
+    def __getattr__(self, name):
+        return getattr(self._t, name)
+
+    def stride(self, *args):
+        return self._t.stride(*args)
+
+    def data_ptr(self) -> int:
+        from torch._subclasses.fake_tensor import FakeTensor
+
+        return 0 if isinstance(self._t, FakeTensor) else self._t.data_ptr()
 
 
 def _triton_run(inputs: Mapping[str, Any]) -> torch.Tensor:
