@@ -120,7 +120,7 @@ def _snapshot(folder: str) -> Dict[str, float]:
         os.path.relpath(os.path.join(root, name), folder): os.stat(os.path.join(root, name)).st_mtime_ns
         for root, _, files in os.walk(folder)
         for name in files
-        if not name.endswith(".lock")
+        if not name.endswith(".lock") and not name.startswith(".ninja_")  # ninja's own log and deps database
     }
 
 
