@@ -138,6 +138,8 @@ class _LoraState:
         self.enabled = True
         self.hooks: list = []
         self.unfused_attention: list = []  # fastdiff Attention modules whose projections LoRA un-fused
+        self.layers: Dict[str, list] = {}  # component -> [LoRALayer] (refreshed on load/delete)
+        self.attention: list = []  # fastdiff Attention modules of the UNet with a LoRALayer among q/k/v
         self.loaded = 0
 
 
@@ -249,6 +251,7 @@ class StableDiffusionLoraLoaderMixin:
         state.weights[adapter_name] = {c: 1.0 for c in self._lora_loadable_modules}
         state.loaded += 1
         state.active.append(adapter_name)
+        self._lora_refresh_layers()
         self._lora_install_hooks()
         self._lora_apply()
 
@@ -333,6 +336,7 @@ class StableDiffusionLoraLoaderMixin:
         state.active = [n for n in state.active if n not in names]
         if not state.adapters:
             self._lora_remove_hooks()
+        self._lora_refresh_layers()
         self._lora_apply()
 
     # ---- fusing -----------------------------------------------------------------------------
@@ -474,8 +478,8 @@ class StableDiffusionLoraLoaderMixin:
     def _lora_apply(self) -> None:
         """Tell every LoRA layer which adapters run unfused and with which scales; keep fused QKV right."""
         state = self._lora
-        for component, model in self._lora_models().items():
-            for _, layer in lora_layers_of(model):
+        for component, layers in state.layers.items():
+            for layer in layers:
                 names = [n for n in state.active if n in layer.lora_A and n not in layer.fused] if state.enabled else []
                 layer.set_active(names, [state.weights[n][component] for n in names])
         self._lora_sync_attention()
@@ -483,16 +487,9 @@ class StableDiffusionLoraLoaderMixin:
     def _lora_sync_attention(self) -> None:
         """fastdiff.nn.Attention with fused projections: un-fuse where an unfused adapter runs on q/k/v,
         re-fuse where none does any more, and refresh the fused weight in place after a fused LoRA change."""
-        unet = getattr(self, "unet", None)
-        if unet is None:
-            return
         state = self._lora
-        for module in unet.modules():
-            if not hasattr(module, "_fused_sources") or not hasattr(module, "fused_projections"):
-                continue
+        for module in state.attention:
             sources = module._fused_sources()
-            if not any(isinstance(s, LoRALayer) for s in sources) and module not in state.unfused_attention:
-                continue
             runs_lora = any(isinstance(s, LoRALayer) and s.active for s in sources)
             if runs_lora and module.fused_projections:
                 module.unfuse_projections()
@@ -502,6 +499,16 @@ class StableDiffusionLoraLoaderMixin:
                 module.fuse_projections()
             elif module.fused_projections:
                 _refresh_fused_projection(module)
+
+    def _lora_refresh_layers(self) -> None:
+        state = self._lora
+        state.layers = {c: [layer for _, layer in lora_layers_of(m)] for c, m in self._lora_models().items()}
+        unet = getattr(self, "unet", None)
+        state.attention = [
+            m for m in (unet.modules() if unet is not None else ())
+            if hasattr(m, "_fused_sources") and hasattr(m, "fused_projections")
+            and (any(isinstance(s, LoRALayer) for s in m._fused_sources()) or m in state.unfused_attention)
+        ]  # fmt: skip
 
     def _lora_install_hooks(self) -> None:
         state = self._lora
@@ -538,24 +545,24 @@ def _refresh_fused_projection(attn) -> None:
     attn._fused_versions = attn._source_versions()
 
 
-def _set_call_scale(model: nn.Module, scale: float) -> None:
-    for module in model.modules():
-        if isinstance(module, LoRALayer) and module.call_scale != scale:
-            module.call_scale = scale
+def _set_call_scale(layers, scale: float) -> None:
+    for layer in layers:
+        layer.call_scale = scale
 
 
 def _unet_scale_hook(pipe_ref):
     def hook(unet, args, kwargs):
         pipe = pipe_ref()
+        if pipe is None:
+            return None
+        state = pipe._lora
         extra = kwargs.get("cross_attention_kwargs") or {}
-        _set_call_scale(unet, float(extra.get("scale", 1.0)))
-        if pipe is not None:
-            # fuse_projections() called after the LoRA was loaded: keep the adapters in the computation
-            for attn in unet.modules():
-                if getattr(attn, "fused_projections", False) and hasattr(attn, "_fused_sources"):
-                    if any(isinstance(s, LoRALayer) and s.active for s in attn._fused_sources()):
-                        pipe._lora_sync_attention()
-                        break
+        _set_call_scale(state.layers.get("unet", ()), float(extra.get("scale", 1.0)))
+        # fuse_projections() called after the LoRA was loaded: keep the adapters in the computation
+        for attn in state.attention:
+            if attn.fused_projections and any(isinstance(s, LoRALayer) and s.active for s in attn._fused_sources()):
+                pipe._lora_sync_attention()
+                break
         return None
 
     return hook
@@ -564,8 +571,11 @@ def _unet_scale_hook(pipe_ref):
 def _text_encoder_scale_hook(pipe_ref, name):
     def hook(encoder, args):
         pipe = pipe_ref()
-        extra = (pipe.__dict__.get("_cross_attention_kwargs") if pipe is not None else None) or {}
-        _set_call_scale(encoder, float(extra.get("scale", 1.0)))
+        if pipe is None:
+            return None
+        # the pipelines set _cross_attention_kwargs before encode_prompt, as diffusers' do
+        extra = pipe.__dict__.get("_cross_attention_kwargs") or {}
+        _set_call_scale(pipe._lora.layers.get(name, ()), float(extra.get("scale", 1.0)))
         return None
 
     return hook
