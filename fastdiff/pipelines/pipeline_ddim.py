@@ -12,14 +12,19 @@ from typing import List, Optional, Union
 import torch
 
 from fastdiff.pipelines.image_processor import check_output_type, numpy_to_pil, pt_to_numpy
-from fastdiff.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput, check_component_type
+from fastdiff.pipelines.pipeline_utils import (
+    DiffusionPipeline,
+    GraphPipelineMixin,
+    ImagePipelineOutput,
+    check_component_type,
+)
 from fastdiff.schedulers import DDIMScheduler
 from fastdiff.schedulers.scheduling_utils import randn_tensor
 
 logger = logging.getLogger(__name__)
 
 
-class DDIMPipeline(DiffusionPipeline):
+class DDIMPipeline(DiffusionPipeline, GraphPipelineMixin):
     """Args:
     unet (`UNet2DModel`): the denoiser.
     scheduler (`SchedulerMixin`): its config builds the pipeline's `DDIMScheduler`.
@@ -71,11 +76,13 @@ class DDIMPipeline(DiffusionPipeline):
         use_clipped_model_output: Optional[bool] = None,
         output_type: Optional[str] = "pil",
         return_dict: bool = True,
+        cuda_graph: Optional[bool] = None,
     ):
         """Generate ``batch_size`` images.
 
-        ``eta`` weights the injected noise (0: deterministic DDIM, 1: DDPM-like). Returns
-        `ImagePipelineOutput` (or a 1-tuple when ``return_dict=False``).
+        ``eta`` weights the injected noise (0: deterministic DDIM, 1: DDPM-like). ``cuda_graph``:
+        ``False`` runs this call's loop eagerly, ``None`` follows ``enable_cuda_graph`` (on by default;
+        captured on CUDA only). Returns `ImagePipelineOutput` (or a 1-tuple when ``return_dict=False``).
         """
         self.check_inputs(batch_size, generator, num_inference_steps, output_type)
         if not 0.0 <= eta <= 1.0:
@@ -87,8 +94,15 @@ class DDIMPipeline(DiffusionPipeline):
             image = temperature.scale_initial_noise(image, num_inference_steps)
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
+        region = self._denoise_region(
+            dict(image=image, t=self.scheduler.timesteps[0]),
+            step_kwargs=dict(eta=eta, use_clipped_model_output=use_clipped_model_output, generator=generator),
+            scheduler_kwargs=dict(eta=eta, use_clipped_model_output=use_clipped_model_output), extra=(),
+            cuda_graph=cuda_graph, generator=generator,
+        )  # fmt: skip
         for t in self.progress_bar(self.scheduler.timesteps):
-            image = self.denoise_step(image, t, eta, use_clipped_model_output, generator)
+            image = region(image=image, t=t)
+        image = image.clone()  # a captured loop's output is a static buffer
 
         image = (image / 2 + 0.5).clamp(0, 1)
         if output_type != "pt":
@@ -98,6 +112,11 @@ class DDIMPipeline(DiffusionPipeline):
         if not return_dict:
             return (image,)
         return ImagePipelineOutput(images=image)
+
+    def _explain_inputs(self, height, width, batch_size, guidance_scale, device, dtype, call_kwargs):
+        image = torch.empty(self.image_shape(batch_size), device=device, dtype=dtype)
+        step_kwargs = dict(eta=call_kwargs.get("eta", 0.0), use_clipped_model_output=None, generator=None)
+        return dict(image=image, t=self.scheduler.timesteps[0]), step_kwargs
 
     # Copied from fastdiff.pipelines.pipeline_ddpm.DDPMPipeline.set_temperature_scheduler
     def set_temperature_scheduler(self, temperature_scheduler) -> None:

@@ -11,11 +11,16 @@ from typing import List, Optional, Union
 import torch
 
 from fastdiff.pipelines.image_processor import check_output_type, numpy_to_pil, pt_to_numpy
-from fastdiff.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput, check_component_type
+from fastdiff.pipelines.pipeline_utils import (
+    DiffusionPipeline,
+    GraphPipelineMixin,
+    ImagePipelineOutput,
+    check_component_type,
+)
 from fastdiff.schedulers.scheduling_utils import randn_tensor
 
 
-class DDPMPipeline(DiffusionPipeline):
+class DDPMPipeline(DiffusionPipeline, GraphPipelineMixin):
     """Args:
     unet (`UNet2DModel`): the denoiser.
     scheduler (`SchedulerMixin`): any fastdiff scheduler, usually `DDPMScheduler`.
@@ -61,8 +66,13 @@ class DDPMPipeline(DiffusionPipeline):
         num_inference_steps: int = 1000,
         output_type: Optional[str] = "pil",
         return_dict: bool = True,
+        cuda_graph: Optional[bool] = None,
     ):
         """Generate ``batch_size`` images.
+
+        ``cuda_graph``: ``False`` runs this call's loop eagerly, ``None`` follows ``enable_cuda_graph``
+        (on by default; captured on CUDA only; a stochastic scheduler's noise is pre-drawn from
+        ``generator`` in diffusers' order, so captured and eager give the same images).
 
         Returns `ImagePipelineOutput` (or a 1-tuple when ``return_dict=False``) whose ``images`` are PIL
         images, a (B, H, W, C) float array in [0, 1] (``"np"``), or a (B, C, H, W) tensor (``"pt"``).
@@ -75,8 +85,13 @@ class DDPMPipeline(DiffusionPipeline):
             image = temperature.scale_initial_noise(image, num_inference_steps)
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
+        region = self._denoise_region(
+            dict(image=image, t=self.scheduler.timesteps[0]), step_kwargs=dict(generator=generator),
+            scheduler_kwargs={}, extra=(), cuda_graph=cuda_graph, generator=generator,
+        )  # fmt: skip
         for t in self.progress_bar(self.scheduler.timesteps):
-            image = self.denoise_step(image, t, generator)
+            image = region(image=image, t=t)
+        image = image.clone()  # a captured loop's output is a static buffer
 
         image = (image / 2 + 0.5).clamp(0, 1)
         if output_type != "pt":
@@ -86,6 +101,10 @@ class DDPMPipeline(DiffusionPipeline):
         if not return_dict:
             return (image,)
         return ImagePipelineOutput(images=image)
+
+    def _explain_inputs(self, height, width, batch_size, guidance_scale, device, dtype, call_kwargs):
+        image = torch.empty(self.image_shape(batch_size), device=device, dtype=dtype)
+        return dict(image=image, t=self.scheduler.timesteps[0]), dict(generator=None)
 
     def set_temperature_scheduler(self, temperature_scheduler) -> None:
         """Attach a :class:`fastdiff.TemperatureScheduler` (scales the initial and the injected noise);

@@ -462,3 +462,427 @@ def check_component_type(pipeline: str, name: str, component, expected: tuple) -
     names = {k.__name__ for k in type(component).__mro__}
     if not names & set(expected):
         raise TypeError(f"{pipeline}: {name} must be one of {list(expected)}, got {type(component).__name__}")
+
+
+# --------------------------------------------------------------------------------------------------
+# The graph layer: CUDA-graph captured denoising loop, per-pipeline backend forcing, explain(), compile
+# --------------------------------------------------------------------------------------------------
+
+_LOOP_PIPELINES = ("DDPMPipeline", "DDIMPipeline", "StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline",
+                   "StableDiffusionXLPipeline")  # fmt: skip
+
+
+def _with_backend_scope(call):
+    """Wrap a pipeline's ``__call__`` so that ``pipe.set_backend(...)`` applies to it (and only to it)."""
+    import functools
+
+    @functools.wraps(call)
+    def wrapper(self, *args, **kwargs):
+        choice = self.__dict__.get("_backend_choice")
+        if choice is None:
+            return call(self, *args, **kwargs)
+        import fastdiff.backends as backends
+
+        name, per_op = choice
+        with backends.use_backend(name, **per_op):
+            return call(self, *args, **kwargs)
+
+    wrapper._fastdiff_backend_scope = True
+    return wrapper
+
+
+def _needs_noise_bank(scheduler, scheduler_kwargs) -> bool:
+    """Whether ``scheduler.step`` may draw noise with these step arguments (then its draws are pre-drawn)."""
+    draws = getattr(scheduler, "_noise_draws", None)
+    if draws is None or draws() is None or not any(draws()):
+        return False
+    if "eta" in scheduler_kwargs and not scheduler_kwargs["eta"]:
+        return False  # DDIM with eta = 0 draws nothing
+    return True
+
+
+class GraphPipelineMixin:
+    """CUDA graphs, backend forcing, ``explain()`` and ``compile_unet()`` for the pipelines with a denoising loop.
+
+    * ``__call__`` runs its loop through a :class:`fastdiff.graphs.GraphRunner` region: on CUDA each
+      step (UNet + CFG combine + fused scheduler step) is captured once per shape and replayed; on
+      the CPU, or when a step cannot be captured, it runs eagerly and :meth:`explain` says why.
+    * ``_graph_backend``: the capture backend; ``None`` is CUDA graphs. Tests set a
+      :class:`fastdiff.graphs.StandInBackend` instance (CPU capture/replay with the same static-buffer
+      semantics).
+    """
+
+    _graph_backend = None
+    _graph_max_graphs = 4
+    _graph_max_bytes: Optional[int] = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        call = cls.__dict__.get("__call__")
+        if call is not None and not getattr(call, "_fastdiff_backend_scope", False):
+            cls.__call__ = _with_backend_scope(call)
+
+    # ---- switches ---------------------------------------------------------------------------
+
+    def enable_cuda_graph(self, enabled: bool = True) -> None:
+        """Turn the captured denoising loop on (default on CUDA) or off (``False``: every step eager).
+
+        ``__call__(cuda_graph=...)`` overrides it for one call. Turning it off keeps the cached graphs;
+        :meth:`release_graphs` frees them."""
+        if not isinstance(enabled, bool):
+            raise TypeError(f"enable_cuda_graph: expected True or False, got {enabled!r}")
+        object.__setattr__(self, "_cuda_graph_enabled", enabled)
+        runner = self.__dict__.get("_graphs")
+        if runner is not None:
+            runner.enabled = enabled
+
+    @property
+    def cuda_graph_enabled(self) -> bool:
+        return self.__dict__.get("_cuda_graph_enabled", True)
+
+    def release_graphs(self) -> None:
+        """Free every captured graph, its static buffers and the private memory pool (``del pipe`` does too)."""
+        runner = self.__dict__.get("_graphs")
+        if runner is not None:
+            runner.release()
+
+    @property
+    def graph_runner(self):
+        """The pipeline's :class:`fastdiff.graphs.GraphRunner` (made at the first call), or None."""
+        return self.__dict__.get("_graphs")
+
+    def _graph_runner(self):
+        from fastdiff.graphs import GraphRunner
+
+        runner = self.__dict__.get("_graphs")
+        if runner is None:
+            runner = GraphRunner(
+                owner=self, backend=self._graph_backend, max_graphs=self._graph_max_graphs,
+                max_bytes=self._graph_max_bytes, enabled=self.cuda_graph_enabled,
+            )  # fmt: skip
+            object.__setattr__(self, "_graphs", runner)
+        return runner
+
+    def set_backend(self, name: Optional[str] = None, **per_op: str) -> None:
+        """Force backends for this pipeline's calls only: the same arguments as ``fastdiff.use_backend``
+        (``set_backend("reference")``, ``set_backend(attention="sdpa")``), applied around ``__call__``.
+        ``set_backend(None)`` with no keywords goes back to ``auto`` (and ``FASTDIFF_BACKEND``)."""
+        import fastdiff.backends as backends
+
+        if name is None and not per_op:
+            object.__setattr__(self, "_backend_choice", None)
+            return
+        import fastdiff.ops  # noqa: F401 - registers the dispatchers
+
+        with backends.use_backend(name, **per_op):  # checks the argument form
+            pass
+        known = set(backends._DISPATCHERS)
+        unknown = sorted(set(per_op) - known)
+        if unknown:
+            raise ValueError(f"set_backend: unknown ops {unknown}; expected some of {sorted(known)}")
+        for op, choice in per_op.items():
+            allowed = [backends.AUTO, *backends._DISPATCHERS[op].backends]
+            if choice not in allowed:
+                raise ValueError(f"set_backend: {op}={choice!r} is not one of {allowed}")
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"set_backend: expected a backend name (str), got {name!r}")
+        object.__setattr__(self, "_backend_choice", (name, dict(per_op)))
+
+    def _backend_scope(self):
+        import contextlib
+
+        import fastdiff.backends as backends
+
+        choice = self.__dict__.get("_backend_choice")
+        if choice is None:
+            return contextlib.nullcontext()
+        return backends.use_backend(choice[0], **choice[1])
+
+    def compile_unet(self, mode: str = "max-autotune-no-cudagraphs", fullgraph: bool = False, dynamic: bool = False, **kwargs):
+        """Compile the UNet with ``torch.compile`` in place (``unet.compile(...)``), fastdiff's ops inside.
+
+        fastdiff's kernels (attention, GroupNorm+SiLU, GEGLU) are custom ops with fake implementations,
+        so the trace keeps them as they are and inductor fuses the rest (convolution and linear
+        epilogues, residual adds). The default ``mode`` leaves CUDA graphs to the pipeline's own runner,
+        which then captures the compiled UNet (after one eager step per new shape, which compiles);
+        ``"reduce-overhead"`` and ``"max-autotune"`` would nest inductor's CUDA graphs inside ours and are
+        refused. Returns the pipeline."""
+        if mode in ("reduce-overhead", "max-autotune"):
+            raise ValueError(
+                f"compile_unet: mode={mode!r} makes inductor capture its own CUDA graphs, which the pipeline's graph "
+                "runner already does; use 'max-autotune-no-cudagraphs' or 'default'"
+            )
+        self.unet.compile(mode=mode, fullgraph=fullgraph, dynamic=dynamic, **kwargs)
+        self.release_graphs()
+        return self
+
+    # ---- the loop ---------------------------------------------------------------------------
+
+    def _graph_step(self, **tensors):
+        """One denoising step for the graph runner: ``denoise_step`` with the region's tensors and this
+        call's Python arguments (which are in the region's key)."""
+        return self.denoise_step(**tensors, **self.__dict__.get("_graph_step_kwargs", {}))
+
+    def _denoise_region(
+        self,
+        inputs: Dict[str, Any],
+        *,
+        step_kwargs: Dict[str, Any],
+        scheduler_kwargs: Dict[str, Any],
+        extra: Any,
+        cuda_graph: Optional[bool],
+        generator=None,
+        callback_on_step_end=None,
+        callback_tensor_inputs=(),
+        reasons=(),
+    ):
+        """The region that runs this call's denoising steps (captured or eager), made once per call.
+
+        ``inputs`` are the first step's tensors (their shapes fix the graph), ``step_kwargs`` the
+        Python arguments of ``denoise_step`` (baked into a graph: their hashable form goes in the key
+        with ``extra``). A stochastic scheduler's noise is pre-drawn from ``generator`` in diffusers'
+        order before a captured loop, so the captured loop gives the eager images for a seed."""
+        from fastdiff.graphs import scheduler_state_tensors
+
+        if cuda_graph is not None and not isinstance(cuda_graph, bool):
+            raise TypeError(f"cuda_graph: expected None, True or False, got {cuda_graph!r}")
+        object.__setattr__(self, "_graph_step_kwargs", step_kwargs)
+        scheduler = self.scheduler
+        region = self._graph_runner().region(
+            "denoise_step", self._graph_step, inputs, modules=[self.unet], scheduler=scheduler,
+            scheduler_kwargs=scheduler_kwargs, watch=lambda: scheduler_state_tensors(scheduler),
+            extra=(type(self).__name__, extra), enabled=self.cuda_graph_enabled if cuda_graph is None else cuda_graph,
+            callback_on_step_end=callback_on_step_end, callback_tensor_inputs=callback_tensor_inputs, reasons=reasons,
+        )  # fmt: skip
+        if not region.reasons and _needs_noise_bank(scheduler, scheduler_kwargs):
+            sample = inputs.get("latents", inputs.get("image"))
+            scheduler.prepare_noise_bank(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
+        object.__setattr__(self, "_last_loop_reasons", list(region.reasons))
+        return region
+
+    # ---- explain ----------------------------------------------------------------------------
+
+    def _explain_inputs(self, height, width, batch_size, guidance_scale, device, dtype, call_kwargs):
+        """``(tensors, python_kwargs)`` of ``denoise_step``'s first step at these shapes (made under
+        FakeTensorMode: shapes only), per pipeline."""
+        raise NotImplementedError
+
+    def explain(
+        self,
+        height: Optional[int] = None,
+        width: Optional[int] = None,
+        batch_size: int = 1,
+        guidance_scale: float = 7.5,
+        num_inference_steps: int = 50,
+        target: Any = None,
+        **call_kwargs,
+    ) -> str:
+        """Which backend each op of one denoising step uses at this pipeline's real shapes, every other
+        backend's reasons, and whether the loop will be captured as CUDA graphs (and if not, why).
+
+        Nothing runs on the device: the step runs once under ``FakeTensorMode`` (shapes only), on a
+        copy of the scheduler. ``target`` (``"sm_90"``, ...): answer for that GPU
+        (``fastdiff.backends.use_target``). ``call_kwargs``: the ``__call__`` arguments that change
+        capture (``cuda_graph``, ``callback_on_step_end``, ``callback_on_step_end_tensor_inputs``, ``eta``,
+        ``guidance_rescale``)."""
+        import contextlib
+
+        import fastdiff.backends as backends
+
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
+        scope = backends.use_target(target) if target is not None else contextlib.nullcontext()
+        with self._backend_scope(), scope:
+            return self._explain(height, width, batch_size, guidance_scale, num_inference_steps, target, call_kwargs)
+
+    def _explain(self, height, width, batch_size, guidance_scale, num_inference_steps, target, call_kwargs):
+        import copy
+
+        from fastdiff.graphs import capture_reasons
+
+        allowed = {"cuda_graph", "callback_on_step_end", "callback_on_step_end_tensor_inputs", "eta", "guidance_rescale"}
+        unknown = sorted(set(call_kwargs) - allowed)
+        if unknown:
+            raise TypeError(f"explain: unexpected arguments {unknown}; expected some of {sorted(allowed)}")
+        device, dtype = self._execution_device, self.unet.dtype
+        height, width = self._default_size(height, width)
+        scheduler = copy.deepcopy(self.scheduler)
+        scheduler.set_timesteps(num_inference_steps, device=device)
+        lines = [
+            f"{type(self).__name__}.explain: batch_size={batch_size}, {height}x{width}, {num_inference_steps} steps, "
+            f"{dtype} on {device}" + (f", target {target}" if target is not None else ""),
+        ]
+        # ---- the ops of one step, at these shapes
+        calls, error = self._fake_step_calls(scheduler, height, width, batch_size, guidance_scale, device, dtype, call_kwargs)
+        lines.append("ops of one denoising step (shapes only; nothing ran):")
+        for (op, summary), text in calls.items():
+            lines.append(f"- {op} {summary}:")
+            lines += ["    " + line for line in text.splitlines()]
+        if error is not None:
+            lines.append(f"  (the shape-only run stopped early: {error})")
+        # ---- the loop
+        step_kwargs = {k: call_kwargs[k] for k in ("eta",) if k in call_kwargs}
+        enabled = call_kwargs.get("cuda_graph")
+        enabled = self.cuda_graph_enabled if enabled is None else enabled
+        runner = self.__dict__.get("_graphs")
+        from fastdiff.graphs import CUDAGraphBackend
+
+        backend = runner.backend if runner is not None else (self._graph_backend or CUDAGraphBackend())
+        reasons = list(self._loop_reasons(call_kwargs))
+        reasons += capture_reasons(
+            device, enabled=enabled, backend=backend,
+            callback_on_step_end=call_kwargs.get("callback_on_step_end"),
+            callback_tensor_inputs=call_kwargs.get("callback_on_step_end_tensor_inputs", ["latents"])
+            if call_kwargs.get("callback_on_step_end") is not None else (),
+            scheduler=scheduler, scheduler_kwargs=self._explain_scheduler_kwargs(scheduler, step_kwargs),
+            modules=[self.unet],
+        )  # fmt: skip
+        if reasons:
+            lines.append("denoising loop: runs eagerly, because:")
+            lines += [f"  - {r}" for r in reasons]
+        else:
+            lines.append(
+                "denoising loop: captured as CUDA graphs (the first step at a new shape runs eagerly to compile and "
+                "tune, the second captures, the rest replay)"
+            )
+        if runner is not None:
+            lines.append(runner.describe())
+        return "\n".join(lines)
+
+    def _explain_scheduler_kwargs(self, scheduler, step_kwargs):
+        params = set(inspect.signature(scheduler.step).parameters)
+        kwargs = {}
+        if "eta" in params:
+            kwargs["eta"] = step_kwargs.get("eta", 0.0)
+        return kwargs
+
+    def _loop_reasons(self, call_kwargs) -> List[str]:
+        """This pipeline's own reasons to run its loop eagerly (a spatial resampler, ...)."""
+        reasons = []
+        if self.__dict__.get("_spatial_resampler") is not None:
+            reasons.append(
+                "a spatial resampler is attached: the latent size and the scheduler's buffers change mid-loop "
+                "(set_spatial_resampler(None) to capture)"
+            )
+        return reasons
+
+    def _default_size(self, height, width):
+        size = self.unet.config.sample_size
+        factor = getattr(self, "vae_scale_factor", 1)
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return height or h * factor, width or w * factor
+
+    def _fake_step_calls(self, scheduler, height, width, batch_size, guidance_scale, device, dtype, call_kwargs):
+        """Run ``denoise_step`` once under FakeTensorMode on a scheduler copy; record every op's dispatch."""
+        import collections
+
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        import fastdiff.backends as backends
+        import fastdiff.ops  # noqa: F401
+
+        calls: "collections.OrderedDict" = collections.OrderedDict()
+        originals = {}
+
+        def spy(dispatcher):
+            select = dispatcher.select
+
+            def recording_select(inputs, backend=None):
+                summary = _summarize(dispatcher.op_name, inputs)
+                key = (dispatcher.op_name, summary)
+                if key not in calls:
+                    calls[key] = dispatcher.explain(inputs, backend)
+                return select(inputs, backend)
+
+            return recording_select
+
+        error = None
+        real_scheduler = self.scheduler
+        try:
+            for dispatcher in backends._DISPATCHERS.values():
+                originals[dispatcher] = dispatcher.__dict__.get("select")
+                dispatcher.select = spy(dispatcher)
+            object.__setattr__(self, "scheduler", scheduler)
+            if "_step_index" in scheduler.__dict__:
+                scheduler._step_index = 0  # the first step's index, so no timestep lookup reads a fake value
+            scheduler.step = _explaining_step(scheduler, calls, call_kwargs)
+            with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # kernels' data_ptr alignment checks on fake tensors
+                inputs, step_kwargs = self._explain_inputs(height, width, batch_size, guidance_scale, device, dtype, call_kwargs)
+                inputs = {k: _fakeify(mode, v) for k, v in inputs.items()}
+                self.denoise_step(**inputs, **step_kwargs)
+        except Exception as e:  # noqa: BLE001 - report what stopped the shape-only run
+            error = f"{type(e).__name__}: {e}"
+        finally:
+            object.__setattr__(self, "scheduler", real_scheduler)
+            for dispatcher, original in originals.items():
+                if original is None:
+                    del dispatcher.select
+                else:
+                    dispatcher.select = original
+        return calls, error
+
+
+def _explaining_step(scheduler, calls, call_kwargs):
+    """A stand-in for ``scheduler.step`` under FakeTensorMode: records which path the step takes
+    (the fused ``scheduler_step`` op and its backends, or the plain step and why) and returns ``sample``."""
+    import types
+
+    from fastdiff.ops.scheduler_step import explain as explain_step
+    from fastdiff.schedulers.scheduling_utils import use_fused_step
+
+    name = type(scheduler).__name__
+
+    def step(model_output, timestep, sample, *args, guidance_scale=None, return_dict=True, **kwargs):
+        fused_reasons = getattr(scheduler, "_fused_reasons", None)
+        try:
+            if fused_reasons is None:
+                raise ValueError(f"{name} is not a fastdiff scheduler with a fused step")
+            accepted = inspect.signature(fused_reasons).parameters
+            reasons = fused_reasons(**{k: v for k, v in kwargs.items() if k in accepted})
+            fused = use_fused_step(scheduler, sample, model_output, reasons)
+            if not fused:
+                raise ValueError("; ".join(reasons) or f"auto runs the fused step on CUDA only (this is {sample.device})")
+            state = scheduler._fused_state(scheduler._fused.key if scheduler._fused.key is not None else ())
+            coeffs = torch.empty(tuple(state.table.shape), dtype=torch.float32, device=sample.device)
+            step_index = torch.zeros((1,), dtype=torch.int64, device=sample.device)
+            history = None
+            if state.slots:
+                history = sample.new_empty((state.slots, *sample.shape))
+            noise = torch.empty_like(sample) if any(state.draws) else None
+            text = explain_step(
+                sample, model_output, coeffs, step_index, guidance_scale=guidance_scale, noise=noise, history=history,
+                advance_step_index=True,
+            )  # fmt: skip
+            calls[("scheduler step", f"{name}, fused (sample {tuple(sample.shape)}, {sample.dtype})")] = text
+        except ValueError as error:
+            calls[("scheduler step", f"{name}, plain PyTorch step")] = f"no fused step: {error}"
+        out = sample
+        return (out,) if not return_dict else types.SimpleNamespace(prev_sample=out)
+
+    return step
+
+
+def _fakeify(mode, value):
+    if isinstance(value, torch.Tensor):
+        return mode.from_tensor(value)
+    if isinstance(value, dict):
+        return {k: _fakeify(mode, v) for k, v in value.items()}
+    return value
+
+
+def _summarize(op_name: str, inputs) -> str:
+    """A short shape description of one op call, for explain()."""
+    def shape(name):
+        t = inputs.get(name)
+        return None if not isinstance(t, torch.Tensor) else tuple(t.shape)
+
+    if op_name == "attention":
+        q, k = shape("q"), shape("k")
+        if q is not None and k is not None:
+            return f"head dim {q[-1]}, query length {q[-2]}, key length {k[-2]} (q {q}, {inputs['q'].dtype})"
+    x = next((v for v in inputs.values() if isinstance(v, torch.Tensor)), None)
+    parts = [f"{k} {tuple(v.shape)}" for k, v in inputs.items() if isinstance(v, torch.Tensor)][:3]
+    extra = [f"{k}={v}" for k, v in inputs.items() if isinstance(v, (str, bool)) and k in ("activation",)]
+    dtype = f", {x.dtype}" if x is not None else ""
+    return "(" + ", ".join(parts + extra) + dtype + ")"

@@ -18,7 +18,7 @@ import torch
 
 from fastdiff.loaders.lora import StableDiffusionLoraLoaderMixin
 from fastdiff.pipelines.image_processor import VaeImageProcessor, check_output_type
-from fastdiff.pipelines.pipeline_utils import DiffusionPipeline, check_component_type, warn_old_config
+from fastdiff.pipelines.pipeline_utils import DiffusionPipeline, GraphPipelineMixin, check_component_type, warn_old_config
 from fastdiff.pipelines.stable_diffusion.pipeline_stable_diffusion import (
     StableDiffusionPipelineOutput,
     _version_below,
@@ -38,7 +38,7 @@ def retrieve_latents(encoder_output, generator=None, sample_mode: str = "sample"
     return encoder_output.latent_dist.mode()
 
 
-class StableDiffusionImg2ImgPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
+class StableDiffusionImg2ImgPipeline(DiffusionPipeline, GraphPipelineMixin, StableDiffusionLoraLoaderMixin):
     """Args (as :class:`StableDiffusionPipeline`):
     vae (`AutoencoderKL`), text_encoder (`transformers.CLIPTextModel`), tokenizer (`transformers.CLIPTokenizer`),
     unet (`UNet2DConditionModel`), scheduler (any fastdiff scheduler),
@@ -329,6 +329,24 @@ class StableDiffusionImg2ImgPipeline(DiffusionPipeline, StableDiffusionLoraLoade
             extra["generator"] = generator
         return extra
 
+    # Copied from fastdiff.pipelines.stable_diffusion.pipeline_stable_diffusion.StableDiffusionPipeline._explain_inputs
+    def _explain_inputs(self, height, width, batch_size, guidance_scale, device, dtype, call_kwargs):
+        """The first step's inputs at these shapes, for :meth:`explain` (made under FakeTensorMode)."""
+        cfg = guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None
+        rows = batch_size * (2 if cfg else 1)
+        length = self.tokenizer.model_max_length if self.tokenizer is not None else 77
+        channels = self.unet.config.in_channels
+        shape = (batch_size, channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        inputs = dict(
+            latents=torch.empty(shape, device=device, dtype=dtype),
+            t=self.scheduler.timesteps[0],
+            prompt_embeds=torch.empty((rows, length, self.unet.config.cross_attention_dim), device=device, dtype=dtype),
+            guidance=torch.empty((1,), device=device) if cfg else None,
+        )
+        self._guidance_rescale = call_kwargs.get("guidance_rescale", 0.0)
+        self._cross_attention_kwargs = None
+        return inputs, dict(extra_step_kwargs=self._explain_scheduler_kwargs(self.scheduler, call_kwargs))
+
     # Copied from fastdiff.pipelines.stable_diffusion.pipeline_stable_diffusion.StableDiffusionPipeline.denoise_step
     def denoise_step(
         self,
@@ -438,6 +456,7 @@ class StableDiffusionImg2ImgPipeline(DiffusionPipeline, StableDiffusionLoraLoade
         clip_skip: Optional[int] = None,
         callback_on_step_end: Optional[Callable[[Any, int, Any, Dict], Dict]] = None,
         callback_on_step_end_tensor_inputs: List[str] = ["latents"],
+        cuda_graph: Optional[bool] = None,
     ):
         """Transform ``image`` (PIL, numpy or tensor in [0, 1], single or a batch) following ``prompt``.
 
@@ -498,12 +517,21 @@ class StableDiffusionImg2ImgPipeline(DiffusionPipeline, StableDiffusionLoraLoade
         if self.do_classifier_free_guidance:
             guidance = torch.full((1,), float(guidance_scale), dtype=torch.float32, device=device)
 
+        region = self._denoise_region(
+            dict(latents=latents, t=timesteps[0], prompt_embeds=prompt_embeds, guidance=guidance, timestep_cond=timestep_cond),
+            step_kwargs=dict(extra_step_kwargs=extra_step_kwargs),
+            scheduler_kwargs={k: v for k, v in extra_step_kwargs.items() if k != "generator"},
+            extra=(0.0, cross_attention_kwargs), cuda_graph=cuda_graph, generator=generator,
+            callback_on_step_end=callback_on_step_end, callback_tensor_inputs=callback_on_step_end_tensor_inputs,
+        )  # fmt: skip
         self._num_timesteps = len(timesteps)
         with self.progress_bar(total=num_inference_steps) as progress_bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
-                latents = self.denoise_step(latents, t, prompt_embeds, guidance, extra_step_kwargs, timestep_cond)
+                latents = region(
+                    latents=latents, t=t, prompt_embeds=prompt_embeds, guidance=guidance, timestep_cond=timestep_cond
+                )
                 if callback_on_step_end is not None:
                     callback_kwargs = {}
                     for k in callback_on_step_end_tensor_inputs:
@@ -515,6 +543,7 @@ class StableDiffusionImg2ImgPipeline(DiffusionPipeline, StableDiffusionLoraLoade
                 if i == len(timesteps) - 1 or (i + 1) % self.scheduler.order == 0:
                     progress_bar.update()
 
+        latents = latents.clone()  # a captured loop's output is a static buffer
         if output_type != "latent":
             image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
             image, has_nsfw_concept = self.run_safety_checker(image, device, prompt_embeds.dtype)

@@ -22,7 +22,7 @@ import torch
 
 from fastdiff.loaders.lora import StableDiffusionXLLoraLoaderMixin
 from fastdiff.pipelines.image_processor import VaeImageProcessor, check_output_type
-from fastdiff.pipelines.pipeline_utils import DiffusionPipeline, check_component_type, warn_old_config
+from fastdiff.pipelines.pipeline_utils import DiffusionPipeline, GraphPipelineMixin, check_component_type, warn_old_config
 from fastdiff.pipelines.stable_diffusion.pipeline_stable_diffusion import (
     get_guidance_scale_embedding,
     rescale_noise_cfg,
@@ -43,7 +43,7 @@ class StableDiffusionXLPipelineOutput(BaseOutput):
     images: Union[List[Any], np.ndarray, torch.Tensor]
 
 
-class StableDiffusionXLPipeline(DiffusionPipeline, StableDiffusionXLLoraLoaderMixin):
+class StableDiffusionXLPipeline(DiffusionPipeline, GraphPipelineMixin, StableDiffusionXLLoraLoaderMixin):
     """Args:
     vae (`AutoencoderKL`), text_encoder (`CLIPTextModel`), text_encoder_2 (`CLIPTextModelWithProjection`),
     tokenizer, tokenizer_2 (`CLIPTokenizer`), unet (`UNet2DConditionModel` with ``addition_embed_type="text_time"``),
@@ -376,6 +376,29 @@ class StableDiffusionXLPipeline(DiffusionPipeline, StableDiffusionXLLoraLoaderMi
 
     # ------------------------------------------------------------------------------ the loop
 
+    def _explain_inputs(self, height, width, batch_size, guidance_scale, device, dtype, call_kwargs):
+        """The first step's inputs at these shapes, for :meth:`explain` (made under FakeTensorMode)."""
+        cfg = guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None
+        rows = batch_size * (2 if cfg else 1)
+        length = self.tokenizer.model_max_length if self.tokenizer is not None else 77
+        config = self.unet.config
+        shape = (batch_size, config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        time_ids = 6
+        pooled = config.projection_class_embeddings_input_dim - config.addition_time_embed_dim * time_ids
+        inputs = dict(
+            latents=torch.empty(shape, device=device, dtype=dtype),
+            t=self.scheduler.timesteps[0],
+            prompt_embeds=torch.empty((rows, length, config.cross_attention_dim), device=device, dtype=dtype),
+            guidance=torch.empty((1,), device=device) if cfg else None,
+            added_cond_kwargs={
+                "text_embeds": torch.empty((rows, pooled), device=device, dtype=dtype),
+                "time_ids": torch.empty((rows, time_ids), device=device, dtype=dtype),
+            },
+        )
+        self._guidance_rescale = call_kwargs.get("guidance_rescale", 0.0)
+        self._cross_attention_kwargs = None
+        return inputs, dict(extra_step_kwargs=self._explain_scheduler_kwargs(self.scheduler, call_kwargs))
+
     def denoise_step(
         self,
         latents: torch.Tensor,
@@ -443,6 +466,7 @@ class StableDiffusionXLPipeline(DiffusionPipeline, StableDiffusionXLLoraLoaderMi
         clip_skip: Optional[int] = None,
         callback_on_step_end: Optional[Callable[[Any, int, Any, Dict], Dict]] = None,
         callback_on_step_end_tensor_inputs: List[str] = ["latents"],
+        cuda_graph: Optional[bool] = None,
     ):
         """Generate images from ``prompt`` (and ``prompt_2`` for the second encoder); diffusers' arguments.
 
@@ -536,6 +560,17 @@ class StableDiffusionXLPipeline(DiffusionPipeline, StableDiffusionXLLoraLoaderMi
             guidance = torch.full((1,), float(guidance_scale), dtype=torch.float32, device=device)
 
         switch_index = resampler.switch_index(len(timesteps), self.scheduler.order) if resampler is not None else None
+        region = self._denoise_region(
+            dict(
+                latents=latents, t=timesteps[0], prompt_embeds=prompt_embeds, guidance=guidance,
+                timestep_cond=timestep_cond, added_cond_kwargs={"text_embeds": add_text_embeds, "time_ids": add_time_ids},
+            ),
+            step_kwargs=dict(extra_step_kwargs=extra_step_kwargs),
+            scheduler_kwargs={k: v for k, v in extra_step_kwargs.items() if k != "generator"},
+            extra=(guidance_rescale, cross_attention_kwargs), cuda_graph=cuda_graph, generator=generator,
+            callback_on_step_end=callback_on_step_end, callback_tensor_inputs=callback_on_step_end_tensor_inputs,
+            reasons=self._loop_reasons({}),
+        )  # fmt: skip
         self._num_timesteps = len(timesteps)
         with self.progress_bar(total=num_inference_steps) as progress_bar:
             for i, t in enumerate(timesteps):
@@ -547,9 +582,10 @@ class StableDiffusionXLPipeline(DiffusionPipeline, StableDiffusionXLLoraLoaderMi
                         self, latents, t, i, prompt_embeds, guidance, initial_noise, timestep_cond=timestep_cond,
                         added_cond_kwargs=added_cond_kwargs,
                     )  # fmt: skip
-                latents = self.denoise_step(
-                    latents, t, prompt_embeds, guidance, extra_step_kwargs, timestep_cond, added_cond_kwargs
-                )
+                latents = region(
+                    latents=latents, t=t, prompt_embeds=prompt_embeds, guidance=guidance, timestep_cond=timestep_cond,
+                    added_cond_kwargs=added_cond_kwargs,
+                )  # fmt: skip
                 if callback_on_step_end is not None:
                     callback_kwargs = {}
                     for k in callback_on_step_end_tensor_inputs:
@@ -562,6 +598,7 @@ class StableDiffusionXLPipeline(DiffusionPipeline, StableDiffusionXLLoraLoaderMi
                 if i == len(timesteps) - 1 or (i + 1) % self.scheduler.order == 0:
                     progress_bar.update()
 
+        latents = latents.clone()  # a captured loop's output is a static buffer
         if output_type != "latent":
             needs_upcasting = self.vae.dtype == torch.float16 and self.vae.config.force_upcast
             if needs_upcasting:
