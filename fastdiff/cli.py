@@ -45,12 +45,16 @@ OPS = ("group_norm", "attention", "geglu", "scheduler_step")
 class CLIError(Exception):
     """A bad argument or an input that cannot run: printed as one line, exit status 2."""
 
+    def __init__(self, message: str, prog: Optional[str] = None):
+        super().__init__(message)
+        self.prog = prog
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors (no usage block), so every bad argument reads the same."""
 
     def error(self, message):
-        raise CLIError(message if message.startswith("argument") else f"{message} (see {self.prog} --help)")
+        raise CLIError(message if message.startswith("argument") else f"{message} (see {self.prog} --help)", self.prog)
 
 
 # ----------------------------------------------------------------------------- argument checks
@@ -415,7 +419,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         prog = f"fastdiff {args.command}"
         return args.func(args)
     except CLIError as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
+        print(f"{error.prog or prog}: error: {error}", file=sys.stderr)
         return EXIT_BAD_ARGUMENT
     except (ValueError, FileNotFoundError, ImportError) as error:
         # Errors raised by the library for inputs it cannot run (a folder that is not a pipeline, a

@@ -110,7 +110,7 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
 
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
+    covmean = linalg.sqrtm(cov_a @ cov_b)
     if not np.isfinite(covmean).all():  # near-singular product: regularise, as the FID reference code does
         offset = np.eye(a.shape[1]) * 1e-6
         covmean = linalg.sqrtm((cov_a + offset) @ (cov_b + offset))
@@ -217,6 +217,26 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_results(result: dict, prefix: str) -> None:
+    """PREFIX_quality.json (figures and environment), PREFIX_quality.md (the table) and PREFIX_samples.png."""
+    from fastdiff.benchmark import environment
+
+    result = dict(result)
+    samples = result.pop("samples")
+    result["environment"] = environment()
+    with open(prefix + "_quality.json", "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=2)
+        f.write("\n")
+    command = (
+        f"python -m fastdiff.quality --num-samples {result['model_figures']['num_images']} "
+        f"--steps {result['num_inference_steps']} --seed {result['seed']} --out-prefix {prefix}"
+    )
+    with open(prefix + "_quality.md", "w", encoding="utf-8") as f:
+        f.write("# Sample quality of the embedded default model\n\n" + markdown_table(result) + f"\nReproduce: `{command}`\n")
+    save_grid(samples[:64], prefix + "_samples.png")
+    print(f"wrote {prefix}_quality.json, {prefix}_quality.md and {prefix}_samples.png", file=sys.stderr)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastdiff.quality", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None, help="a digits pipeline folder (default: the embedded model)")
@@ -227,21 +247,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out-prefix", default=None, help="write PREFIX_quality.json, PREFIX_quality.md and PREFIX_samples.png")
     args = parser.parse_args(argv)
     result = evaluate(args.model, args.num_samples, args.steps, args.seed, with_ceiling=not args.no_ceiling)
-    samples = result.pop("samples")
-    table = markdown_table(result)
-    print(table)
+    print(markdown_table(result))
     if args.out_prefix:
-        from fastdiff.benchmark import environment
-
-        result["environment"] = environment()
-        with open(args.out_prefix + "_quality.json", "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2)
-            f.write("\n")
-        with open(args.out_prefix + "_quality.md", "w", encoding="utf-8") as f:
-            f.write("# Sample quality of the embedded default model\n\n" + table + "\nReproduce: `python -m fastdiff.quality "
-                    f"--num-samples {args.num_samples} --steps {args.steps} --out-prefix {args.out_prefix}`\n")
-        save_grid(samples[:64], args.out_prefix + "_samples.png")
-        print(f"wrote {args.out_prefix}_quality.json, _quality.md and _samples.png", file=sys.stderr)
+        write_results(result, args.out_prefix)
     return 0
 
 

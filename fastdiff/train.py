@@ -284,7 +284,7 @@ def train(config: TrainConfig, data: Optional[torch.Tensor] = None) -> dict:
         total=config.steps, initial=start, desc="train", disable=not config.progress or rank != 0, dynamic_ncols=True
     )
     began = time.perf_counter()
-    end = config.steps if config.stop_at is None else min(config.stop_at, config.steps)
+    end = config.steps if config.stop_at is None else max(start, min(config.stop_at, config.steps))
     for step in range(start, end):
         clean, noise, timesteps = draw_batch(data, scheduler, config.batch_size, generator)
         mine = slice(rank * share, (rank + 1) * share)
