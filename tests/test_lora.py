@@ -139,6 +139,7 @@ def test_sd_files_match_diffusers(sd):
     _close(_image(ours, cross_attention_kwargs={"scale": 0.5}), _image(ref, cross_attention_kwargs={"scale": 0.5}))
     # two adapters with weights; b is UNet-only
     ours.load_lora_weights(sd["files"]["b"], adapter_name="b")
+    assert ours.get_active_adapters() == ["b"]  # as diffusers: the adapter just loaded
     ours.set_adapters(["a", "b"], adapter_weights=[0.7, -0.6])
     _diffusers_set(ref, {"a": 0.7, "b": -0.6})
     _close(_image(ours), _image(ref))
@@ -228,7 +229,6 @@ def _expect_unchanged(pipe, call, error, match):
 def test_bad_input_leaves_the_pipeline_unchanged(sd, tmp_path):
     ours = sd["ours"]
     ours.load_lora_weights(sd["files"]["b"], adapter_name="b")
-    good = torch.load if False else None  # noqa: F841
     _expect_unchanged(ours, lambda: ours.load_lora_weights(tmp_path / "missing.safetensors"), FileNotFoundError, "missing")
     _expect_unchanged(ours, lambda: ours.load_lora_weights(tmp_path), FileNotFoundError, "pytorch_lora_weights")
     state_dict, _ = fastdiff.StableDiffusionPipeline.lora_state_dict(sd["files"]["a"])

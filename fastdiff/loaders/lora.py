@@ -197,7 +197,8 @@ class StableDiffusionLoraLoaderMixin:
         **kwargs,
     ) -> None:
         """Load a LoRA (diffusers/peft or kohya/A1111 format) into the UNet and text encoder(s) as
-        adapter ``adapter_name`` (default ``default_<n>``), and make it active alongside the active ones.
+        adapter ``adapter_name`` (default ``default_<n>``), and make it the active adapter (as diffusers does;
+        ``set_adapters`` combines several).
 
         Every key must land in a module of this pipeline with fitting shapes; otherwise a ValueError
         lists the keys, and the pipeline is left unchanged."""
@@ -250,7 +251,7 @@ class StableDiffusionLoraLoaderMixin:
         state.adapters[adapter_name] = placed
         state.weights[adapter_name] = {c: 1.0 for c in self._lora_loadable_modules}
         state.loaded += 1
-        state.active.append(adapter_name)
+        state.active = [adapter_name]  # diffusers: the adapter just loaded is the active one
         self._lora_refresh_layers()
         self._lora_install_hooks()
         self._lora_apply()
