@@ -108,3 +108,11 @@ def test_bad_inputs_name_the_argument():
         classy(torch.randn(1, 3, 8, 8), 1)
     with pytest.raises(ValueError, match="down_block_types: unknown block 'SkipDownBlock3D'.*'SkipDownBlock2D'"):
         UNet2DModel(**{**BASE, "down_block_types": ("DownBlock2D", "SkipDownBlock3D", "DownBlock2D")})
+
+
+def test_registration_order_matches_diffusers(case):
+    """down_blocks, up_blocks, then mid_block, as diffusers registers them."""
+    _, reference, model = case
+    blocks = ("down_blocks", "up_blocks", "mid_block")
+    assert [n for n, _ in model.named_children() if n in blocks] == [n for n, _ in reference.named_children() if n in blocks]
+    assert list(dict.fromkeys(k.split(".")[0] for k in model.state_dict())) == list(dict.fromkeys(k.split(".")[0] for k in reference.state_dict()))

@@ -223,3 +223,51 @@ def test_real_sd15_config_random_weights():
     x, text = torch.randn(1, 4, 16, 16), torch.randn(1, 77, 768)
     ours = model(x, 981, text).sample
     assert_fp32_close(ours, reference(x, 981, text).sample, what="SD1.5 UNet")
+
+
+def test_registration_order_matches_diffusers(case):
+    """down_blocks, up_blocks, then mid_block, as diffusers registers them: attn_processors
+    (and a list given to set_attention_slice) follow the same order, and so do the keys."""
+    _, reference, model = case
+    assert list(model.attn_processors) == list(reference.attn_processors)
+    blocks = ("down_blocks", "up_blocks", "mid_block")
+    assert [n for n, _ in model.named_children() if n in blocks] == [n for n, _ in reference.named_children() if n in blocks]
+    assert list(dict.fromkeys(k.split(".")[0] for k in model.state_dict())) == list(dict.fromkeys(k.split(".")[0] for k in reference.state_dict()))
+
+
+class _GainProcessor:
+    """A processor that takes a keyword from cross_attention_kwargs (diffusers' plain math, times gain)."""
+
+    def __init__(self):
+        self.gains = []
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, gain=1.0):
+        self.gains.append(gain)
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        query = attn.head_to_batch_dim(attn.to_q(hidden_states))
+        key = attn.head_to_batch_dim(attn.to_k(context))
+        value = attn.head_to_batch_dim(attn.to_v(context))
+        probs = attn.get_attention_scores(query, key, attn.prepare_attention_mask(attention_mask, key.shape[1], hidden_states.shape[0]))
+        return gain * attn.to_out[0](attn.batch_to_head_dim(torch.bmm(probs, value)))
+
+
+@torch.no_grad()
+def test_cross_attention_kwargs_reach_attn1_and_attn2(case):
+    name, reference, model = case
+    ours_proc, theirs_proc = _GainProcessor(), _GainProcessor()
+    saved_ours, saved_theirs = model.attn_processors, reference.attn_processors
+    model.set_attn_processor(ours_proc)
+    reference.set_attn_processor(theirs_proc)
+    try:
+        x, text, t = torch.randn(2, 4, 8, 12), torch.randn(2, 5, TEXT_DIM), torch.tensor([3, 700])
+        kwargs = _kwargs(name, 2)
+        ours = model(x, t, text, cross_attention_kwargs={"gain": 0.6}, **kwargs).sample
+        theirs = reference(x, t, text, cross_attention_kwargs={"gain": 0.6}, **kwargs).sample
+        plain = model(x, t, text, **kwargs).sample
+    finally:
+        model.set_attn_processor(saved_ours)
+        reference.set_attn_processor(saved_theirs)
+    n = len(model.attn_processors)
+    assert ours_proc.gains[:n] == [0.6] * n and len(ours_proc.gains) == 2 * n
+    assert_fp32_close(ours, theirs, what=name)
+    assert not torch.allclose(ours, plain, atol=1e-3)

@@ -7,7 +7,7 @@ residual). Attention goes through ``fastdiff.nn.Attention``.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Dict, Optional
 
 import torch
 from torch import nn
@@ -111,17 +111,22 @@ class BasicTransformerBlock(nn.Module):
         encoder_hidden_states: Optional[torch.Tensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
         encoder_attention_mask: Optional[torch.Tensor] = None,
+        cross_attention_kwargs: Optional[Dict[str, Any]] = None,
     ) -> torch.Tensor:
+        """``cross_attention_kwargs`` go to both attentions' processors as keywords, as
+        diffusers' BasicTransformerBlock passes them (a processor that does not take
+        one drops it with a warning, see :meth:`fastdiff.nn.Attention.forward`)."""
+        kwargs = cross_attention_kwargs or {}
         # As in diffusers, attn1 takes attention_mask even when only_cross_attention makes it
         # attend to the encoder states.
         context = encoder_hidden_states if self.only_cross_attention else None
         # Residual adds go in place on each sublayer's fresh output (a Linear or Dropout
         # output, which their backward passes do not need).
-        hidden_states = self.attn1(self.norm1(hidden_states), context, attention_mask).add_(hidden_states)
+        hidden_states = self.attn1(self.norm1(hidden_states), context, attention_mask, **kwargs).add_(hidden_states)
         if self.attn2 is not None:
-            hidden_states = self.attn2(self.norm2(hidden_states), encoder_hidden_states, encoder_attention_mask).add_(
-                hidden_states
-            )
+            hidden_states = self.attn2(
+                self.norm2(hidden_states), encoder_hidden_states, encoder_attention_mask, **kwargs
+            ).add_(hidden_states)
         return self.ff(self.norm3(hidden_states)).add_(hidden_states)
 
 
@@ -199,8 +204,10 @@ class Transformer2DModel(nn.Module):
         encoder_hidden_states: Optional[torch.Tensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
         encoder_attention_mask: Optional[torch.Tensor] = None,
+        cross_attention_kwargs: Optional[Dict[str, Any]] = None,
     ) -> torch.Tensor:
         """hidden_states: (B, C, H, W). encoder_hidden_states: (B, L, cross_attention_dim).
+        cross_attention_kwargs: keywords for every attention processor (see BasicTransformerBlock).
 
         Masks are additive biases broadcastable to the attention scores, as the UNet
         prepares them.
@@ -233,6 +240,7 @@ class Transformer2DModel(nn.Module):
                 encoder_hidden_states,
                 attention_mask,
                 encoder_attention_mask,
+                cross_attention_kwargs,
             )
 
         if self.use_linear_projection:

@@ -117,7 +117,10 @@ class UNet2DModel(ModelMixin, ConfigMixin):
         else:
             raise ValueError(f"class_embed_type: expected None, 'timestep' or 'identity', got {class_embed_type!r}")
 
+        # Registered before mid_block, as diffusers does: attn_processors (and a list
+        # given to set_attention_slice) follow the order down, up, mid.
         self.down_blocks = nn.ModuleList()
+        self.up_blocks = nn.ModuleList()
         output_channel = block_out_channels[0]
         for i, block_type in enumerate(down_block_types):
             input_channel, output_channel = output_channel, block_out_channels[i]
@@ -156,7 +159,6 @@ class UNet2DModel(ModelMixin, ConfigMixin):
                 add_attention=add_attention,
             )
 
-        self.up_blocks = nn.ModuleList()
         reversed_channels = list(reversed(block_out_channels))
         output_channel = reversed_channels[0]
         for i, block_type in enumerate(up_block_types):

@@ -321,12 +321,13 @@ class CrossAttnDownBlock2D(nn.Module):
         attention_mask=None,
         encoder_attention_mask=None,
         additional_residuals=None,
+        cross_attention_kwargs=None,
     ):
         """``additional_residuals`` (a T2I-Adapter feature) is added after the last attention."""
         output_states = ()
         for i, (resnet, attn) in enumerate(zip(self.resnets, self.attentions)):
             hidden_states = call_maybe_checkpointed(resnet, self, hidden_states, temb)
-            hidden_states = attn(hidden_states, encoder_hidden_states, attention_mask, encoder_attention_mask)
+            hidden_states = attn(hidden_states, encoder_hidden_states, attention_mask, encoder_attention_mask, cross_attention_kwargs)
             if additional_residuals is not None and i == len(self.resnets) - 1:
                 hidden_states = hidden_states + additional_residuals
             output_states += (hidden_states,)
@@ -680,11 +681,17 @@ class UNetMidBlock2DCrossAttn(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(
-        self, hidden_states, temb=None, encoder_hidden_states=None, attention_mask=None, encoder_attention_mask=None
+        self,
+        hidden_states,
+        temb=None,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        encoder_attention_mask=None,
+        cross_attention_kwargs=None,
     ):
         hidden_states = self.resnets[0](hidden_states, temb)
         for attn, resnet in zip(self.attentions, self.resnets[1:]):
-            hidden_states = attn(hidden_states, encoder_hidden_states, attention_mask, encoder_attention_mask)
+            hidden_states = attn(hidden_states, encoder_hidden_states, attention_mask, encoder_attention_mask, cross_attention_kwargs)
             hidden_states = call_maybe_checkpointed(resnet, self, hidden_states, temb)
         return hidden_states
 
@@ -838,11 +845,12 @@ class CrossAttnUpBlock2D(nn.Module):
         upsample_size=None,
         attention_mask=None,
         encoder_attention_mask=None,
+        cross_attention_kwargs=None,
     ):
         for resnet, attn in zip(self.resnets, self.attentions):
             hidden_states, res_hidden_states_tuple = _pop_skip(hidden_states, res_hidden_states_tuple)
             hidden_states = call_maybe_checkpointed(resnet, self, hidden_states, temb)
-            hidden_states = attn(hidden_states, encoder_hidden_states, attention_mask, encoder_attention_mask)
+            hidden_states = attn(hidden_states, encoder_hidden_states, attention_mask, encoder_attention_mask, cross_attention_kwargs)
         if self.upsamplers is not None:
             hidden_states = self.upsamplers[0](hidden_states, upsample_size)
         return hidden_states
@@ -1191,6 +1199,7 @@ class SimpleCrossAttnDownBlock2D(nn.Module):
         attention_mask=None,
         encoder_attention_mask=None,
         additional_residuals=None,
+        cross_attention_kwargs=None,
     ):
         if additional_residuals is not None:
             raise ValueError("additional_residuals: T2I-Adapter features go to CrossAttnDownBlock2D only, as in diffusers")
@@ -1198,7 +1207,7 @@ class SimpleCrossAttnDownBlock2D(nn.Module):
         output_states = ()
         for resnet, attn in zip(self.resnets, self.attentions):
             hidden_states = call_maybe_checkpointed(resnet, self, hidden_states, temb)
-            hidden_states = attn(hidden_states, encoder_hidden_states=encoder_hidden_states, attention_mask=mask)
+            hidden_states = attn(hidden_states, encoder_hidden_states=encoder_hidden_states, attention_mask=mask, **(cross_attention_kwargs or {}))
             output_states += (hidden_states,)
         if self.downsamplers is not None:
             hidden_states = self.downsamplers[0](hidden_states, temb)
@@ -1247,11 +1256,19 @@ class UNetMidBlock2DSimpleCrossAttn(nn.Module):
             ]
         )
 
-    def forward(self, hidden_states, temb=None, encoder_hidden_states=None, attention_mask=None, encoder_attention_mask=None):
+    def forward(
+        self,
+        hidden_states,
+        temb=None,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        encoder_attention_mask=None,
+        cross_attention_kwargs=None,
+    ):
         mask = _simple_mask(attention_mask, encoder_hidden_states, encoder_attention_mask)
         hidden_states = self.resnets[0](hidden_states, temb)
         for attn, resnet in zip(self.attentions, self.resnets[1:]):
-            hidden_states = attn(hidden_states, encoder_hidden_states=encoder_hidden_states, attention_mask=mask)
+            hidden_states = attn(hidden_states, encoder_hidden_states=encoder_hidden_states, attention_mask=mask, **(cross_attention_kwargs or {}))
             hidden_states = resnet(hidden_states, temb)
         return hidden_states
 
@@ -1316,12 +1333,13 @@ class SimpleCrossAttnUpBlock2D(nn.Module):
         upsample_size=None,
         attention_mask=None,
         encoder_attention_mask=None,
+        cross_attention_kwargs=None,
     ):
         mask = _simple_mask(attention_mask, encoder_hidden_states, encoder_attention_mask)
         for resnet, attn in zip(self.resnets, self.attentions):
             hidden_states, res_hidden_states_tuple = _pop_skip(hidden_states, res_hidden_states_tuple)
             hidden_states = call_maybe_checkpointed(resnet, self, hidden_states, temb)
-            hidden_states = attn(hidden_states, encoder_hidden_states=encoder_hidden_states, attention_mask=mask)
+            hidden_states = attn(hidden_states, encoder_hidden_states=encoder_hidden_states, attention_mask=mask, **(cross_attention_kwargs or {}))
         if self.upsamplers is not None:
             # As in diffusers, the resnet upsampler always doubles.
             hidden_states = self.upsamplers[0](hidden_states, temb)
@@ -1340,6 +1358,13 @@ def _k_resnet(in_channels, out_channels, temb_channels, group_size, eps, act, dr
         groups_out=out_channels // group_size, dropout=dropout, non_linearity=act, time_embedding_norm="ada_group",
         conv_shortcut_bias=False,
     )
+
+
+def _no_k_block_kwargs(cross_attention_kwargs) -> None:
+    if cross_attention_kwargs:
+        raise ValueError(
+            f"cross_attention_kwargs: the K-diffusion blocks do not pass keywords to their processors, got {sorted(cross_attention_kwargs)}"
+        )
 
 
 class KAttentionBlock(nn.Module):
@@ -1474,9 +1499,11 @@ class KCrossAttnDownBlock2D(nn.Module):
         attention_mask=None,
         encoder_attention_mask=None,
         additional_residuals=None,
+        cross_attention_kwargs=None,
     ):
         if additional_residuals is not None:
             raise ValueError("additional_residuals: T2I-Adapter features go to CrossAttnDownBlock2D only, as in diffusers")
+        _no_k_block_kwargs(cross_attention_kwargs)
         output_states = ()
         for resnet, attn in zip(self.resnets, self.attentions):
             hidden_states = call_maybe_checkpointed(resnet, self, hidden_states, temb)
@@ -1585,7 +1612,9 @@ class KCrossAttnUpBlock2D(nn.Module):
         upsample_size=None,
         attention_mask=None,
         encoder_attention_mask=None,
+        cross_attention_kwargs=None,
     ):
+        _no_k_block_kwargs(cross_attention_kwargs)
         skip = res_hidden_states_tuple[-1]
         if skip is not None:
             hidden_states = torch.cat([hidden_states, skip], dim=1)

@@ -32,9 +32,13 @@ from fastdiff.models.unet_2d import timesteps_for_batch
 from fastdiff.models.unet_2d_blocks import get_down_block, get_mid_block, get_up_block
 from fastdiff.nn import GroupNorm
 
-#: ``cross_attention_kwargs`` entries understood here. ``scale`` is the LoRA scale;
-#: fastdiff models carry no LoRA layers, so, as in diffusers without LoRA, it changes nothing.
+#: ``cross_attention_kwargs`` entries handled here rather than passed on. ``scale`` is the
+#: LoRA scale; fastdiff models carry no LoRA layers, so, as in diffusers without LoRA, it
+#: changes nothing. Every other entry goes to each attention processor as a keyword, as in
+#: diffusers (``kv_cache``, a :class:`fastdiff.nn.CrossAttentionKVCache`, is one).
 CROSS_ATTENTION_KWARGS = ("scale",)
+#: entries diffusers understands that fastdiff does not implement (an error, not ignored).
+UNSUPPORTED_CROSS_ATTENTION_KWARGS = ("gligen",)
 
 
 @dataclass
@@ -218,7 +222,10 @@ class UNet2DConditionModel(ModelMixin, ConfigMixin):
         blocks_time_embed_dim = time_embed_dim * 2 if class_embeddings_concat else time_embed_dim
 
         # -- down path
+        # Registered before mid_block, as diffusers does: attn_processors (and a list
+        # given to set_attention_slice) follow the order down, up, mid.
         self.down_blocks = nn.ModuleList()
+        self.up_blocks = nn.ModuleList()
         output_channel = block_out_channels[0]
         for i, block_type in enumerate(down_block_types):
             input_channel, output_channel = output_channel, block_out_channels[i]
@@ -274,7 +281,6 @@ class UNet2DConditionModel(ModelMixin, ConfigMixin):
         )
 
         # -- up path
-        self.up_blocks = nn.ModuleList()
         self.num_upsamplers = n - 1
         reversed_channels = list(reversed(block_out_channels))
         reversed_heads = list(reversed(heads))
@@ -353,8 +359,10 @@ class UNet2DConditionModel(ModelMixin, ConfigMixin):
             timestep_cond: (B, time_cond_proj_dim) guidance embedding, for configs with
                 ``time_cond_proj_dim``.
             attention_mask: (B, H*W) mask for self-attention (1 keep, 0 drop).
-            cross_attention_kwargs: only ``{"scale": float}`` (the LoRA scale; no effect
-                on a model without LoRA layers, as in diffusers).
+            cross_attention_kwargs: keywords for every attention processor, as in diffusers;
+                ``"scale"`` (the LoRA scale) has no effect on a model without LoRA layers
+                and is not passed on. ``{"kv_cache": unet.cross_attention_kv_cache(text)}``
+                reuses the text's cross-attention keys and values across steps.
             added_cond_kwargs: ``{"text_embeds": (B, D), "time_ids": (B, k)}`` for SDXL.
             down_block_additional_residuals, mid_block_additional_residual: ControlNet residuals
                 (both together), added to the skip connections and the mid-block output.
@@ -367,6 +375,8 @@ class UNet2DConditionModel(ModelMixin, ConfigMixin):
             or ``(sample,)`` when ``return_dict`` is False.
         """
         self._check_inputs(sample, encoder_hidden_states, cross_attention_kwargs)
+        # What the attention processors receive as keywords ("scale" stays here).
+        kwargs = {k: v for k, v in (cross_attention_kwargs or {}).items() if k not in CROSS_ATTENTION_KWARGS} or None
         forward_upsample_size = any(dim % (2**self.num_upsamplers) for dim in sample.shape[-2:])
 
         if attention_mask is not None:
@@ -396,7 +406,9 @@ class UNet2DConditionModel(ModelMixin, ConfigMixin):
         for block in self.down_blocks:
             if getattr(block, "has_cross_attention", False):
                 extra = adapter.pop(0) if adapter else None
-                sample, res = block(sample, emb, encoder_hidden_states, attention_mask, encoder_attention_mask, extra)
+                sample, res = block(
+                    sample, emb, encoder_hidden_states, attention_mask, encoder_attention_mask, extra, cross_attention_kwargs=kwargs
+                )
             else:
                 sample, res = block(sample, emb)
                 if adapter:
@@ -415,7 +427,9 @@ class UNet2DConditionModel(ModelMixin, ConfigMixin):
 
         if self.mid_block is not None:
             if getattr(self.mid_block, "has_cross_attention", False):
-                sample = self.mid_block(sample, emb, encoder_hidden_states, attention_mask, encoder_attention_mask)
+                sample = self.mid_block(
+                    sample, emb, encoder_hidden_states, attention_mask, encoder_attention_mask, cross_attention_kwargs=kwargs
+                )
             else:
                 sample = self.mid_block(sample, emb)
             if adapter and adapter[0].shape == sample.shape:
@@ -430,7 +444,14 @@ class UNet2DConditionModel(ModelMixin, ConfigMixin):
             upsample_size = skips[-1].shape[2:] if forward_upsample_size and i < len(self.up_blocks) - 1 else None
             if getattr(block, "has_cross_attention", False):
                 sample = block(
-                    sample, res, emb, encoder_hidden_states, upsample_size, attention_mask, encoder_attention_mask
+                    sample,
+                    res,
+                    emb,
+                    encoder_hidden_states,
+                    upsample_size,
+                    attention_mask,
+                    encoder_attention_mask,
+                    cross_attention_kwargs=kwargs,
                 )
             else:
                 sample = block(sample, res, emb, upsample_size)
@@ -509,8 +530,8 @@ class UNet2DConditionModel(ModelMixin, ConfigMixin):
                 f"encoder_hidden_states: batch {encoder_hidden_states.shape[0]} does not match sample's {sample.shape[0]}"
             )
         if cross_attention_kwargs:
-            unknown = set(cross_attention_kwargs) - set(CROSS_ATTENTION_KWARGS)
+            unknown = set(cross_attention_kwargs) & set(UNSUPPORTED_CROSS_ATTENTION_KWARGS)
             if unknown:
                 raise ValueError(
-                    f"cross_attention_kwargs: unsupported keys {sorted(unknown)}; supported: {list(CROSS_ATTENTION_KWARGS)}"
+                    f"cross_attention_kwargs: unsupported keys {sorted(unknown)} (fastdiff does not implement them)"
                 )
