@@ -10,11 +10,19 @@ Euler for SDXL) and the VAE decode. Text encoders are left out (random prompt em
 real shapes), so the numbers are the denoising loop and the decode. Providers:
 
 * ``diffusers-eager``: diffusers' pipeline with its default SDPA attention;
-* ``fastdiff``: fastdiff's pipeline on the same weights, channels_last UNet, every op on auto
-  dispatch, the guidance folded into the scheduler's fused step.
+* ``diffusers-compile``: the same with its UNet under ``torch.compile(mode="max-autotune")``;
+* ``fastdiff-eager``: fastdiff's pipeline on the same weights, channels_last UNet, every op on auto
+  dispatch, the guidance folded into the scheduler's fused step, CUDA graphs off (``cuda_graph=False``);
+* ``fastdiff-graphs``: the same with its denoising loop captured as CUDA graphs (the default);
+* ``fastdiff-compile-graphs``: ``pipe.compile_unet()`` (inductor, ``max-autotune-no-cudagraphs``, our
+  ops inside) and the graph runner capturing the compiled UNet.
 
-Metrics: seconds per image (median of ``--repeats`` after one warm-up), it/s (steps / seconds),
-peak GPU memory, and the largest pixel difference between the two providers' images.
+``--providers`` picks some of them. Metrics: seconds per image (median of ``--repeats`` after one
+warm-up), it/s (steps / seconds), peak GPU memory, the largest pixel difference from
+diffusers-eager's images, the first-image time in a new process (``--first-image``: cold with empty
+Triton/inductor caches, then warm with the caches the cold run filled, Triton's autotune choices kept
+on disk by ``fastdiff.graphs.enable_triton_autotune_cache``), and the GPU memory reserved after
+cycling 5 resolutions 3 times (``--cycle``; not for the compiled providers, which recompile per shape).
 
 ``--cpu``: tiny configs in fp32 on the CPU, 3 steps; checks the plumbing and that fastdiff's images
 match diffusers' to 1e-3 (CI runs it through tests/test_pipeline_bench.py).
@@ -186,28 +194,112 @@ def _run(pipe, kwargs, seed, device):
     return images, time.perf_counter() - start
 
 
-def bench_arch(arch: str, device, dtype, steps: int, repeats: int):
+PROVIDERS = ("diffusers-eager", "diffusers-compile", "fastdiff-eager", "fastdiff-graphs", "fastdiff-compile-graphs")
+# resolutions cycled for the memory figure, per arch (5 sizes around the native one)
+CYCLE_SIZES = {"sd15": (384, 448, 512, 576, 640), "sdxl": (768, 832, 896, 960, 1024), "tiny": (32, 48, 64, 80, 96)}
+
+
+def _provider_pipe(name: str, reference, ours):
+    """(pipeline, extra call kwargs) for provider ``name``; compiles in place where asked."""
+    if name == "diffusers-eager":
+        return reference, {}
+    if name == "diffusers-compile":
+        reference.unet = torch.compile(reference.unet, mode="max-autotune")
+        return reference, {}
+    if name == "fastdiff-eager":
+        return ours, {"cuda_graph": False}
+    if name == "fastdiff-graphs":
+        return ours, {"cuda_graph": True}
+    if name == "fastdiff-compile-graphs":
+        ours.compile_unet()
+        return ours, {"cuda_graph": True}
+    raise ValueError(f"unknown provider {name!r}; expected one of {PROVIDERS}")
+
+
+def _memory_after_cycle(pipe, kwargs, arch, device):
+    """GPU memory reserved (GiB) after 5 resolutions cycled 3 times (3 steps each), and per cycle."""
+    torch.cuda.synchronize()
+    per_cycle = []
+    for _ in range(3):
+        for size in CYCLE_SIZES[arch]:
+            _run(pipe, {**kwargs, "height": size, "width": size, "num_inference_steps": 3}, 0, device)
+        torch.cuda.synchronize()
+        per_cycle.append(torch.cuda.memory_reserved() / 2**30)
+    return per_cycle[-1], per_cycle
+
+
+def bench_arch(arch: str, device, dtype, steps: int, repeats: int, providers=PROVIDERS, cycle: bool = False):
     reference, ours = _pipelines(arch, device, dtype)
-    kwargs = _call_kwargs(arch, device, dtype, steps)
+    base_kwargs = _call_kwargs(arch, device, dtype, steps)
     rows, images = [], {}
-    for name, pipe in (("diffusers-eager", reference), ("fastdiff", ours)):
-        _run(pipe, {**kwargs, "num_inference_steps": min(3, steps)}, 0, device)  # warm-up
-        if torch.device(device).type == "cuda":
+    cuda = torch.device(device).type == "cuda"
+    order = [p for p in PROVIDERS if p in providers]  # eager before compile: compiling is in place
+    for name in order:
+        pipe, extra = _provider_pipe(name, reference, ours)
+        kwargs = {**base_kwargs, **extra}
+        _run(pipe, {**kwargs, "num_inference_steps": min(3, steps)}, 0, device)  # warm-up (compile, capture)
+        _run(pipe, {**kwargs, "num_inference_steps": min(3, steps)}, 0, device)
+        if cuda:
             torch.cuda.reset_peak_memory_stats()
         times = []
         for _ in range(repeats):
             images[name], seconds = _run(pipe, kwargs, 0, device)
             times.append(seconds)
-        peak = torch.cuda.max_memory_allocated() / 2**30 if torch.device(device).type == "cuda" else None
+        peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
         seconds = statistics.median(times)
-        rows.append({"arch": arch, "provider": name, "steps": steps, "seconds": seconds, "it_per_s": steps / seconds,
-                     "peak_gib": peak})  # fmt: skip
-    diff = float(np.abs(images["fastdiff"].astype(np.float64) - images["diffusers-eager"]).max())
-    base = rows[0]["seconds"]
+        row = {"arch": arch, "provider": name, "steps": steps, "seconds": seconds, "it_per_s": steps / seconds,
+               "peak_gib": peak}  # fmt: skip
+        if name.startswith("fastdiff") and getattr(pipe, "graph_runner", None) is not None:
+            row["graph_stats"] = pipe.graph_runner.stats
+            row["loop_eager_reasons"] = list(getattr(pipe, "_last_loop_reasons", []))
+        if cycle and cuda and "compile" not in name:
+            row["reserved_after_cycle_gib"], row["reserved_per_cycle_gib"] = _memory_after_cycle(pipe, kwargs, arch, device)
+            if getattr(pipe, "graph_runner", None) is not None:
+                row["graph_bytes_after_cycle"] = pipe.graph_runner.nbytes
+                pipe.release_graphs()
+                torch.cuda.empty_cache()
+                row["reserved_after_release_gib"] = torch.cuda.memory_reserved() / 2**30
+        rows.append(row)
+    base_name = "diffusers-eager" if "diffusers-eager" in images else order[0]
+    base = next(r["seconds"] for r in rows if r["provider"] == base_name)
     for row in rows:
+        diff = float(np.abs(images[row["provider"]].astype(np.float64) - images[base_name]).max())
         row.update(speedup=base / row["seconds"], max_pixel_diff_vs_diffusers=diff)
     del reference, ours
     return rows
+
+
+def first_image_child(arch: str, provider: str, steps: int) -> dict:
+    """In this (new) process: build the pipelines, then time the first image of ``provider``."""
+    from fastdiff.graphs import enable_triton_autotune_cache
+
+    cache = enable_triton_autotune_cache()
+    reference, ours = _pipelines(arch, "cuda", torch.float16)
+    pipe, extra = _provider_pipe(provider, reference, ours)
+    kwargs = {**_call_kwargs(arch, "cuda", torch.float16, steps), **extra}
+    _, seconds = _run(pipe, kwargs, 0, "cuda")
+    return {"first_image_s": seconds, "autotune_disk_cache": sorted(cache["kernels"])}
+
+
+def first_image_times(arch: str, provider: str, steps: int) -> dict:
+    """First-image seconds in a new process: cold (empty Triton and inductor caches), then warm (the
+    caches the cold process filled)."""
+    import subprocess
+    import tempfile
+
+    result = {}
+    with tempfile.TemporaryDirectory() as cache_dir:
+        env = dict(os.environ, TRITON_CACHE_DIR=os.path.join(cache_dir, "triton"),
+                   TORCHINDUCTOR_CACHE_DIR=os.path.join(cache_dir, "inductor"))  # fmt: skip
+        for label in ("cold", "warm"):
+            command = [sys.executable, os.path.abspath(__file__), "--first-image-child", f"{arch}:{provider}:{steps}"]
+            done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+            lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+            if done.returncode != 0 or not lines:
+                result[f"first_image_{label}_error"] = (done.stderr or done.stdout)[-500:]
+                continue
+            result[f"first_image_{label}_s"] = json.loads(lines[-1])["first_image_s"]
+    return result
 
 
 # ---------------------------------------------------------------------------------- drift metrics
@@ -295,7 +387,16 @@ def main(argv=None) -> int:
     parser.add_argument("--cpu", action="store_true", help="tiny fp32 plumbing run on the CPU")
     parser.add_argument("--resampler-table", action="store_true", help="the spatial resampler's speed and drift")
     parser.add_argument("--seeds", type=int, default=4, help="seeds averaged in the resampler table")
+    parser.add_argument("--sdxl-steps", type=int, default=None, help="steps for sdxl (default: --steps)")
+    parser.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma-separated, from {PROVIDERS}")
+    parser.add_argument("--first-image", action="store_true", help="cold and warm first-image time (new processes)")
+    parser.add_argument("--cycle", action="store_true", help="memory after cycling 5 resolutions 3 times")
+    parser.add_argument("--first-image-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.first_image_child:
+        arch, provider, steps = args.first_image_child.split(":")
+        print(json.dumps(first_image_child(arch, provider, int(steps))))
+        return 0
     env = environment()
 
     if args.resampler_table:
@@ -340,17 +441,32 @@ def main(argv=None) -> int:
     unknown = [a for a in archs if a not in ARCHS]
     if unknown:
         parser.error(f"--archs: unknown {unknown}; expected names from {sorted(ARCHS)}")
+    providers = [p for p in args.providers.split(",") if p]
+    unknown = [p for p in providers if p not in PROVIDERS]
+    if unknown:
+        parser.error(f"--providers: unknown {unknown}; expected names from {PROVIDERS}")
     rows = []
     for arch in archs:
-        rows += bench_arch(arch, "cuda", torch.float16, args.steps, args.repeats)
+        steps = args.sdxl_steps if arch == "sdxl" and args.sdxl_steps else args.steps
+        arch_rows = bench_arch(arch, "cuda", torch.float16, steps, args.repeats, providers, cycle=args.cycle)
         torch.cuda.empty_cache()
+        if args.first_image:
+            for row in arch_rows:
+                row.update(first_image_times(arch, row["provider"], steps))
+        rows += arch_rows
     path = _write(args.out, "bench_pipeline.jsonl", [{"mode": "pipeline", **r} for r in rows], env)
     print(f"wrote {path}")
     print("== table ==")
-    print(f"{'arch':6s} {'provider':16s} {'s/image':>8s} {'it/s':>7s} {'peak GiB':>9s} {'speedup':>8s} {'max|diff|':>9s}")
+    print(f"{'arch':6s} {'provider':24s} {'s/image':>8s} {'it/s':>7s} {'peak GiB':>9s} {'speedup':>8s} {'max|diff|':>9s} "
+          f"{'cold s':>7s} {'warm s':>7s} {'cycle GiB':>9s}")  # fmt: skip
+
+    def fmt(value, spec):
+        return format(value, spec) if isinstance(value, (int, float)) else f"{'-':>{spec.split('.')[0]}}"
+
     for r in rows:
-        print(f"{r['arch']:6s} {r['provider']:16s} {r['seconds']:8.3f} {r['it_per_s']:7.2f} {r['peak_gib']:9.2f} "
-              f"{r['speedup']:7.2f}x {r['max_pixel_diff_vs_diffusers']:9.2e}")  # fmt: skip
+        print(f"{r['arch']:6s} {r['provider']:24s} {r['seconds']:8.3f} {r['it_per_s']:7.2f} {r['peak_gib']:9.2f} "
+              f"{r['speedup']:7.2f}x {r['max_pixel_diff_vs_diffusers']:9.2e} {fmt(r.get('first_image_cold_s'), '7.2f')} "
+              f"{fmt(r.get('first_image_warm_s'), '7.2f')} {fmt(r.get('reserved_after_cycle_gib'), '9.2f')}")  # fmt: skip
     return 0
 
 

@@ -41,6 +41,10 @@ existing=(); for t in "${tests[@]}"; do [ -f "$t" ] && existing+=("$t"); done
 { timeout 180 python3 -m pytest -q -p no:cacheprovider "${existing[@]}" \
   && timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_schedulers.py -k sync; } 2>&1 | tee "$OUT_DIR/tests.log" | tail -15
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+# the pipelines' CUDA graphs: captured == eager (SD, SDXL), weight changes, memory bound, release
+timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_graphs.py tests/test_pipeline_graphs.py -m gpu 2>&1 \
+  | tee -a "$OUT_DIR/tests.log" | tail -8
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 echo "== benchmarks =="
 run_bench() {  # name, timeout seconds, script arguments...
@@ -58,7 +62,9 @@ run_bench bench_attention 90
 run_bench bench_scheduler_step 45
 run_bench bench_geglu 45
 run_bench bench_unet 120 --archs sd15,sdxl
-run_bench bench_pipeline 300 --archs sd15,sdxl --steps 50 --repeats 2
+# five providers (diffusers eager / + compile, fastdiff eager / + graphs / + compile + graphs), first-image
+# cold and warm (new processes), memory after a 5-resolution cycle; max-autotune compiles take minutes
+run_bench bench_pipeline 1500 --archs sd15,sdxl --steps 50 --sdxl-steps 30 --repeats 2 --first-image --cycle
 run_bench bench_pipeline 150 --resampler-table --archs sd15 --steps 50 --seeds 2 --repeats 1
 echo "== summary =="
 cat "$OUT_DIR/.summary" 2>/dev/null
