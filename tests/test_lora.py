@@ -365,3 +365,45 @@ def test_sdxl_files_match_diffusers(sdxl):
     _close(_image(ours, **args), with_a, tol=1e-6)
     ours.unload_lora_weights()
     assert (_image(ours, **args) == plain).all()
+
+
+def test_pipeline_graph_loop_sees_switches_and_reuses_graphs_for_fused_ones(sd):
+    """The pipeline's own captured loop (CPU stand-in backend, fused scheduler step forced)."""
+    from fastdiff.graphs import StandInBackend
+
+    pipe = fastdiff.StableDiffusionPipeline.from_pretrained(sd["folder"])
+    pipe.scheduler = fastdiff.DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
+    pipe._graph_backend = StandInBackend()
+    pipe.set_backend(scheduler_step="reference")
+    pipe.set_progress_bar_config(disable=True)
+    args = dict(prompt="a red cat", num_inference_steps=3, output_type="latent")
+
+    def both(**kwargs):
+        captured = pipe(generator=_gen(0), **args, **kwargs).images
+        assert pipe._last_loop_reasons == [] and pipe.graph_runner.stats.get("replays", 0) > 0
+        eager = pipe(generator=_gen(0), cuda_graph=False, **args, **kwargs).images
+        assert torch.equal(captured, eager)
+        return captured
+
+    pipe.load_lora_weights(sd["files"]["a"], adapter_name="a")
+    pipe.load_lora_weights(sd["files"]["b"], adapter_name="b")
+    pipe.set_adapters(["a", "b"], [1.0, 0.5])
+    first = both()
+    weight_recaptures = lambda: pipe.graph_runner.stats.get("recaptures_weights", 0)  # noqa: E731
+    # (each call recaptures for the scheduler's new per-call tensors, "recaptures_watch"; the LoRA
+    # switches below must add no recapture for the weights)
+    pipe.set_adapters(["a", "b"], [0.3, -1.0])  # in place
+    second = both()
+    assert not torch.equal(first, second) and weight_recaptures() == 0
+    both(cross_attention_kwargs={"scale": 0.4})
+    pipe.set_adapters("a")
+    pipe.disable_lora()
+    both()
+    assert weight_recaptures() == 1  # which adapters run changed: new scale buffers, a recapture
+    outs = []
+    for names in (["a"], ["b"], ["a"]):
+        pipe.unfuse_lora()
+        pipe.fuse_lora(adapter_names=names)
+        outs.append(both())
+    assert torch.equal(outs[0], outs[2]) and not torch.equal(outs[0], outs[1])
+    assert weight_recaptures() == 1  # fused switches work in place
