@@ -67,6 +67,26 @@ def _to_kohya(layers, prefix, alpha):
     return out
 
 
+def _to_sgm(path):
+    """diffusers UNet path -> the original UNet's (kohya's SDXL files), for layers_per_block=1."""
+    import re
+
+    path = re.sub(r"\.conv1$", ".in_layers.2", path) if ".resnets." in path else path
+    rules = (
+        (r"down_blocks\.(\d+)\.resnets\.0\.", lambda m: f"input_blocks.{1 + 2 * int(m[1])}.0."),
+        (r"down_blocks\.(\d+)\.attentions\.0\.", lambda m: f"input_blocks.{1 + 2 * int(m[1])}.1."),
+        (r"mid_block\.resnets\.(\d+)\.", lambda m: f"middle_block.{2 * int(m[1])}."),
+        (r"mid_block\.attentions\.0\.", lambda m: "middle_block.1."),
+        (r"up_blocks\.(\d+)\.resnets\.(\d+)\.", lambda m: f"output_blocks.{2 * int(m[1]) + int(m[2])}.0."),
+        (r"up_blocks\.(\d+)\.attentions\.(\d+)\.", lambda m: f"output_blocks.{2 * int(m[1]) + int(m[2])}.1."),
+    )
+    for pattern, repl in rules:
+        path, n = re.subn("^" + pattern, repl, path)
+        if n:
+            return path
+    raise AssertionError(f"no SGM name for {path}")
+
+
 def _save_kohya(path, state_dict):
     from safetensors.torch import save_file
 
@@ -346,7 +366,13 @@ def sdxl(tmp_path_factory, one_torch_thread):
     ours = fastdiff.StableDiffusionXLPipeline.from_pretrained(folder)
     for p in (ref, ours):
         p.set_progress_bar_config(disable=True)
-    return dict(ref=ref, ours=ours, file=str(root / "a"), kohya=_save_kohya(root / "k", kohya))
+    sgm = {f"{_to_sgm(k.rsplit('.', 2)[0])}.{k.rsplit('.', 2)[1]}.weight": v for k, v in layers["unet"].items()}
+    kohya_sgm = {**_to_kohya(sgm, "lora_unet_", 8), **_to_kohya(layers["te"], "lora_te1_", 2)}
+    kohya_sgm.update(_to_kohya(layers["te2"], "lora_te2_", 6))
+    return dict(
+        ref=ref, ours=ours, file=str(root / "a"), kohya=_save_kohya(root / "k", kohya),
+        kohya_sgm=_save_kohya(root / "ksgm", kohya_sgm),
+    )  # fmt: skip
 
 
 def test_sdxl_files_match_diffusers(sdxl):
@@ -362,6 +388,11 @@ def test_sdxl_files_match_diffusers(sdxl):
     _close(_image(ours, cross_attention_kwargs={"scale": 0.6}, **args), _image(ref, cross_attention_kwargs={"scale": 0.6}, **args))
     ours.unload_lora_weights()
     ours.load_lora_weights(sdxl["kohya"], adapter_name="k")
+    _close(_image(ours, **args), with_a, tol=1e-6)
+    ours.unload_lora_weights()
+    # kohya's SDXL files name the UNet's modules as the original (SGM) UNet does
+    ours.load_lora_weights(sdxl["kohya_sgm"], adapter_name="k")
+    assert ours.get_list_adapters() == {"unet": ["k"], "text_encoder": ["k"], "text_encoder_2": ["k"]}
     _close(_image(ours, **args), with_a, tol=1e-6)
     ours.unload_lora_weights()
     assert (_image(ours, **args) == plain).all()

@@ -11,7 +11,9 @@ Formats (keys):
   without either, alpha = rank (scale 1), as diffusers does for a uniform rank.
 * kohya/A1111: ``lora_unet_<module path with _>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``,
   ``lora_te_`` (``lora_te1_``) for the text encoder and ``lora_te2_`` for SDXL's second one. The
-  module path is matched against the model's own module names (diffusers' names).
+  module path is matched against the model's own module names (diffusers' names, as kohya's SD1.x
+  files use), or else read as the original (SGM/LDM) UNet's names that kohya's SDXL files use
+  (``input_blocks_4_1_...``, ``middle_block_1_...``, ``output_blocks_...``, ``in_layers_2``, ...).
 
 Nothing is dropped: every key either lands in an adapter or is reported as unknown.
 """
@@ -96,6 +98,56 @@ def _module_lookup(model: nn.Module) -> Dict[str, str]:
     return lookup
 
 
+# the original (SGM/LDM) UNet's names inside blocks -> diffusers' (kohya's underscore form)
+_SGM_RESNET = (("in_layers_2", "conv1"), ("out_layers_3", "conv2"), ("emb_layers_1", "time_emb_proj"),
+               ("skip_connection", "conv_shortcut"))  # fmt: skip
+_SGM_TOP = (("time_embed_0", "time_embedding_linear_1"), ("time_embed_2", "time_embedding_linear_2"),
+            ("label_emb_0_0", "add_embedding_linear_1"), ("label_emb_0_2", "add_embedding_linear_2"),
+            ("input_blocks_0_0", "conv_in"), ("out_2", "conv_out"))  # fmt: skip
+
+
+def sgm_to_diffusers(name: str, layers_per_block: int, lookup: Mapping[str, str]) -> Optional[str]:
+    """A kohya SDXL UNet name in the original UNet's layout (underscored, no prefix) -> the diffusers
+    module path in ``lookup``, or None. ``layers_per_block``: the UNet config's value."""
+    for old, new in _SGM_TOP:
+        if name == old:
+            return lookup.get(new)
+
+    def inner(prefix: str, rest: str, kind: str) -> Optional[str]:
+        if kind == "resnets":
+            for old, new in _SGM_RESNET:
+                if rest == old:
+                    rest = new
+        elif kind == "samplers":
+            rest = "conv"  # op (down) / conv (up)
+        return lookup.get(f"{prefix}_{rest}")
+
+    m = re.fullmatch(r"input_blocks_(\d+)_(\d+)_(.+)", name)
+    if m:
+        index, sub, rest = int(m.group(1)), int(m.group(2)), m.group(3)
+        block, layer = divmod(index - 1, layers_per_block + 1)
+        if layer == layers_per_block:
+            return inner(f"down_blocks_{block}_downsamplers_0", rest, "samplers")
+        kind = "resnets" if sub == 0 else "attentions"
+        return inner(f"down_blocks_{block}_{kind}_{layer}", rest, kind)
+    m = re.fullmatch(r"middle_block_(\d+)_(.+)", name)
+    if m:
+        sub, rest = int(m.group(1)), m.group(2)
+        if sub == 1:
+            return inner("mid_block_attentions_0", rest, "attentions")
+        return inner(f"mid_block_resnets_{sub // 2}", rest, "resnets")
+    m = re.fullmatch(r"output_blocks_(\d+)_(\d+)_(.+)", name)
+    if m:
+        index, sub, rest = int(m.group(1)), int(m.group(2)), m.group(3)
+        block, layer = divmod(index, layers_per_block + 1)
+        if sub == 0:
+            return inner(f"up_blocks_{block}_resnets_{layer}", rest, "resnets")
+        if sub == 1 and f"up_blocks_{block}_attentions_{layer}_proj_in" in lookup:
+            return inner(f"up_blocks_{block}_attentions_{layer}", rest, "attentions")
+        return inner(f"up_blocks_{block}_upsamplers_0", rest, "samplers")
+    return None
+
+
 def _alpha_from_metadata(metadata: Optional[Mapping], component: str, path: str) -> Optional[float]:
     if not metadata:
         return None
@@ -152,10 +204,17 @@ def split_lora_state_dict(
         if path is not None and ".processor." in path:
             head, _, proc = path.rpartition(".processor.")
             path = f"{head}.{_PROCESSOR_NAMES[proc]}" if proc in _PROCESSOR_NAMES else None
-        if component not in lookups or path is None or path not in lookups[component]:
+        if component not in lookups or path is None:
             unknown.append(key)
             continue
-        module_path = lookups[component][path]
+        module_path = lookups[component].get(path)
+        if module_path is None and component == "unet" and key.startswith("lora_unet_"):
+            layers = getattr(getattr(models["unet"], "config", None), "layers_per_block", None)
+            if isinstance(layers, int):
+                module_path = sgm_to_diffusers(path, layers, lookups["unet"])
+        if module_path is None:
+            unknown.append(key)
+            continue
         entry = entries.setdefault(component, {}).setdefault(module_path, LoraEntry())
         entry.keys.append(key)
         if role == "A":
