@@ -438,3 +438,18 @@ def test_pipeline_graph_loop_sees_switches_and_reuses_graphs_for_fused_ones(sd):
         outs.append(both())
     assert torch.equal(outs[0], outs[2]) and not torch.equal(outs[0], outs[1])
     assert weight_recaptures() == 1  # fused switches work in place
+
+
+def test_img2img_pipeline_takes_the_same_lora(sd):
+    ours = fastdiff.StableDiffusionImg2ImgPipeline(**sd["ours"].components)
+    ref = diffusers.StableDiffusionImg2ImgPipeline(**sd["ref"].components)
+    for p in (ours, ref):
+        p.set_progress_bar_config(disable=True)
+    image = torch.rand(1, 3, 16, 16, generator=_gen(7))
+    args = dict(image=image, strength=0.7, num_inference_steps=3, cross_attention_kwargs={"scale": 0.7})
+    ours.load_lora_weights(sd["files"]["a"], adapter_name="a")
+    _diffusers_set(ref, {"a": 1.0})
+    try:
+        _close(_image(ours, **args), _image(ref, **args))
+    finally:
+        ours.unload_lora_weights()
