@@ -199,7 +199,8 @@ def test_kohya_file_equals_peft_file(sd):
     ours.load_lora_weights(sd["files"]["a"], adapter_name="peft")
     from_peft = _image(ours)
     ours.unload_lora_weights()
-    ours.load_lora_weights(sd["files"]["a_kohya"])
+    folder, name = os.path.split(sd["files"]["a_kohya"])
+    ours.load_lora_weights(folder, weight_name=name)
     assert ours.get_active_adapters() == ["default_0"]
     _close(_image(ours), from_peft, tol=1e-6)
     ours.unload_lora_weights()
@@ -246,7 +247,7 @@ def _expect_unchanged(pipe, call, error, match):
     assert pipe.get_list_adapters() == adapters and pipe.get_active_adapters() == active
 
 
-def test_bad_input_leaves_the_pipeline_unchanged(sd, tmp_path):
+def test_bad_input_leaves_the_pipeline_unchanged(sd, sdxl, tmp_path):
     ours = sd["ours"]
     ours.load_lora_weights(sd["files"]["b"], adapter_name="b")
     _expect_unchanged(ours, lambda: ours.load_lora_weights(tmp_path / "missing.safetensors"), FileNotFoundError, "missing")
@@ -259,6 +260,8 @@ def test_bad_input_leaves_the_pipeline_unchanged(sd, tmp_path):
     # another architecture: same module names, other widths (an SDXL-sized LoRA on SD)
     wrong = {k: torch.randn(v.shape[0] + 3 if "lora_B" in k else v.shape[0], *v.shape[1:]) for k, v in state_dict.items()}
     _expect_unchanged(ours, lambda: ours.load_lora_weights(wrong), ValueError, "does not fit.*expected lora_A")
+    # the SDXL LoRA on SD: modules SD lacks (text_encoder_2, a second transformer block) are named
+    _expect_unchanged(ours, lambda: ours.load_lora_weights(sdxl["file"]), ValueError, "match no module.*text_encoder_2")
     _expect_unchanged(ours, lambda: ours.set_adapters(["b", "nope"]), ValueError, "no adapter named \\['nope'\\]")
     _expect_unchanged(ours, lambda: ours.delete_adapters("nope"), ValueError, "nope")
     _expect_unchanged(ours, lambda: ours.load_lora_weights(sd["files"]["b"], adapter_name="b"), ValueError, "already loaded")
