@@ -258,7 +258,7 @@ def _attention_calls(matrix: str, archs) -> Iterator[Tuple[str, Any, List[str]]]
     """(case, thunk, kernel names): thunk() runs one launcher on CPU tensors."""
     from fastdiff.kernels import attention as kernels
 
-    shapes = SD_ATTENTION_SHAPES if matrix != "smoke" else [s for s in SD_ATTENTION_SHAPES if s[4] in (40, 160)]
+    shapes = SD_ATTENTION_SHAPES
     for b, h, lq, lk, d in shapes:
         for dtype, mask_kind in _attention_variants(matrix):
             if True:
@@ -409,7 +409,9 @@ def select(instances, matrix: str) -> List[Dict[str, Any]]:
 
     def cost(i):
         c = _consts(i)
-        return (not i["sd"], -(c.get("MASK_KIND", 0) == 1 and not c.get("MASK_KEYS_ONLY", False)), -int(c.get("SILU", 0)))
+        # Kept for SD first, then 64+-row tiles (the ones that run wgmma on sm_90), then the costliest variant.
+        big = i["config"].get("BLOCK_M", 64) >= 64
+        return (not i["sd"], not big, -(c.get("MASK_KIND", 0) == 1 and not c.get("MASK_KEYS_ONLY", False)), -int(c.get("SILU", 0)))
 
     chosen: Dict[Any, Dict[str, Any]] = {}
     for i in sorted(instances, key=cost):
