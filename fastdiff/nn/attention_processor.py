@@ -81,14 +81,43 @@ def _context(attn, tokens: torch.Tensor, encoder_hidden_states: Optional[torch.T
 
 
 def _epilogue(attn, hidden_states: torch.Tensor, residual: torch.Tensor, shape4) -> torch.Tensor:
-    """Output projection, dropout, back to (B, C, H, W), residual and rescale."""
-    hidden_states = attn.to_out[0](hidden_states)
-    hidden_states = attn.to_out[1](hidden_states)
+    """Output projection, dropout, back to (B, C, H, W), residual and rescale.
+
+    ``rescale_output_factor`` 1.0 (every SD model) costs nothing: the division is
+    skipped, not run as a full-tensor kernel. Another factor r is folded into
+    ``to_out``'s GEMM where nothing stands between them (tokens layout, no residual,
+    inactive dropout): ``addmm(b, x, W^T, beta=1/r, alpha=1/r)``; elsewhere the fresh
+    output is divided in place.
+    """
+    rescale = attn.rescale_output_factor
+    projection, dropout = attn.to_out[0], attn.to_out[1]
+    if rescale != 1.0 and shape4 is None and not attn.residual_connection and _folds_into_linear(projection, dropout, hidden_states):
+        flat = hidden_states.reshape(-1, hidden_states.shape[-1])
+        scale = 1.0 / rescale
+        if projection.bias is None:
+            out = torch.mm(flat, projection.weight.t()).mul_(scale)
+        else:
+            out = torch.addmm(projection.bias, flat, projection.weight.t(), beta=scale, alpha=scale)
+        return out.view(*hidden_states.shape[:-1], out.shape[-1])
+    hidden_states = dropout(projection(hidden_states))
     if shape4 is not None:
         hidden_states = hidden_states.transpose(-1, -2).reshape(shape4)
     if attn.residual_connection:
         hidden_states = hidden_states + residual
-    return hidden_states / attn.rescale_output_factor
+    if rescale == 1.0:
+        return hidden_states
+    # A fresh tensor here (the projection's or the residual add's output): divide in place,
+    # unless autograd needs it (the division's backward does not, the add's does not).
+    return hidden_states.div_(rescale) if not hidden_states.requires_grad else hidden_states / rescale
+
+
+def _folds_into_linear(projection, dropout, hidden_states: torch.Tensor) -> bool:
+    return (
+        type(projection) is nn.Linear
+        and (not dropout.training or dropout.p == 0)
+        and hidden_states.dim() >= 2
+        and hidden_states.dtype == projection.weight.dtype
+    )
 
 
 def _added_kv_inputs(attn, hidden_states: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor], attention_mask: Optional[torch.Tensor]):
