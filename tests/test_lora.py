@@ -275,13 +275,14 @@ def test_fused_qkv_projections_with_lora(sd):
     expected = _image(ours)
     ours.unet.fuse_qkv_projections()  # after loading: the LoRA must still run
     _close(_image(ours), expected, tol=1e-5)
-    ours.fuse_lora()  # fused LoRA: the projections fuse again, and their fused weight has the LoRA
     attn = ours.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1
-    assert attn.fused_projections
+    assert not attn.fused_projections  # an unfused adapter runs on q/k/v: un-fused at the UNet call
+    ours.fuse_lora()  # fused LoRA: the projections fuse again, and their fused weight has the LoRA
     _close(_image(ours), expected, tol=5e-4)
+    assert attn.fused_projections
     ours.unfuse_lora()  # unfused LoRA active again: un-fused projections
-    assert not attn.fused_projections
     _close(_image(ours), expected, tol=1e-5)
+    assert not attn.fused_projections
     ours.unload_lora_weights()
     assert attn.fused_projections  # fastdiff put back what it un-fused
     ours.unet.unfuse_qkv_projections()
@@ -335,6 +336,11 @@ def test_switches_under_the_graph_runner(sd):
     ours.disable_lora()
     run()
     run()
+    unet.fuse_qkv_projections()  # fused switches refresh the fused QKV weight in place too
+    eager()  # builds the fused QKV weights (a new tensor each: the runner recaptures once)
+    run()
+    _, region = run()
+    assert region.captured
     captures = runner.stats["captures"]
     for names in (["a"], ["b"], ["a", "b"]):
         ours.unfuse_lora()
@@ -343,9 +349,12 @@ def test_switches_under_the_graph_runner(sd):
         out, region = run()
         assert region.captured
         _close(out, eager(), tol=1e-6)
-    assert runner.stats["captures"] == captures, runner.stats
+    assert runner.stats["captures"] == captures, (captures, runner.stats)
+    assert runner.stats["in_place_weight_updates"] >= 4, runner.stats
+    assert unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.fused_projections
     ours.unfuse_lora()
     ours.unload_lora_weights()
+    unet.unfuse_qkv_projections()
 
 
 @pytest.fixture(scope="module")

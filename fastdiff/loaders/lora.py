@@ -483,11 +483,15 @@ class StableDiffusionLoraLoaderMixin:
             for layer in layers:
                 names = [n for n in state.active if n in layer.lora_A and n not in layer.fused] if state.enabled else []
                 layer.set_active(names, [state.weights[n][component] for n in names])
-        self._lora_sync_attention()
+        for module in state.attention:  # fused LoRA changed: the fused QKV weight, in place
+            if module.fused_projections:
+                _refresh_fused_projection(module)
 
     def _lora_sync_attention(self) -> None:
         """fastdiff.nn.Attention with fused projections: un-fuse where an unfused adapter runs on q/k/v,
-        re-fuse where none does any more, and refresh the fused weight in place after a fused LoRA change."""
+        re-fuse where none does any more, and refresh the fused weight in place after a fused LoRA change.
+        Runs at each UNet call (a forward pre-hook), not at each switch: fuse A -> unfuse -> fuse B
+        with no image between never un-fuses the projections (the captured graph stays valid)."""
         state = self._lora
         for module in state.attention:
             sources = module._fused_sources()
@@ -559,11 +563,8 @@ def _unet_scale_hook(pipe_ref):
         state = pipe._lora
         extra = kwargs.get("cross_attention_kwargs") or {}
         _set_call_scale(state.layers.get("unet", ()), float(extra.get("scale", 1.0)))
-        # fuse_projections() called after the LoRA was loaded: keep the adapters in the computation
-        for attn in state.attention:
-            if attn.fused_projections and any(isinstance(s, LoRALayer) and s.active for s in attn._fused_sources()):
-                pipe._lora_sync_attention()
-                break
+        # q/k/v fused (before or after the LoRA was loaded): keep unfused adapters in the computation
+        pipe._lora_sync_attention()
         return None
 
     return hook
