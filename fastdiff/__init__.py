@@ -47,6 +47,8 @@ _LAZY_EXPORTS = {
     "StableDiffusionPipelineOutput": "fastdiff.pipelines",
     "StableDiffusionXLPipelineOutput": "fastdiff.pipelines",
     "Resampler": "fastdiff.pipelines",
+    # the embedded default model (a diffusers-format DDIMPipeline folder)
+    "DEFAULT_MODEL": "fastdiff.default_model",
     # keep diffusers, swap in fastdiff
     "optimize": "fastdiff.optimize_diffusers",
     "revert": "fastdiff.optimize_diffusers",

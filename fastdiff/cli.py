@@ -240,6 +240,8 @@ def generate(args) -> int:
     args.device = str(rank_device(args.device, rank))
     pipe = load_pipeline(args, pipeline_class)
     pipe.set_progress_bar_config(disable=rank != 0 or args.no_progress, desc=f"generate ({pipeline_class})")
+    if args.no_cuda_graph:
+        pipe.enable_cuda_graph(False)
 
     # Whole batches go round-robin to the ranks, so a batch holds the same images in any run.
     batches = [list(range(i, min(i + args.batch_size, len(items)))) for i in range(0, len(items), args.batch_size)]

@@ -54,6 +54,26 @@ def test_generate_is_reproducible_per_image_seed(tmp_path, capsys):
         np.testing.assert_array_equal(c[i], a[i + 1])
 
 
+def test_no_cuda_graph_turns_the_pipelines_graphs_off(tmp_path, monkeypatch, capsys):
+    """--no-cuda-graph reaches the pipeline (enable_cuda_graph(False)); without it the switch is left alone."""
+    from fastdiff.pipelines.pipeline_utils import GraphPipelineMixin
+
+    seen = []
+    original = GraphPipelineMixin.enable_cuda_graph
+
+    def spy(self, enabled=True):
+        seen.append(enabled)
+        return original(self, enabled)
+
+    monkeypatch.setattr(GraphPipelineMixin, "enable_cuda_graph", spy)
+    common = ["generate", "--num-images", "1", "--steps", "2", "--no-progress", "--out", str(tmp_path / "g.png")]
+    assert main(common) == 0
+    assert seen == []
+    assert main(common + ["--no-cuda-graph"]) == 0
+    assert seen == [False]
+    assert "CUDA graphs off" in capsys.readouterr().out
+
+
 def test_generate_backend_and_ddpm_scheduler(tmp_path, capsys):
     out = tmp_path / "g.png"
     args = ["generate", "--num-images", "2", "--steps", "3", "--scheduler", "ddpm", "--no-progress", "--out", str(out)]
