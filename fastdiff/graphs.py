@@ -526,6 +526,8 @@ def scheduler_capture_reasons(scheduler, device: torch.device, **step_kwargs) ->
 
 
 def _scale_model_input_reasons(scheduler, device: torch.device) -> List[str]:
+    if getattr(scheduler, "_scale_model_input_on_device", False):
+        return []  # it reads the scale at the fused step's device index (Euler, Euler ancestral)
     timesteps = getattr(scheduler, "timesteps", None)
     if timesteps is None or len(timesteps) == 0:
         return []

@@ -24,7 +24,7 @@ from fastdiff.graphs import (
     scheduler_state_tensors,
     weights_fingerprint,
 )
-from fastdiff.schedulers import DDIMScheduler, EulerDiscreteScheduler, UniPCMultistepScheduler
+from fastdiff.schedulers import DDIMScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler, UniPCMultistepScheduler
 
 STEPS = 4
 
@@ -616,14 +616,18 @@ def test_capture_reasons():
     clipped.set_timesteps(5)
     unipc = UniPCMultistepScheduler()
     unipc.set_timesteps(5)
+    heun = HeunDiscreteScheduler()
+    heun.set_timesteps(5)
     euler = EulerDiscreteScheduler()
     euler.set_timesteps(5)
     with fastdiff.use_backend(scheduler_step="reference"):
         assert "clip_sample" in " ".join(capture_reasons(cpu, backend=stand_in, scheduler=clipped))
         unipc_reasons = " ".join(capture_reasons(cpu, backend=stand_in, scheduler=unipc))
         assert "UniPCMultistepScheduler has no fused step" in unipc_reasons
-        assert "scale_model_input" in " ".join(capture_reasons(cpu, backend=stand_in, scheduler=euler))
-    assert euler.step_index is None  # the probe did not move the scheduler
+        assert "scale_model_input" in " ".join(capture_reasons(cpu, backend=stand_in, scheduler=heun))
+        # Euler scales the input at the fused step's device index: capturable
+        assert capture_reasons(cpu, backend=stand_in, scheduler=euler) == []
+    assert heun.step_index is None  # the probe did not move the scheduler
 
     compiled = torch.compile(TinyDenoiser())  # not run: compiling happens at the first call
     not_warmed = " ".join(capture_reasons(cpu, backend=stand_in, modules=[compiled], warmed=False))

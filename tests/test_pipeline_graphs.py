@@ -135,17 +135,35 @@ def test_sd_captured_equals_eager(sd_pipe):
 def test_sdxl_captured_equals_eager_with_nested_added_cond_kwargs(sdxl_pipe):
     euler = sdxl_pipe.scheduler
     try:
-        # Euler's scale_model_input reads sigma at a host step index: eager, and explain() says why
+        # Euler: scale_model_input reads sigma at the fused step's device index, so the step is captured
+        eager = sdxl_pipe(generator=_gen(2), cuda_graph=False, **SD_ARGS).images
+        captured = sdxl_pipe(generator=_gen(2), **SD_ARGS).images
+        assert sdxl_pipe._last_loop_reasons == [] and sdxl_pipe.graph_runner.stats["replays"] >= STEPS - 1
+        assert torch.equal(captured, eager)
+        # Heun's scale_model_input still reads sigma at a host step index: eager, and explain() says why
+        sdxl_pipe.scheduler = fastdiff.HeunDiscreteScheduler.from_config(euler.config)
         sdxl_pipe(generator=_gen(2), **SD_ARGS)
         assert any("scale_model_input" in r for r in sdxl_pipe._last_loop_reasons)
         assert "scale_model_input" in sdxl_pipe.explain(height=16, width=16)
         sdxl_pipe.scheduler = fastdiff.DDIMScheduler.from_config(euler.config, clip_sample=False)
         eager = sdxl_pipe(generator=_gen(2), cuda_graph=False, **SD_ARGS).images
         captured = sdxl_pipe(generator=_gen(2), **SD_ARGS).images
-        assert sdxl_pipe._last_loop_reasons == [] and sdxl_pipe.graph_runner.stats["replays"] >= STEPS - 1
+        assert sdxl_pipe._last_loop_reasons == []
         assert torch.equal(captured, eager)
     finally:
         sdxl_pipe.scheduler = euler
+
+
+def test_euler_ancestral_captured_equals_eager(sd_pipe):
+    ddim = sd_pipe.scheduler
+    try:
+        sd_pipe.scheduler = fastdiff.EulerAncestralDiscreteScheduler.from_config(ddim.config)
+        eager = sd_pipe(generator=_gen(6), cuda_graph=False, **SD_ARGS).images
+        captured = sd_pipe(generator=_gen(6), **SD_ARGS).images
+        assert sd_pipe._last_loop_reasons == []
+        assert torch.equal(captured, eager)  # ancestral noise from the bank, input scale from the device table
+    finally:
+        sd_pipe.scheduler = ddim
 
 
 # ------------------------------------------------------------------------------ keys, LRU, release

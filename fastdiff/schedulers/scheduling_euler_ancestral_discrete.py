@@ -124,6 +124,9 @@ class EulerAncestralDiscreteScheduler(SchedulerMixin):
     launch itself advances (the host ``step_index`` advances alongside).
     """
 
+    # scale_model_input reads sigma at the fused step's device index once the fused step runs
+    _scale_model_input_on_device = True
+
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
     order = 1
 
@@ -185,8 +188,11 @@ class EulerAncestralDiscreteScheduler(SchedulerMixin):
         """Scale the model input by 1 / sqrt(sigma^2 + 1) for the current step."""
         if self.step_index is None:
             self._init_step_index(timestep)
-        sigma = self.sigmas[self.step_index]
         self.is_scale_input_called = True
+        scale = self._device_input_scale(sample)
+        if scale is not None:  # the fused step is running: the scale at its device step index
+            return sample / scale
+        sigma = self.sigmas[self.step_index]
         return sample / ((sigma**2 + 1) ** 0.5)
 
     def set_timesteps(self, num_inference_steps: int, device=None):
@@ -207,6 +213,7 @@ class EulerAncestralDiscreteScheduler(SchedulerMixin):
         self._step_index = None
         self._begin_index = None
         self._reset_fused()
+        self._fused.input_scales_host = (self.sigmas**2 + 1) ** 0.5
 
     # Copied from fastdiff.schedulers.scheduling_euler_discrete.EulerDiscreteScheduler.index_for_timestep
     def index_for_timestep(self, timestep, schedule_timesteps=None) -> int:

@@ -157,6 +157,9 @@ class EulerDiscreteScheduler(SchedulerMixin):
     the step index that the launch itself advances (the host ``step_index`` advances alongside).
     """
 
+    # scale_model_input reads sigma at the fused step's device index once the fused step runs
+    _scale_model_input_on_device = True
+
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
     order = 1
 
@@ -248,8 +251,11 @@ class EulerDiscreteScheduler(SchedulerMixin):
         """Scale the model input by 1 / sqrt(sigma^2 + 1) for the current step."""
         if self.step_index is None:
             self._init_step_index(timestep)
-        sigma = self.sigmas[self.step_index]
         self.is_scale_input_called = True
+        scale = self._device_input_scale(sample)
+        if scale is not None:  # the fused step is running: the scale at its device step index
+            return sample / scale
+        sigma = self.sigmas[self.step_index]
         return sample / ((sigma**2 + 1) ** 0.5)
 
     def set_timesteps(self, num_inference_steps=None, device=None, timesteps=None, sigmas=None):
@@ -320,6 +326,7 @@ class EulerDiscreteScheduler(SchedulerMixin):
         self._step_index = None
         self._begin_index = None
         self._reset_fused()
+        self._fused.input_scales_host = (self.sigmas**2 + 1) ** 0.5
 
     def index_for_timestep(self, timestep, schedule_timesteps=None) -> int:
         """Position of ``timestep`` in the schedule (the second match if it occurs twice, as diffusers)."""

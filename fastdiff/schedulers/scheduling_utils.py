@@ -475,6 +475,18 @@ class SchedulerMixin:
         """Why this configuration (with these step arguments) has no fused form; [] when it has one."""
         return [f"{type(self).__name__} has no fused step: {self._no_fused_step_reason}"]
 
+    def _device_input_scale(self, sample: torch.Tensor):
+        """The model-input scale of the current step as a 0-d tensor on ``sample``'s device, read from the
+        device table at the fused step's device index (no host step index, so a CUDA graph captured
+        around the step scales each replayed step by its own sigma); None before the first fused step
+        on that device (the caller then takes its host path)."""
+        state = self.__dict__.get("_fused")
+        if state is None or state.step_index is None or state.input_scales is None:
+            return None
+        if state.step_index.device != sample.device or state.input_scales.device != sample.device:
+            return None
+        return state.input_scales.index_select(0, state.step_index).reshape(())
+
     def _noise_draws(self):
         """Per step, whether diffusers' ``step`` may draw noise (None: this scheduler never does)."""
         return None
@@ -658,6 +670,10 @@ class FusedStepState:
         self.history = None
         self.noise_bank = None
         self.unavailable = None  # why the table could not be built for this schedule (None: it could)
+        # per-step model-input scales (Euler-type 1 / sqrt(sigma^2 + 1)) on the host, and on the device
+        # (copied by the first fused step), read at the device step index by scale_model_input
+        self.input_scales_host = None
+        self.input_scales = None
 
     def set_table(self, key, table: torch.Tensor, draws, slots: int, taus=None) -> None:
         """Install a host table built for step arguments ``key``; ``taus`` (one per step) scale its
@@ -687,6 +703,8 @@ class FusedStepState:
             )
         if self.coeffs is None or self.coeffs.device != sample.device:
             self.coeffs = table_to_device(self.table, sample.device)
+        if self.input_scales_host is not None and (self.input_scales is None or self.input_scales.device != sample.device):
+            self.input_scales = table_to_device(self.input_scales_host, sample.device)
         history = None
         if self.slots:
             shape = (self.slots, *sample.shape)
