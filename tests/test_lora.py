@@ -211,7 +211,7 @@ def test_save_and_load_both_ways(sd, tmp_path):
     ours.load_lora_weights(sd["files"]["b"], adapter_name="b")
     with_b = _image(ours)
     # ours -> diffusers: diffusers' load_lora_weights reads the file fastdiff writes
-    from fastdiff.loaders.lora import get_lora_adapter_metadata, get_lora_state_dict
+    from fastdiff.loaders import get_lora_adapter_metadata, get_lora_state_dict
 
     layers = get_lora_state_dict(ours.unet, "b")
     assert set(layers) == set(sd["unet_b"]) and all(torch.equal(layers[k], sd["unet_b"][k]) for k in layers)

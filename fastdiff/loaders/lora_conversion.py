@@ -61,10 +61,6 @@ class LoraEntry:
     keys: List[str] = dataclasses.field(default_factory=list)
 
 
-def is_kohya(state_dict: Mapping[str, torch.Tensor]) -> bool:
-    return any(k.startswith(p) for k in state_dict for p, _ in _KOHYA_PREFIXES)
-
-
 def _split_suffix(key: str, suffixes) -> Tuple[Optional[str], Optional[str]]:
     for suffix, role in suffixes:
         if key.endswith(suffix):

@@ -56,10 +56,6 @@ class LoRALayer(nn.Module):
     def is_conv(self) -> bool:
         return isinstance(self.base_layer, nn.Conv2d)
 
-    def expected_shapes(self, rank: int):
-        """(lora_A weight shape, lora_B weight shape) for an adapter of ``rank`` on this layer."""
-        return expected_lora_shapes(self.base_layer, rank)
-
     def add_adapter(self, name: str, down: torch.Tensor, up: torch.Tensor, alpha: Optional[float]) -> None:
         """Add adapter ``name`` from its down (A) and up (B) weights; ``alpha`` None means alpha = rank."""
         base = self.base_layer
