@@ -168,3 +168,64 @@ def test_fused_silu_module_from_pair(seed):
         fuse_group_norm_silu(norm, torch.nn.GELU())
     with pytest.raises(ValueError, match="activation"):
         GroupNorm(3, 6, activation="relu")
+
+
+# ---------------------------------------------------------------------------
+# input_bias: a per-(N, C) bias added before the statistics (ResnetBlock2D's temb)
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_input_bias_equals_adding_it_first(dtype, channels_last):
+    torch.manual_seed(3)
+    x = torch.randn(3, 12, 5, 7, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(12, dtype=dtype), torch.randn(12, dtype=dtype)
+    t = torch.randn(3, 12, dtype=dtype) * 2
+    with fastdiff.trace_dispatch() as calls:
+        ours = fastdiff.ops.group_norm(x, 4, w, b, 1e-5, "silu", input_bias=t)
+    expected = fastdiff.ops.group_norm(x + t[:, :, None, None], 4, w, b, 1e-5, "silu", backend="reference")
+    assert calls == [("group_norm", "reference")]
+    assert torch.equal(ours, expected)
+    assert ours.is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert not torch.equal(ours, fastdiff.ops.group_norm(x, 4, w, b, 1e-5, "silu"))
+
+
+def test_input_bias_gradients_match_the_unfused_graph():
+    torch.manual_seed(4)
+    x = torch.randn(2, 8, 6, 5, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(2, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(2, 8, 6, 5, dtype=torch.float64)
+    grads = torch.autograd.grad((fastdiff.ops.group_norm(x, 2, w, None, 1e-5, "silu", input_bias=t) * dy).sum(), (x, t, w))
+    expected = torch.autograd.grad((torch.nn.functional.silu(torch.nn.functional.group_norm(x + t[:, :, None, None], 2, w, None, 1e-5)) * dy).sum(), (x, t, w))
+    for g, e in zip(grads, expected):
+        torch.testing.assert_close(g, e)
+    assert torch.autograd.gradcheck(lambda x, t: fastdiff.ops.group_norm(x, 2, None, None, 1e-5, None, input_bias=t), (x.detach()[:1, :, :2, :3].requires_grad_(), t.detach()[:1].requires_grad_()))
+
+
+def test_input_bias_fused_backends_say_why_and_auto_falls_back_only_then():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fastdiff import backends
+    from fastdiff.ops.group_norm import INPUT_BIAS_REASON
+
+    with FakeTensorMode(), backends.use_target("sm_90"):
+        x = torch.empty(2, 32, 8, 8, device="cuda", dtype=torch.float16)
+        t = torch.empty(2, 32, device="cuda", dtype=torch.float16)
+        with_bias = fastdiff.explain_dispatch("group_norm", x, 8, input_bias=t)
+        without = fastdiff.explain_dispatch("group_norm", x, 8)
+    assert "would run 'reference'" in with_bias and with_bias.count(INPUT_BIAS_REASON) == 2
+    assert "would run 'triton'" in without and INPUT_BIAS_REASON not in without
+    with pytest.raises(backends.BackendNotSupportedError, match="input_bias"):
+        fastdiff.ops.group_norm(torch.randn(2, 4, 3, 3), 2, input_bias=torch.randn(2, 4), backend="triton")
+
+
+def test_input_bias_bad_inputs_name_the_argument():
+    x = torch.randn(2, 4, 3, 3)
+    with pytest.raises(ValueError, match=r"input_bias must have shape \(N, C\) = \(2, 4\)"):
+        fastdiff.ops.group_norm(x, 2, input_bias=torch.randn(4))
+    with pytest.raises(ValueError, match="input_bias dtype"):
+        fastdiff.ops.group_norm(x, 2, input_bias=torch.randn(2, 4, dtype=torch.float64))

@@ -53,8 +53,11 @@ def group_norm_ref(
     eps: float = 1e-5,
     activation: Optional[str] = None,
     upcast: bool = True,
+    input_bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """GroupNorm (+SiLU) in plain PyTorch.
+    """GroupNorm (+SiLU) in plain PyTorch, of ``x + input_bias[:, :, None, ...]`` when
+    ``input_bias`` (N, C) is given (added in x's dtype before the statistics, exactly
+    what ``norm(x + temb[:, :, None, None])`` computes).
 
     With ``upcast`` (the default) fp16/bf16 inputs are computed in fp32 and the
     result cast back, which is what the fused kernels do. With ``upcast=False``
@@ -63,6 +66,8 @@ def group_norm_ref(
     The output keeps x's dtype and memory format.
     """
     compute_dtype = torch.float32 if upcast and x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    if input_bias is not None:
+        x = x + input_bias.view(*input_bias.shape, *([1] * (x.dim() - 2)))
     xc = x.to(compute_dtype)
     w = weight.to(compute_dtype) if weight is not None else None
     b = bias.to(compute_dtype) if bias is not None else None
@@ -127,7 +132,7 @@ def group_norm_backward_ref(
 # ---------------------------------------------------------------------------
 
 
-def _check_inputs(x, num_groups, weight, bias, eps, activation) -> None:
+def _check_inputs(x, num_groups, weight, bias, eps, activation, input_bias=None) -> None:
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"group_norm: x must be a torch.Tensor, got {type(x).__name__}")
     if not 3 <= x.dim() <= 5:
@@ -156,6 +161,15 @@ def _check_inputs(x, num_groups, weight, bias, eps, activation) -> None:
         raise ValueError(f"group_norm: eps must be a non-negative float, got {eps!r}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"group_norm: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if input_bias is not None:
+        if not isinstance(input_bias, torch.Tensor):
+            raise ValueError(f"group_norm: input_bias must be a torch.Tensor or None, got {type(input_bias).__name__}")
+        if tuple(input_bias.shape) != tuple(x.shape[:2]):
+            raise ValueError(f"group_norm: input_bias must have shape (N, C) = {tuple(x.shape[:2])} to match x, got {tuple(input_bias.shape)}")
+        if input_bias.dtype != x.dtype:
+            raise ValueError(f"group_norm: input_bias dtype {input_bias.dtype} does not match x's dtype {x.dtype}")
+        if input_bias.device != x.device:
+            raise ValueError(f"group_norm: input_bias is on {input_bias.device} but x is on {x.device}")
 
 
 # ---------------------------------------------------------------------------
@@ -184,7 +198,17 @@ def _reference_reasons(inputs: Mapping[str, Any]) -> List[str]:
 
 
 def _reference_run(inputs: Mapping[str, Any]) -> torch.Tensor:
-    return group_norm_ref(inputs["x"], inputs["num_groups"], inputs["weight"], inputs["bias"], inputs["eps"], inputs["activation"])
+    return group_norm_ref(
+        inputs["x"], inputs["num_groups"], inputs["weight"], inputs["bias"], inputs["eps"], inputs["activation"], input_bias=inputs["input_bias"]
+    )
+
+
+#: What the fused kernels say while they do not take the per-(N, C) input bias.
+INPUT_BIAS_REASON = "input_bias (a per-(N, C) bias added before the statistics) is not in this kernel yet"
+
+
+def _input_bias_reasons(inputs: Mapping[str, Any]) -> List[str]:
+    return [INPUT_BIAS_REASON] if inputs["input_bias"] is not None else []
 
 
 def _triton_reasons(inputs: Mapping[str, Any]) -> List[str]:
@@ -196,7 +220,7 @@ def _triton_reasons(inputs: Mapping[str, Any]) -> List[str]:
     from fastdiff.kernels.group_norm import layout_reasons
 
     reasons += layout_reasons(x, inputs["num_groups"])
-    return reasons
+    return reasons + _input_bias_reasons(inputs)
 
 
 def _activation_code(activation: Optional[str]) -> str:
@@ -214,6 +238,7 @@ def _cuda_reasons(inputs: Mapping[str, Any]) -> List[str]:
     x = inputs["x"]
     reasons = backends.device_reasons([x, inputs["weight"], inputs["bias"]], allow_cpu_interpret=False)
     reasons += _fused_dtype_reasons(x)
+    reasons += _input_bias_reasons(inputs)
     n, c = x.shape[:2]
     group_numel = (c // inputs["num_groups"]) * (x.numel() // max(n * c, 1))
     if group_numel > 2**30:
@@ -348,8 +373,8 @@ def _register_cuda_op() -> None:
 # ---------------------------------------------------------------------------
 
 
-def _inputs(x, num_groups, weight, bias, eps, activation) -> Dict[str, Any]:
-    return {"x": x, "num_groups": num_groups, "weight": weight, "bias": bias, "eps": eps, "activation": activation}
+def _inputs(x, num_groups, weight, bias, eps, activation, input_bias=None) -> Dict[str, Any]:
+    return {"x": x, "num_groups": num_groups, "weight": weight, "bias": bias, "eps": eps, "activation": activation, "input_bias": input_bias}
 
 
 def group_norm(
@@ -360,6 +385,7 @@ def group_norm(
     eps: float = 1e-5,
     activation: Optional[str] = None,
     backend: Optional[str] = None,
+    input_bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Group normalisation over (N, C, *spatial), optionally followed by SiLU.
 
@@ -374,6 +400,11 @@ def group_norm(
         activation: None, or "silu" to apply SiLU to the result in the same pass.
         backend: "auto", "reference", "triton" or "cuda"; None follows
             ``fastdiff.use_backend`` / FASTDIFF_BACKEND, else auto.
+        input_bias: (N, C) added to x (in x's dtype) before the statistics, or None:
+            ``group_norm(x, ..., input_bias=t)`` equals ``group_norm(x + t[:, :, None, None], ...)``
+            (ResnetBlock2D's time embedding). Gradients flow to it. Only ``reference``
+            takes it today; ``triton`` and ``cuda`` say so in their reasons, so ``auto``
+            falls back to ``reference`` only for calls that pass it.
 
     Returns:
         (N, C, *spatial) in x's dtype and memory format. Statistics are in fp32.
@@ -382,14 +413,14 @@ def group_norm(
     PyTorch's autograd, ``triton`` its fused Triton backward, and ``cuda``
     Triton's backward (or the fp32 reference backward without Triton).
     """
-    _check_inputs(x, num_groups, weight, bias, eps, activation)
-    return _DISPATCHER(_inputs(x, num_groups, weight, bias, eps, activation), backend)
+    _check_inputs(x, num_groups, weight, bias, eps, activation, input_bias)
+    return _DISPATCHER(_inputs(x, num_groups, weight, bias, eps, activation, input_bias), backend)
 
 
-def explain(x, num_groups, weight=None, bias=None, eps=1e-5, activation=None, backend=None) -> str:
+def explain(x, num_groups, weight=None, bias=None, eps=1e-5, activation=None, backend=None, input_bias=None) -> str:
     """Which backend :func:`group_norm` would run on these inputs, and every backend's reasons."""
-    _check_inputs(x, num_groups, weight, bias, eps, activation)
-    return _DISPATCHER.explain(_inputs(x, num_groups, weight, bias, eps, activation), backend)
+    _check_inputs(x, num_groups, weight, bias, eps, activation, input_bias)
+    return _DISPATCHER.explain(_inputs(x, num_groups, weight, bias, eps, activation, input_bias), backend)
 
 
 group_norm.explain = explain
