@@ -500,8 +500,9 @@ def scheduler_capture_reasons(scheduler, device: torch.device, **step_kwargs) ->
     Asks the scheduler (its fused-step reasons for these step arguments, a table that could not
     be built), then the ``scheduler_step`` backend choice (``auto`` runs the fused step on CUDA
     only; elsewhere the plain step reads host step counters, which a graph would bake in), then
-    ``scale_model_input``: a scheduler whose input scaling changes the sample per step (Euler,
-    Heun, LMS: sigma at a host step index) cannot be captured per step yet.
+    ``scale_model_input``: a scheduler whose input scaling changes the sample per step from a host
+    step index (Heun, LMS) cannot be captured per step yet; Euler and Euler ancestral read it at the
+    fused step's device index (``_scale_model_input_on_device``) and can.
     """
     from fastdiff import backends
     from fastdiff.schedulers.scheduling_utils import FUSED_OP_NAME
