@@ -18,6 +18,7 @@ unfused adapter is active there any more): never a fused GEMM that skips the ada
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import weakref
@@ -141,6 +142,7 @@ class _LoraState:
         self.layers: Dict[str, list] = {}  # component -> [LoRALayer] (refreshed on load/delete)
         self.attention: list = []  # fastdiff Attention modules of the UNet with a LoRALayer among q/k/v
         self.loaded = 0
+        self.text_scale: Optional[float] = None  # encode_prompt's lora_scale (see _lora_text_scale)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -505,6 +507,17 @@ class StableDiffusionLoraLoaderMixin:
             elif module.fused_projections:
                 _refresh_fused_projection(module)
 
+    @contextlib.contextmanager
+    def _lora_text_scale(self, lora_scale: Optional[float]):
+        """Run the text encoders' LoRA layers at ``lora_scale`` inside the block (diffusers'
+        ``encode_prompt(lora_scale=...)``); None: the call's ``cross_attention_kwargs["scale"]``."""
+        state = self._lora
+        previous, state.text_scale = state.text_scale, (None if lora_scale is None else float(lora_scale))
+        try:
+            yield
+        finally:
+            state.text_scale = previous
+
     def _lora_refresh_layers(self) -> None:
         state = self._lora
         state.layers = {c: [layer for _, layer in lora_layers_of(m)] for c, m in self._lora_models().items()}
@@ -575,9 +588,12 @@ def _text_encoder_scale_hook(pipe_ref, name):
         pipe = pipe_ref()
         if pipe is None:
             return None
-        # the pipelines set _cross_attention_kwargs before encode_prompt, as diffusers' do
-        extra = pipe.__dict__.get("_cross_attention_kwargs") or {}
-        _set_call_scale(pipe._lora.layers.get(name, ()), float(extra.get("scale", 1.0)))
+        # encode_prompt's lora_scale, else the call's cross_attention_kwargs (the pipelines set
+        # _cross_attention_kwargs before encode_prompt, as diffusers' do)
+        scale = pipe._lora.text_scale
+        if scale is None:
+            scale = (pipe.__dict__.get("_cross_attention_kwargs") or {}).get("scale", 1.0)
+        _set_call_scale(pipe._lora.layers.get(name, ()), float(scale))
         return None
 
     return hook
