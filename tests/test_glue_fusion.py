@@ -72,3 +72,86 @@ def test_rescale_keeps_gradients():
     ours(x).square().sum().backward()
     ref(x_ref).square().sum().backward()
     assert_fp32_close(x.grad, x_ref.grad)
+
+
+# ---------------------------------------------------------------------------
+# Cross-attention K/V of the text embedding, computed once per generation
+# ---------------------------------------------------------------------------
+
+TINY_UNET = dict(
+    sample_size=8,
+    block_out_channels=(16, 32),
+    layers_per_block=1,
+    norm_num_groups=8,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    attention_head_dim=2,
+    cross_attention_dim=24,
+)
+
+
+@pytest.fixture(scope="module")
+def unet():
+    from fastdiff import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    model = UNet2DConditionModel(**TINY_UNET).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused-projections"])
+def test_kv_cache_is_bitwise_equal_to_uncached(unet, fused):
+    from fastdiff.nn import CrossAttentionKVCache
+
+    if fused:
+        unet.fuse_qkv_projections()
+    try:
+        text = torch.randn(2, 7, 24)
+        cache = CrossAttentionKVCache(text)
+        for step, t in enumerate([999, 500, 1]):
+            x = torch.randn(2, 4, 8, 8)
+            cached = unet(x, t, text, cross_attention_kwargs={"kv_cache": cache}).sample
+            assert torch.equal(cached, unet(x, t, text).sample), f"step {step}"
+        n_cross = sum(1 for name in unet.attn_processors if "attn2" in name)
+        assert len(cache) == n_cross == 4
+        assert cache.misses == n_cross and cache.hits == 2 * n_cross
+    finally:
+        if fused:
+            unet.unfuse_qkv_projections()
+
+
+@torch.no_grad()
+def test_kv_cache_never_serves_a_changed_embedding(unet):
+    from fastdiff.nn import CrossAttentionKVCache
+
+    text = torch.randn(2, 7, 24)
+    x = torch.randn(2, 4, 8, 8)
+    cache = CrossAttentionKVCache(text)
+    unet(x, 10, text, cross_attention_kwargs={"kv_cache": cache})
+    with pytest.raises(ValueError, match="different encoder_hidden_states"):
+        unet(x, 10, text.clone(), cross_attention_kwargs={"kv_cache": cache})
+    text.mul_(1.5)
+    with pytest.raises(ValueError, match="modified in place"):
+        unet(x, 10, text, cross_attention_kwargs={"kv_cache": cache})
+
+
+@torch.no_grad()
+def test_kv_cache_recomputes_after_a_weight_change(unet):
+    from fastdiff.nn import CrossAttentionKVCache
+
+    text, x = torch.randn(2, 7, 24), torch.randn(2, 4, 8, 8)
+    cache = CrossAttentionKVCache(text)
+    unet(x, 10, text, cross_attention_kwargs={"kv_cache": cache})
+    attn2 = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2
+    saved = attn2.to_k.weight.clone()
+    try:
+        attn2.to_k.weight.add_(0.25)  # e.g. a LoRA fused in place
+        cached = unet(x, 10, text, cross_attention_kwargs={"kv_cache": cache}).sample
+        assert torch.equal(cached, unet(x, 10, text).sample)
+        assert cache.misses == 5
+    finally:
+        attn2.to_k.weight.copy_(saved)

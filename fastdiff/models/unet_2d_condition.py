@@ -361,7 +361,7 @@ class UNet2DConditionModel(ModelMixin, ConfigMixin):
             attention_mask: (B, H*W) mask for self-attention (1 keep, 0 drop).
             cross_attention_kwargs: keywords for every attention processor, as in diffusers;
                 ``"scale"`` (the LoRA scale) has no effect on a model without LoRA layers
-                and is not passed on. ``{"kv_cache": unet.cross_attention_kv_cache(text)}``
+                and is not passed on. ``{"kv_cache": fastdiff.nn.CrossAttentionKVCache(text)}``
                 reuses the text's cross-attention keys and values across steps.
             added_cond_kwargs: ``{"text_embeds": (B, D), "time_ids": (B, k)}`` for SDXL.
             down_block_additional_residuals, mid_block_additional_residual: ControlNet residuals

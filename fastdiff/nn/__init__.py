@@ -7,6 +7,7 @@ _LAZY = {
     "fuse_group_norm_silu": "fastdiff.nn.group_norm",
     "Attention": "fastdiff.nn.attention",
     "AttentionProcessorMixin": "fastdiff.nn.attention_processor",
+    "CrossAttentionKVCache": "fastdiff.nn.attention_processor",
     "FastdiffAttnProcessor": "fastdiff.nn.attention_processor",
     "FastdiffAttnAddedKVProcessor": "fastdiff.nn.attention_processor",
     "SlicedAttnProcessor": "fastdiff.nn.attention_processor",

@@ -33,6 +33,7 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fastdiff.ops.attention import attention
@@ -175,6 +176,73 @@ def _empty_heads(like: torch.Tensor, batch_size: int, length: int, heads: int, h
 # ---------------------------------------------------------------------------
 
 
+class CrossAttentionKVCache:
+    """The cross-attention keys and values of one text embedding, computed once per generation.
+
+    Build it from the ``encoder_hidden_states`` the UNet will get every step and pass it
+    in ``cross_attention_kwargs={"kv_cache": cache}``; :class:`FastdiffAttnProcessor`
+    then projects the embedding once per cross-attention module (on first use) and
+    reuses the result, which is the uncached result bitwise (the same projection code).
+    Nothing is global: the cache lives as long as the caller keeps it.
+
+    It can never serve a stale result: it answers only for the very tensor it was
+    built from (identity) at the version it had then (an in-place change bumps
+    ``tensor._version``); anything else raises. A module whose K/V weights (or cross
+    norm) changed since, by identity or version, is recomputed. Entries are kept only
+    for results that need no gradient (inference); with autograd on, each call projects.
+    """
+
+    def __init__(self, encoder_hidden_states: torch.Tensor):
+        if not isinstance(encoder_hidden_states, torch.Tensor) or encoder_hidden_states.dim() != 3:
+            raise ValueError(f"CrossAttentionKVCache: encoder_hidden_states must be a (B, L, D) tensor, got {getattr(encoder_hidden_states, 'shape', encoder_hidden_states)!r}")
+        self.encoder_hidden_states = encoder_hidden_states
+        self._version = encoder_hidden_states._version
+        self._entries: Dict[nn.Module, Tuple[Tuple[Tuple[int, int], ...], torch.Tensor, torch.Tensor]] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def check(self, encoder_hidden_states: torch.Tensor) -> None:
+        """Raise unless ``encoder_hidden_states`` is the unchanged tensor this cache was built from."""
+        if encoder_hidden_states is not self.encoder_hidden_states:
+            raise ValueError(
+                "kv_cache: built from a different encoder_hidden_states tensor than this call's; "
+                "build a new CrossAttentionKVCache for a new embedding"
+            )
+        if encoder_hidden_states._version != self._version:
+            raise ValueError("kv_cache: encoder_hidden_states was modified in place since the cache was built; build a new cache")
+
+    def key_value(self, attn, encoder_hidden_states: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``attn``'s (key, value) of the cached embedding, (B, Lk, inner_dim) each."""
+        self.check(encoder_hidden_states)
+        sources = _kv_sources(attn)
+        entry = self._entries.get(attn)
+        if entry is not None and entry[0] == sources:
+            self.hits += 1
+            return entry[1], entry[2]
+        self.misses += 1
+        key, value = _key_value(attn, _context(attn, encoder_hidden_states, encoder_hidden_states))
+        if not (key.requires_grad or value.requires_grad):
+            self._entries[attn] = (sources, key, value)
+        return key, value
+
+
+def _kv_sources(attn) -> Tuple[Tuple[int, int], ...]:
+    """(id, version) of every tensor the keys and values are computed from."""
+    modules = [attn.to_k, attn.to_v] + ([attn.norm_cross] if attn.norm_cross is not None else [])
+    return tuple((id(t), t._version) for m in modules for t in m.parameters()) + (("fused", int(attn.fused_projections)),)
+
+
+def _key_value(attn, context: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The keys and values of ``context``, computed exactly as ``Attention._project`` does."""
+    if attn.fused_projections and attn.is_cross_attention:
+        weight, bias = attn._fused_weight_and_bias()
+        return F.linear(context, weight, bias).split(attn.inner_dim, dim=-1)
+    return attn.to_k(context), attn.to_v(context)
+
+
 class FastdiffAttnProcessor:
     """fastdiff's default processor: diffusers' ``AttnProcessor2_0`` steps (spatial norm,
     group norm, cross norm, projections, attention, output projection, residual,
@@ -189,11 +257,18 @@ class FastdiffAttnProcessor:
         encoder_hidden_states: Optional[torch.Tensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
         temb: Optional[torch.Tensor] = None,
+        kv_cache: Optional[CrossAttentionKVCache] = None,
     ) -> torch.Tensor:
+        """``kv_cache`` (a :class:`CrossAttentionKVCache` of ``encoder_hidden_states``) serves the
+        cross-attention keys and values; self-attention ignores it."""
         residual = hidden_states
         tokens, shape4 = _tokens(attn, hidden_states, temb)
         batch_size, query_length, _ = tokens.shape
-        query, key, value = attn._project(tokens, _context(attn, tokens, encoder_hidden_states))
+        if kv_cache is not None and encoder_hidden_states is not None and attn.is_cross_attention:
+            key, value = kv_cache.key_value(attn, encoder_hidden_states)
+            query = attn.to_q(tokens)
+        else:
+            query, key, value = attn._project(tokens, _context(attn, tokens, encoder_hidden_states))
         if attention_mask is not None:
             attention_mask = attn._attention_mask_view(attention_mask, key.shape[1], batch_size)
         heads = attn.heads
