@@ -60,6 +60,8 @@ def test_tiny_census_counts_both_unets_side_by_side():
     assert ours["fused_ops"]["group_norm:triton"] == ours["top_ops"]["fastdiff::group_norm_fwd_triton"]
     assert theirs["fused_ops"] == {}
     assert 0 < ours["launches"] < theirs["launches"]
+    # The cached step skips the K and V projections of the 4 cross-attentions.
+    assert ours["launches"] - ours["launches_kv_cache"] == 2 * 4
     assert theirs["dtype_copies"] > 0
     # Every count is of real work: no views or metadata made it in.
     for counts in (ours["top_ops"], theirs["top_ops"]):
@@ -74,11 +76,12 @@ def test_markdown_states_proxies_and_targets():
         "archs": {
             "tiny": {
                 "launches": {
-                    "fastdiff": {"launches": 50, "dtype_copies": 1, "fused_ops": {"group_norm:triton": 3}},
+                    "fastdiff": {"launches": 50, "launches_kv_cache": 46, "dtype_copies": 1, "fused_ops": {"group_norm:triton": 3}},
                     "diffusers": {"launches": 100, "dtype_copies": 4, "fused_ops": {}},
                 },
                 "host_time": {"fastdiff": {"meta_ms": 9.0, "fake_cuda_ms": 20.0}, "diffusers": {"meta_ms": 10.0, "fake_cuda_ms": 30.0}},
                 "launch_ratio": 0.5,
+                "launch_ratio_kv_cache": 0.46,
                 "host_time_ratio_meta": 0.9,
                 "host_time_ratio_fake_cuda": 2 / 3,
             }
@@ -87,4 +90,4 @@ def test_markdown_states_proxies_and_targets():
     }
     text = census.markdown(report)
     assert "CPU proxies, not GPU timings" in text and "commit abc" in text
-    assert "| 0.50 (met) |" in text and "0.90 (missed (1.12x the target))" in text and "5.0 (met)" in text
+    assert "| 0.50 (met) | 46 (0.46) |" in text and "0.90 (missed (1.12x the target))" in text and "5.0 (met)" in text
