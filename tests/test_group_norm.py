@@ -229,3 +229,13 @@ def test_input_bias_bad_inputs_name_the_argument():
         fastdiff.ops.group_norm(x, 2, input_bias=torch.randn(4))
     with pytest.raises(ValueError, match="input_bias dtype"):
         fastdiff.ops.group_norm(x, 2, input_bias=torch.randn(2, 4, dtype=torch.float64))
+
+
+def test_module_forwards_input_bias():
+    torch.manual_seed(5)
+    norm = GroupNorm(3, 9, activation="silu")
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x, t = torch.randn(2, 9, 4, 5), torch.randn(2, 9)
+    assert torch.equal(norm(x, input_bias=t), norm(x + t[:, :, None, None]))

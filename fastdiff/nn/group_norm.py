@@ -35,8 +35,12 @@ class GroupNorm(nn.GroupNorm):
         super().__init__(num_groups, num_channels, eps=eps, affine=affine, device=device, dtype=dtype)
         self.activation = activation
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.activation)
+    def forward(self, x: torch.Tensor, input_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``input_bias`` (N, C), if given, is added to x before the statistics
+        (see :func:`fastdiff.ops.group_norm`)."""
+        if input_bias is None:
+            return group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.activation)
+        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.activation, input_bias=input_bias)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (f", activation={self.activation!r}" if self.activation else "")
