@@ -157,9 +157,8 @@ def test_sd_files_match_diffusers(sd):
     assert abs(with_a - plain).max() > 0.02  # the LoRA changes the image
     # cross_attention_kwargs scale reaches the UNet and the text encoder, as in diffusers
     _close(_image(ours, cross_attention_kwargs={"scale": 0.5}), _image(ref, cross_attention_kwargs={"scale": 0.5}))
-    # encode_prompt's lora_scale (the pipelines' encode_prompt can wrap its body in _lora_text_scale)
-    with ours._lora_text_scale(0.3):
-        embeds = ours.encode_prompt("a red cat", "cpu", 1, False)[0]
+    # encode_prompt's lora_scale scales the text encoder's LoRA layers, as in diffusers
+    embeds = ours.encode_prompt("a red cat", "cpu", 1, False, lora_scale=0.3)[0]
     _close(embeds, ref.encode_prompt("a red cat", "cpu", 1, False, lora_scale=0.3)[0], tol=1e-5)
     assert not torch.allclose(embeds, ours.encode_prompt("a red cat", "cpu", 1, False)[0])
     # two adapters with weights; b is UNet-only

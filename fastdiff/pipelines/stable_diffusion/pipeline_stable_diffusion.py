@@ -284,76 +284,77 @@ class StableDiffusionPipeline(DiffusionPipeline, GraphPipelineMixin, StableDiffu
     ):
         """Text embeddings ``(prompt_embeds, negative_prompt_embeds)``, each (B * n, L, D).
 
-        ``lora_scale`` is accepted for diffusers' signature; fastdiff's text encoders carry no LoRA.
+        ``lora_scale`` scales the text encoders' LoRA layers (None: the call's ``cross_attention_kwargs`` scale).
         """
-        if prompt is not None and isinstance(prompt, str):
-            batch_size = 1
-        elif prompt is not None and isinstance(prompt, list):
-            batch_size = len(prompt)
-        else:
-            batch_size = prompt_embeds.shape[0]
-
-        use_mask = getattr(self.text_encoder.config, "use_attention_mask", False) if self.text_encoder else False
-        if prompt_embeds is None:
-            if self.tokenizer is None or self.text_encoder is None:
-                raise ValueError("prompt: this pipeline has no tokenizer/text_encoder; pass prompt_embeds instead")
-            text_inputs = self.tokenizer(
-                prompt,
-                padding="max_length",
-                max_length=self.tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            )
-            text_input_ids = text_inputs.input_ids
-            untruncated_ids = self.tokenizer(prompt, padding="longest", return_tensors="pt").input_ids
-            if untruncated_ids.shape[-1] >= text_input_ids.shape[-1] and not torch.equal(text_input_ids, untruncated_ids):
-                removed = self.tokenizer.batch_decode(untruncated_ids[:, self.tokenizer.model_max_length - 1 : -1])
-                logger.warning(
-                    "The prompt was truncated to %d tokens; dropped: %s", self.tokenizer.model_max_length, removed
-                )
-            attention_mask = text_inputs.attention_mask.to(device) if use_mask else None
-            prompt_embeds = self._encode_text(text_input_ids, attention_mask, device, clip_skip)
-
-        if self.text_encoder is not None:
-            dtype = self.text_encoder.dtype
-        elif self.unet is not None:
-            dtype = self.unet.dtype
-        else:
-            dtype = prompt_embeds.dtype
-        prompt_embeds = prompt_embeds.to(dtype=dtype, device=device)
-        bs_embed, seq_len, _ = prompt_embeds.shape
-        prompt_embeds = prompt_embeds.repeat(1, num_images_per_prompt, 1).view(bs_embed * num_images_per_prompt, seq_len, -1)
-
-        if do_classifier_free_guidance and negative_prompt_embeds is None:
-            if negative_prompt is None:
-                uncond_tokens = [""] * batch_size
-            elif prompt is not None and type(prompt) is not type(negative_prompt):
-                raise TypeError(
-                    f"negative_prompt must be of the same type as prompt: {type(negative_prompt).__name__} != "
-                    f"{type(prompt).__name__}"
-                )
-            elif isinstance(negative_prompt, str):
-                uncond_tokens = [negative_prompt]
-            elif batch_size != len(negative_prompt):
-                raise ValueError(
-                    f"negative_prompt has {len(negative_prompt)} entries but prompt has {batch_size}; they must match"
-                )
+        with self._lora_text_scale(lora_scale):  # the text encoders' LoRA layers at lora_scale
+            if prompt is not None and isinstance(prompt, str):
+                batch_size = 1
+            elif prompt is not None and isinstance(prompt, list):
+                batch_size = len(prompt)
             else:
-                uncond_tokens = negative_prompt
-            if self.tokenizer is None or self.text_encoder is None:
-                raise ValueError("this pipeline has no tokenizer/text_encoder; pass negative_prompt_embeds")
-            uncond_input = self.tokenizer(
-                uncond_tokens, padding="max_length", max_length=prompt_embeds.shape[1], truncation=True, return_tensors="pt"
-            )
-            attention_mask = uncond_input.attention_mask.to(device) if use_mask else None
-            negative_prompt_embeds = self.text_encoder(uncond_input.input_ids.to(device), attention_mask=attention_mask)[0]
+                batch_size = prompt_embeds.shape[0]
 
-        if do_classifier_free_guidance:
-            seq_len = negative_prompt_embeds.shape[1]
-            negative_prompt_embeds = negative_prompt_embeds.to(dtype=dtype, device=device)
-            negative_prompt_embeds = negative_prompt_embeds.repeat(1, num_images_per_prompt, 1)
-            negative_prompt_embeds = negative_prompt_embeds.view(batch_size * num_images_per_prompt, seq_len, -1)
-        return prompt_embeds, negative_prompt_embeds
+            use_mask = getattr(self.text_encoder.config, "use_attention_mask", False) if self.text_encoder else False
+            if prompt_embeds is None:
+                if self.tokenizer is None or self.text_encoder is None:
+                    raise ValueError("prompt: this pipeline has no tokenizer/text_encoder; pass prompt_embeds instead")
+                text_inputs = self.tokenizer(
+                    prompt,
+                    padding="max_length",
+                    max_length=self.tokenizer.model_max_length,
+                    truncation=True,
+                    return_tensors="pt",
+                )
+                text_input_ids = text_inputs.input_ids
+                untruncated_ids = self.tokenizer(prompt, padding="longest", return_tensors="pt").input_ids
+                if untruncated_ids.shape[-1] >= text_input_ids.shape[-1] and not torch.equal(text_input_ids, untruncated_ids):
+                    removed = self.tokenizer.batch_decode(untruncated_ids[:, self.tokenizer.model_max_length - 1 : -1])
+                    logger.warning(
+                        "The prompt was truncated to %d tokens; dropped: %s", self.tokenizer.model_max_length, removed
+                    )
+                attention_mask = text_inputs.attention_mask.to(device) if use_mask else None
+                prompt_embeds = self._encode_text(text_input_ids, attention_mask, device, clip_skip)
+
+            if self.text_encoder is not None:
+                dtype = self.text_encoder.dtype
+            elif self.unet is not None:
+                dtype = self.unet.dtype
+            else:
+                dtype = prompt_embeds.dtype
+            prompt_embeds = prompt_embeds.to(dtype=dtype, device=device)
+            bs_embed, seq_len, _ = prompt_embeds.shape
+            prompt_embeds = prompt_embeds.repeat(1, num_images_per_prompt, 1).view(bs_embed * num_images_per_prompt, seq_len, -1)
+
+            if do_classifier_free_guidance and negative_prompt_embeds is None:
+                if negative_prompt is None:
+                    uncond_tokens = [""] * batch_size
+                elif prompt is not None and type(prompt) is not type(negative_prompt):
+                    raise TypeError(
+                        f"negative_prompt must be of the same type as prompt: {type(negative_prompt).__name__} != "
+                        f"{type(prompt).__name__}"
+                    )
+                elif isinstance(negative_prompt, str):
+                    uncond_tokens = [negative_prompt]
+                elif batch_size != len(negative_prompt):
+                    raise ValueError(
+                        f"negative_prompt has {len(negative_prompt)} entries but prompt has {batch_size}; they must match"
+                    )
+                else:
+                    uncond_tokens = negative_prompt
+                if self.tokenizer is None or self.text_encoder is None:
+                    raise ValueError("this pipeline has no tokenizer/text_encoder; pass negative_prompt_embeds")
+                uncond_input = self.tokenizer(
+                    uncond_tokens, padding="max_length", max_length=prompt_embeds.shape[1], truncation=True, return_tensors="pt"
+                )
+                attention_mask = uncond_input.attention_mask.to(device) if use_mask else None
+                negative_prompt_embeds = self.text_encoder(uncond_input.input_ids.to(device), attention_mask=attention_mask)[0]
+
+            if do_classifier_free_guidance:
+                seq_len = negative_prompt_embeds.shape[1]
+                negative_prompt_embeds = negative_prompt_embeds.to(dtype=dtype, device=device)
+                negative_prompt_embeds = negative_prompt_embeds.repeat(1, num_images_per_prompt, 1)
+                negative_prompt_embeds = negative_prompt_embeds.view(batch_size * num_images_per_prompt, seq_len, -1)
+            return prompt_embeds, negative_prompt_embeds
 
     def run_safety_checker(self, image, device, dtype):
         if self.safety_checker is None:

@@ -264,73 +264,74 @@ class StableDiffusionXLPipeline(DiffusionPipeline, GraphPipelineMixin, StableDif
         The sequence embeddings concatenate both encoders' penultimate hidden states (or the one
         ``clip_skip`` selects); the pooled embedding is the last encoder's projected output.
         """
-        device = device or self._execution_device
-        prompt = [prompt] if isinstance(prompt, str) else prompt
-        batch_size = len(prompt) if prompt is not None else prompt_embeds.shape[0]
-        tokenizers = [self.tokenizer, self.tokenizer_2] if self.tokenizer is not None else [self.tokenizer_2]
-        encoders = [self.text_encoder, self.text_encoder_2] if self.text_encoder is not None else [self.text_encoder_2]
+        with self._lora_text_scale(lora_scale):  # the text encoders' LoRA layers at lora_scale
+            device = device or self._execution_device
+            prompt = [prompt] if isinstance(prompt, str) else prompt
+            batch_size = len(prompt) if prompt is not None else prompt_embeds.shape[0]
+            tokenizers = [self.tokenizer, self.tokenizer_2] if self.tokenizer is not None else [self.tokenizer_2]
+            encoders = [self.text_encoder, self.text_encoder_2] if self.text_encoder is not None else [self.text_encoder_2]
 
-        if prompt_embeds is None:
-            if self.tokenizer_2 is None or self.text_encoder_2 is None:
-                raise ValueError("prompt: this pipeline has no tokenizer_2/text_encoder_2; pass prompt_embeds")
-            prompt_2 = prompt_2 or prompt
-            prompt_2 = [prompt_2] if isinstance(prompt_2, str) else prompt_2
-            embeds_list = []
-            for text, tokenizer, encoder in zip([prompt, prompt_2], tokenizers, encoders):
-                ids = self._tokenize(tokenizer, text, tokenizer.model_max_length)
-                out = encoder(ids.to(device), output_hidden_states=True)
-                if pooled_prompt_embeds is None and out[0].ndim == 2:
-                    pooled_prompt_embeds = out[0]
-                layer = -2 if clip_skip is None else -(clip_skip + 2)
-                embeds_list.append(out.hidden_states[layer])
-            prompt_embeds = torch.concat(embeds_list, dim=-1)
+            if prompt_embeds is None:
+                if self.tokenizer_2 is None or self.text_encoder_2 is None:
+                    raise ValueError("prompt: this pipeline has no tokenizer_2/text_encoder_2; pass prompt_embeds")
+                prompt_2 = prompt_2 or prompt
+                prompt_2 = [prompt_2] if isinstance(prompt_2, str) else prompt_2
+                embeds_list = []
+                for text, tokenizer, encoder in zip([prompt, prompt_2], tokenizers, encoders):
+                    ids = self._tokenize(tokenizer, text, tokenizer.model_max_length)
+                    out = encoder(ids.to(device), output_hidden_states=True)
+                    if pooled_prompt_embeds is None and out[0].ndim == 2:
+                        pooled_prompt_embeds = out[0]
+                    layer = -2 if clip_skip is None else -(clip_skip + 2)
+                    embeds_list.append(out.hidden_states[layer])
+                prompt_embeds = torch.concat(embeds_list, dim=-1)
 
-        zero_out_negative = negative_prompt is None and self.config.force_zeros_for_empty_prompt
-        if do_classifier_free_guidance and negative_prompt_embeds is None and zero_out_negative:
-            negative_prompt_embeds = torch.zeros_like(prompt_embeds)
-            negative_pooled_prompt_embeds = torch.zeros_like(pooled_prompt_embeds)
-        elif do_classifier_free_guidance and negative_prompt_embeds is None:
-            negative_prompt = negative_prompt or ""
-            negative_prompt_2 = negative_prompt_2 or negative_prompt
-            negative_prompt = batch_size * [negative_prompt] if isinstance(negative_prompt, str) else negative_prompt
-            negative_prompt_2 = batch_size * [negative_prompt_2] if isinstance(negative_prompt_2, str) else negative_prompt_2
-            if prompt is not None and type(prompt) is not type(negative_prompt):
-                raise TypeError(
-                    f"negative_prompt must be of the same type as prompt: {type(negative_prompt).__name__} != "
-                    f"{type(prompt).__name__}"
-                )
-            if batch_size != len(negative_prompt):
-                raise ValueError(
-                    f"negative_prompt has {len(negative_prompt)} entries but prompt has {batch_size}; they must match"
-                )
-            negative_list = []
-            for text, tokenizer, encoder in zip([negative_prompt, negative_prompt_2], tokenizers, encoders):
-                uncond = tokenizer(
-                    text, padding="max_length", max_length=prompt_embeds.shape[1], truncation=True, return_tensors="pt"
-                )
-                out = encoder(uncond.input_ids.to(device), output_hidden_states=True)
-                if negative_pooled_prompt_embeds is None and out[0].ndim == 2:
-                    negative_pooled_prompt_embeds = out[0]
-                negative_list.append(out.hidden_states[-2])
-            negative_prompt_embeds = torch.concat(negative_list, dim=-1)
+            zero_out_negative = negative_prompt is None and self.config.force_zeros_for_empty_prompt
+            if do_classifier_free_guidance and negative_prompt_embeds is None and zero_out_negative:
+                negative_prompt_embeds = torch.zeros_like(prompt_embeds)
+                negative_pooled_prompt_embeds = torch.zeros_like(pooled_prompt_embeds)
+            elif do_classifier_free_guidance and negative_prompt_embeds is None:
+                negative_prompt = negative_prompt or ""
+                negative_prompt_2 = negative_prompt_2 or negative_prompt
+                negative_prompt = batch_size * [negative_prompt] if isinstance(negative_prompt, str) else negative_prompt
+                negative_prompt_2 = batch_size * [negative_prompt_2] if isinstance(negative_prompt_2, str) else negative_prompt_2
+                if prompt is not None and type(prompt) is not type(negative_prompt):
+                    raise TypeError(
+                        f"negative_prompt must be of the same type as prompt: {type(negative_prompt).__name__} != "
+                        f"{type(prompt).__name__}"
+                    )
+                if batch_size != len(negative_prompt):
+                    raise ValueError(
+                        f"negative_prompt has {len(negative_prompt)} entries but prompt has {batch_size}; they must match"
+                    )
+                negative_list = []
+                for text, tokenizer, encoder in zip([negative_prompt, negative_prompt_2], tokenizers, encoders):
+                    uncond = tokenizer(
+                        text, padding="max_length", max_length=prompt_embeds.shape[1], truncation=True, return_tensors="pt"
+                    )
+                    out = encoder(uncond.input_ids.to(device), output_hidden_states=True)
+                    if negative_pooled_prompt_embeds is None and out[0].ndim == 2:
+                        negative_pooled_prompt_embeds = out[0]
+                    negative_list.append(out.hidden_states[-2])
+                negative_prompt_embeds = torch.concat(negative_list, dim=-1)
 
-        if self.text_encoder_2 is not None:
-            dtype = self.text_encoder_2.dtype
-        else:
-            dtype = self.unet.dtype
-        prompt_embeds = prompt_embeds.to(dtype=dtype, device=device)
-        bs_embed, seq_len, _ = prompt_embeds.shape
-        prompt_embeds = prompt_embeds.repeat(1, num_images_per_prompt, 1).view(bs_embed * num_images_per_prompt, seq_len, -1)
-        if do_classifier_free_guidance:
-            seq_len = negative_prompt_embeds.shape[1]
-            negative_prompt_embeds = negative_prompt_embeds.to(dtype=dtype, device=device)
-            negative_prompt_embeds = negative_prompt_embeds.repeat(1, num_images_per_prompt, 1)
-            negative_prompt_embeds = negative_prompt_embeds.view(batch_size * num_images_per_prompt, seq_len, -1)
-        pooled_prompt_embeds = pooled_prompt_embeds.repeat(1, num_images_per_prompt).view(bs_embed * num_images_per_prompt, -1)
-        if do_classifier_free_guidance:
-            negative_pooled_prompt_embeds = negative_pooled_prompt_embeds.repeat(1, num_images_per_prompt)
-            negative_pooled_prompt_embeds = negative_pooled_prompt_embeds.view(bs_embed * num_images_per_prompt, -1)
-        return prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds
+            if self.text_encoder_2 is not None:
+                dtype = self.text_encoder_2.dtype
+            else:
+                dtype = self.unet.dtype
+            prompt_embeds = prompt_embeds.to(dtype=dtype, device=device)
+            bs_embed, seq_len, _ = prompt_embeds.shape
+            prompt_embeds = prompt_embeds.repeat(1, num_images_per_prompt, 1).view(bs_embed * num_images_per_prompt, seq_len, -1)
+            if do_classifier_free_guidance:
+                seq_len = negative_prompt_embeds.shape[1]
+                negative_prompt_embeds = negative_prompt_embeds.to(dtype=dtype, device=device)
+                negative_prompt_embeds = negative_prompt_embeds.repeat(1, num_images_per_prompt, 1)
+                negative_prompt_embeds = negative_prompt_embeds.view(batch_size * num_images_per_prompt, seq_len, -1)
+            pooled_prompt_embeds = pooled_prompt_embeds.repeat(1, num_images_per_prompt).view(bs_embed * num_images_per_prompt, -1)
+            if do_classifier_free_guidance:
+                negative_pooled_prompt_embeds = negative_pooled_prompt_embeds.repeat(1, num_images_per_prompt)
+                negative_pooled_prompt_embeds = negative_pooled_prompt_embeds.view(bs_embed * num_images_per_prompt, -1)
+            return prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds
 
     # Copied from fastdiff.pipelines.stable_diffusion.pipeline_stable_diffusion.StableDiffusionPipeline.prepare_extra_step_kwargs
     def prepare_extra_step_kwargs(self, generator, eta):
