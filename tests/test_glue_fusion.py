@@ -155,3 +155,49 @@ def test_kv_cache_recomputes_after_a_weight_change(unet):
         assert cache.misses == 5
     finally:
         attn2.to_k.weight.copy_(saved)
+
+
+# ---------------------------------------------------------------------------
+# The resnets' time-embedding projections as one GEMM
+# ---------------------------------------------------------------------------
+
+
+def _resnets(model):
+    from fastdiff.models.resnet import ResnetBlock2D
+
+    return [m for m in model.modules() if isinstance(m, ResnetBlock2D)]
+
+
+def test_time_projections_are_one_gemm_and_match_per_block(unet):
+    text, x = torch.randn(2, 7, 24), torch.randn(2, 4, 8, 8)
+    n = len(_resnets(unet))
+    with torch.no_grad(), LaunchCounter() as fused:
+        out = unet(x, 321, text).sample
+    with torch.enable_grad(), LaunchCounter() as per_block:  # autograd on: the per-block path
+        expected = unet(x, 321, text).sample
+    assert n == 8  # 2 down, 2 mid, 2 x 2 up
+    gemms = lambda c: c.ops["aten::addmm"] + c.ops["aten::mm"]  # noqa: E731
+    assert gemms(per_block) - gemms(fused) == n - 1
+    assert_fp32_close(out, expected.detach())
+    assert sorted(unet.state_dict()) == sorted(type(unet)(**TINY_UNET).state_dict())
+
+
+@torch.no_grad()
+def test_time_projections_follow_weight_changes(unet):
+    text, x = torch.randn(2, 7, 24), torch.randn(2, 4, 8, 8)
+    unet(x, 5, text)
+    proj = _resnets(unet)[3].time_emb_proj
+    saved = proj.weight.clone()
+    try:
+        proj.weight.mul_(-2.0)  # in place: a new tensor version
+        out = unet(x, 5, text).sample
+        with torch.enable_grad():
+            expected = unet(x, 5, text).sample.detach()
+        assert_fp32_close(out, expected)
+        proj.weight = torch.nn.Parameter(saved * 3)  # replaced: a new tensor
+        out = unet(x, 5, text).sample
+        with torch.enable_grad():
+            expected = unet(x, 5, text).sample.detach()
+        assert_fp32_close(out, expected)
+    finally:
+        proj.weight = torch.nn.Parameter(saved)

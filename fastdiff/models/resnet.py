@@ -207,6 +207,22 @@ def _resampler(up: bool, down: bool, kernel: Optional[str], channels: int):
     return None, None
 
 
+class ProjectedTimeEmbedding:
+    """The time embedding with every ResnetBlock2D's ``time_emb_proj(act(emb))`` already
+    computed (one GEMM over concatenated weights, see
+    ``UNet2DConditionModel``): what the UNet passes down its blocks as ``temb``. A
+    block finds its own projection with :meth:`projection`."""
+
+    __slots__ = ("emb", "projections")
+
+    def __init__(self, emb: torch.Tensor, projections: dict):
+        self.emb = emb
+        self.projections = projections
+
+    def projection(self, block: nn.Module) -> Optional[torch.Tensor]:
+        return self.projections.get(block)
+
+
 class ResnetBlock2D(nn.Module):
     """``(shortcut(x) + conv2(drop(act(norm2(conv1(act(norm1(x))) + proj(act(temb)))))) / output_scale_factor``,
     with a 1x1 shortcut when the channel count changes.
@@ -302,12 +318,18 @@ class ResnetBlock2D(nn.Module):
             hidden = self.act1(hidden)
         input_tensor, hidden = self._resample_both(input_tensor, hidden)
         hidden = self.conv1(hidden)
+        projected = temb.projection(self) if isinstance(temb, ProjectedTimeEmbedding) else None
+        if isinstance(temb, ProjectedTimeEmbedding) and projected is None:
+            temb = temb.emb
         if self.time_emb_proj is not None:
-            if temb is None:
-                raise ValueError("temb: this ResnetBlock2D projects a time embedding, but temb is None")
-            if not self.skip_time_act:
-                temb = self.nonlinearity(temb)
-            temb = self.time_emb_proj(temb)[:, :, None, None]
+            if projected is not None:
+                temb = projected[:, :, None, None]
+            else:
+                if temb is None:
+                    raise ValueError("temb: this ResnetBlock2D projects a time embedding, but temb is None")
+                if not self.skip_time_act:
+                    temb = self.nonlinearity(temb)
+                temb = self.time_emb_proj(temb)[:, :, None, None]
             if self.time_embedding_norm == "default":
                 hidden = self.norm2(hidden + temb)
             else:

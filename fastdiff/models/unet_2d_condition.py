@@ -28,6 +28,7 @@ from torch import nn
 from fastdiff.models.configuration_utils import ConfigMixin, register_to_config
 from fastdiff.models.embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps, get_activation
 from fastdiff.models.modeling_utils import BaseOutput, ModelMixin
+from fastdiff.models.resnet import ProjectedTimeEmbedding, ResnetBlock2D
 from fastdiff.models.unet_2d import timesteps_for_batch
 from fastdiff.models.unet_2d_blocks import get_down_block, get_mid_block, get_up_block
 from fastdiff.nn import GroupNorm
@@ -44,6 +45,57 @@ UNSUPPORTED_CROSS_ATTENTION_KWARGS = ("gligen",)
 @dataclass
 class UNet2DConditionOutput(BaseOutput):
     sample: torch.Tensor
+
+
+#: Blocks that hand ``temb`` to their ResnetBlock2Ds only, so a ProjectedTimeEmbedding can go down them.
+_TIME_PROJECTION_BLOCKS = frozenset(
+    {"CrossAttnDownBlock2D", "DownBlock2D", "UNetMidBlock2DCrossAttn", "UpBlock2D", "CrossAttnUpBlock2D"}
+)
+
+
+class _TimeProjections:
+    """Every ResnetBlock2D's ``time_emb_proj(act(emb))`` as one GEMM over the projections'
+    weights concatenated along the output dim (22 GEMMs -> 1 in SD1.5).
+
+    The concatenation is a cache of the modules' own parameters (the state_dict keys do
+    not change): it is rebuilt whenever any of them is replaced or changed in place (by
+    identity and ``tensor._version``), e.g. after ``load_state_dict``, ``to()`` or a LoRA
+    fused into the weights. Used without autograd only (inference); training projects
+    per block as before.
+    """
+
+    def __init__(self, resnets):
+        self.resnets = list(resnets)
+        self.activation = self.resnets[0].nonlinearity
+        self._key = None
+        self._weight = self._bias = None
+
+    @classmethod
+    def for_model(cls, model) -> Optional["_TimeProjections"]:
+        blocks = [*model.down_blocks, *model.up_blocks] + ([model.mid_block] if model.mid_block is not None else [])
+        if any(type(block).__name__ not in _TIME_PROJECTION_BLOCKS for block in blocks):
+            return None
+        resnets = [m for block in blocks for m in block.modules() if isinstance(m, ResnetBlock2D)]
+        if not resnets or any(r.time_emb_proj is None or r.skip_time_act or r.time_emb_proj.bias is None for r in resnets):
+            return None
+        if len({type(r.nonlinearity) for r in resnets}) != 1:
+            return None
+        return cls(resnets)
+
+    def _weights(self):
+        params = [t for r in self.resnets for t in (r.time_emb_proj.weight, r.time_emb_proj.bias)]
+        key = tuple((id(t), t._version) for t in params)
+        if key != self._key:
+            self._weight = torch.cat([r.time_emb_proj.weight for r in self.resnets])
+            self._bias = torch.cat([r.time_emb_proj.bias for r in self.resnets])
+            self._key = key
+        return self._weight, self._bias
+
+    def __call__(self, emb: torch.Tensor) -> ProjectedTimeEmbedding:
+        weight, bias = self._weights()
+        projected = torch.nn.functional.linear(self.activation(emb), weight, bias)
+        sizes = [r.time_emb_proj.out_features for r in self.resnets]
+        return ProjectedTimeEmbedding(emb, dict(zip(self.resnets, projected.split(sizes, dim=1))))
 
 
 def _per_block(value, n: int, name: str) -> list:
@@ -393,6 +445,13 @@ class UNet2DConditionModel(ModelMixin, ConfigMixin):
             emb = self.time_embed_act(emb)
         if self.encoder_hid_proj is not None:
             encoder_hidden_states = self.encoder_hid_proj(encoder_hidden_states)
+        # What the blocks get as temb: the embedding, or (inference) with every resnet's
+        # projection already computed in one GEMM.
+        block_temb = emb
+        if not torch.is_grad_enabled():
+            projections = self._time_projections()
+            if projections is not None:
+                block_temb = projections(emb)
 
         if (down_block_additional_residuals is None) != (mid_block_additional_residual is None):
             raise ValueError(
@@ -407,10 +466,10 @@ class UNet2DConditionModel(ModelMixin, ConfigMixin):
             if getattr(block, "has_cross_attention", False):
                 extra = adapter.pop(0) if adapter else None
                 sample, res = block(
-                    sample, emb, encoder_hidden_states, attention_mask, encoder_attention_mask, extra, cross_attention_kwargs=kwargs
+                    sample, block_temb, encoder_hidden_states, attention_mask, encoder_attention_mask, extra, cross_attention_kwargs=kwargs
                 )
             else:
-                sample, res = block(sample, emb)
+                sample, res = block(sample, block_temb)
                 if adapter:
                     # In place, as diffusers does: the block's last skip state is this same
                     # tensor and carries the adapter feature too.
@@ -428,10 +487,10 @@ class UNet2DConditionModel(ModelMixin, ConfigMixin):
         if self.mid_block is not None:
             if getattr(self.mid_block, "has_cross_attention", False):
                 sample = self.mid_block(
-                    sample, emb, encoder_hidden_states, attention_mask, encoder_attention_mask, cross_attention_kwargs=kwargs
+                    sample, block_temb, encoder_hidden_states, attention_mask, encoder_attention_mask, cross_attention_kwargs=kwargs
                 )
             else:
-                sample = self.mid_block(sample, emb)
+                sample = self.mid_block(sample, block_temb)
             if adapter and adapter[0].shape == sample.shape:
                 sample = sample + adapter.pop(0)
         if mid_block_additional_residual is not None:
@@ -446,7 +505,7 @@ class UNet2DConditionModel(ModelMixin, ConfigMixin):
                 sample = block(
                     sample,
                     res,
-                    emb,
+                    block_temb,
                     encoder_hidden_states,
                     upsample_size,
                     attention_mask,
@@ -454,7 +513,7 @@ class UNet2DConditionModel(ModelMixin, ConfigMixin):
                     cross_attention_kwargs=kwargs,
                 )
             else:
-                sample = block(sample, res, emb, upsample_size)
+                sample = block(sample, res, block_temb, upsample_size)
 
         if self.conv_norm_out is not None:
             sample = self.conv_norm_out(sample)
@@ -464,6 +523,15 @@ class UNet2DConditionModel(ModelMixin, ConfigMixin):
         if not return_dict:
             return (sample,)
         return UNet2DConditionOutput(sample=sample)
+
+    def _time_projections(self) -> Optional[_TimeProjections]:
+        """The fused time-embedding projections of this model's resnets (built on first use),
+        or None when a block type or resnet setting rules them out."""
+        cached = self.__dict__.get("_fused_time_projections", False)
+        if cached is False:
+            cached = _TimeProjections.for_model(self)
+            self.__dict__["_fused_time_projections"] = cached
+        return cached
 
     def _time_embedding(self, sample, timestep, timestep_cond, class_labels) -> torch.Tensor:
         t_emb = self.time_proj(timesteps_for_batch(timestep, sample)).to(dtype=sample.dtype)
