@@ -168,7 +168,15 @@ def _resnets(model):
     return [m for m in model.modules() if isinstance(m, ResnetBlock2D)]
 
 
-def test_time_projections_are_one_gemm_and_match_per_block(unet):
+@pytest.fixture
+def fused_unet(unet):
+    assert unet.fuse_time_projections()
+    yield unet
+    unet.unfuse_time_projections()
+
+
+def test_time_projections_are_one_gemm_and_match_per_block(fused_unet):
+    unet = fused_unet
     text, x = torch.randn(2, 7, 24), torch.randn(2, 4, 8, 8)
     n = len(_resnets(unet))
     with torch.no_grad(), LaunchCounter() as fused:
@@ -179,11 +187,16 @@ def test_time_projections_are_one_gemm_and_match_per_block(unet):
     gemms = lambda c: c.ops["aten::addmm"] + c.ops["aten::mm"]  # noqa: E731
     assert gemms(per_block) - gemms(fused) == n - 1
     assert_fp32_close(out, expected.detach())
+    unet.unfuse_time_projections()
+    with torch.no_grad(), LaunchCounter() as unfused:
+        assert torch.equal(unet(x, 321, text).sample, expected.detach())
+    assert gemms(unfused) == gemms(per_block)
     assert sorted(unet.state_dict()) == sorted(type(unet)(**TINY_UNET).state_dict())
 
 
 @torch.no_grad()
-def test_time_projections_follow_weight_changes(unet):
+def test_time_projections_follow_weight_changes(fused_unet):
+    unet = fused_unet
     text, x = torch.randn(2, 7, 24), torch.randn(2, 4, 8, 8)
     unet(x, 5, text)
     proj = _resnets(unet)[3].time_emb_proj
