@@ -16,6 +16,7 @@ _LAZY_EXPORTS = {
     "use_backend": "fastdiff.backends",
     "trace_dispatch": "fastdiff.backends",
     "explain_dispatch": "fastdiff.backends",
+    "use_target": "fastdiff.backends",
     "BackendNotSupportedError": "fastdiff.backends",
     # schedulers
     "DDPMScheduler": "fastdiff.schedulers",
