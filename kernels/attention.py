@@ -210,6 +210,13 @@ AOT_SPILL_ALLOWANCES = {
         )
         for kernel in ("_attn_fwd", "_attn_fwd_tma", "_attn_bwd_dkdv", "_attn_bwd_dq")
     },
+    ("_attn_bwd_dkdv", r"^sm_80 .*MASK_KIND=1 MASK_KEYS_ONLY=False .* 64x64 w8 "): (
+        "full bool mask on sm_80: the 64x64 dK/dV tile spills 152-1760 B at D=40/64/80 (Triton 3.9); "
+        "full masks are rare in SD. Pruning it for full masks on sm_80: open"
+    ),
+    ("_attn_fwd", r"^sm_80 .*HEAD_DIM=160 .* 64x64 w4 "): (
+        "D=160 on sm_80: the 64x64 forward tile spills 4-60 B (Triton 3.9); small, left to measurement on an A100"
+    ),
     ("_attn_bwd_dkdv", r"^sm_80 .*HEAD_DIM=160 .*MASK_KEYS_ONLY=False .* 16x64 "): (
         "D=160 with a full (Lq, Lk) mask on sm_80: the smallest large-D dK/dV tile still spills (about 5 KB); "
         "full masks are rare in SD (key-padding masks do not spill). A split of the D=160 backward: open"
