@@ -133,9 +133,16 @@ def test_triton_tma_matches_reference(seed, d, lq, lk, mask_kind, fused, dtype):
     assert calls == [("attention", "triton_tma")]
     _check(out, q, k, v, mask)
     expected = attention(q, k, v, mask, backend="triton")
-    assert torch.equal(out, expected)  # same math, same order: bitwise equal to the pointer kernel
+    # Same math in the same order as the pointer kernel. Under the interpreter the TMA kernel's
+    # tl.trans(k) is a transposed numpy view, and BLAS rounds an fp32 product of a transposed view
+    # differently from one of a contiguous tile, so fp32 agrees to a few ulps; bf16 rounds that away.
+    same = torch.equal if dtype != torch.float32 else (
+        lambda a, e: torch.allclose(a, e, rtol=4 * torch.finfo(dtype).eps, atol=1e-6)
+    )
+    assert same(out, expected)
     dout = torch.randn_like(out)
-    assert all(torch.equal(a, e) for a, e in zip(torch.autograd.grad(out, (q, k, v), dout), torch.autograd.grad(expected, (q, k, v), dout)))
+    grads = zip(torch.autograd.grad(out, (q, k, v), dout), torch.autograd.grad(expected, (q, k, v), dout))
+    assert all(same(a, e) for a, e in grads)
 
 
 @requires_triton
