@@ -5,4 +5,5 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
 cd "$ROOT"
 # pytest exits 5 when no test ran; that is a failure here, never a pass.
-exec "$PY" -m pytest -q "$@"
+# --durations: where the suite spends its time, so that CI stays within its budget.
+exec "$PY" -m pytest -q --durations=25 "$@"
