@@ -23,6 +23,14 @@ listing every backend with its reasons. Nothing ever falls back silently.
 named GPU (:class:`DeviceDescription`: capability, SM count, name) instead of
 querying ``torch.cuda``, so dispatch runs on fake CUDA tensors without a GPU.
 
+**Plans.** An op may pass ``cache_key=``: a hashable summary of everything its
+argument checks and every backend's reasons read (shapes, strides, dtypes,
+devices, scalar arguments). :meth:`Dispatcher.lookup` then answers a repeat
+call with the backend chosen before, without re-running checks or reasons, so
+the host path of a fused op stays a few microseconds. The plan is keyed also by
+the request (``backend=``, ``use_backend``, ``FASTDIFF_BACKEND``) and the
+:func:`use_target` description; :func:`clear_plans` drops every plan.
+
 ``with fastdiff.trace_dispatch() as calls:`` records ``(op_name, backend_name)``
 for each op call made inside the block, and ``explain_dispatch`` reports the
 reasons every backend gives for one set of inputs.
@@ -114,6 +122,8 @@ class Dispatcher:
         self.op_name = op_name
         self.backends: Dict[str, Backend] = {b.name: b for b in backends}
         self.priority = priority
+        self._plans: Dict[Any, Backend] = {}
+        _ALL_PLANS.append(self._plans)
 
     def reasons(self, inputs: Mapping[str, Any]) -> Dict[str, List[str]]:
         """Every backend's reasons for ``inputs`` (empty list = can run)."""
@@ -129,7 +139,20 @@ class Dispatcher:
             return _requested_while_tracing(self.op_name)
         return _requested_from_context(self.op_name)
 
-    def select(self, inputs: Mapping[str, Any], backend: Optional[str] = None) -> Backend:
+    def lookup(self, cache_key: Any, backend: Optional[str] = None) -> Optional[Backend]:
+        """The backend an earlier :meth:`select` with the same ``cache_key`` chose under the
+        same request and target, recorded for ``trace_dispatch`` as a fresh choice would
+        be; None on a miss (and always while torch.compile traces)."""
+        if _is_compiling():
+            return None
+        chosen = self._plans.get((cache_key, self.requested(backend)[0], _TARGET.get()))
+        if chosen is not None:
+            _record(self.op_name, chosen.name)
+        return chosen
+
+    def select(self, inputs: Mapping[str, Any], backend: Optional[str] = None, cache_key: Any = None) -> Backend:
+        """The backend that runs ``inputs``; with ``cache_key`` the choice is kept for
+        :meth:`lookup` (the caller promises the key covers what checks and reasons read)."""
         name, source = self.requested(backend)
         if name != AUTO and name not in self.backends:
             raise BackendNotSupportedError(
@@ -151,6 +174,10 @@ class Dispatcher:
                 raise BackendNotSupportedError(self._report(f"backend {name!r} (from {source}) cannot run these inputs", inputs))
         if not _is_compiling():
             _record(self.op_name, chosen.name)
+            if cache_key is not None:
+                if len(self._plans) >= _MAX_PLANS:
+                    self._plans.clear()
+                self._plans[(cache_key, name, _TARGET.get())] = chosen
         return chosen
 
     def __call__(self, inputs: Mapping[str, Any], backend: Optional[str] = None):
@@ -286,6 +313,17 @@ def _record(op_name: str, backend_name: str) -> None:
 
 
 _DISPATCHERS: Dict[str, Dispatcher] = {}
+# Every dispatcher's plan table, for clear_plans(); a table past _MAX_PLANS starts again empty.
+_ALL_PLANS: List[Dict[Any, Backend]] = []
+_MAX_PLANS = 4096
+
+
+def clear_plans() -> None:
+    """Forget every op's cached choices (see ``cache_key`` in :meth:`Dispatcher.select`).
+    Needed only after changing something a backend's reasons read that its op's key
+    does not cover, such as monkeypatching a reason function in a test."""
+    for plans in _ALL_PLANS:
+        plans.clear()
 
 
 def register_dispatcher(dispatcher: Dispatcher) -> Dispatcher:

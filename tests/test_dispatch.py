@@ -196,3 +196,37 @@ def test_fake_cuda_dispatch_without_target_says_why():
     with mode:
         text = fastdiff.explain_dispatch("attention", q, k, k)
     assert "would run 'sdpa'" in text and "use_target" in text
+
+
+def test_plans_skip_reasons_on_a_repeat_and_follow_the_request(monkeypatch):
+    calls = []
+
+    def fast_reasons(i):
+        calls.append(i["x"].numel())
+        return [] if i["x"].numel() % 2 == 0 else ["odd length"]
+
+    d = Dispatcher(
+        "toy_plans",
+        [Backend("fast", fast_reasons, lambda i: "fast"), Backend("slow", lambda i: [], lambda i: "slow")],
+        lambda i: ["fast", "slow"],
+    )
+    x = {"x": torch.randn(6)}
+    assert d.lookup(("n", 6)) is None
+    assert d.select(x, cache_key=("n", 6)).name == "fast"
+    assert calls == [6]
+    with fastdiff.trace_dispatch() as traced:
+        assert d.lookup(("n", 6)).name == "fast"
+    assert calls == [6], "a cached plan must not ask the reasons again"
+    assert traced == [("toy_plans", "fast")], "a cached plan is still traced"
+    # Another request, env var or target is another plan.
+    assert d.lookup(("n", 6), backend="slow") is None
+    with fastdiff.use_backend(toy_plans="slow"):
+        assert d.lookup(("n", 6)) is None
+    monkeypatch.setenv("FASTDIFF_BACKEND", "slow")
+    assert d.lookup(("n", 6)) is None
+    monkeypatch.delenv("FASTDIFF_BACKEND")
+    with backends.use_target("sm_90"):
+        assert d.lookup(("n", 6)) is None
+    assert d.lookup(("n", 6)).name == "fast"
+    backends.clear_plans()
+    assert d.lookup(("n", 6)) is None
