@@ -102,10 +102,15 @@ def test_generate_stable_diffusion_folder_from_a_prompts_file(tmp_path, capsys):
     # rounding of a different batch size (a rare 8-bit step); a torchrun split keeps whole batches
     # and is bit-identical (tests/test_distributed.py).
     assert main(common + ["--num-images", "2", "--batch-size", "1", "--out-dir", str(tmp_path / "b"), "--out", ""]) == 0
+    # A flipped 8-bit step is rare but depends on the BLAS blocking of the batch, so the bound is 1% of
+    # the values at one step; another seed's image differs far more (checked), so the bound still
+    # tells per-image seeding from per-batch seeding.
     for i in range(4):
         other = np.asarray(Image.open(tmp_path / "b" / f"{i:05d}.png"))
         diff = np.abs(images[i].astype(int) - other.astype(int))
-        assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, i
+        assert diff.max() <= 1 and (diff > 0).mean() < 1e-2, (i, diff.max(), (diff > 0).mean())
+        stranger = np.abs(images[i].astype(int) - images[(i + 1) % 4].astype(int))
+        assert (stranger > 1).mean() > 0.5, i
 
 
 def _prompted_folder(tmp_path):
