@@ -18,6 +18,8 @@ _LAZY_EXPORTS = {
     "explain_dispatch": "fastdiff.backends",
     "use_target": "fastdiff.backends",
     "BackendNotSupportedError": "fastdiff.backends",
+    # tune every op for a model's or pipeline's shapes before any CUDA graph capture
+    "warmup": "fastdiff.tuning",
     # schedulers
     "DDPMScheduler": "fastdiff.schedulers",
     "DDIMScheduler": "fastdiff.schedulers",

@@ -109,7 +109,9 @@ a CUDA graph's semantics: Python values and the tensors read are fixed at captur
 only through the copy-in, capture leaves no trace on tensors that existed before it, outputs are
 undefined (NaN) until the first replay, and ``.item()`` inside a capture raises.
 
-Triton autotune choices persist across processes with :func:`enable_triton_autotune_cache`.
+Triton autotune choices persist across processes with :func:`enable_triton_autotune_cache`: a
+region's first (warm-up) step on CUDA turns it on (:func:`ensure_triton_autotune_cache`), and so
+does ``fastdiff.warmup``, which tunes a model or pipeline before any capture.
 """
 
 from __future__ import annotations
@@ -136,6 +138,7 @@ __all__ = [
     "StandInBackend",
     "capture_reasons",
     "enable_triton_autotune_cache",
+    "ensure_triton_autotune_cache",
     "graph_key",
     "scheduler_capture_reasons",
     "scheduler_state_tensors",
@@ -868,6 +871,9 @@ class Region:
             token = (self.key, self.weights.layout)
             if token not in state.warmed or (self._watch is not None and self._watch_after_last_call != watch):
                 # Warm-up: compile, autotune and let the scheduler build its device buffers, eagerly.
+                # The autotuner's choices go to Triton's disk cache, so the next process reads them.
+                if self.device.type == "cuda":
+                    ensure_triton_autotune_cache()
                 state.mark_warmed(token)
                 state.stats["warmups"] += 1
                 return self._eager(inputs)
@@ -1015,3 +1021,22 @@ def enable_triton_autotune_cache() -> Dict[str, Any]:
             tuner.cache_results = True
             report["kernels"][name] = True
     return report
+
+
+_AUTOTUNE_CACHE_REPORT: Optional[Dict[str, Any]] = None
+
+
+def ensure_triton_autotune_cache() -> Dict[str, Any]:
+    """:func:`enable_triton_autotune_cache`, once per process; returns its report.
+
+    Called by a region's warm-up step on CUDA and by ``fastdiff.warmup``. A failure (an
+    unexpected Triton version) is logged and reported, never raised: the disk cache only saves
+    time."""
+    global _AUTOTUNE_CACHE_REPORT
+    if _AUTOTUNE_CACHE_REPORT is None:
+        try:
+            _AUTOTUNE_CACHE_REPORT = enable_triton_autotune_cache()
+        except Exception as error:  # noqa: BLE001 - the cache is an optimisation; say why it is off
+            logger.warning("the Triton autotune disk cache stays off: %s: %s", type(error).__name__, error)
+            _AUTOTUNE_CACHE_REPORT = {"triton": None, "knob": False, "kernels": {}, "skipped": {"*": f"{type(error).__name__}: {error}"}}
+    return _AUTOTUNE_CACHE_REPORT
