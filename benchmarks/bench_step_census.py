@@ -17,11 +17,13 @@ Everything here is a CPU proxy, not a GPU timing:
 * **Host time per step**: the same forward, median of ``--runs``, on the meta device
   (where fastdiff runs its reference paths) and on fake CUDA tensors (fastdiff's CUDA
   dispatch; the fake-tensor bookkeeping is paid by both libraries alike, per op).
-* **Host path per fused op**: ``fastdiff.ops.<op>`` on SD1.5 shapes with dispatch
-  deciding for sm_90, up to the backend's run: argument checks, the inputs dict and
-  backend selection (every candidate's reasons). The custom-op call and the kernels'
-  launcher preparation (grid, strides, autotune lookup) are not in it: they need real
-  tensors and a no-op launch hook in kernels/ (see the table's notes).
+* **Host path per fused op** (:func:`fused_op_host_path_us`): ``fastdiff.ops.<op>`` on
+  real CPU tensors at SD1.5 shapes, backend forced to ``triton`` (the launchers run for
+  real; the kernels would run under Triton's interpreter), from the public call up to the
+  kernel launch, with Triton's innermost launch replaced by a no-op from outside the
+  kernels (:func:`noop_launches`). Repeat calls (plan cache) and calls after
+  ``backends.clear_plans()``. Beside it, checks + dispatch alone on fake CUDA tensors for
+  sm_90 (:func:`fused_op_dispatch_us`), every backend's run a no-op.
 
 Targets (issue 10): launches <= 0.6x diffusers', host time <= 0.8x diffusers', each fused
 op's host path <= 6 us. Results go to ``OUT/step_census.json`` and ``OUT/step_census.md``
@@ -31,6 +33,7 @@ with versions, commit and date.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -40,9 +43,15 @@ from collections import Counter
 from contextlib import contextmanager
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
+
+if not torch.cuda.is_available():
+    # The fused ops' host path runs the kernels' launchers on CPU tensors, which Triton
+    # accepts only under its interpreter; it must be chosen before triton is imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
+from torch.overrides import TorchFunctionMode  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_unet import ARCHS  # noqa: E402
@@ -255,6 +264,7 @@ def count_launches(arch: str) -> dict:
                 "launches": counter.launches,
                 "dtype_copies": counter.dtype_copies,
                 "top_ops": dict(counter.ops.most_common(12)),
+                "ops": dict(counter.ops),
                 "fused_ops": dict(Counter(f"{op}:{b}" for op, b in calls if op != "attention_processor")),
             }
         # fastdiff with the text's cross-attention K/V cached (as a pipeline passes it) and
@@ -304,48 +314,188 @@ def _median_ms(fn, runs: int) -> float:
 # ---------------------------------------------------------------------------
 
 
-def fused_op_inputs(dtype=torch.float16):
-    """(name, op module, args, kwargs) for each fused op at an SD1.5 shape, as fake CUDA tensors."""
-    import importlib
+@contextmanager
+def noop_launches():
+    """Replace Triton's kernel launch with a no-op for the block; yields the names of the
+    kernels that would have been launched, one entry per launch.
 
-    attention, geglu, group_norm = (importlib.import_module(f"fastdiff.ops.{m}") for m in ("attention", "geglu", "group_norm"))
-    x = torch.empty(2, 320, 64, 64, device="cuda", dtype=dtype, memory_format=torch.channels_last)
-    w = torch.empty(320, device="cuda", dtype=dtype)
-    q = torch.empty(2, 8, 4096, 40, device="cuda", dtype=dtype)
-    k = torch.empty(2, 8, 77, 40, device="cuda", dtype=dtype)
-    h = torch.empty(2, 4096, 2560, device="cuda", dtype=dtype)
-    return [
-        ("group_norm (2x320x64x64 NHWC, silu)", group_norm, (x, 32, w, w, 1e-5, "silu")),
-        ("attention self (2x8x4096x40)", attention, (q, q, q, None, None)),
-        ("attention cross (Lk=77)", attention, (q, k, k, None, None)),
-        ("geglu (2x4096x2560)", geglu, (h,)),
-    ]
+    ``kernel[grid](...)`` goes through ``KernelInterface.__getitem__`` to the kernel
+    object's ``run``: ``Autotuner.run`` and ``Heuristics.run`` (config lookup by key,
+    pruning, heuristics) end in the innermost ``JITFunction.run`` (on a GPU: binding,
+    specialisation, the compiled-kernel cache and the driver launch) or, under
+    TRITON_INTERPRET=1, ``InterpretedFunction.run`` (which runs the kernel in Python).
+    Only those two innermost entry points are replaced, from outside the kernels, so
+    everything fastdiff and the autotuner do before a launch still runs for real, and
+    no kernel body runs.
+    """
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    launched: list = []
+
+    def run(self, *args, grid, warmup, **kwargs):
+        if not warmup:
+            launched.append(getattr(self.fn, "__name__", repr(self.fn)))
+
+    classes = (JITFunction, InterpretedFunction)
+    saved = [cls.__dict__["run"] for cls in classes]
+    for cls in classes:
+        cls.run = run
+    try:
+        yield launched
+    finally:
+        for cls, original in zip(classes, saved):
+            cls.run = original
 
 
-def fused_op_host_us(runs: int, inner: int = 500) -> dict:
-    """Median microseconds per call of each fused op's checks and dispatch for sm_90: the
-    op's argument checks, building its inputs and selecting the backend (every candidate's
-    reasons). The custom-op call and the launcher's preparation are not in it (see notes)."""
+@contextmanager
+def backends_run_nothing():
+    """Every registered backend's ``run`` returns its first input tensor untouched (no
+    kernel, no custom op): what is left of a public op call is its checks and dispatch."""
+    import fastdiff.ops  # noqa: F401 - registers the dispatchers
+    from fastdiff import backends
+
+    def nothing(inputs):
+        return next(v for v in inputs.values() if isinstance(v, torch.Tensor))
+
+    saved = []
+    for dispatcher in backends._DISPATCHERS.values():
+        for backend in dispatcher.backends.values():
+            saved.append((backend, backend.run))
+            backend.run = nothing
+    try:
+        yield
+    finally:
+        for backend, run in saved:
+            backend.run = run
+
+
+def fused_op_cases(device, dtype=torch.float16, real: bool = True, sizes: str = "sd15") -> dict:
+    """label -> (op name in fastdiff.ops, args, kwargs) at SD1.5 shapes, fp16, laid out as the
+    UNet passes them (channels_last activations, heads as views of the projections).
+    ``real``: seeded random values (else ``torch.empty``, for fake tensors);
+    ``sizes="small"``: the same layouts at small sizes (tests)."""
+    gen = torch.Generator().manual_seed(0)
+
+    def tensor(*shape, memory_format=torch.contiguous_format):
+        if not real:
+            return torch.empty(shape, device=device, dtype=dtype, memory_format=memory_format)
+        return torch.randn(shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype).contiguous(memory_format=memory_format)
+
+    n, c, hw, heads, d, text, ff = (2, 320, 64, 8, 40, 77, 1280) if sizes == "sd15" else (2, 64, 12, 2, 40, 7, 96)
+    x = tensor(n, c, hw, hw, memory_format=torch.channels_last)
+    w, b, temb = tensor(c) + 1, tensor(c), tensor(n, c)
+
+    def heads_of(length):  # (B, L, H*D) projection -> (B, H, L, D) view, as Attention does
+        return tensor(n, length, heads * d).view(n, length, heads, d).transpose(1, 2)
+
+    q, k, v, k_text, v_text = heads_of(hw * hw), heads_of(hw * hw), heads_of(hw * hw), heads_of(text), heads_of(text)
+    shape = f"{n}x{c}x{hw}x{hw}"
+    return {
+        f"group_norm ({shape} NHWC, silu)": ("group_norm", (x, 32, w, b, 1e-5, "silu"), {}),
+        f"group_norm + input_bias (temb, {shape})": ("group_norm", (x, 32, w, b, 1e-5, "silu"), {"input_bias": temb}),
+        f"attention self ({n}x{heads}x{hw * hw}x{d})": ("attention", (q, k, v), {}),
+        f"attention cross (Lk={text})": ("attention", (q, k_text, v_text), {}),
+        f"geglu ({n}x{hw * hw}x{2 * ff})": ("geglu", (tensor(n, hw * hw, 2 * ff),), {}),
+    }
+
+
+def _per_call_us(fn, calls: int, before=None) -> float:
+    """Median microseconds of one ``fn()`` over ``calls`` calls, each timed on its own
+    (``before()``, if given, runs untimed before each); the garbage collector is off."""
+    clock = time.perf_counter
+    samples = []
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(calls):
+            if before is not None:
+                before()
+            start = clock()
+            fn()
+            samples.append(clock() - start)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return statistics.median(samples) * 1e6
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def fused_op_host_path_us(calls: int = 2000, cases: dict = None) -> dict:
+    """The whole host path of each fused op: ``fastdiff.ops.<op>(...)`` on real CPU tensors
+    with the backend forced to ``triton``, inference mode (no grad), up to and including
+    the kernels' launcher preparation (output allocation, strides, grid, constexprs, the
+    autotuner's lookup), with the launch itself a no-op (:func:`noop_launches`).
+
+    Per op: median us per call for repeat calls (the plan cache answers), and with
+    ``backends.clear_plans()`` before each call (untimed), so every call re-runs the
+    backends' reasons; and the kernel launches per call that the hook saw.
+    Needs TRITON_INTERPRET=1 (the kernels are Triton interpreter objects on the CPU).
+    """
+    import fastdiff.ops
+    from fastdiff import backends
+
+    if not backends.triton_interpret_enabled():
+        raise RuntimeError("fused_op_host_path_us: set TRITON_INTERPRET=1 before triton is imported (the launchers run on CPU tensors)")
+    result = {}
+    cases = fused_op_cases("cpu") if cases is None else cases
+    with torch.no_grad(), backends.use_backend("triton"), noop_launches() as launched:
+        for name, (op_name, args, kwargs) in cases.items():
+            op = getattr(fastdiff.ops, op_name)
+
+            def call():
+                return op(*args, **kwargs)
+
+            try:
+                with backends.trace_dispatch() as chosen:
+                    call()  # warm-up: fills the plan cache and the autotuner's cache
+            except backends.BackendNotSupportedError as error:
+                result[name] = {"op": op_name, "backend": "triton", "error": _first_line(error)}
+                continue
+            before = len(launched)
+            repeat = _per_call_us(call, calls)
+            per_call = (len(launched) - before) / calls
+            kernels = sorted(set(launched[before:]))
+            cold = _per_call_us(call, calls, before=backends.clear_plans)
+            result[name] = {
+                "op": op_name,
+                "backend": chosen[0][1] if chosen else "?",
+                "us": repeat,
+                "us_no_plan_cache": cold,
+                "launches_per_call": per_call,
+                "kernels": kernels,
+            }
+    return result
+
+
+def fused_op_dispatch_us(calls: int = 2000) -> dict:
+    """Checks and dispatch alone, for sm_90: ``fastdiff.ops.<op>(...)`` on fake CUDA tensors
+    with dispatch deciding for an H100 and every backend's run a no-op
+    (:func:`backends_run_nothing`): the op's argument checks, its inputs and backend
+    selection. Median us per call, repeat calls and with the plan cache cleared before each."""
+    import fastdiff.ops
     from fastdiff import backends
 
     result = {}
     # Without fake_cuda's indexing mode: a TorchFunctionMode sees every tensor attribute read.
-    with FakeTensorMode(), backends.use_target(TARGET):
-        for name, module, args in fused_op_inputs():
-            dispatcher = module._DISPATCHER
+    with torch.no_grad(), FakeTensorMode(), backends.use_target(TARGET), backends_run_nothing():
+        for name, (op_name, args, kwargs) in fused_op_cases("cuda", real=False).items():
+            op = getattr(fastdiff.ops, op_name)
 
             def call():
-                module._check_inputs(*args)
-                return dispatcher.select(module._inputs(*args))
+                return op(*args, **kwargs)
 
-            call()
-            samples = []
-            for _ in range(runs):
-                start = time.perf_counter()
-                for _ in range(inner):
-                    call()
-                samples.append((time.perf_counter() - start) / inner * 1e6)
-            result[name] = {"us": statistics.median(samples), "backend": call().name}
+            with backends.trace_dispatch() as chosen:
+                call()
+            result[name] = {
+                "op": op_name,
+                "backend": chosen[0][1] if chosen else "?",
+                "us": _per_call_us(call, calls),
+                "us_no_plan_cache": _per_call_us(call, calls, before=backends.clear_plans),
+            }
     return result
 
 
@@ -354,9 +504,10 @@ def fused_op_host_us(runs: int, inner: int = 500) -> dict:
 # ---------------------------------------------------------------------------
 
 
-def census(archs, runs: int) -> dict:
+def census(archs, runs: int, calls: int = 2000) -> dict:
     report = {"environment": environment(), "target": TARGET, "targets": TARGETS, "archs": {}}
     report["environment"]["diffusers"] = __import__("diffusers").__version__
+    report["load_before"] = _load()
     for arch in archs:
         entry = {"launches": count_launches(arch), "host_time": host_time(arch, runs)}
         ours, theirs = entry["launches"]["fastdiff"], entry["launches"]["diffusers"]
@@ -365,12 +516,48 @@ def census(archs, runs: int) -> dict:
         for where in ("meta_ms", "fake_cuda_ms"):
             entry[f"host_time_ratio_{where[:-3]}"] = entry["host_time"]["fastdiff"][where] / entry["host_time"]["diffusers"][where]
         report["archs"][arch] = entry
-    report["fused_op_host_us"] = fused_op_host_us(runs)
+    report["fused_op_host_path_us"] = fused_op_host_path_us(calls)
+    report["fused_op_dispatch_us"] = fused_op_dispatch_us(calls)
+    report["calls"] = calls
+    report["load_after"] = _load()
     return report
+
+
+def _load() -> str:
+    """The machine's load average (1, 5, 15 min) and CPU count, as the table states it."""
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f}, {five:.2f}, {fifteen:.2f} on {os.cpu_count()} CPUs"
+
+
+# Ops whose count the before/after table follows: the Attention output division (round 1)
+# and the time-embedding add that GroupNorm's input_bias removes (round 2).
+TRACKED_OPS = ("aten::add.Tensor", "aten::div.Tensor")
+
+
+def history_entry(label: str, report: dict) -> dict:
+    """What the before/after table needs from an earlier census report (its JSON)."""
+    entry = {"label": label, "commit": report["environment"]["commit"], "archs": {}}
+    for arch, e in report["archs"].items():
+        ours = e["launches"]["fastdiff"]
+        full = "ops" in ours  # older reports kept only the 12 most frequent ops
+        counts = ours.get("ops", ours["top_ops"])
+        floor = None if full else min(ours["top_ops"].values())
+        entry["archs"][arch] = {
+            "launches": ours["launches"],
+            "launches_kv_cache": ours.get("launches_kv_cache"),
+            "diffusers": e["launches"]["diffusers"]["launches"],
+            # An op missing from a top-12 list ran fewer times than the 12th: "<floor".
+            "ops": {op: counts.get(op, 0 if full else f"<{floor}") for op in TRACKED_OPS},
+        }
+    return entry
 
 
 def _verdict(value: float, limit: float) -> str:
     return "met" if value <= limit else f"missed ({value / limit:.2f}x the target)"
+
+
+def _us(value) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 def markdown(report: dict) -> str:
@@ -403,37 +590,118 @@ def markdown(report: dict) -> str:
     lines += ["", "Fused ops dispatched per step (fastdiff, fake CUDA, sm_90):", ""]
     for arch, e in report["archs"].items():
         lines.append(f"* {arch}: " + ", ".join(f"{k} x{v}" for k, v in sorted(e["launches"]["fastdiff"]["fused_ops"].items())))
+    limit = TARGETS["fused_op_host_us"]
     lines += [
         "",
-        "| fused op: checks + dispatch for sm_90 | backend | us (target <= 6 for the whole host path) |",
-        "|---|---|---|",
+        "## Host path per fused op",
+        "",
+        f"Median microseconds per call over {report.get('calls', '?')} calls, each call timed on its own. "
+        "**Host path**: `fastdiff.ops.<op>(...)` on real CPU tensors, inference (no grad), backend forced to "
+        "`triton`, from the public call up to the kernel launch: argument checks, dispatch, the launcher's "
+        "preparation (outputs, strides, grid and constexpr arguments, the autotuner's config lookup), with "
+        "Triton's innermost launch (`JITFunction.run`, and `InterpretedFunction.run` under TRITON_INTERPRET=1) "
+        "replaced by a no-op for the measurement. **Checks + dispatch**: the same call on fake CUDA tensors, "
+        f"dispatch deciding for {report['target']}, every backend's run a no-op. Each is measured on repeat "
+        "calls (the plan cache answers) and with `backends.clear_plans()` before every call (untimed).",
+        "",
+        f"| fused op (fp16, SD1.5 shape) | host path us, repeat calls (target <= {limit:g}) | host path us, plans cleared "
+        f"| kernel launches per call (CPU config) | checks + dispatch us for {report['target']}: repeat / plans cleared (backend) |",
+        "|---|---|---|---|---|",
     ]
-    for name, e in report["fused_op_host_us"].items():
-        lines.append(f"| {name} | {e['backend']} | {e['us']:.1f} ({_verdict(e['us'], TARGETS['fused_op_host_us'])}) |")
+    dispatch = report.get("fused_op_dispatch_us", {})
+    for name, e in report["fused_op_host_path_us"].items():
+        d = dispatch.get(name)
+        d_text = f"{_us(d['us'])} / {_us(d['us_no_plan_cache'])} ({d['backend']})" if d and "us" in d else "-"
+        if "error" in e:
+            lines.append(f"| {name} | not measured: {e['backend']} cannot run it ({e['error']}) | - | - | {d_text} |")
+            continue
+        lines.append(
+            f"| {name} | {e['us']:.1f} ({_verdict(e['us'], limit)}) | {e['us_no_plan_cache']:.1f} "
+            f"| {e['launches_per_call']:g} ({', '.join(e['kernels'])}) | {d_text} |"
+        )
     lines += [
         "",
-        "The per-op figure is the Python host path up to the backend's run: argument checks, the inputs dict "
-        "and backend selection with every candidate's reasons. It does not include the custom-op call nor the "
-        "kernels' launcher preparation (grid, strides, autotune lookup): timing those needs real tensors and a "
-        "no-op launch hook in kernels/ (not there yet), and under FakeTensorMode a custom-op call costs "
-        "milliseconds of fake-tensor bookkeeping that says nothing about the GPU path. Fake-tensor host times "
-        "per step include FakeTensorMode's own per-op bookkeeping, paid alike by both libraries. The machine "
-        "was shared with other jobs (2 cores), so host times are noisy.",
+        "These are CPU host times, a proxy for the host cost in front of a GPU launch. They leave out what only "
+        "a GPU has: Triton's own launch path (argument binding, specialisation key, compiled-kernel cache, the "
+        "driver call; a few microseconds per kernel on a GPU) and CUDA's caching allocator (the CPU allocator "
+        "stands in). They keep in what the interpreter changes: its single tuning config per kernel (so no "
+        "autotune benchmarking) and its SM count in the launch configs, so the kernel launches per call can "
+        "differ from an H100's. Fake-tensor host times per step include FakeTensorMode's own per-op "
+        "bookkeeping, paid alike by both libraries.",
+        "",
+        f"Machine load while measuring: {report.get('load_before', '?')} at the start, {report.get('load_after', '?')} "
+        "at the end (2 cores shared with other jobs), so host times are noisy: medians, and indicative only. "
+        "The launch counts are deterministic.",
     ]
+    history = report.get("history") or []
+    if history:
+        lines += _history_markdown(report, history)
     return "\n".join(lines) + "\n"
+
+
+def _history_markdown(report: dict, history: list) -> list:
+    now = history_entry(f"now ({report['environment']['commit']})", report)
+    rounds = [*history, now]
+    head = " -> ".join(r["label"] for r in rounds)
+    lines = [
+        "",
+        "## Before and after (issue 10)",
+        "",
+        "Earlier runs of this script (full figures in step_census.before.json and step_census.round1.json): "
+        + ", ".join(r["label"] for r in history) + ".",
+        "",
+        f"| arch | fastdiff launches: {head} | with kv_cache + fused time projections | diffusers | "
+        + " | ".join(f"{op} in fastdiff's step" for op in TRACKED_OPS)
+        + " |",
+        "|---|---|---|---|" + "---|" * len(TRACKED_OPS),
+    ]
+    for arch in report["archs"]:
+        seen = [r["archs"].get(arch) for r in rounds]
+        launches = " -> ".join("-" if s is None else str(s["launches"]) for s in seen)
+        cached = " -> ".join(str(s["launches_kv_cache"]) for s in seen if s is not None and s["launches_kv_cache"] is not None)
+        ops = " | ".join(" -> ".join("-" if s is None else str(s["ops"][op]) for s in seen) for op in TRACKED_OPS)
+        lines.append(f"| {arch} | {launches} | {cached} | {seen[-1]['diffusers']} | {ops} |")
+    lines += [
+        "",
+        "A count written `<n` comes from a report that kept only the 12 most frequent ops: the op ran fewer "
+        "than n times. Round 1 (the glue): Attention skips its division by rescale_output_factor at 1.0; with "
+        "`cross_attention_kwargs={\"kv_cache\": fastdiff.nn.CrossAttentionKVCache(text)}` the text's K and V "
+        "projections run once per generation; after `unet.fuse_time_projections()` the resnets' silu + "
+        "time_emb_proj run as one silu and one GEMM. Round 2: ResnetBlock2D passes the time embedding to "
+        "GroupNorm as its per-(N, C) `input_bias` (added on load before the statistics), so the separate "
+        "`aten::add.Tensor` of the time embedding before `norm2` goes wherever the fused GroupNorm takes it; "
+        "the fused ops' host path goes through the plan cache and calls the launcher directly in eager "
+        "inference.",
+    ]
+    return lines
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--archs", default="sd15,sdxl", help=f"comma-separated, from {sorted(ARCHS)}")
-    parser.add_argument("--runs", type=int, default=5, help="timed runs per measurement (median)")
+    parser.add_argument("--runs", type=int, default=5, help="timed runs per step measurement (median)")
+    parser.add_argument("--calls", type=int, default=2000, help="timed calls per fused-op measurement (median)")
     parser.add_argument("--out", default=None, help="folder for step_census.json/.md (default: print only)")
+    parser.add_argument(
+        "--history",
+        default=",".join(f"{label}={path}" for label, path in DEFAULT_HISTORY),
+        help="earlier reports for the before/after table, as label=path.json,... (missing files are skipped)",
+    )
     args = parser.parse_args(argv)
     archs = [a for a in args.archs.split(",") if a]
     unknown = [a for a in archs if a not in ARCHS]
     if unknown:
         parser.error(f"--archs: unknown {unknown}; expected from {sorted(ARCHS)}")
-    report = census(archs, args.runs)
+    history = []
+    for item in filter(None, args.history.split(",")):
+        label, sep, path = item.rpartition("=")
+        if not sep:
+            parser.error(f"--history: expected label=path.json, got {item!r}")
+        if os.path.exists(path):
+            with open(path) as f:
+                history.append(history_entry(label, json.load(f)))
+    report = census(archs, args.runs, args.calls)
+    report["history"] = history
     text = markdown(report)
     print(text)
     if args.out:
@@ -443,6 +711,13 @@ def main(argv=None) -> int:
         with open(os.path.join(args.out, "step_census.md"), "w") as f:
             f.write(text)
     return 0
+
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+DEFAULT_HISTORY = (
+    ("before (cea8099)", os.path.join(RESULTS, "step_census.before.json")),
+    ("round 1 (da83b64)", os.path.join(RESULTS, "step_census.round1.json")),
+)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,12 @@
 import os
 import sys
 
+import time
+
 import pytest
 import torch
+import triton
+import triton.language as tl
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
@@ -45,10 +49,99 @@ def test_basic_indexing_on_fake_cuda_tensors():
         assert t.permute(2, 0, 1).contiguous().is_contiguous()
 
 
-def test_fused_op_host_path_runs_dispatch_for_sm90():
-    result = census.fused_op_host_us(runs=1, inner=2)
-    assert {e["backend"] for name, e in result.items() if name.startswith(("group_norm", "attention"))} == {"triton"}
-    assert all(e["us"] > 0 for e in result.values())
+@triton.jit
+def _add_one(x_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(x_ptr + offs, tl.load(x_ptr + offs, mask=mask) + 1.0, mask=mask)
+
+
+_add_one_tuned = triton.autotune(configs=[triton.Config({"BLOCK": 16})], key=["n"])(_add_one)
+
+
+def test_noop_launches_stops_the_kernel_and_records_it():
+    x = torch.randn(11, generator=torch.Generator().manual_seed(3))
+    y = x.clone()
+    with census.noop_launches() as launched:
+        _add_one[(1,)](y, 11, BLOCK=16)
+        _add_one_tuned[(1,)](y, 11)  # through Autotuner.run, which still runs
+    assert launched == ["_add_one", "_add_one"]
+    assert torch.equal(y, x)  # no kernel body ran
+    _add_one[(1,)](y, 11, BLOCK=16)  # the hook is gone: the kernel runs again
+    torch.testing.assert_close(y, x + 1)
+
+
+def test_noop_launches_reaches_the_fused_ops_launch():
+    """A public op call under the hook goes through its launcher to the launch, and
+    the kernel does not run (the output is not GroupNorm's)."""
+    from fastdiff import backends, ops
+    from fastdiff.ops.group_norm import group_norm_ref
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 64, 6, 7, generator=gen).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(64, generator=gen), torch.randn(64, generator=gen)
+    with torch.no_grad(), backends.use_backend("triton"), census.noop_launches() as launched:
+        y = ops.group_norm(x, 32, w, b, 1e-5, "silu")
+    assert len(launched) >= 1
+    assert not torch.allclose(y, group_norm_ref(x, 32, w, b, 1e-5, "silu"), atol=1e-3)
+
+
+def test_host_path_measures_every_fused_op_up_to_the_launch():
+    cases = census.fused_op_cases("cpu", sizes="small")
+    result = census.fused_op_host_path_us(calls=3, cases=cases)
+    assert set(result) == set(cases)
+    measured = {name: e for name, e in result.items() if "error" not in e}
+    # Plain GroupNorm, both attentions and GEGLU always run on triton when forced.
+    assert sum(name.startswith(("group_norm (", "attention", "geglu")) for name in measured) == 4
+    for name, e in measured.items():
+        assert e["backend"] == "triton", name
+        assert e["launches_per_call"] >= 1 and e["kernels"], name  # every timed call reached a launch
+        assert 0 < e["us"] < 1e6 and 0 < e["us_no_plan_cache"] < 1e6, name
+
+
+def _launcher_names(module):
+    return [name for name in dir(module) if name.startswith("group_norm_forward")]
+
+
+def test_host_path_includes_the_launchers_preparation(monkeypatch):
+    """Slowing the kernel launcher (the Python that prepares a launch) by 3 ms raises the
+    measured host path by about that much: the measurement spans the launcher."""
+    import fastdiff.kernels.group_norm as kernels
+    import fastdiff.ops.group_norm as op_module
+
+    name, (op_name, args, kwargs) = next(iter(census.fused_op_cases("cpu", sizes="small").items()))
+    assert name.startswith("group_norm")
+    cases = {name: (op_name, args, kwargs)}
+    baseline = census.fused_op_host_path_us(calls=20, cases=cases)[name]["us"]
+
+    slowed = []
+    names = _launcher_names(kernels)
+    assert names, "kernels/group_norm.py has no group_norm_forward* launcher"
+    for launcher in names:
+        original = getattr(kernels, launcher)
+
+        def slow(*a, _original=original, **k):
+            slowed.append(1)
+            end = time.perf_counter() + 3e-3
+            while time.perf_counter() < end:
+                pass
+            return _original(*a, **k)
+
+        monkeypatch.setattr(kernels, launcher, slow)
+        if getattr(op_module, launcher, None) is original:  # bound at import time in the op module
+            monkeypatch.setattr(op_module, launcher, slow)
+    result = census.fused_op_host_path_us(calls=20, cases=cases)[name]
+    assert len(slowed) >= 2 * 20 + 1, "the op did not call its launcher through kernels.group_norm_forward*"
+    assert result["us"] - baseline >= 2.5e3
+    assert result["us_no_plan_cache"] >= 3e3
+
+
+def test_dispatch_only_runs_no_backend_and_decides_for_sm90():
+    result = census.fused_op_dispatch_us(calls=2)
+    backends_chosen = {name.split(" ")[0]: e["backend"] for name, e in result.items()}
+    assert backends_chosen["attention"] == "triton"
+    assert result[next(n for n in result if n.startswith("group_norm ("))]["backend"] == "triton"
+    assert all(e["us"] > 0 and e["us_no_plan_cache"] > 0 for e in result.values())
 
 
 def test_tiny_census_counts_both_unets_side_by_side():
@@ -69,16 +162,20 @@ def test_tiny_census_counts_both_unets_side_by_side():
         assert not any(name.startswith("prim::") or "view" in name for name in counts)
 
 
-def test_markdown_states_proxies_and_targets():
-    report = {
+def _tiny_report(fastdiff_ops):
+    return {
         "environment": {"card": "cpu", "torch": "t", "triton": "x", "diffusers": "d", "commit": "abc", "date": "today"},
         "target": "sm_90",
         "targets": census.TARGETS,
+        "load_before": "load average 3.10, 2.00, 1.00 on 2 CPUs",
+        "load_after": "load average 4.00, 2.50, 1.50 on 2 CPUs",
+        "calls": 7,
         "archs": {
             "tiny": {
                 "launches": {
-                    "fastdiff": {"launches": 50, "launches_kv_cache": 46, "dtype_copies": 1, "fused_ops": {"group_norm:triton": 3}},
-                    "diffusers": {"launches": 100, "dtype_copies": 4, "fused_ops": {}},
+                    "fastdiff": {"launches": 50, "launches_kv_cache": 46, "dtype_copies": 1, "fused_ops": {"group_norm:triton": 3},
+                                 "top_ops": dict(fastdiff_ops), "ops": dict(fastdiff_ops)},
+                    "diffusers": {"launches": 100, "dtype_copies": 4, "fused_ops": {}, "top_ops": {}, "ops": {}},
                 },
                 "host_time": {"fastdiff": {"meta_ms": 9.0, "fake_cuda_ms": 20.0}, "diffusers": {"meta_ms": 10.0, "fake_cuda_ms": 30.0}},
                 "launch_ratio": 0.5,
@@ -87,8 +184,25 @@ def test_markdown_states_proxies_and_targets():
                 "host_time_ratio_fake_cuda": 2 / 3,
             }
         },
-        "fused_op_host_us": {"group_norm": {"us": 5.0, "backend": "triton"}},
+        "fused_op_host_path_us": {
+            "group_norm x": {"op": "group_norm", "backend": "triton", "us": 5.0, "us_no_plan_cache": 9.5, "launches_per_call": 2, "kernels": ["_apply", "_stats"]},
+            "group_norm + input_bias": {"op": "group_norm", "backend": "triton", "error": "no"},
+        },
+        "fused_op_dispatch_us": {"group_norm x": {"op": "group_norm", "backend": "triton", "us": 1.5, "us_no_plan_cache": 4.25}},
     }
+
+
+def test_markdown_states_proxies_targets_load_and_history():
+    old = _tiny_report({"aten::add.Tensor": 8, "aten::convolution": 20})
+    del old["archs"]["tiny"]["launches"]["fastdiff"]["ops"]  # an older report: top 12 only
+    old["environment"]["commit"] = "old"
+    report = _tiny_report({"aten::add.Tensor": 0, "aten::convolution": 20})
+    report["history"] = [census.history_entry("round 1 (old)", old)]
     text = census.markdown(report)
     assert "CPU proxies, not GPU timings" in text and "commit abc" in text
-    assert "| 0.50 (met) | 46 (0.46) |" in text and "0.90 (missed (1.12x the target))" in text and "5.0 (met)" in text
+    assert "| 0.50 (met) | 46 (0.46) |" in text and "0.90 (missed (1.12x the target))" in text
+    assert "| group_norm x | 5.0 (met) | 9.5 | 2 (_apply, _stats) | 1.5 / 4.2 (triton) |" in text
+    assert "| group_norm + input_bias | not measured: triton cannot run it (no) |" in text
+    assert "load average 3.10, 2.00, 1.00 on 2 CPUs" in text and "over 7 calls" in text
+    # Before/after: launches and the tracked ops per round; an op absent from a top-12 list is "<floor".
+    assert "| tiny | 50 -> 50 | 46 -> 46 | 100 | 8 -> 0 | <8 -> 0 |" in text
