@@ -424,6 +424,36 @@ def _first_line(error: Exception) -> str:
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
+# Where a host path's time goes, by the file of the function that spends it (first match wins).
+HOST_PATH_SOURCES = (
+    ("triton (host helpers, autotuner, heuristics)", ("site-packages/triton/",)),
+    ("torch Python (custom op, autograd wrapper)", ("site-packages/torch/",)),
+    ("kernel launcher (kernels/)", ("/kernels/",)),
+    ("op checks + dispatch (fastdiff/ops, backends)", ("/fastdiff/ops/", "/fastdiff/backends.py")),
+    ("C builtins (tensor allocation, metadata, isinstance...)", ("~",)),
+)
+
+
+def host_path_breakdown(call, calls: int = 300) -> dict:
+    """Share (%) of ``call``'s host time per source (:data:`HOST_PATH_SOURCES`, else
+    "other Python"), from cProfile's self time over ``calls`` calls. cProfile adds a
+    similar cost to every function call, so the shares are approximate."""
+    import cProfile
+    import pstats
+
+    profile = cProfile.Profile()
+    profile.enable()
+    for _ in range(calls):
+        call()
+    profile.disable()
+    totals = Counter()
+    for (filename, _, _), (_, _, self_time, _, _) in pstats.Stats(profile).stats.items():
+        source = next((label for label, marks in HOST_PATH_SOURCES if any(m in filename for m in marks)), "other Python")
+        totals[source] += self_time
+    everything = sum(totals.values()) or 1.0
+    return {label: 100.0 * totals[label] / everything for label, _ in (*HOST_PATH_SOURCES, ("other Python", ()))}
+
+
 def fused_op_host_path_us(calls: int = 2000, cases: dict = None) -> dict:
     """The whole host path of each fused op: ``fastdiff.ops.<op>(...)`` on real CPU tensors
     with the backend forced to ``triton``, inference mode (no grad), up to and including
@@ -460,7 +490,9 @@ def fused_op_host_path_us(calls: int = 2000, cases: dict = None) -> dict:
             per_call = (len(launched) - before) / calls
             kernels = sorted(set(launched[before:]))
             cold = _per_call_us(call, calls, before=backends.clear_plans)
+            breakdown = host_path_breakdown(call, max(1, min(calls, 300)))
             result[name] = {
+                "breakdown_percent": breakdown,
                 "op": op_name,
                 "backend": chosen[0][1] if chosen else "?",
                 "us": repeat,
@@ -619,6 +651,20 @@ def markdown(report: dict) -> str:
             f"| {name} | {e['us']:.1f} ({_verdict(e['us'], limit)}) | {e['us_no_plan_cache']:.1f} "
             f"| {e['launches_per_call']:g} ({', '.join(e['kernels'])}) | {d_text} |"
         )
+    shown = {n: e for n, e in report["fused_op_host_path_us"].items() if "breakdown_percent" in e}
+    if shown:
+        labels = [label for label, _ in HOST_PATH_SOURCES] + ["other Python"]
+        lines += [
+            "",
+            "Where the host path goes: share (%) of its time by the source of the function that spends it "
+            "(cProfile self time, repeat calls; cProfile adds a similar cost to every Python call, so the "
+            "shares are approximate):",
+            "",
+            "| fused op | " + " | ".join(labels) + " |",
+            "|---|" + "---|" * len(labels),
+        ]
+        for name, e in shown.items():
+            lines.append(f"| {name} | " + " | ".join(f"{e['breakdown_percent'].get(label, 0.0):.0f}" for label in labels) + " |")
     lines += [
         "",
         "These are CPU host times, a proxy for the host cost in front of a GPU launch. They leave out what only "

@@ -97,6 +97,8 @@ def test_host_path_measures_every_fused_op_up_to_the_launch():
         assert e["backend"] == "triton", name
         assert e["launches_per_call"] >= 1 and e["kernels"], name  # every timed call reached a launch
         assert 0 < e["us"] < 1e6 and 0 < e["us_no_plan_cache"] < 1e6, name
+        shares = e["breakdown_percent"]
+        assert abs(sum(shares.values()) - 100) < 1e-6 and shares["kernel launcher (kernels/)"] > 0, (name, shares)
 
 
 def _launcher_names(module):
@@ -185,7 +187,8 @@ def _tiny_report(fastdiff_ops):
             }
         },
         "fused_op_host_path_us": {
-            "group_norm x": {"op": "group_norm", "backend": "triton", "us": 5.0, "us_no_plan_cache": 9.5, "launches_per_call": 2, "kernels": ["_apply", "_stats"]},
+            "group_norm x": {"op": "group_norm", "backend": "triton", "us": 5.0, "us_no_plan_cache": 9.5, "launches_per_call": 2, "kernels": ["_apply", "_stats"],
+                             "breakdown_percent": {"kernel launcher (kernels/)": 60.0, "other Python": 40.0}},
             "group_norm + input_bias": {"op": "group_norm", "backend": "triton", "error": "no"},
         },
         "fused_op_dispatch_us": {"group_norm x": {"op": "group_norm", "backend": "triton", "us": 1.5, "us_no_plan_cache": 4.25}},
@@ -203,6 +206,7 @@ def test_markdown_states_proxies_targets_load_and_history():
     assert "| 0.50 (met) | 46 (0.46) |" in text and "0.90 (missed (1.12x the target))" in text
     assert "| group_norm x | 5.0 (met) | 9.5 | 2 (_apply, _stats) | 1.5 / 4.2 (triton) |" in text
     assert "| group_norm + input_bias | not measured: triton cannot run it (no) |" in text
+    assert "| group_norm x | 0 | 0 | 60 | 0 | 0 | 40 |" in text
     assert "load average 3.10, 2.00, 1.00 on 2 CPUs" in text and "over 7 calls" in text
     # Before/after: launches and the tracked ops per round; an op absent from a top-12 list is "<floor".
     assert "| tiny | 50 -> 50 | 46 -> 46 | 100 | 8 -> 0 | <8 -> 0 |" in text
