@@ -5,7 +5,7 @@
 # FASTDIFF_DEVICE_BUDGET_S (default 480 s): every step runs under min(its own limit, the time left), in
 # priority order, and a step with under 20 s left is skipped and named in the summary. A second call
 # can run the rest: FASTDIFF_DEVICE_SKIP="tests kernels" skips steps by group (build, tests, graphs,
-# kernels, pipeline, optimize, lora, resampler).
+# kernels, pipeline, optimize, lora, resampler, repro).
 # 1. builds the CUDA extension for this card,
 # 2. runs the GPU tests (the same test files as CI, now on CUDA instead of the interpreter),
 # 3. runs every benchmark: one JSON-lines file each under OUT_DIR, their logs in bench.log,
@@ -70,6 +70,9 @@ run_tests() {  # group, seconds, pytest arguments...
 }
 run_tests tests 150 "${existing[@]}"
 run_tests tests 40 tests/test_schedulers.py -k sync
+# bitwise-reproducible attention/GroupNorm (fwd+bwd, SD shapes, and across two processes through the
+# autotune disk cache), the scheduler-step counter at 1,000+ programs, tuning refused inside a capture
+run_tests repro 150 tests/test_gpu_reproducibility.py
 # the pipelines' CUDA graphs: captured == eager (SD, SDXL), weight changes, memory bound, release
 # and fastdiff.optimize's captured diffusers UNet with LoRA
 run_tests graphs 120 tests/test_graphs.py tests/test_pipeline_graphs.py tests/test_optimize.py -m gpu
@@ -91,7 +94,10 @@ run_bench kernels bench_group_norm 75 --time-budget-s 60
 run_bench kernels bench_attention 75
 run_bench kernels bench_scheduler_step 40
 run_bench kernels bench_geglu 40
-run_bench kernels bench_unet 90 --archs sd15,sdxl
+# UNet step: diffusers NCHW / channels_last / graph, fastdiff eager / graph, and the per-op ablation in the graph.
+# The torch.compile providers (default and max-autotune) take minutes: a later call, e.g.
+#   python3 benchmarks/bench_unet.py --archs sd15 --compile
+run_bench kernels bench_unet 120 --archs sd15,sdxl
 # SD1.5 pipeline, fastdiff eager and graphs against diffusers eager. The compile providers, SDXL,
 # first-image times and the resolution cycle take many minutes (max-autotune): run them in a
 # later call, e.g. FASTDIFF_DEVICE_SKIP="build tests graphs kernels" with a larger budget, or by hand:
