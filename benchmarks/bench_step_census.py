@@ -551,8 +551,32 @@ def census(archs, runs: int, calls: int = 2000) -> dict:
     report["fused_op_host_path_us"] = fused_op_host_path_us(calls)
     report["fused_op_dispatch_us"] = fused_op_dispatch_us(calls)
     report["calls"] = calls
+    report["python_speed"] = python_speed()
     report["load_after"] = _load()
     return report
+
+
+def python_speed() -> dict:
+    """How fast this machine runs Python, to scale the host figures by: the median cost of
+    an empty Python function call (ns) and of one host call of ``triton.cdiv`` (us)."""
+    import triton
+
+    def empty():
+        pass
+
+    def per_call(fn, inner):
+        samples = []
+        for _ in range(15):
+            start = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            samples.append((time.perf_counter() - start) / inner)
+        return statistics.median(samples)
+
+    return {
+        "empty_call_ns": per_call(empty, 20000) * 1e9,
+        "triton_cdiv_us": per_call(lambda: triton.cdiv(4096, 64), 2000) * 1e6,
+    }
 
 
 def _load() -> str:
@@ -679,6 +703,15 @@ def markdown(report: dict) -> str:
         "at the end (2 cores shared with other jobs), so host times are noisy: medians, and indicative only. "
         "The launch counts are deterministic.",
     ]
+    speed = report.get("python_speed")
+    if speed:
+        lines += [
+            "",
+            f"How fast this machine runs Python, to scale the host figures by: an empty Python function call costs "
+            f"{speed['empty_call_ns']:.0f} ns here (CPU time and wall time of the host paths agree, so this is the "
+            f"core's speed, not waiting for one); a host call of `triton.cdiv` costs {speed['triton_cdiv_us']:.1f} us "
+            "(in Triton 3.9 it is a ConstexprFunction, not plain arithmetic).",
+        ]
     history = report.get("history") or []
     if history:
         lines += _history_markdown(report, history)

@@ -172,6 +172,7 @@ def _tiny_report(fastdiff_ops):
         "load_before": "load average 3.10, 2.00, 1.00 on 2 CPUs",
         "load_after": "load average 4.00, 2.50, 1.50 on 2 CPUs",
         "calls": 7,
+        "python_speed": {"empty_call_ns": 48.0, "triton_cdiv_us": 3.25},
         "archs": {
             "tiny": {
                 "launches": {
@@ -207,6 +208,7 @@ def test_markdown_states_proxies_targets_load_and_history():
     assert "| group_norm x | 5.0 (met) | 9.5 | 2 (_apply, _stats) | 1.5 / 4.2 (triton) |" in text
     assert "| group_norm + input_bias | not measured: triton cannot run it (no) |" in text
     assert "| group_norm x | 0 | 0 | 60 | 0 | 0 | 40 |" in text
+    assert "empty Python function call costs 48 ns" in text and "`triton.cdiv` costs 3.2 us" in text
     assert "load average 3.10, 2.00, 1.00 on 2 CPUs" in text and "over 7 calls" in text
     # Before/after: launches and the tracked ops per round; an op absent from a top-12 list is "<floor".
     assert "| tiny | 50 -> 50 | 46 -> 46 | 100 | 8 -> 0 | <8 -> 0 |" in text
