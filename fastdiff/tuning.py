@@ -46,6 +46,7 @@ class WarmupReport:
         kind (`str`): ``"module"`` or ``"pipeline"``.
         ops (`dict`): ``(op_name, backend_name) -> calls`` for every fused op that ran
             (``fastdiff.trace_dispatch``).
+        processors (`dict`): attention processor class name -> calls (the trace names them too).
         tuned (`dict`): autotuned kernel (``"attention._attn_fwd_tuned"``, ...) -> the tuning keys it
             gained during the warm-up (tuned now, or read from the disk cache). Empty where nothing
             was tuned: on the CPU, under the Triton interpreter (one config, nothing to tune), or when
@@ -61,6 +62,7 @@ class WarmupReport:
     tuned: Dict[str, List[tuple]]
     autotune_cache: Dict[str, Any]
     seconds: float
+    processors: Dict[str, int] = dataclasses.field(default_factory=dict)
     notes: List[str] = dataclasses.field(default_factory=list)
 
     @property
@@ -77,6 +79,8 @@ class WarmupReport:
             lines.append("fused ops: " + ", ".join(f"{op} -> {backend} x{n}" for (op, backend), n in sorted(self.ops.items())))
         else:
             lines.append("fused ops: none ran")
+        if self.processors:
+            lines.append("attention processors: " + ", ".join(f"{name} x{n}" for name, n in sorted(self.processors.items())))
         if self.tuned:
             for name, keys in sorted(self.tuned.items()):
                 lines.append(f"tuned {name}: {len(keys)} new key(s): " + "; ".join(map(str, keys)))
@@ -269,4 +273,11 @@ def warmup(module_or_pipeline, example_inputs, *, persist: bool = True) -> Warmu
 
     after = _tuned_keys(tuners)
     tuned = {name: sorted(after[name] - before[name], key=repr) for name in tuners if after[name] - before[name]}
-    return WarmupReport(kind=kind, ops=dict(Counter(calls)), tuned=tuned, autotune_cache=cache_report, seconds=seconds, notes=notes)
+    from fastdiff.nn.attention_processor import PROCESSOR_TRACE_NAME
+
+    ops = Counter(call for call in calls if call[0] != PROCESSOR_TRACE_NAME)
+    processors = Counter(name for op, name in calls if op == PROCESSOR_TRACE_NAME)
+    return WarmupReport(
+        kind=kind, ops=dict(ops), tuned=tuned, autotune_cache=cache_report, seconds=seconds,
+        processors=dict(processors), notes=notes,
+    )  # fmt: skip

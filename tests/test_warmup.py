@@ -64,8 +64,11 @@ def test_module_report_lists_the_dispatched_ops_and_outputs_are_unchanged():
 
     assert isinstance(report, fastdiff.tuning.WarmupReport) and report.kind == "module"
     # the same ops, on the same backends, as many times as a plain forward dispatches them
-    assert report.ops == {key: calls.count(key) for key in set(calls)}
-    assert {"group_norm", "attention"} <= set(report.backends)
+    ops = [call for call in calls if call[0] != "attention_processor"]
+    assert report.ops == {key: ops.count(key) for key in set(ops)}
+    assert {"group_norm", "attention"} <= set(report.backends) and "attention_processor" not in report.backends
+    processors = [name for op, name in calls if op == "attention_processor"]
+    assert processors and report.processors == {name: processors.count(name) for name in set(processors)}
     assert report.seconds > 0
     text = str(report)
     assert "group_norm -> " in text and "attention -> " in text
