@@ -2,8 +2,10 @@
 
 Layout (B, H, L, D) as in ``torch.nn.functional.scaled_dot_product_attention``;
 every tensor is addressed through its strides, so views out of one fused QKV
-projection run without a copy. Lq may differ from Lk (cross-attention: Lk=77
-is handled by masking the tail block).
+projection run without a copy. Lq may differ from Lk (cross-attention: Lk=77).
+Key blocks that lie fully inside Lk run without bounds checks; only the last
+block, when BLOCK_N does not divide Lk, is masked (the EVEN_N split; the
+backward does the same along both of its loops).
 
 Head dim. ``tl.dot`` needs each dimension to be a power of two and at least
 16, so a head dim D is padded to a multiple of 16 and split into at most two
@@ -327,6 +329,69 @@ def _apply_mask(s, Mask, offs_m, offs_n, ok_m, ok_n, stride_mm, stride_mn,
 
 
 @triton.jit
+def _online_softmax(s, m_i, l_i):
+    """One step of the online softmax over a tile of scores s (log2 units):
+    returns (p, alpha, m_new, l_new) where p = 2^(s - m_new) and alpha = 2^(m_old - m_new)
+    rescales what was accumulated so far. A row that has seen only masked keys keeps
+    m = -inf; shifting it by 0 instead keeps exp2 at 0 rather than NaN."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2(m_i - m_shift)
+    p = tl.math.exp2(s - m_shift[:, None])
+    l_new = l_i * alpha + tl.sum(p, 1)
+    return p, alpha, m_new, l_new
+
+
+@triton.jit
+def _fwd_block(
+    acc0, acc1, m_i, l_i,  # running output accumulators (per head-dim chunk) and softmax state
+    q0, q1,  # the query tile's head-dim chunks (q1, acc1, offs_d1 are placeholders when D1 == 0)
+    K, V, Mask, k_base, v_base,  # as in _attn_fwd: K/V plane offsets and this plane's mask pointer
+    start_n, offs_m, offs_n, offs_d0, offs_d1, ok_m, Lk,
+    stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, qk_scale,
+    HEAD_DIM: tl.constexpr, D1: tl.constexpr, EVEN_D0: tl.constexpr, EVEN_D1: tl.constexpr,
+    MASK_KIND: tl.constexpr, MASK_KEYS_ONLY: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    ALIGNED: tl.constexpr, EVEN_M: tl.constexpr,
+    FULL: tl.constexpr,  # keys [start_n, start_n + BLOCK_N) all lie inside Lk: no bounds checks
+):
+    """One key block of the forward: scores, mask, online softmax, P @ V."""
+    cols = start_n + offs_n
+    ok_n = cols < Lk
+    # s = (q @ k^T) * scale * log2(e), as one or two accumulating dots over the head-dim chunks.
+    kt0 = _load(K + _cols(k_base, cols, stride_kn, ALIGNED) + offs_d0[:, None] * stride_kd, offs_d0[:, None] < HEAD_DIM, ok_n[None, :], EVEN_D0, FULL)
+    if UPCAST:
+        kt0 = kt0.to(tl.float32)
+    s = tl.dot(q0, kt0, input_precision=PRECISION)
+    if D1 > 0:
+        kt1 = _load(K + _cols(k_base, cols, stride_kn, ALIGNED) + offs_d1[:, None] * stride_kd, offs_d1[:, None] < HEAD_DIM, ok_n[None, :], EVEN_D1, FULL)
+        if UPCAST:
+            kt1 = kt1.to(tl.float32)
+        s = tl.dot(q1, kt1, s, input_precision=PRECISION)
+    s = s * qk_scale
+    s = _apply_mask(s, Mask, offs_m[:, None], cols[None, :], ok_m[:, None], ok_n[None, :], stride_mm, stride_mn, MASK_KIND, MASK_KEYS_ONLY, EVEN_M, FULL)
+    if not FULL:
+        s = tl.where(ok_n[None, :], s, float("-inf"))
+
+    # Online softmax: rescale the running sum and accumulator by 2^(m_old - m_new).
+    p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i)
+    if UPCAST:
+        p_in = p
+    else:
+        p_in = p.to(V.dtype.element_ty)
+
+    v0 = _load(V + _rows(v_base, cols, stride_vn, ALIGNED) + offs_d0[None, :] * stride_vd, ok_n[:, None], offs_d0[None, :] < HEAD_DIM, FULL, EVEN_D0)
+    if UPCAST:
+        v0 = v0.to(tl.float32)
+    acc0 = tl.dot(p_in, v0, acc0 * alpha[:, None], input_precision=PRECISION)
+    if D1 > 0:
+        v1 = _load(V + _rows(v_base, cols, stride_vn, ALIGNED) + offs_d1[None, :] * stride_vd, ok_n[:, None], offs_d1[None, :] < HEAD_DIM, FULL, EVEN_D1)
+        if UPCAST:
+            v1 = v1.to(tl.float32)
+        acc1 = tl.dot(p_in, v1, acc1 * alpha[:, None], input_precision=PRECISION)
+    return acc0, acc1, m_i, l_i
+
+
+@triton.jit
 def _attn_fwd(
     Q, K, V,  # inputs, (B, H, Lq, D), (B, H, Lk, D), (B, H, Lk, D), any strides
     Mask,  # (B, H, Lq, Lk) view (broadcast dims have stride 0); uint8 for bool masks; unused when MASK_KIND == 0
@@ -381,51 +446,32 @@ def _attn_fwd(
         if UPCAST:
             q1 = q1.to(tl.float32)
         acc1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
+    else:  # one chunk: placeholders the block step passes through untouched
+        offs_d1 = offs_d0
+        q1 = q0
+        acc1 = acc0
     # Online softmax state per row: running max m_i and running sum l_i (log2 units).
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
 
-    for start_n in range(0, Lk, BLOCK_N):
-        cols = start_n + offs_n
-        ok_n = cols < Lk
-        # s = (q @ k^T) * scale * log2(e), as one or two accumulating dots over the head-dim chunks.
-        kt0 = _load(K + _cols(k_base, cols, stride_kn, ALIGNED) + offs_d0[:, None] * stride_kd, offs_d0[:, None] < HEAD_DIM, ok_n[None, :], EVEN_D0, EVEN_N)
-        if UPCAST:
-            kt0 = kt0.to(tl.float32)
-        s = tl.dot(q0, kt0, input_precision=PRECISION)
-        if D1 > 0:
-            kt1 = _load(K + _cols(k_base, cols, stride_kn, ALIGNED) + offs_d1[:, None] * stride_kd, offs_d1[:, None] < HEAD_DIM, ok_n[None, :], EVEN_D1, EVEN_N)
-            if UPCAST:
-                kt1 = kt1.to(tl.float32)
-            s = tl.dot(q1, kt1, s, input_precision=PRECISION)
-        s = s * qk_scale
-        s = _apply_mask(s, Mask, offs_m[:, None], cols[None, :], ok_m[:, None], ok_n[None, :], stride_mm, stride_mn, MASK_KIND, MASK_KEYS_ONLY, EVEN_M, EVEN_N)
-        if not EVEN_N:
-            s = tl.where(ok_n[None, :], s, float("-inf"))
-
-        # Online softmax: rescale the running sum and accumulator by 2^(m_old - m_new).
-        # A row that has seen only masked keys keeps m = -inf; shifting it by 0
-        # instead keeps exp2 at 0 rather than NaN.
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_shift)
-        p = tl.math.exp2(s - m_shift[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        m_i = m_new
-        if UPCAST:
-            p_in = p
-        else:
-            p_in = p.to(V.dtype.element_ty)
-
-        v0 = _load(V + _rows(v_base, cols, stride_vn, ALIGNED) + offs_d0[None, :] * stride_vd, ok_n[:, None], offs_d0[None, :] < HEAD_DIM, EVEN_N, EVEN_D0)
-        if UPCAST:
-            v0 = v0.to(tl.float32)
-        acc0 = tl.dot(p_in, v0, acc0 * alpha[:, None], input_precision=PRECISION)
-        if D1 > 0:
-            v1 = _load(V + _rows(v_base, cols, stride_vn, ALIGNED) + offs_d1[None, :] * stride_vd, ok_n[:, None], offs_d1[None, :] < HEAD_DIM, EVEN_N, EVEN_D1)
-            if UPCAST:
-                v1 = v1.to(tl.float32)
-            acc1 = tl.dot(p_in, v1, acc1 * alpha[:, None], input_precision=PRECISION)
+    # Every key block that lies fully inside Lk runs without bounds checks; only
+    # the last one, when BLOCK_N does not divide Lk (77 keys), is masked.
+    if EVEN_N:
+        n_full = Lk
+    else:
+        n_full = (Lk // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        acc0, acc1, m_i, l_i = _fwd_block(
+            acc0, acc1, m_i, l_i, q0, q1, K, V, Mask, k_base, v_base, start_n, offs_m, offs_n, offs_d0, offs_d1, ok_m, Lk,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, qk_scale,
+            HEAD_DIM, D1, EVEN_D0, EVEN_D1, MASK_KIND, MASK_KEYS_ONLY, PRECISION, UPCAST, ALIGNED, EVEN_M, True,
+        )
+    if not EVEN_N:
+        acc0, acc1, m_i, l_i = _fwd_block(
+            acc0, acc1, m_i, l_i, q0, q1, K, V, Mask, k_base, v_base, n_full, offs_m, offs_n, offs_d0, offs_d1, ok_m, Lk,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, qk_scale,
+            HEAD_DIM, D1, EVEN_D0, EVEN_D1, MASK_KIND, MASK_KEYS_ONLY, PRECISION, UPCAST, ALIGNED, EVEN_M, False,
+        )
 
     # Normalise. Fully-masked rows (l_i == 0) output zeros and save lse = +inf.
     empty = l_i == 0.0
@@ -448,6 +494,49 @@ _attn_fwd_tuned = triton.autotune(
     key=["Lq", "Lk", "HEAD_DIM", "MASK_KIND"],
     prune_configs_by={"early_config_prune": _prune_fwd_configs},
 )(triton.heuristics(_even_heuristics())(_attn_fwd))
+
+
+@triton.jit
+def _fwd_block_tma(
+    acc0, acc1, m_i, l_i, q0, q1,  # as in _fwd_block
+    k_desc0, k_desc1, v_desc0, v_desc1,  # TMA descriptors of k and v (see _attn_fwd_tma)
+    Mask, off_b, off_h, start_n, offs_m, offs_n, ok_m, Lk, stride_mm, stride_mn, qk_scale,
+    D0: tl.constexpr, D1: tl.constexpr, MASK_KIND: tl.constexpr, MASK_KEYS_ONLY: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, EVEN_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    FULL: tl.constexpr,  # keys [start_n, start_n + BLOCK_N) all lie inside Lk
+):
+    """:func:`_fwd_block` with k/v tiles fetched through TMA (which zero-fills past Lk and D,
+    so only the scores of the tail block need masking)."""
+    cols = start_n + offs_n
+    ok_n = cols < Lk
+    k0 = k_desc0.load([off_b, off_h, start_n, 0]).reshape(BLOCK_N, D0)
+    if UPCAST:
+        k0 = k0.to(tl.float32)
+    s = tl.dot(q0, tl.trans(k0), input_precision=PRECISION)
+    if D1 > 0:
+        k1 = k_desc1.load([off_b, off_h, start_n, D0]).reshape(BLOCK_N, D1)
+        if UPCAST:
+            k1 = k1.to(tl.float32)
+        s = tl.dot(q1, tl.trans(k1), s, input_precision=PRECISION)
+    s = s * qk_scale
+    s = _apply_mask(s, Mask, offs_m[:, None], cols[None, :], ok_m[:, None], ok_n[None, :], stride_mm, stride_mn, MASK_KIND, MASK_KEYS_ONLY, EVEN_M, FULL)
+    if not FULL:
+        s = tl.where(ok_n[None, :], s, float("-inf"))
+
+    p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i)
+    v0 = v_desc0.load([off_b, off_h, start_n, 0]).reshape(BLOCK_N, D0)
+    if UPCAST:
+        v0 = v0.to(tl.float32)
+        p_in = p
+    else:
+        p_in = p.to(v0.dtype)
+    acc0 = tl.dot(p_in, v0, acc0 * alpha[:, None], input_precision=PRECISION)
+    if D1 > 0:
+        v1 = v_desc1.load([off_b, off_h, start_n, D0]).reshape(BLOCK_N, D1)
+        if UPCAST:
+            v1 = v1.to(tl.float32)
+        acc1 = tl.dot(p_in, v1, acc1 * alpha[:, None], input_precision=PRECISION)
+    return acc0, acc1, m_i, l_i
 
 
 @triton.jit
@@ -492,45 +581,27 @@ def _attn_fwd_tma(
         if UPCAST:
             q1 = q1.to(tl.float32)
         acc1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
+    else:  # one chunk: placeholders the block step passes through untouched
+        q1 = q0
+        acc1 = acc0
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
 
-    for start_n in range(0, Lk, BLOCK_N):
-        cols = start_n + offs_n
-        ok_n = cols < Lk
-        k0 = k_desc0.load([off_b, off_h, start_n, 0]).reshape(BLOCK_N, D0)
-        if UPCAST:
-            k0 = k0.to(tl.float32)
-        s = tl.dot(q0, tl.trans(k0), input_precision=PRECISION)
-        if D1 > 0:
-            k1 = k_desc1.load([off_b, off_h, start_n, D0]).reshape(BLOCK_N, D1)
-            if UPCAST:
-                k1 = k1.to(tl.float32)
-            s = tl.dot(q1, tl.trans(k1), s, input_precision=PRECISION)
-        s = s * qk_scale
-        s = _apply_mask(s, Mask, offs_m[:, None], cols[None, :], ok_m[:, None], ok_n[None, :], stride_mm, stride_mn, MASK_KIND, MASK_KEYS_ONLY, EVEN_M, EVEN_N)
-        if not EVEN_N:
-            s = tl.where(ok_n[None, :], s, float("-inf"))
-
-        # Online softmax, as in _attn_fwd.
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_shift)
-        p = tl.math.exp2(s - m_shift[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        m_i = m_new
-        v0 = v_desc0.load([off_b, off_h, start_n, 0]).reshape(BLOCK_N, D0)
-        if UPCAST:
-            v0 = v0.to(tl.float32)
-            p_in = p
-        else:
-            p_in = p.to(v0.dtype)
-        acc0 = tl.dot(p_in, v0, acc0 * alpha[:, None], input_precision=PRECISION)
-        if D1 > 0:
-            v1 = v_desc1.load([off_b, off_h, start_n, D0]).reshape(BLOCK_N, D1)
-            if UPCAST:
-                v1 = v1.to(tl.float32)
-            acc1 = tl.dot(p_in, v1, acc1 * alpha[:, None], input_precision=PRECISION)
+    # Full key blocks unmasked, then the tail block (if any) with bounds checks, as in _attn_fwd.
+    if EVEN_N:
+        n_full = Lk
+    else:
+        n_full = (Lk // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        acc0, acc1, m_i, l_i = _fwd_block_tma(
+            acc0, acc1, m_i, l_i, q0, q1, k_desc0, k_desc1, v_desc0, v_desc1, Mask, off_b, off_h, start_n, offs_m, offs_n, ok_m, Lk,
+            stride_mm, stride_mn, qk_scale, D0, D1, MASK_KIND, MASK_KEYS_ONLY, PRECISION, UPCAST, EVEN_M, BLOCK_N, True,
+        )
+    if not EVEN_N:
+        acc0, acc1, m_i, l_i = _fwd_block_tma(
+            acc0, acc1, m_i, l_i, q0, q1, k_desc0, k_desc1, v_desc0, v_desc1, Mask, off_b, off_h, n_full, offs_m, offs_n, ok_m, Lk,
+            stride_mm, stride_mn, qk_scale, D0, D1, MASK_KIND, MASK_KEYS_ONLY, PRECISION, UPCAST, EVEN_M, BLOCK_N, False,
+        )
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -604,6 +675,112 @@ def _attn_bwd_delta(
 
 
 @triton.jit
+def _dkdv_block(
+    dk0, dk1, dv0, dv1,  # dK/dV accumulators of this program's keys, per head-dim chunk
+    k0, k1, v0, v1,  # this program's key/value tiles (k1, v1, dk1, dv1, offs_d1 are placeholders when D1 == 0)
+    Q, DOut, Mask, Lse, Delta, q_base, do_base,  # as in _attn_bwd_dkdv (Lse/Delta already at this (batch, head))
+    start_m, offs_m, offs_n, offs_d0, offs_d1, ok_n, Lq,
+    stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn, qk_scale,
+    HEAD_DIM: tl.constexpr, D1: tl.constexpr, EVEN_D0: tl.constexpr, EVEN_D1: tl.constexpr,
+    MASK_KIND: tl.constexpr, MASK_KEYS_ONLY: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    ALIGNED: tl.constexpr, EVEN_N: tl.constexpr,
+    FULL: tl.constexpr,  # queries [start_m, start_m + BLOCK_M) all lie inside Lq: no bounds checks
+):
+    """One query block of the dK/dV backward (keys along the tile's rows)."""
+    rows = start_m + offs_m
+    ok_m = rows < Lq
+    q0 = _load(Q + _rows(q_base, rows, stride_qm, ALIGNED) + offs_d0[None, :] * stride_qd, ok_m[:, None], offs_d0[None, :] < HEAD_DIM, FULL, EVEN_D0)
+    do0 = _load(DOut + _rows(do_base, rows, stride_dom, ALIGNED) + offs_d0[None, :] * stride_dod, ok_m[:, None], offs_d0[None, :] < HEAD_DIM, FULL, EVEN_D0)
+    if UPCAST:
+        q0 = q0.to(tl.float32)
+        do0 = do0.to(tl.float32)
+    # s^T = K Q^T (keys along rows), in log2 units.
+    st = tl.dot(k0, tl.trans(q0), input_precision=PRECISION)
+    if D1 > 0:
+        q1 = _load(Q + _rows(q_base, rows, stride_qm, ALIGNED) + offs_d1[None, :] * stride_qd, ok_m[:, None], offs_d1[None, :] < HEAD_DIM, FULL, EVEN_D1)
+        do1 = _load(DOut + _rows(do_base, rows, stride_dom, ALIGNED) + offs_d1[None, :] * stride_dod, ok_m[:, None], offs_d1[None, :] < HEAD_DIM, FULL, EVEN_D1)
+        if UPCAST:
+            q1 = q1.to(tl.float32)
+            do1 = do1.to(tl.float32)
+        st = tl.dot(k1, tl.trans(q1), st, input_precision=PRECISION)
+    st = st * qk_scale
+    st = _apply_mask(st, Mask, rows[None, :], offs_n[:, None], ok_m[None, :], ok_n[:, None], stride_mm, stride_mn, MASK_KIND, MASK_KEYS_ONLY, FULL, EVEN_N)
+    # Rows past Lq read lse = +inf, so their P is 0; key rows past Lk are never stored.
+    if FULL:
+        lse = tl.load(Lse + rows)
+        delta = tl.load(Delta + rows)
+    else:
+        lse = tl.load(Lse + rows, mask=ok_m, other=float("inf"))
+        delta = tl.load(Delta + rows, mask=ok_m, other=0.0)
+    pt = tl.math.exp2(st - lse[None, :])
+    if UPCAST:
+        pt_in = pt
+    else:
+        pt_in = pt.to(Q.dtype.element_ty)
+    # dV += P^T dO;  dP^T = V dO^T;  dS^T = P^T * (dP^T - Delta);  dK += dS^T Q.
+    dv0 = tl.dot(pt_in, do0, dv0, input_precision=PRECISION)
+    dpt = tl.dot(v0, tl.trans(do0), input_precision=PRECISION)
+    if D1 > 0:
+        dv1 = tl.dot(pt_in, do1, dv1, input_precision=PRECISION)
+        dpt = tl.dot(v1, tl.trans(do1), dpt, input_precision=PRECISION)
+    dst = pt * (dpt - delta[None, :])
+    if UPCAST:
+        dst_in = dst
+    else:
+        dst_in = dst.to(Q.dtype.element_ty)
+    dk0 = tl.dot(dst_in, q0, dk0, input_precision=PRECISION)
+    if D1 > 0:
+        dk1 = tl.dot(dst_in, q1, dk1, input_precision=PRECISION)
+    return dk0, dk1, dv0, dv1
+
+
+@triton.jit
+def _dq_block(
+    dq0, dq1,  # dQ accumulators of this program's queries, per head-dim chunk
+    q0, q1, do0, do1, lse, delta,  # this program's query rows (q1, do1, dq1, offs_d1 are placeholders when D1 == 0)
+    K, V, Mask, k_base, v_base,  # as in _attn_bwd_dq
+    start_n, offs_m, offs_n, offs_d0, offs_d1, ok_m, Lk,
+    stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, qk_scale,
+    HEAD_DIM: tl.constexpr, D1: tl.constexpr, EVEN_D0: tl.constexpr, EVEN_D1: tl.constexpr,
+    MASK_KIND: tl.constexpr, MASK_KEYS_ONLY: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    ALIGNED: tl.constexpr, EVEN_M: tl.constexpr,
+    FULL: tl.constexpr,  # keys [start_n, start_n + BLOCK_N) all lie inside Lk: no bounds checks
+):
+    """One key block of the dQ backward."""
+    cols = start_n + offs_n
+    ok_n = cols < Lk
+    kt0 = _load(K + _cols(k_base, cols, stride_kn, ALIGNED) + offs_d0[:, None] * stride_kd, offs_d0[:, None] < HEAD_DIM, ok_n[None, :], EVEN_D0, FULL)
+    vt0 = _load(V + _cols(v_base, cols, stride_vn, ALIGNED) + offs_d0[:, None] * stride_vd, offs_d0[:, None] < HEAD_DIM, ok_n[None, :], EVEN_D0, FULL)
+    if UPCAST:
+        kt0 = kt0.to(tl.float32)
+        vt0 = vt0.to(tl.float32)
+    s = tl.dot(q0, kt0, input_precision=PRECISION)
+    dp = tl.dot(do0, vt0, input_precision=PRECISION)
+    if D1 > 0:
+        kt1 = _load(K + _cols(k_base, cols, stride_kn, ALIGNED) + offs_d1[:, None] * stride_kd, offs_d1[:, None] < HEAD_DIM, ok_n[None, :], EVEN_D1, FULL)
+        vt1 = _load(V + _cols(v_base, cols, stride_vn, ALIGNED) + offs_d1[:, None] * stride_vd, offs_d1[:, None] < HEAD_DIM, ok_n[None, :], EVEN_D1, FULL)
+        if UPCAST:
+            kt1 = kt1.to(tl.float32)
+            vt1 = vt1.to(tl.float32)
+        s = tl.dot(q1, kt1, s, input_precision=PRECISION)
+        dp = tl.dot(do1, vt1, dp, input_precision=PRECISION)
+    s = s * qk_scale
+    s = _apply_mask(s, Mask, offs_m[:, None], cols[None, :], ok_m[:, None], ok_n[None, :], stride_mm, stride_mn, MASK_KIND, MASK_KEYS_ONLY, EVEN_M, FULL)
+    if not FULL:
+        s = tl.where(ok_n[None, :], s, float("-inf"))
+    p = tl.math.exp2(s - lse[:, None])
+    ds = p * (dp - delta[:, None])
+    if UPCAST:
+        ds_in = ds
+    else:
+        ds_in = ds.to(K.dtype.element_ty)
+    dq0 = tl.dot(ds_in, tl.trans(kt0), dq0, input_precision=PRECISION)
+    if D1 > 0:
+        dq1 = tl.dot(ds_in, tl.trans(kt1), dq1, input_precision=PRECISION)
+    return dq0, dq1
+
+
+@triton.jit
 def _attn_bwd_dkdv(
     Q, K, V, Mask, DOut,  # inputs as in _attn_fwd; DOut is dL/dOut, (B, H, Lq, D), any strides
     Lse, Delta,  # (B * H, Lq) fp32, from _attn_fwd and _attn_bwd_delta
@@ -659,52 +836,31 @@ def _attn_bwd_dkdv(
             v1 = v1.to(tl.float32)
         dk1 = tl.zeros([BLOCK_N, D1], dtype=tl.float32)
         dv1 = tl.zeros([BLOCK_N, D1], dtype=tl.float32)
+    else:  # one chunk: placeholders the block step passes through untouched
+        offs_d1 = offs_d0
+        k1 = k0
+        v1 = v0
+        dk1 = dk0
+        dv1 = dv0
 
-    for start_m in range(0, Lq, BLOCK_M):
-        rows = start_m + offs_m
-        ok_m = rows < Lq
-        q0 = _load(Q + _rows(q_base, rows, stride_qm, ALIGNED) + offs_d0[None, :] * stride_qd, ok_m[:, None], offs_d0[None, :] < HEAD_DIM, EVEN_M, EVEN_D0)
-        do0 = _load(DOut + _rows(do_base, rows, stride_dom, ALIGNED) + offs_d0[None, :] * stride_dod, ok_m[:, None], offs_d0[None, :] < HEAD_DIM, EVEN_M, EVEN_D0)
-        if UPCAST:
-            q0 = q0.to(tl.float32)
-            do0 = do0.to(tl.float32)
-        # s^T = K Q^T (keys along rows), in log2 units.
-        st = tl.dot(k0, tl.trans(q0), input_precision=PRECISION)
-        if D1 > 0:
-            q1 = _load(Q + _rows(q_base, rows, stride_qm, ALIGNED) + offs_d1[None, :] * stride_qd, ok_m[:, None], offs_d1[None, :] < HEAD_DIM, EVEN_M, EVEN_D1)
-            do1 = _load(DOut + _rows(do_base, rows, stride_dom, ALIGNED) + offs_d1[None, :] * stride_dod, ok_m[:, None], offs_d1[None, :] < HEAD_DIM, EVEN_M, EVEN_D1)
-            if UPCAST:
-                q1 = q1.to(tl.float32)
-                do1 = do1.to(tl.float32)
-            st = tl.dot(k1, tl.trans(q1), st, input_precision=PRECISION)
-        st = st * qk_scale
-        st = _apply_mask(st, Mask, rows[None, :], offs_n[:, None], ok_m[None, :], ok_n[:, None], stride_mm, stride_mn, MASK_KIND, MASK_KEYS_ONLY, EVEN_M, EVEN_N)
-        # Rows past Lq read lse = +inf, so their P is 0; key rows past Lk are never stored.
-        if EVEN_M:
-            lse = tl.load(Lse + rows)
-            delta = tl.load(Delta + rows)
-        else:
-            lse = tl.load(Lse + rows, mask=ok_m, other=float("inf"))
-            delta = tl.load(Delta + rows, mask=ok_m, other=0.0)
-        pt = tl.math.exp2(st - lse[None, :])
-        if UPCAST:
-            pt_in = pt
-        else:
-            pt_in = pt.to(Q.dtype.element_ty)
-        # dV += P^T dO;  dP^T = V dO^T;  dS^T = P^T * (dP^T - Delta);  dK += dS^T Q.
-        dv0 = tl.dot(pt_in, do0, dv0, input_precision=PRECISION)
-        dpt = tl.dot(v0, tl.trans(do0), input_precision=PRECISION)
-        if D1 > 0:
-            dv1 = tl.dot(pt_in, do1, dv1, input_precision=PRECISION)
-            dpt = tl.dot(v1, tl.trans(do1), dpt, input_precision=PRECISION)
-        dst = pt * (dpt - delta[None, :])
-        if UPCAST:
-            dst_in = dst
-        else:
-            dst_in = dst.to(Q.dtype.element_ty)
-        dk0 = tl.dot(dst_in, q0, dk0, input_precision=PRECISION)
-        if D1 > 0:
-            dk1 = tl.dot(dst_in, q1, dk1, input_precision=PRECISION)
+    # Query blocks that lie fully inside Lq run without bounds checks; only the last
+    # one, when BLOCK_M does not divide Lq, is masked.
+    if EVEN_M:
+        m_full = Lq
+    else:
+        m_full = (Lq // BLOCK_M) * BLOCK_M
+    for start_m in range(0, m_full, BLOCK_M):
+        dk0, dk1, dv0, dv1 = _dkdv_block(
+            dk0, dk1, dv0, dv1, k0, k1, v0, v1, Q, DOut, Mask, Lse, Delta, q_base, do_base, start_m, offs_m, offs_n, offs_d0, offs_d1, ok_n, Lq,
+            stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn, qk_scale,
+            HEAD_DIM, D1, EVEN_D0, EVEN_D1, MASK_KIND, MASK_KEYS_ONLY, PRECISION, UPCAST, ALIGNED, EVEN_N, True,
+        )
+    if not EVEN_M:
+        dk0, dk1, dv0, dv1 = _dkdv_block(
+            dk0, dk1, dv0, dv1, k0, k1, v0, v1, Q, DOut, Mask, Lse, Delta, q_base, do_base, m_full, offs_m, offs_n, offs_d0, offs_d1, ok_n, Lq,
+            stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn, qk_scale,
+            HEAD_DIM, D1, EVEN_D0, EVEN_D1, MASK_KIND, MASK_KEYS_ONLY, PRECISION, UPCAST, ALIGNED, EVEN_N, False,
+        )
 
     ok_store = ok_n[:, None] & (offs_d0[None, :] < HEAD_DIM)
     tl.store(DK + _rows(dk_base, offs_n, stride_dkn, ALIGNED) + offs_d0[None, :] * stride_dkd, (dk0 * sm_scale).to(DK.dtype.element_ty), mask=ok_store)
@@ -763,6 +919,11 @@ def _attn_bwd_dq(
             q1 = q1.to(tl.float32)
             do1 = do1.to(tl.float32)
         dq1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
+    else:  # one chunk: placeholders the block step passes through untouched
+        offs_d1 = offs_d0
+        q1 = q0
+        do1 = do0
+        dq1 = dq0
     if EVEN_M:
         lse = tl.load(Lse + pid_bh * Lq + offs_m)
         delta = tl.load(Delta + pid_bh * Lq + offs_m)
@@ -770,37 +931,23 @@ def _attn_bwd_dq(
         lse = tl.load(Lse + pid_bh * Lq + offs_m, mask=ok_m, other=float("inf"))
         delta = tl.load(Delta + pid_bh * Lq + offs_m, mask=ok_m, other=0.0)
 
-    for start_n in range(0, Lk, BLOCK_N):
-        cols = start_n + offs_n
-        ok_n = cols < Lk
-        kt0 = _load(K + _cols(k_base, cols, stride_kn, ALIGNED) + offs_d0[:, None] * stride_kd, offs_d0[:, None] < HEAD_DIM, ok_n[None, :], EVEN_D0, EVEN_N)
-        vt0 = _load(V + _cols(v_base, cols, stride_vn, ALIGNED) + offs_d0[:, None] * stride_vd, offs_d0[:, None] < HEAD_DIM, ok_n[None, :], EVEN_D0, EVEN_N)
-        if UPCAST:
-            kt0 = kt0.to(tl.float32)
-            vt0 = vt0.to(tl.float32)
-        s = tl.dot(q0, kt0, input_precision=PRECISION)
-        dp = tl.dot(do0, vt0, input_precision=PRECISION)
-        if D1 > 0:
-            kt1 = _load(K + _cols(k_base, cols, stride_kn, ALIGNED) + offs_d1[:, None] * stride_kd, offs_d1[:, None] < HEAD_DIM, ok_n[None, :], EVEN_D1, EVEN_N)
-            vt1 = _load(V + _cols(v_base, cols, stride_vn, ALIGNED) + offs_d1[:, None] * stride_vd, offs_d1[:, None] < HEAD_DIM, ok_n[None, :], EVEN_D1, EVEN_N)
-            if UPCAST:
-                kt1 = kt1.to(tl.float32)
-                vt1 = vt1.to(tl.float32)
-            s = tl.dot(q1, kt1, s, input_precision=PRECISION)
-            dp = tl.dot(do1, vt1, dp, input_precision=PRECISION)
-        s = s * qk_scale
-        s = _apply_mask(s, Mask, offs_m[:, None], cols[None, :], ok_m[:, None], ok_n[None, :], stride_mm, stride_mn, MASK_KIND, MASK_KEYS_ONLY, EVEN_M, EVEN_N)
-        if not EVEN_N:
-            s = tl.where(ok_n[None, :], s, float("-inf"))
-        p = tl.math.exp2(s - lse[:, None])
-        ds = p * (dp - delta[:, None])
-        if UPCAST:
-            ds_in = ds
-        else:
-            ds_in = ds.to(Q.dtype.element_ty)
-        dq0 = tl.dot(ds_in, tl.trans(kt0), dq0, input_precision=PRECISION)
-        if D1 > 0:
-            dq1 = tl.dot(ds_in, tl.trans(kt1), dq1, input_precision=PRECISION)
+    # Full key blocks unmasked, then the tail block (if any) with bounds checks.
+    if EVEN_N:
+        n_full = Lk
+    else:
+        n_full = (Lk // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        dq0, dq1 = _dq_block(
+            dq0, dq1, q0, q1, do0, do1, lse, delta, K, V, Mask, k_base, v_base, start_n, offs_m, offs_n, offs_d0, offs_d1, ok_m, Lk,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, qk_scale,
+            HEAD_DIM, D1, EVEN_D0, EVEN_D1, MASK_KIND, MASK_KEYS_ONLY, PRECISION, UPCAST, ALIGNED, EVEN_M, True,
+        )
+    if not EVEN_N:
+        dq0, dq1 = _dq_block(
+            dq0, dq1, q0, q1, do0, do1, lse, delta, K, V, Mask, k_base, v_base, n_full, offs_m, offs_n, offs_d0, offs_d1, ok_m, Lk,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, qk_scale,
+            HEAD_DIM, D1, EVEN_D0, EVEN_D1, MASK_KIND, MASK_KEYS_ONLY, PRECISION, UPCAST, ALIGNED, EVEN_M, False,
+        )
 
     tl.store(DQ + _rows(dq_base, offs_m, stride_dqm, ALIGNED) + offs_d0[None, :] * stride_dqd, (dq0 * sm_scale).to(DQ.dtype.element_ty), mask=ok_m[:, None] & (offs_d0[None, :] < HEAD_DIM))
     if D1 > 0:
