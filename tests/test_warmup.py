@@ -196,6 +196,17 @@ def test_ddpm_pipeline_runs_eagerly_and_leaves_the_generator_as_it_was(ddpm_fold
     assert torch.equal(pipe(generator=generator, **kwargs).images, expected)
 
 
+def test_optimized_diffusers_pipeline(ddpm_folder):
+    diffusers = pytest.importorskip("diffusers")
+    pipe = _quiet(diffusers.DDPMPipeline.from_pretrained(ddpm_folder))
+    fastdiff.optimize(pipe, cuda_graph=False)
+    kwargs = dict(batch_size=1, num_inference_steps=STEPS, output_type="np")
+    report = fastdiff.warmup(pipe, dict(generator=torch.Generator().manual_seed(2), **kwargs))
+    assert report.kind == "pipeline" and {"group_norm", "attention"} <= set(report.backends)
+    with pytest.raises(TypeError, match=r"DDPMPipeline.__call__ takes no argument\(s\) \['guidance_scale'\]"):
+        fastdiff.warmup(pipe, dict(guidance_scale=3.0, **kwargs))
+
+
 def test_sd_pipeline_with_prompt_and_global_rng(sd_folder):
     pipe = _quiet(fastdiff.StableDiffusionPipeline.from_pretrained(sd_folder))
     kwargs = dict(prompt="a red cat", num_inference_steps=STEPS, guidance_scale=6.0, output_type="pt", height=16, width=16)
