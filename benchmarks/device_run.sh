@@ -72,7 +72,7 @@ run_tests tests 150 "${existing[@]}"
 run_tests tests 40 tests/test_schedulers.py -k sync
 # bitwise-reproducible attention/GroupNorm (fwd+bwd, SD shapes, and across two processes through the
 # autotune disk cache), the scheduler-step counter at 1,000+ programs, tuning refused inside a capture
-run_tests repro 150 tests/test_gpu_reproducibility.py
+run_tests repro 240 tests/test_gpu_reproducibility.py
 # the pipelines' CUDA graphs: captured == eager (SD, SDXL), weight changes, memory bound, release
 # and fastdiff.optimize's captured diffusers UNet with LoRA
 run_tests graphs 120 tests/test_graphs.py tests/test_pipeline_graphs.py tests/test_optimize.py -m gpu

@@ -48,135 +48,6 @@ def _assert_bitwise(first, second, names):
         assert torch.equal(a, b), f"{name}: the second run differs in {int((a != b).sum())} of {a.numel()} elements"
 
 
-# ---------------------------------------------------------------------------------------------- attention
-
-# (B, H, Lq, Lk, D): SD1.5 at 512x512 with CFG: 64x64 self-attention, its cross-attention on 77
-# tokens, and the 16x16 level with head dim 160.
-ATTENTION_SHAPES = [(2, 8, 4096, 4096, 40), (2, 8, 4096, 77, 40), (2, 8, 256, 256, 160)]
-
-
-def _attention_fwd_bwd(q, k, v, dout):
-    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    out = attention(q, k, v, backend="triton")
-    out.backward(dout)
-    torch.cuda.synchronize()
-    return [out.detach(), q.grad, k.grad, v.grad]
-
-
-@pytest.mark.parametrize("shape", ATTENTION_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_attention_triton_is_bitwise_reproducible(shape):
-    b, h, lq, lk, d = shape
-    q = _randn(b, h, lq, d, dtype=torch.float16, seed=1)
-    k = _randn(b, h, lk, d, dtype=torch.float16, seed=2)
-    v = _randn(b, h, lk, d, dtype=torch.float16, seed=3)
-    dout = _randn(b, h, lq, d, dtype=torch.float16, seed=4)
-
-    first = _attention_fwd_bwd(q, k, v, dout)  # tunes this key (forward and both backward kernels)
-    second = _attention_fwd_bwd(q, k, v, dout)
-    third = _attention_fwd_bwd(q, k, v, dout)
-    names = ["out", "dq", "dk", "dv"]
-    _assert_bitwise(first, second, names)
-    _assert_bitwise(second, third, names)
-    # and the bits are right, not only repeated
-    ref = attention_ref(q.float(), k.float(), v.float())
-    assert_low_precision_ok(first[0], torch.nn.functional.scaled_dot_product_attention(q, k, v), ref)
-
-
-# ---------------------------------------------------------------------------------------------- GroupNorm
-
-# (N, C, H, W, groups, activation, channels_last): SD1.5 UNet at 512x512 with CFG, and a VAE decoder level.
-GROUP_NORM_SHAPES = [
-    (2, 320, 64, 64, 32, "silu", True),
-    (2, 640, 32, 32, 32, None, False),
-    (2, 1280, 16, 16, 32, "silu", True),
-    (1, 512, 128, 128, 32, "silu", False),
-]
-
-
-def _group_norm_fwd_bwd(x, weight, bias, dy, groups, activation, backend):
-    x, weight, bias = (t.detach().clone().requires_grad_() for t in (x, weight, bias))
-    y = group_norm(x, groups, weight, bias, eps=1e-5, activation=activation, backend=backend)
-    y.backward(dy)
-    torch.cuda.synchronize()
-    return [y.detach(), x.grad, weight.grad, bias.grad]
-
-
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
-@pytest.mark.parametrize("shape", GROUP_NORM_SHAPES, ids=lambda s: "x".join(map(str, s[:4])) + f"-g{s[4]}-{s[5]}-{'nhwc' if s[6] else 'nchw'}")
-def test_group_norm_is_bitwise_reproducible(shape, backend):
-    n, c, hgt, wid, groups, activation, channels_last = shape
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    x = _randn(n, c, hgt, wid, dtype=torch.float16, seed=5, scale=2.0, shift=0.5).to(memory_format=fmt)
-    weight = _randn(c, dtype=torch.float16, seed=6, scale=0.2, shift=1.0)
-    bias = _randn(c, dtype=torch.float16, seed=7, scale=0.2)
-    dy = _randn(n, c, hgt, wid, dtype=torch.float16, seed=8).to(memory_format=fmt)
-
-    first = _group_norm_fwd_bwd(x, weight, bias, dy, groups, activation, backend)
-    second = _group_norm_fwd_bwd(x, weight, bias, dy, groups, activation, backend)
-    third = _group_norm_fwd_bwd(x, weight, bias, dy, groups, activation, backend)
-    names = ["y", "dx", "dweight", "dbias"]
-    _assert_bitwise(first, second, names)
-    _assert_bitwise(second, third, names)
-    assert first[0].is_contiguous(memory_format=fmt)
-    ref = group_norm_ref(x.double(), groups, weight.double(), bias.double(), 1e-5, activation)
-    baseline = group_norm_ref(x, groups, weight, bias, 1e-5, activation, upcast=False)  # plain PyTorch in fp16
-    assert_low_precision_ok(first[0], baseline, ref)
-
-
-# ---------------------------------------------------------------------------------------------- processes
-
-_PROCESS_SCRIPT = textwrap.dedent(
-    """
-    import sys
-    import torch
-    import fastdiff
-    from fastdiff.graphs import _autotuned_kernels
-    from fastdiff.ops.attention import attention
-
-    class Attend(torch.nn.Module):
-        def forward(self, q, k, v):
-            return attention(q, k, v, backend="triton")
-
-    tuner = _autotuned_kernels()["attention._attn_fwd_tuned"]
-    benchmarked = []
-    bench = tuner._bench
-    tuner._bench = lambda *args, **kwargs: benchmarked.append(1) or bench(*args, **kwargs)
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(2, 5, 1031, 64, device="cuda", generator=g).half() for _ in range(3))
-    report = fastdiff.warmup(Attend(), (q, k, v))
-    out = Attend()(q, k, v)
-    torch.save(out.cpu(), sys.argv[1])
-    print("enabled", report.autotune_cache["kernels"].get("attention._attn_fwd_tuned", False))
-    print("tuned", report.tuned.get("attention._attn_fwd_tuned", []))
-    print("benchmarked", len(benchmarked))
-    """
-)
-
-
-def _run_process(tmp_path, name):
-    env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path / "triton-cache"))
-    env.pop("TRITON_INTERPRET", None)
-    result = subprocess.run(
-        [sys.executable, "-c", _PROCESS_SCRIPT, str(tmp_path / name)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    lines = dict(line.split(" ", 1) for line in result.stdout.splitlines() if " " in line)
-    return lines, torch.load(tmp_path / name)
-
-
-def test_attention_config_persists_between_processes(tmp_path):
-    """fastdiff.warmup turns on Triton's autotune disk cache: a second process benchmarks nothing,
-    picks the same config, and gives the same bits."""
-    first, out_first = _run_process(tmp_path, "first.pt")
-    second, out_second = _run_process(tmp_path, "second.pt")
-    assert first["enabled"] == "True", first
-    assert "1031" in first["tuned"] and first["tuned"] == second["tuned"], (first, second)
-    assert int(first["benchmarked"]) > 0, first  # several configs survive pruning at this shape: it tuned
-    assert int(second["benchmarked"]) == 0, second  # read from the disk cache
-    assert list((tmp_path / "triton-cache").rglob("*.autotune.json"))
-    assert torch.equal(out_first, out_second)
-
-
 # ---------------------------------------------------------------------------------------------- scheduler step
 
 # 2 x 4 x 520 x 520 = 2,163,200 elements: the Triton launcher's 2048-element programs give 1,057
@@ -264,3 +135,132 @@ def test_tuning_inside_a_capture_raises_then_warmup_lets_it_capture():
     with torch.no_grad():
         expected = module(*fresh)
     assert torch.equal(static_out, expected)
+
+
+# ---------------------------------------------------------------------------------------------- GroupNorm
+
+# (N, C, H, W, groups, activation, channels_last): SD1.5 UNet at 512x512 with CFG, and a VAE decoder level.
+GROUP_NORM_SHAPES = [
+    (2, 320, 64, 64, 32, "silu", True),
+    (2, 640, 32, 32, 32, None, False),
+    (2, 1280, 16, 16, 32, "silu", True),
+    (1, 512, 128, 128, 32, "silu", False),
+]
+
+
+def _group_norm_fwd_bwd(x, weight, bias, dy, groups, activation, backend):
+    x, weight, bias = (t.detach().clone().requires_grad_() for t in (x, weight, bias))
+    y = group_norm(x, groups, weight, bias, eps=1e-5, activation=activation, backend=backend)
+    y.backward(dy)
+    torch.cuda.synchronize()
+    return [y.detach(), x.grad, weight.grad, bias.grad]
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("shape", GROUP_NORM_SHAPES, ids=lambda s: "x".join(map(str, s[:4])) + f"-g{s[4]}-{s[5]}-{'nhwc' if s[6] else 'nchw'}")
+def test_group_norm_is_bitwise_reproducible(shape, backend):
+    n, c, hgt, wid, groups, activation, channels_last = shape
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = _randn(n, c, hgt, wid, dtype=torch.float16, seed=5, scale=2.0, shift=0.5).to(memory_format=fmt)
+    weight = _randn(c, dtype=torch.float16, seed=6, scale=0.2, shift=1.0)
+    bias = _randn(c, dtype=torch.float16, seed=7, scale=0.2)
+    dy = _randn(n, c, hgt, wid, dtype=torch.float16, seed=8).to(memory_format=fmt)
+
+    first = _group_norm_fwd_bwd(x, weight, bias, dy, groups, activation, backend)
+    second = _group_norm_fwd_bwd(x, weight, bias, dy, groups, activation, backend)
+    third = _group_norm_fwd_bwd(x, weight, bias, dy, groups, activation, backend)
+    names = ["y", "dx", "dweight", "dbias"]
+    _assert_bitwise(first, second, names)
+    _assert_bitwise(second, third, names)
+    assert first[0].is_contiguous(memory_format=fmt)
+    ref = group_norm_ref(x.double(), groups, weight.double(), bias.double(), 1e-5, activation)
+    baseline = group_norm_ref(x, groups, weight, bias, 1e-5, activation, upcast=False)  # plain PyTorch in fp16
+    assert_low_precision_ok(first[0], baseline, ref)
+
+
+# ---------------------------------------------------------------------------------------------- attention
+
+# (B, H, Lq, Lk, D): SD1.5 at 512x512 with CFG, the 64x64 level: self-attention and cross-attention on
+# 77 tokens. (Each new specialisation tunes and compiles ~20 backward configs: the list is kept short.)
+ATTENTION_SHAPES = [(2, 8, 4096, 4096, 40), (2, 8, 4096, 77, 40)]
+
+
+def _attention_fwd_bwd(q, k, v, dout):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = attention(q, k, v, backend="triton")
+    out.backward(dout)
+    torch.cuda.synchronize()
+    return [out.detach(), q.grad, k.grad, v.grad]
+
+
+@pytest.mark.parametrize("shape", ATTENTION_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_attention_triton_is_bitwise_reproducible(shape):
+    b, h, lq, lk, d = shape
+    q = _randn(b, h, lq, d, dtype=torch.float16, seed=1)
+    k = _randn(b, h, lk, d, dtype=torch.float16, seed=2)
+    v = _randn(b, h, lk, d, dtype=torch.float16, seed=3)
+    dout = _randn(b, h, lq, d, dtype=torch.float16, seed=4)
+
+    first = _attention_fwd_bwd(q, k, v, dout)  # tunes this key (forward and both backward kernels)
+    second = _attention_fwd_bwd(q, k, v, dout)
+    third = _attention_fwd_bwd(q, k, v, dout)
+    names = ["out", "dq", "dk", "dv"]
+    _assert_bitwise(first, second, names)
+    _assert_bitwise(second, third, names)
+    # and the bits are right, not only repeated
+    ref = attention_ref(q.float(), k.float(), v.float())
+    assert_low_precision_ok(first[0], torch.nn.functional.scaled_dot_product_attention(q, k, v), ref)
+
+
+# ---------------------------------------------------------------------------------------------- processes
+
+_PROCESS_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import torch
+    import fastdiff
+    from fastdiff.graphs import _autotuned_kernels
+    from fastdiff.ops.attention import attention
+
+    class Attend(torch.nn.Module):
+        def forward(self, q, k, v):
+            return attention(q, k, v, backend="triton")
+
+    tuner = _autotuned_kernels()["attention._attn_fwd_tuned"]
+    benchmarked = []
+    bench = tuner._bench
+    tuner._bench = lambda *args, **kwargs: benchmarked.append(1) or bench(*args, **kwargs)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(2, 5, 1031, 64, device="cuda", generator=g).half() for _ in range(3))
+    report = fastdiff.warmup(Attend(), (q, k, v))
+    out = Attend()(q, k, v)
+    torch.save(out.cpu(), sys.argv[1])
+    print("enabled", report.autotune_cache["kernels"].get("attention._attn_fwd_tuned", False))
+    print("tuned", report.tuned.get("attention._attn_fwd_tuned", []))
+    print("benchmarked", len(benchmarked))
+    """
+)
+
+
+def _run_process(tmp_path, name):
+    env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path / "triton-cache"))
+    env.pop("TRITON_INTERPRET", None)
+    result = subprocess.run(
+        [sys.executable, "-c", _PROCESS_SCRIPT, str(tmp_path / name)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    lines = dict(line.split(" ", 1) for line in result.stdout.splitlines() if " " in line)
+    return lines, torch.load(tmp_path / name)
+
+
+def test_attention_config_persists_between_processes(tmp_path):
+    """fastdiff.warmup turns on Triton's autotune disk cache: a second process benchmarks nothing,
+    picks the same config, and gives the same bits."""
+    first, out_first = _run_process(tmp_path, "first.pt")
+    second, out_second = _run_process(tmp_path, "second.pt")
+    assert first["enabled"] == "True", first
+    assert "1031" in first["tuned"] and first["tuned"] == second["tuned"], (first, second)
+    assert int(first["benchmarked"]) > 0, first  # several configs survive pruning at this shape: it tuned
+    assert int(second["benchmarked"]) == 0, second  # read from the disk cache
+    assert list((tmp_path / "triton-cache").rglob("*.autotune.json"))
+    assert torch.equal(out_first, out_second)
