@@ -28,8 +28,9 @@ Providers, all with the same random weights (seeded), fp16, batch 2 (CFG):
 Shapes: SD1.5 at 512x512 (latent 64x64, text 77x768) and SDXL at 1024x1024 (latent
 128x128, text 77x2048, text_time conditioning). Metrics: p20/p50/p80 of the step time
 (CUDA events around each call, after warm-up) and the speedup over diffusers-eager and over
-diffusers-eager-cl. Each run appends JSON lines to ``DIR/bench_unet.jsonl`` with card, versions,
-commit and date, and prints a short table after ``== table ==``.
+diffusers-eager-cl (with ``--compile``, also over diffusers-compile-max-autotune-cl, in the JSON).
+Each run appends JSON lines to ``DIR/bench_unet.jsonl`` with card, versions, commit and date, and
+prints a short table after ``== table ==``.
 
 ``--tiny`` is a CPU plumbing check, not a measurement: tiny configs in fp32 on whatever device is
 there (the CPU here), every provider's code path (the graph providers through
@@ -289,7 +290,7 @@ def bench_arch(arch: str, device, dtype, with_compile: bool, warmup: int, iters:
     for r in rows:
         if "p50_ms" not in r:
             continue
-        for base in ("diffusers-eager", "diffusers-eager-cl"):
+        for base in ("diffusers-eager", "diffusers-eager-cl", "diffusers-compile-max-autotune-cl"):
             if base in timed:
                 r[f"speedup_vs_{base.replace('-', '_')}"] = timed[base] / r["p50_ms"]
         if "ablation" in r and graph is not None:
