@@ -159,6 +159,13 @@ def test_tiny_census_counts_both_unets_side_by_side():
     # 8 resnets' silu + time projection become one silu and one GEMM.
     assert ours["launches"] - ours["launches_kv_cache"] == 2 * 4 + 2 * (8 - 1)
     assert theirs["dtype_copies"] > 0
+    # Each fused call replayed through its launcher: every one reached at least one launch.
+    kernels = ours["fused_kernels"]
+    assert kernels["failed"] == {} and kernels["fused_calls"] == 8 + ours["fused_ops"]["group_norm:triton"]
+    assert sum(sum(c.values()) for c in kernels["launches_per_call"].values()) == kernels["fused_calls"]
+    assert "0" not in kernels["launches_per_call"]["fastdiff::attention_fwd_triton"]
+    assert kernels["kernel_launches"] >= kernels["fused_calls"]
+    assert ours["launches_with_kernels"] == ours["launches"] - kernels["fused_calls"] + kernels["kernel_launches"]
     # Every count is of real work: no views or metadata made it in.
     for counts in (ours["top_ops"], theirs["top_ops"]):
         assert not any(name.startswith("prim::") or "view" in name for name in counts)
@@ -177,7 +184,9 @@ def _tiny_report(fastdiff_ops):
             "tiny": {
                 "launches": {
                     "fastdiff": {"launches": 50, "launches_kv_cache": 46, "dtype_copies": 1, "fused_ops": {"group_norm:triton": 3},
-                                 "top_ops": dict(fastdiff_ops), "ops": dict(fastdiff_ops)},
+                                 "top_ops": dict(fastdiff_ops), "ops": dict(fastdiff_ops),
+                                 "launches_with_kernels": 54, "launches_kv_cache_with_kernels": 50,
+                                 "fused_kernels": {"launches_per_call": {"fastdiff::group_norm_fwd_triton": {"1": 1, "3": 2}}, "failed": {}}},
                     "diffusers": {"launches": 100, "dtype_copies": 4, "fused_ops": {}, "top_ops": {}, "ops": {}},
                 },
                 "host_time": {"fastdiff": {"meta_ms": 9.0, "fake_cuda_ms": 20.0}, "diffusers": {"meta_ms": 10.0, "fake_cuda_ms": 30.0}},
@@ -204,7 +213,9 @@ def test_markdown_states_proxies_targets_load_and_history():
     report["history"] = [census.history_entry("round 1 (old)", old)]
     text = census.markdown(report)
     assert "CPU proxies, not GPU timings" in text and "commit abc" in text
-    assert "| 0.50 (met) | 46 (0.46) |" in text and "0.90 (missed (1.12x the target))" in text
+    assert "| tiny | 50 / 54 | 100 | 0.50 / 0.54 (met) | 46 / 50 (0.46 / 0.50) |" in text
+    assert "0.90 (missed (1.12x the target))" in text
+    assert "  * fastdiff::group_norm_fwd_triton: 1 kernel (1), 3 kernels (2)" in text
     assert "| group_norm x | 5.0 (met) | 9.5 | 2 (_apply, _stats) | 1.5 / 4.2 (triton) |" in text
     assert "| group_norm + input_bias | not measured: triton cannot run it (no) |" in text
     assert "| group_norm x | 0 | 0 | 60 | 0 | 0 | 40 |" in text
