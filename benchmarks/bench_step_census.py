@@ -10,8 +10,10 @@ Everything here is a CPU proxy, not a GPU timing:
   so fastdiff takes its CUDA paths and the real sizes cost nothing. A
   ``TorchDispatchMode`` counts every op that reaches the dispatcher, except views,
   metadata and allocations (:func:`launches_work`). A fastdiff custom op
-  (``fastdiff::group_norm_fwd_triton``, ...) counts as one launch, although a
-  channels_last GroupNorm may take up to 3 on the GPU today. fastdiff's UNet and
+  (``fastdiff::group_norm_fwd_triton``, ...) counts as one op; a second count takes
+  each at the kernels its launcher starts (:func:`kernel_launches`: every distinct
+  call replayed once through the real launcher on CPU tensors, the launch a no-op,
+  GroupNorm's split sized for sm_90's SMs). fastdiff's UNet and
   diffusers' UNet run the same config side by side. Dtype copies (``_to_copy`` that
   changes dtype) are counted separately.
 * **Host time per step**: the same forward, median of ``--runs``, on the meta device
