@@ -55,6 +55,15 @@ The reduce kernel writes per-(n, c, chunk) partial sums of ``dz * x_hat`` and
 tiny program per group, turns them into dw, db, A and B; the dx kernel then
 reads x and dy once more. Three launches in all.
 
+Input bias (``input_bias``, (N, C)): every kernel that reads x adds
+``input_bias[n, c]`` on load, rounding the sum to x's dtype exactly like the
+reference's ``x + input_bias[:, :, None, None]``; the statistics, x_hat and the
+backward all see the biased input. Its gradient is dx summed over space, which
+``_bwd_combine_kernel`` writes in closed form from one more partial sum,
+xh[n, c] = sum_s x_hat::
+
+    d input_bias[n, c] = rstd * (w[c] * sum_s dz - S * A[n, g] - B[n, g] * xh[n, c])
+
 All arithmetic is fp32: every load is cast with ``.to(tl.float32)`` right away
 and every store casts back to the output's dtype.
 """
@@ -288,22 +297,49 @@ def _spatial_offsets(offs_s, S1, stride_s0, stride_s1, TWO_D: tl.constexpr):
 
 
 @triton.jit
+def _input_bias(IB, n, chan, mask_c, stride_ibn, stride_ibc, HAS_IB: tl.constexpr):
+    """input_bias[n, chan] in x's dtype ([BLOCK_C]); zeros (never added) without it."""
+    if HAS_IB:
+        ib = tl.load(IB + n * stride_ibn + chan * stride_ibc, mask=mask_c, other=0.0)
+    else:
+        ib = tl.zeros(chan.shape, dtype=IB.dtype.element_ty)
+    return ib
+
+
+@triton.jit
+def _load_x(ptrs, mask, ib, HAS_IB: tl.constexpr):
+    """A [BLOCK_C, BLOCK_S] tile of x (+ input_bias per channel) as fp32, 0 where masked.
+    The sum is rounded to x's dtype before use, exactly like the reference's
+    ``x + input_bias[:, :, None, None]`` (PyTorch adds fp16/bf16 in fp32 and rounds once,
+    as here), so every backend normalises the same values."""
+    x = tl.load(ptrs, mask=mask, other=0.0)
+    if HAS_IB:
+        x = tl.where(mask, (x.to(tl.float32) + ib.to(tl.float32)[:, None]).to(x.dtype).to(tl.float32), 0.0)
+    else:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
 def _single_pass_kernel(
     X,  # pointer to x, (N, C, *spatial), any collapsible strides
     Y,  # pointer to y, same shape as x, its own strides
     W,  # pointer to weight, (C,) contiguous
     B,  # pointer to bias, (C,) contiguous
+    IB,  # pointer to input_bias, (N, C) in x's dtype (HAS_IB only; else any pointer)
     MEAN,  # pointer to the fp32 mean output, (N, G) contiguous
     RSTD,  # pointer to the fp32 1/std output, (N, G) contiguous
     S,  # number of spatial positions (product of the spatial sizes)
     S1,  # size of the inner collapsed spatial dim (TWO_D only)
     stride_xn, stride_xc, stride_xs0, stride_xs1,  # x strides: batch, channel, outer/inner spatial
     stride_yn, stride_yc, stride_ys0, stride_ys1,  # y strides, same order
+    stride_ibn, stride_ibc,  # input_bias strides
     G,  # number of groups
     eps,  # added to the variance
     CPG: tl.constexpr,  # channels per group (constexpr: tells the compiler each group's start alignment, for vector loads in NHWC)
     SILU: tl.constexpr,  # apply SiLU after the affine
     TWO_D: tl.constexpr,  # spatial index needs two (size, stride) pairs
+    HAS_IB: tl.constexpr,  # add input_bias[n, c] to x before the statistics
     BLOCK_C: tl.constexpr,  # >= CPG, power of two
     BLOCK_S: tl.constexpr,  # >= S, power of two
 ):
@@ -318,7 +354,7 @@ def _single_pass_kernel(
     mask = mask_c[:, None] & (offs_s < S)[None, :]
     chan = g * CPG + offs_c
     x_ptrs = X + n.to(tl.int64) * stride_xn + chan[:, None] * stride_xc + _spatial_offsets(offs_s, S1, stride_xs0, stride_xs1, TWO_D)[None, :]
-    x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+    x = _load_x(x_ptrs, mask, _input_bias(IB, n, chan, mask_c, stride_ibn, stride_ibc, HAS_IB), HAS_IB)
     # Statistics from registers: mean first, then the centred second moment.
     count = CPG * S * 1.0
     mean = tl.sum(tl.sum(x, axis=1), axis=0) / count
@@ -350,16 +386,19 @@ def _welford_combine(mean_a, m2_a, n_a, mean_b, m2_b, n_b):
 @triton.jit
 def _stats_kernel(
     X,  # pointer to x, (N, C, *spatial)
+    IB,  # pointer to input_bias, (N, C) in x's dtype (HAS_IB only)
     PMEAN,  # pointer to fp32 partial means, (N, C, n_chunks) contiguous
     PM2,  # pointer to fp32 partial sums of squared deviations, (N, C, n_chunks)
     C,  # number of channels
     S,  # number of spatial positions
     S1,  # size of the inner collapsed spatial dim (TWO_D only)
     stride_xn, stride_xc, stride_xs0, stride_xs1,  # x strides: batch, channel, outer/inner spatial
+    stride_ibn, stride_ibc,  # input_bias strides
     chunk,  # spatial positions per program (a multiple of BLOCK_S)
     n_chunks,  # programs along the spatial axis
     n_cblocks,  # programs along the channel axis, cdiv(C, BLOCK_C)
     TWO_D: tl.constexpr,
+    HAS_IB: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
@@ -373,6 +412,7 @@ def _stats_kernel(
     offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
     x_base = X + n.to(tl.int64) * stride_xn + offs_c[:, None] * stride_xc
+    ib = _input_bias(IB, n, offs_c, mask_c, stride_ibn, stride_ibc, HAS_IB)
     s_begin = sp * chunk
     s_end = tl.minimum(s_begin + chunk, S)
     # Welford per tile lane: lane (c, j) sees x[c, s_begin + j + k * BLOCK_S],
@@ -386,11 +426,7 @@ def _stats_kernel(
     for s0 in range(s_begin, s_end, BLOCK_S):
         offs_s = s0 + tl.arange(0, BLOCK_S)
         mask_s = offs_s < s_end
-        x = tl.load(
-            x_base + _spatial_offsets(offs_s, S1, stride_xs0, stride_xs1, TWO_D)[None, :],
-            mask=mask_c[:, None] & mask_s[None, :],
-            other=0.0,
-        ).to(tl.float32)
+        x = _load_x(x_base + _spatial_offsets(offs_s, S1, stride_xs0, stride_xs1, TWO_D)[None, :], mask_c[:, None] & mask_s[None, :], ib, HAS_IB)
         cnt += mask_s.to(tl.float32)
         inv_cnt = tl.where(mask_s, 1.0 / tl.maximum(cnt, 1.0), 0.0)
         delta = x - mean
@@ -474,6 +510,7 @@ def _apply_kernel(
     Y,  # pointer to y, same shape, its own strides
     W,  # pointer to weight, (C,) contiguous
     B,  # pointer to bias, (C,) contiguous
+    IB,  # pointer to input_bias, (N, C) in x's dtype (HAS_IB only)
     MEAN,  # pointer to fp32 group means, (N, G): read, or written when FUSED_COMBINE
     RSTD,  # pointer to fp32 group 1/std, (N, G): read, or written when FUSED_COMBINE
     PMEAN,  # pointer to fp32 partial means, (N, C, n_chunks) (FUSED_COMBINE only)
@@ -483,6 +520,7 @@ def _apply_kernel(
     S1,  # size of the inner collapsed spatial dim (TWO_D only)
     stride_xn, stride_xc, stride_xs0, stride_xs1,  # x strides: batch, channel, outer/inner spatial
     stride_yn, stride_yc, stride_ys0, stride_ys1,  # y strides, same order
+    stride_ibn, stride_ibc,  # input_bias strides
     G,  # number of groups
     CPG,  # channels per group
     chunk,  # spatial positions per program
@@ -491,6 +529,7 @@ def _apply_kernel(
     eps,  # added to the variance (FUSED_COMBINE only)
     SILU: tl.constexpr,
     TWO_D: tl.constexpr,
+    HAS_IB: tl.constexpr,
     FUSED_COMBINE: tl.constexpr,  # merge the partials here instead of reading _combine_kernel's output
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
@@ -524,12 +563,13 @@ def _apply_kernel(
     shift = tl.load(B + offs_c, mask=mask_c, other=0.0).to(tl.float32)
     x_base = X + n.to(tl.int64) * stride_xn + offs_c[:, None] * stride_xc
     y_base = Y + n.to(tl.int64) * stride_yn + offs_c[:, None] * stride_yc
+    ib = _input_bias(IB, n, offs_c, mask_c, stride_ibn, stride_ibc, HAS_IB)
     s_begin = sp * chunk
     s_end = tl.minimum(s_begin + chunk, S)
     for s0 in range(s_begin, s_end, BLOCK_S):
         offs_s = s0 + tl.arange(0, BLOCK_S)
         mask = mask_c[:, None] & (offs_s < s_end)[None, :]
-        x = tl.load(x_base + _spatial_offsets(offs_s, S1, stride_xs0, stride_xs1, TWO_D)[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = _load_x(x_base + _spatial_offsets(offs_s, S1, stride_xs0, stride_xs1, TWO_D)[None, :], mask, ib, HAS_IB)
         y = (x - mean[:, None]) * scale[:, None] + shift[:, None]
         if SILU:
             y = y * tl.sigmoid(y)
@@ -537,11 +577,11 @@ def _apply_kernel(
 
 
 @triton.jit
-def _bwd_tile(x_ptrs, dy_ptrs, mask, mean, rstd, w, b, SILU: tl.constexpr):
+def _bwd_tile(x_ptrs, dy_ptrs, mask, mean, rstd, w, b, ib, SILU: tl.constexpr, HAS_IB: tl.constexpr):
     """(dz, x_hat) of one [BLOCK_C, BLOCK_S] tile, for both backward kernels:
-    x_hat = (x - mean) * rstd, and dz = dy * silu'(z) with z = x_hat * w + b
-    recomputed from x (dz = dy without SILU). mean, rstd, w, b are per channel."""
-    x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+    x_hat = (x + ib - mean) * rstd, and dz = dy * silu'(z) with z = x_hat * w + b
+    recomputed from x (dz = dy without SILU). mean, rstd, w, b, ib are per channel."""
+    x = _load_x(x_ptrs, mask, ib, HAS_IB)
     dz = tl.load(dy_ptrs, mask=mask, other=0.0).to(tl.float32)
     x_hat = (x - mean[:, None]) * rstd[:, None]
     if SILU:
@@ -559,13 +599,16 @@ def _bwd_reduce_kernel(
     B,  # pointer to bias, (C,) contiguous
     MEAN,  # pointer to fp32 group means, (N, G)
     RSTD,  # pointer to fp32 group 1/std, (N, G)
+    IB,  # pointer to input_bias, (N, C) in x's dtype (HAS_IB only)
     PDS,  # pointer to fp32 partial sum(dz * x_hat), (N, C, n_chunks) contiguous
     PDB,  # pointer to fp32 partial sum(dz), (N, C, n_chunks) contiguous
+    PXH,  # pointer to fp32 partial sum(x_hat), (N, C, n_chunks) contiguous (HAS_IB only)
     C,  # number of channels
     S,  # number of spatial positions
     S1,  # size of the inner collapsed spatial dim (TWO_D only)
     stride_xn, stride_xc, stride_xs0, stride_xs1,  # x strides: batch, channel, outer/inner spatial
     stride_dyn, stride_dyc, stride_dys0, stride_dys1,  # dy strides, same order
+    stride_ibn, stride_ibc,  # input_bias strides
     G,  # number of groups
     CPG,  # channels per group
     chunk,  # spatial positions per program
@@ -573,6 +616,7 @@ def _bwd_reduce_kernel(
     n_cblocks,  # programs along the channel axis
     SILU: tl.constexpr,
     TWO_D: tl.constexpr,
+    HAS_IB: tl.constexpr,  # x_hat is of x + input_bias; also sum x_hat per channel for d(input_bias)
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
@@ -590,41 +634,51 @@ def _bwd_reduce_kernel(
     b = tl.load(B + offs_c, mask=mask_c, other=0.0).to(tl.float32)
     x_base = X + n.to(tl.int64) * stride_xn + offs_c[:, None] * stride_xc
     dy_base = DY + n.to(tl.int64) * stride_dyn + offs_c[:, None] * stride_dyc
+    ib = _input_bias(IB, n, offs_c, mask_c, stride_ibn, stride_ibc, HAS_IB)
     s_begin = sp * chunk
     s_end = tl.minimum(s_begin + chunk, S)
     # Accumulate elementwise over the chunk, reduce along s once at the end.
     acc_ds = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
     acc_db = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
+    acc_xh = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)  # HAS_IB only (dead code otherwise)
     for s0 in range(s_begin, s_end, BLOCK_S):
         offs_s = s0 + tl.arange(0, BLOCK_S)
         mask = mask_c[:, None] & (offs_s < s_end)[None, :]
         dz, x_hat = _bwd_tile(
             x_base + _spatial_offsets(offs_s, S1, stride_xs0, stride_xs1, TWO_D)[None, :],
             dy_base + _spatial_offsets(offs_s, S1, stride_dys0, stride_dys1, TWO_D)[None, :],
-            mask, mean, rstd, w, b, SILU,
+            mask, mean, rstd, w, b, ib, SILU, HAS_IB,
         )
         acc_ds += tl.where(mask, dz * x_hat, 0.0)
         acc_db += tl.where(mask, dz, 0.0)
+        if HAS_IB:
+            acc_xh += tl.where(mask, x_hat, 0.0)
     p_offs = (n * C + offs_c) * n_chunks + sp
     tl.store(PDS + p_offs, tl.sum(acc_ds, axis=1), mask=mask_c)
     tl.store(PDB + p_offs, tl.sum(acc_db, axis=1), mask=mask_c)
+    if HAS_IB:
+        tl.store(PXH + p_offs, tl.sum(acc_xh, axis=1), mask=mask_c)
 
 
 @triton.jit
 def _bwd_combine_kernel(
     PDS,  # pointer to fp32 partial sum(dz * x_hat), (N, C, n_chunks) contiguous
     PDB,  # pointer to fp32 partial sum(dz), (N, C, n_chunks) contiguous
+    PXH,  # pointer to fp32 partial sum(x_hat), (N, C, n_chunks) contiguous (HAS_IB only)
     W,  # pointer to weight, (C,) contiguous
+    RSTD,  # pointer to fp32 group 1/std, (N, G) (HAS_IB only)
     COEF_A,  # pointer to the fp32 output A = mean_group(dz * w), (N, G)
     COEF_B,  # pointer to the fp32 output B = mean_group(dz * w * x_hat), (N, G)
     DW,  # pointer to the dw output, (C,) in weight's dtype
     DB,  # pointer to the db output, (C,) in bias's dtype
+    DIB,  # pointer to the d(input_bias) output, (N, C) contiguous in x's dtype (HAS_IB only)
     N,  # batch size
     C,  # number of channels
     G,  # number of groups
     CPG,  # channels per group
     n_chunks,  # partials per (n, c)
     inv_group_size,  # 1 / (CPG * S)
+    HAS_IB: tl.constexpr,  # also write d(input_bias)
     BLOCK_CPG: tl.constexpr,  # >= CPG, power of two
     BLOCK_K: tl.constexpr,  # partials summed per step
 ):
@@ -633,6 +687,9 @@ def _bwd_combine_kernel(
     #   ds[n, c] = sum_k PDS[n, c, k]       db_nc[n, c] = sum_k PDB[n, c, k]
     #   A[n, g] = sum_{c in g} w[c] db_nc[n, c] / (CPG S)    B[n, g] = sum_{c in g} w[c] ds[n, c] / (CPG S)
     #   dw[c] = sum_n ds[n, c]              db[c] = sum_n db_nc[n, c]
+    # With input_bias, d(input_bias)[n, c] = sum_s dx[n, c, s], in closed form from the
+    # same sums plus xh[n, c] = sum_s x_hat:
+    #   sum_s dx = rstd * (w[c] db_nc[n, c] - S A[n, g] - B[n, g] xh[n, c])
     g = tl.program_id(0)
     offs = tl.arange(0, BLOCK_CPG)
     mask_c = offs < CPG
@@ -643,14 +700,23 @@ def _bwd_combine_kernel(
     for n in range(0, N):
         ds_n = tl.zeros([BLOCK_CPG], dtype=tl.float32)
         db_n = tl.zeros([BLOCK_CPG], dtype=tl.float32)
+        xh_n = tl.zeros([BLOCK_CPG], dtype=tl.float32)
         rows = (n * C + chan) * n_chunks
         for k0 in range(0, n_chunks, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             mask = mask_c[:, None] & (k < n_chunks)[None, :]
             ds_n += tl.sum(tl.load(PDS + rows[:, None] + k[None, :], mask=mask, other=0.0), axis=1)
             db_n += tl.sum(tl.load(PDB + rows[:, None] + k[None, :], mask=mask, other=0.0), axis=1)
-        tl.store(COEF_A + n * G + g, tl.sum(w * db_n, axis=0) * inv_group_size)
-        tl.store(COEF_B + n * G + g, tl.sum(w * ds_n, axis=0) * inv_group_size)
+            if HAS_IB:
+                xh_n += tl.sum(tl.load(PXH + rows[:, None] + k[None, :], mask=mask, other=0.0), axis=1)
+        coef_a = tl.sum(w * db_n, axis=0) * inv_group_size
+        coef_b = tl.sum(w * ds_n, axis=0) * inv_group_size
+        tl.store(COEF_A + n * G + g, coef_a)
+        tl.store(COEF_B + n * G + g, coef_b)
+        if HAS_IB:
+            # S * A = sum_c(w * db_n) / CPG
+            dib = tl.load(RSTD + n * G + g) * (w * db_n - tl.sum(w * db_n, axis=0) / CPG - coef_b * xh_n)
+            tl.store(DIB + n * C + chan, dib.to(DIB.dtype.element_ty), mask=mask_c)
         dw += ds_n
         db += db_n
     tl.store(DW + chan, dw.to(DW.dtype.element_ty), mask=mask_c)
@@ -668,12 +734,14 @@ def _bwd_dx_kernel(
     RSTD,  # pointer to fp32 group 1/std, (N, G)
     COEF_A,  # pointer to fp32 A = mean_group(dz * w), (N, G)
     COEF_B,  # pointer to fp32 B = mean_group(dz * w * x_hat), (N, G)
+    IB,  # pointer to input_bias, (N, C) in x's dtype (HAS_IB only)
     C,  # number of channels
     S,  # number of spatial positions
     S1,  # size of the inner collapsed spatial dim (TWO_D only)
     stride_xn, stride_xc, stride_xs0, stride_xs1,  # x strides: batch, channel, outer/inner spatial
     stride_dyn, stride_dyc, stride_dys0, stride_dys1,  # dy strides, same order
     stride_dxn, stride_dxc, stride_dxs0, stride_dxs1,  # dx strides, same order
+    stride_ibn, stride_ibc,  # input_bias strides
     G,  # number of groups
     CPG,  # channels per group
     chunk,  # spatial positions per program
@@ -681,6 +749,7 @@ def _bwd_dx_kernel(
     n_cblocks,  # programs along the channel axis
     SILU: tl.constexpr,
     TWO_D: tl.constexpr,
+    HAS_IB: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
@@ -701,6 +770,7 @@ def _bwd_dx_kernel(
     x_base = X + n.to(tl.int64) * stride_xn + offs_c[:, None] * stride_xc
     dy_base = DY + n.to(tl.int64) * stride_dyn + offs_c[:, None] * stride_dyc
     dx_base = DX + n.to(tl.int64) * stride_dxn + offs_c[:, None] * stride_dxc
+    ib = _input_bias(IB, n, offs_c, mask_c, stride_ibn, stride_ibc, HAS_IB)
     s_begin = sp * chunk
     s_end = tl.minimum(s_begin + chunk, S)
     for s0 in range(s_begin, s_end, BLOCK_S):
@@ -709,7 +779,7 @@ def _bwd_dx_kernel(
         dz, x_hat = _bwd_tile(
             x_base + _spatial_offsets(offs_s, S1, stride_xs0, stride_xs1, TWO_D)[None, :],
             dy_base + _spatial_offsets(offs_s, S1, stride_dys0, stride_dys1, TWO_D)[None, :],
-            mask, mean, rstd, w, b, SILU,
+            mask, mean, rstd, w, b, ib, SILU, HAS_IB,
         )
         dx = rstd[:, None] * (dz * w[:, None] - coef_a[:, None] - x_hat * coef_b[:, None])
         tl.store(dx_base + _spatial_offsets(offs_s, S1, stride_dxs0, stride_dxs1, TWO_D)[None, :], dx.to(DX.dtype.element_ty), mask=mask)
@@ -720,7 +790,7 @@ def _bwd_dx_kernel(
 # ---------------------------------------------------------------------------
 
 
-def _check_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int) -> None:
+def _check_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int, input_bias: Optional[torch.Tensor] = None) -> None:
     if x.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"group_norm (triton): x dtype must be fp32, fp16 or bf16, got {x.dtype}")
     if x.dim() < 3 or x.numel() == 0:
@@ -731,6 +801,11 @@ def _check_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_g
     for name, t in (("weight", weight), ("bias", bias)):
         if t.shape != (c,) or t.dtype != x.dtype or t.device != x.device:
             raise ValueError(f"group_norm (triton): {name} must be a ({c},) {x.dtype} tensor on {x.device}, got {tuple(t.shape)} {t.dtype} on {t.device}")
+    if input_bias is not None and (tuple(input_bias.shape) != tuple(x.shape[:2]) or input_bias.dtype != x.dtype or input_bias.device != x.device):
+        raise ValueError(
+            f"group_norm (triton): input_bias must be a {tuple(x.shape[:2])} {x.dtype} tensor on {x.device}, "
+            f"got {tuple(input_bias.shape)} {input_bias.dtype} on {input_bias.device}"
+        )
     reasons = layout_reasons(x, num_groups)
     if reasons:
         raise ValueError("group_norm (triton): " + "; ".join(reasons))
@@ -740,6 +815,14 @@ def _strides4(t: torch.Tensor, dims: List[Tuple[int, List[int]]], k: int) -> Tup
     """(stride_n, stride_c, stride_s0, stride_s1) of tensor number ``k`` of a collapse."""
     _, s0, s1, _ = _spatial_args(dims, k)
     return t.stride(0), t.stride(1), s0, s1
+
+
+def _ib_args(x: torch.Tensor, input_bias: Optional[torch.Tensor]) -> Tuple[torch.Tensor, int, int]:
+    """(pointer, stride_n, stride_c) for the kernels' IB argument; x stands in when there is none
+    (never read: HAS_IB is False)."""
+    if input_bias is None:
+        return x, 0, 0
+    return input_bias, input_bias.stride(0), input_bias.stride(1)
 
 
 def _device_ctx(x: torch.Tensor):
@@ -766,8 +849,9 @@ def group_norm_forward(
     eps: float,
     silu: bool,
     config: Optional[GroupNormConfig] = None,
+    input_bias: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """GroupNorm (+SiLU) forward.
+    """GroupNorm (+SiLU) forward of ``x + input_bias[:, :, None, ...]``.
 
     Args:
         x: (N, C, *spatial), fp32/fp16/bf16, any layout :func:`layout_reasons` accepts.
@@ -776,12 +860,14 @@ def group_norm_forward(
         eps: added to the variance.
         silu: apply SiLU to the normalised, affine result.
         config: launch override (tests, benchmarks); default :func:`launch_config`.
+        input_bias: optional (N, C) in x's dtype, any strides, added to x on load
+            (in x's dtype, like the reference) before the statistics.
 
     Returns:
         y: ``torch.empty_like(x)`` (x's dtype and memory format) holding the result;
-        mean, rstd: fp32 (N, G) group statistics.
+        mean, rstd: fp32 (N, G) group statistics (of the biased input).
     """
-    _check_args(x, weight, bias, num_groups)
+    _check_args(x, weight, bias, num_groups, input_bias)
     n, c = x.shape[:2]
     s = math.prod(x.shape[2:])
     cpg = c // num_groups
@@ -793,11 +879,13 @@ def group_norm_forward(
     dims = _collapse_spatial(x.shape[2:], [x.stride()[2:], y.stride()[2:]])
     s1, _, _, two_d = _spatial_args(dims, 0)
     x_strides, y_strides = _strides4(x, dims, 0), _strides4(y, dims, 1)
+    ib, ib_sn, ib_sc = _ib_args(x, input_bias)
+    has_ib = input_bias is not None
     with _device_ctx(x):
         if config.single_pass:
             _single_pass_kernel[(n * num_groups,)](
-                x, y, weight, bias, mean, rstd, s, s1, *x_strides, *y_strides, num_groups, eps,
-                CPG=cpg, SILU=silu, TWO_D=two_d, BLOCK_C=config.block_c, BLOCK_S=config.block_s, num_warps=config.num_warps,
+                x, y, weight, bias, ib, mean, rstd, s, s1, *x_strides, *y_strides, ib_sn, ib_sc, num_groups, eps,
+                CPG=cpg, SILU=silu, TWO_D=two_d, HAS_IB=has_ib, BLOCK_C=config.block_c, BLOCK_S=config.block_s, num_warps=config.num_warps,
             )
             return y, mean, rstd
         chunk, n_chunks = _chunking(s, config)
@@ -806,8 +894,8 @@ def group_norm_forward(
         pmean = torch.empty((n, c, n_chunks), dtype=torch.float32, device=x.device)
         pm2 = torch.empty_like(pmean)
         _stats_kernel[grid](
-            x, pmean, pm2, c, s, s1, *x_strides, chunk, n_chunks, n_cblocks,
-            TWO_D=two_d, BLOCK_C=config.block_c, BLOCK_S=config.block_s, num_warps=config.num_warps,
+            x, ib, pmean, pm2, c, s, s1, *x_strides, ib_sn, ib_sc, chunk, n_chunks, n_cblocks,
+            TWO_D=two_d, HAS_IB=has_ib, BLOCK_C=config.block_c, BLOCK_S=config.block_s, num_warps=config.num_warps,
         )
         total = cpg * n_chunks
         if not config.fused_combine:
@@ -818,8 +906,9 @@ def group_norm_forward(
                 BLOCK_R=block_r, BLOCK_P=block_p, num_warps=4,
             )
         _apply_kernel[grid](
-            x, y, weight, bias, mean, rstd, pmean, pm2, c, s, s1, *x_strides, *y_strides, num_groups, cpg, chunk, n_chunks, n_cblocks, eps,
-            SILU=silu, TWO_D=two_d, FUSED_COMBINE=config.fused_combine, BLOCK_C=config.block_c, BLOCK_S=config.block_s,
+            x, y, weight, bias, ib, mean, rstd, pmean, pm2, c, s, s1, *x_strides, *y_strides, ib_sn, ib_sc,
+            num_groups, cpg, chunk, n_chunks, n_cblocks, eps,
+            SILU=silu, TWO_D=two_d, HAS_IB=has_ib, FUSED_COMBINE=config.fused_combine, BLOCK_C=config.block_c, BLOCK_S=config.block_s,
             BLOCK_P=max(2, min(_next_pow2(total), FUSED_COMBINE_MAX_PARTIALS // config.block_c)) if config.fused_combine else 2,
             num_warps=config.num_warps,
         )
@@ -836,22 +925,26 @@ def group_norm_backward(
     num_groups: int,
     silu: bool,
     config: Optional[GroupNormConfig] = None,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    input_bias: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Fused GroupNorm (+SiLU) backward; the math is in the module docstring.
 
     Args:
         dy: gradient of y, x's shape and dtype, any strides (strides the kernel
             cannot index together with x's are first copied into x's layout).
-        x, weight, bias: the forward's inputs.
+        x, weight, bias, input_bias: the forward's inputs (x_hat is recomputed from
+            ``x + input_bias``, in x's dtype like the forward).
         mean, rstd: fp32 (N, G) statistics returned by :func:`group_norm_forward`.
         num_groups, silu: as in the forward.
         config: launch override; default :func:`launch_config` without the
             single pass (a forced single-pass config runs with one chunk).
 
     Returns:
-        dx (``torch.empty_like(x)``), dw and db (like weight and bias).
+        dx (``torch.empty_like(x)``), dw and db (like weight and bias), and
+        d(input_bias) = dx summed over the spatial dims, (N, C) contiguous in x's
+        dtype (None without input_bias). Three launches in all.
     """
-    _check_args(x, weight, bias, num_groups)
+    _check_args(x, weight, bias, num_groups, input_bias)
     if dy.shape != x.shape or dy.dtype != x.dtype or dy.device != x.device:
         raise ValueError(f"group_norm backward: dy must match x ({tuple(x.shape)} {x.dtype}), got {tuple(dy.shape)} {dy.dtype} on {dy.device}")
     n, c = x.shape[:2]
@@ -884,19 +977,24 @@ def group_norm_backward(
     coef_a = torch.empty((n, num_groups), dtype=torch.float32, device=x.device)
     coef_b = torch.empty_like(coef_a)
     dw, db = torch.empty_like(weight), torch.empty_like(bias)
+    has_ib = input_bias is not None
+    ib, ib_sn, ib_sc = _ib_args(x, input_bias)
+    pxh = torch.empty_like(pds) if has_ib else pds
+    dib = torch.empty((n, c), dtype=x.dtype, device=x.device) if has_ib else None
     with _device_ctx(x):
         _bwd_reduce_kernel[grid](
-            dy, x, weight, bias, mean, rstd, pds, pdb, c, s, s1, *x_strides, *dy_strides, num_groups, cpg, chunk, n_chunks, n_cblocks,
-            SILU=silu, TWO_D=two_d, BLOCK_C=config.block_c, BLOCK_S=config.block_s, num_warps=config.num_warps,
+            dy, x, weight, bias, mean, rstd, ib, pds, pdb, pxh, c, s, s1, *x_strides, *dy_strides, ib_sn, ib_sc,
+            num_groups, cpg, chunk, n_chunks, n_cblocks,
+            SILU=silu, TWO_D=two_d, HAS_IB=has_ib, BLOCK_C=config.block_c, BLOCK_S=config.block_s, num_warps=config.num_warps,
         )
         block_cpg = _next_pow2(cpg)
         _bwd_combine_kernel[(num_groups,)](
-            pds, pdb, weight, coef_a, coef_b, dw, db, n, c, num_groups, cpg, n_chunks, 1.0 / (cpg * s),
-            BLOCK_CPG=block_cpg, BLOCK_K=max(2, min(_next_pow2(n_chunks), COMBINE_BLOCK // block_cpg)), num_warps=4,
+            pds, pdb, pxh, weight, rstd, coef_a, coef_b, dw, db, dib if has_ib else dw, n, c, num_groups, cpg, n_chunks, 1.0 / (cpg * s),
+            HAS_IB=has_ib, BLOCK_CPG=block_cpg, BLOCK_K=max(2, min(_next_pow2(n_chunks), COMBINE_BLOCK // block_cpg)), num_warps=4,
         )
         _bwd_dx_kernel[grid](
-            dy, x, dx, weight, bias, mean, rstd, coef_a, coef_b, c, s, s1, *x_strides, *dy_strides, *dx_strides,
+            dy, x, dx, weight, bias, mean, rstd, coef_a, coef_b, ib, c, s, s1, *x_strides, *dy_strides, *dx_strides, ib_sn, ib_sc,
             num_groups, cpg, chunk, n_chunks, n_cblocks,
-            SILU=silu, TWO_D=two_d, BLOCK_C=config.block_c, BLOCK_S=config.block_s, num_warps=config.num_warps,
+            SILU=silu, TWO_D=two_d, HAS_IB=has_ib, BLOCK_C=config.block_c, BLOCK_S=config.block_s, num_warps=config.num_warps,
         )
-    return dx, dw, db
+    return dx, dw, db, dib

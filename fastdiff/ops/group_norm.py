@@ -97,10 +97,13 @@ def group_norm_backward_ref(
     rstd: torch.Tensor,
     num_groups: int,
     activation: Optional[str],
+    input_bias: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Closed-form GroupNorm(+SiLU) backward in fp32 PyTorch.
 
-    With x_hat = (x - mean) * rstd, z = x_hat * w + b and y = act(z):
+    With x_hat = (x - mean) * rstd, z = x_hat * w + b and y = act(z) (x replaced by
+    ``x + input_bias[:, :, None, ...]``, added in x's dtype, when ``input_bias`` is given;
+    mean and rstd are then the biased input's; d(input_bias) is dx summed over space):
 
     * dz = dy * act'(z), with silu'(z) = s * (1 + z * (1 - s)), s = sigmoid(z)
     * dw[c] = sum_{n, s} dz * x_hat,  db[c] = sum_{n, s} dz
@@ -108,6 +111,8 @@ def group_norm_backward_ref(
     """
     n, c = x.shape[:2]
     shape = (n, num_groups, c // num_groups, -1)
+    if input_bias is not None:
+        x = x + input_bias.view(*input_bias.shape, *([1] * (x.dim() - 2)))
     xf = x.float().reshape(shape)
     wf = weight.float().reshape(1, num_groups, c // num_groups, 1)
     bf = bias.float().reshape(1, num_groups, c // num_groups, 1)
@@ -203,14 +208,6 @@ def _reference_run(inputs: Mapping[str, Any]) -> torch.Tensor:
     )
 
 
-#: What the fused kernels say while they do not take the per-(N, C) input bias.
-INPUT_BIAS_REASON = "input_bias (a per-(N, C) bias added before the statistics) is not in this kernel yet"
-
-
-def _input_bias_reasons(inputs: Mapping[str, Any]) -> List[str]:
-    return [INPUT_BIAS_REASON] if inputs["input_bias"] is not None else []
-
-
 def _triton_reasons(inputs: Mapping[str, Any]) -> List[str]:
     if not backends.triton_available():
         return ["triton is not installed"]
@@ -220,7 +217,7 @@ def _triton_reasons(inputs: Mapping[str, Any]) -> List[str]:
     from fastdiff.kernels.group_norm import layout_reasons
 
     reasons += layout_reasons(x, inputs["num_groups"])
-    return reasons + _input_bias_reasons(inputs)
+    return reasons
 
 
 def _activation_code(activation: Optional[str]) -> str:
@@ -230,7 +227,9 @@ def _activation_code(activation: Optional[str]) -> str:
 def _triton_run(inputs: Mapping[str, Any]) -> torch.Tensor:
     x = inputs["x"]
     weight, bias = _affine_or_default(x, inputs["weight"], inputs["bias"])
-    y, _, _ = _group_norm_fwd_triton(x, weight, bias, inputs["num_groups"], float(inputs["eps"]), _activation_code(inputs["activation"]))
+    y, _, _ = _group_norm_fwd_triton(
+        x, weight, bias, inputs["input_bias"], inputs["num_groups"], float(inputs["eps"]), _activation_code(inputs["activation"])
+    )
     return y
 
 
@@ -238,7 +237,6 @@ def _cuda_reasons(inputs: Mapping[str, Any]) -> List[str]:
     x = inputs["x"]
     reasons = backends.device_reasons([x, inputs["weight"], inputs["bias"]], allow_cpu_interpret=False)
     reasons += _fused_dtype_reasons(x)
-    reasons += _input_bias_reasons(inputs)
     n, c = x.shape[:2]
     group_numel = (c // inputs["num_groups"]) * (x.numel() // max(n * c, 1))
     if group_numel > 2**30:
@@ -256,7 +254,9 @@ def _cuda_run(inputs: Mapping[str, Any]) -> torch.Tensor:
     x = inputs["x"]
     _register_cuda_op()
     weight, bias = _affine_or_default(x, inputs["weight"], inputs["bias"])
-    y, _, _ = torch.ops.fastdiff.group_norm_fwd_cuda(x, weight, bias, inputs["num_groups"], float(inputs["eps"]), _activation_code(inputs["activation"]))
+    y, _, _ = torch.ops.fastdiff.group_norm_fwd_cuda(
+        x, weight, bias, inputs["input_bias"], inputs["num_groups"], float(inputs["eps"]), _activation_code(inputs["activation"])
+    )
     return y
 
 
@@ -293,15 +293,21 @@ def _empty_outputs_like(x: torch.Tensor, num_groups: int) -> Tuple[torch.Tensor,
 
 @torch.library.custom_op("fastdiff::group_norm_fwd_triton", mutates_args=())
 def _group_norm_fwd_triton(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int, eps: float, activation: str
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    input_bias: Optional[torch.Tensor],
+    num_groups: int,
+    eps: float,
+    activation: str,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from fastdiff.kernels.group_norm import group_norm_forward
 
-    return group_norm_forward(x, weight, bias, num_groups, eps, activation == "silu")
+    return group_norm_forward(x, weight, bias, num_groups, eps, activation == "silu", input_bias=input_bias)
 
 
 @_group_norm_fwd_triton.register_fake
-def _(x, weight, bias, num_groups, eps, activation):
+def _(x, weight, bias, input_bias, num_groups, eps, activation):
     return _empty_outputs_like(x, num_groups)
 
 
@@ -311,45 +317,54 @@ def _group_norm_bwd_triton(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor,
+    input_bias: Optional[torch.Tensor],
     mean: torch.Tensor,
     rstd: torch.Tensor,
     num_groups: int,
     activation: str,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dw, db, d_input_bias); d_input_bias is an empty (0,) tensor without input_bias
+    (a custom op cannot return None)."""
     from fastdiff.kernels.group_norm import group_norm_backward
 
-    return group_norm_backward(dy, x, weight, bias, mean, rstd, num_groups, activation == "silu")
+    dx, dw, db, dib = group_norm_backward(dy, x, weight, bias, mean, rstd, num_groups, activation == "silu", input_bias=input_bias)
+    return dx, dw, db, dib if dib is not None else x.new_empty(0)
 
 
 @_group_norm_bwd_triton.register_fake
-def _(dy, x, weight, bias, mean, rstd, num_groups, activation):
-    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias)
+def _(dy, x, weight, bias, input_bias, mean, rstd, num_groups, activation):
+    dib = torch.empty_like(input_bias, memory_format=torch.contiguous_format) if input_bias is not None else x.new_empty(0)
+    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias), dib
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, num_groups, eps, activation = inputs
+    x, weight, bias, input_bias, num_groups, eps, activation = inputs
     _, mean, rstd = output
-    ctx.save_for_backward(x, weight, bias, mean, rstd)
+    ctx.save_for_backward(x, weight, bias, input_bias, mean, rstd)
     ctx.num_groups = num_groups
     ctx.activation = activation
 
 
 def _backward_triton(ctx, dy, _dmean, _drstd):
-    x, weight, bias, mean, rstd = ctx.saved_tensors
-    dx, dw, db = _group_norm_bwd_triton(dy, x, weight, bias, mean, rstd, ctx.num_groups, ctx.activation)
-    return dx, dw, db, None, None, None
+    x, weight, bias, input_bias, mean, rstd = ctx.saved_tensors
+    dx, dw, db, dib = _group_norm_bwd_triton(dy, x, weight, bias, input_bias, mean, rstd, ctx.num_groups, ctx.activation)
+    return dx, dw, db, dib if input_bias is not None else None, None, None, None
 
 
 def _backward_cuda(ctx, dy, _dmean, _drstd):
     """The CUDA backend has a forward kernel only; its backward is Triton's fused
-    backward when Triton is installed, else the fp32 reference backward."""
-    x, weight, bias, mean, rstd = ctx.saved_tensors
+    backward when Triton is installed, else the fp32 reference backward. Both
+    recompute x_hat from x + input_bias with the biased statistics the forward saved."""
+    x, weight, bias, input_bias, mean, rstd = ctx.saved_tensors
     activation = None if ctx.activation == "none" else ctx.activation
+    dib = None
     if backends.triton_available():
-        dx, dw, db = _group_norm_bwd_triton(dy, x, weight, bias, mean, rstd, ctx.num_groups, ctx.activation)
+        dx, dw, db, dib = _group_norm_bwd_triton(dy, x, weight, bias, input_bias, mean, rstd, ctx.num_groups, ctx.activation)
     else:
-        dx, dw, db = group_norm_backward_ref(dy, x, weight, bias, mean, rstd, ctx.num_groups, activation)
-    return dx, dw, db, None, None, None
+        dx, dw, db = group_norm_backward_ref(dy, x, weight, bias, mean, rstd, ctx.num_groups, activation, input_bias=input_bias)
+        if input_bias is not None:
+            dib = dx.float().sum(dim=tuple(range(2, x.dim()))).to(input_bias.dtype)
+    return dx, dw, db, dib if input_bias is not None else None, None, None, None
 
 
 torch.library.register_autograd("fastdiff::group_norm_fwd_triton", _backward_triton, setup_context=_setup_context)
@@ -363,7 +378,7 @@ def _register_cuda_op() -> None:
 
     _extension.load()
     torch.library.register_fake("fastdiff::group_norm_fwd_cuda")(
-        lambda x, weight, bias, num_groups, eps, activation: _empty_outputs_like(x, num_groups)
+        lambda x, weight, bias, input_bias, num_groups, eps, activation: _empty_outputs_like(x, num_groups)
     )
     torch.library.register_autograd("fastdiff::group_norm_fwd_cuda", _backward_cuda, setup_context=_setup_context)
 
@@ -402,14 +417,13 @@ def group_norm(
             ``fastdiff.use_backend`` / FASTDIFF_BACKEND, else auto.
         input_bias: (N, C) added to x (in x's dtype) before the statistics, or None:
             ``group_norm(x, ..., input_bias=t)`` equals ``group_norm(x + t[:, :, None, None], ...)``
-            (ResnetBlock2D's time embedding). Gradients flow to it. Only ``reference``
-            takes it today; ``triton`` and ``cuda`` say so in their reasons, so ``auto``
-            falls back to ``reference`` only for calls that pass it.
+            (ResnetBlock2D's time embedding). Gradients flow to it. Every backend
+            takes it: the fused kernels add it on load, before the statistics.
 
     Returns:
         (N, C, *spatial) in x's dtype and memory format. Statistics are in fp32.
 
-    Gradients flow to x, weight and bias on every backend: ``reference`` uses
+    Gradients flow to x, weight, bias and input_bias on every backend: ``reference`` uses
     PyTorch's autograd, ``triton`` its fused Triton backward, and ``cuda``
     Triton's backward (or the fp32 reference backward without Triton).
     """
