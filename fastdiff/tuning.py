@@ -141,6 +141,25 @@ def _rng_preserved(example_inputs) -> Iterator[None]:
             torch.cuda.set_rng_state_all(cuda_states)
 
 
+@contextlib.contextmanager
+def _optimize_graphs_off(obj) -> Iterator[None]:
+    """Turn off, for the block, the graph runners that ``fastdiff.optimize`` installed on ``obj``
+    (a diffusers pipeline or model): their second call would otherwise capture."""
+    runners = []
+    if getattr(obj, "_fastdiff_optimize_state", None) is not None:
+        from fastdiff.optimize_diffusers import optimization_report
+
+        runners = list(optimization_report(obj).graph_runners.values())
+    enabled = [runner.enabled for runner in runners]
+    for runner in runners:
+        runner.enabled = False
+    try:
+        yield
+    finally:
+        for runner, on in zip(runners, enabled):
+            runner.enabled = on
+
+
 # ---------------------------------------------------------------------------------------------
 # Checks
 # ---------------------------------------------------------------------------------------------
@@ -232,8 +251,9 @@ def warmup(module_or_pipeline, example_inputs, *, persist: bool = True) -> Warmu
             chosen configs are written to (and read from) Triton's cache directory (``TRITON_CACHE_DIR``,
             default ``~/.triton/cache``) and a new process does not tune again.
 
-    One eager forward runs under ``torch.no_grad()`` (a pipeline's loop with ``cuda_graph=False``).
-    It must not be called inside a CUDA graph capture. Returns a :class:`WarmupReport`.
+    One eager forward runs under ``torch.no_grad()`` (a pipeline's loop with ``cuda_graph=False``;
+    the graph runners of a ``fastdiff.optimize``'d pipeline or model are off for the warm-up). It
+    must not be called inside a CUDA graph capture. Returns a :class:`WarmupReport`.
     """
     from fastdiff.kernels._tuning import capturing
 
@@ -265,8 +285,9 @@ def warmup(module_or_pipeline, example_inputs, *, persist: bool = True) -> Warmu
     before = _tuned_keys(tuners)
 
     start = time.perf_counter()
-    with _rng_preserved(example_inputs), backends.trace_dispatch() as calls, torch.no_grad():
-        run()
+    with _rng_preserved(example_inputs), _optimize_graphs_off(module_or_pipeline), backends.trace_dispatch() as calls:
+        with torch.no_grad():
+            run()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start

@@ -196,13 +196,16 @@ def test_ddpm_pipeline_runs_eagerly_and_leaves_the_generator_as_it_was(ddpm_fold
     assert torch.equal(pipe(generator=generator, **kwargs).images, expected)
 
 
-def test_optimized_diffusers_pipeline(ddpm_folder):
+def test_optimized_diffusers_pipeline_runs_with_its_graphs_off(ddpm_folder):
     diffusers = pytest.importorskip("diffusers")
     pipe = _quiet(diffusers.DDPMPipeline.from_pretrained(ddpm_folder))
-    fastdiff.optimize(pipe, cuda_graph=False)
+    fastdiff.optimize(pipe, cuda_graph=fastdiff.graphs.StandInBackend())  # the CPU stand-in would capture at step 2
+    (runner,) = fastdiff.optimization_report(pipe).graph_runners.values()
     kwargs = dict(batch_size=1, num_inference_steps=STEPS, output_type="np")
     report = fastdiff.warmup(pipe, dict(generator=torch.Generator().manual_seed(2), **kwargs))
     assert report.kind == "pipeline" and {"group_norm", "attention"} <= set(report.backends)
+    assert runner.stats.get("captures", 0) == 0 and runner.stats["eager_calls"] == STEPS
+    assert runner.enabled is True  # switched back on
     with pytest.raises(TypeError, match=r"DDPMPipeline.__call__ takes no argument\(s\) \['guidance_scale'\]"):
         fastdiff.warmup(pipe, dict(guidance_scale=3.0, **kwargs))
 
