@@ -139,43 +139,52 @@ def test_tuning_inside_a_capture_raises_then_warmup_lets_it_capture():
 
 # ---------------------------------------------------------------------------------------------- GroupNorm
 
-# (N, C, H, W, groups, activation, channels_last): SD1.5 UNet at 512x512 with CFG, and a VAE decoder level.
+# (N, C, H, W, groups, activation, channels_last, time-embedding input bias): SD1.5 UNet at 512x512
+# with CFG (ResnetBlock2D's norm2 adds the time embedding on load), and a VAE decoder level.
 GROUP_NORM_SHAPES = [
-    (2, 320, 64, 64, 32, "silu", True),
-    (2, 640, 32, 32, 32, None, False),
-    (2, 1280, 16, 16, 32, "silu", True),
-    (1, 512, 128, 128, 32, "silu", False),
+    (2, 320, 64, 64, 32, "silu", True, False),
+    (2, 320, 64, 64, 32, "silu", True, True),
+    (2, 640, 32, 32, 32, None, False, False),
+    (2, 1280, 16, 16, 32, "silu", True, True),
+    (1, 512, 128, 128, 32, "silu", False, False),
 ]
 
 
-def _group_norm_fwd_bwd(x, weight, bias, dy, groups, activation, backend):
-    x, weight, bias = (t.detach().clone().requires_grad_() for t in (x, weight, bias))
-    y = group_norm(x, groups, weight, bias, eps=1e-5, activation=activation, backend=backend)
+def _group_norm_fwd_bwd(x, weight, bias, input_bias, dy, groups, activation, backend):
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, weight, bias, input_bias)]
+    x, weight, bias, input_bias = leaves
+    y = group_norm(x, groups, weight, bias, eps=1e-5, activation=activation, backend=backend, input_bias=input_bias)
     y.backward(dy)
     torch.cuda.synchronize()
-    return [y.detach(), x.grad, weight.grad, bias.grad]
+    return [y.detach()] + [t.grad for t in leaves if t is not None]
+
+
+def _group_norm_id(s):
+    n, c, hgt, wid, groups, activation, channels_last, temb = s
+    return f"{n}x{c}x{hgt}x{wid}-g{groups}-{activation}-{'nhwc' if channels_last else 'nchw'}" + ("-temb" if temb else "")
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
-@pytest.mark.parametrize("shape", GROUP_NORM_SHAPES, ids=lambda s: "x".join(map(str, s[:4])) + f"-g{s[4]}-{s[5]}-{'nhwc' if s[6] else 'nchw'}")
+@pytest.mark.parametrize("shape", GROUP_NORM_SHAPES, ids=_group_norm_id)
 def test_group_norm_is_bitwise_reproducible(shape, backend):
-    n, c, hgt, wid, groups, activation, channels_last = shape
+    n, c, hgt, wid, groups, activation, channels_last, temb = shape
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = _randn(n, c, hgt, wid, dtype=torch.float16, seed=5, scale=2.0, shift=0.5).to(memory_format=fmt)
     weight = _randn(c, dtype=torch.float16, seed=6, scale=0.2, shift=1.0)
     bias = _randn(c, dtype=torch.float16, seed=7, scale=0.2)
-    dy = _randn(n, c, hgt, wid, dtype=torch.float16, seed=8).to(memory_format=fmt)
+    input_bias = _randn(n, c, dtype=torch.float16, seed=8, scale=0.5) if temb else None
+    dy = _randn(n, c, hgt, wid, dtype=torch.float16, seed=9).to(memory_format=fmt)
 
-    first = _group_norm_fwd_bwd(x, weight, bias, dy, groups, activation, backend)
-    second = _group_norm_fwd_bwd(x, weight, bias, dy, groups, activation, backend)
-    third = _group_norm_fwd_bwd(x, weight, bias, dy, groups, activation, backend)
-    names = ["y", "dx", "dweight", "dbias"]
-    _assert_bitwise(first, second, names)
-    _assert_bitwise(second, third, names)
-    assert first[0].is_contiguous(memory_format=fmt)
-    ref = group_norm_ref(x.double(), groups, weight.double(), bias.double(), 1e-5, activation)
-    baseline = group_norm_ref(x, groups, weight, bias, 1e-5, activation, upcast=False)  # plain PyTorch in fp16
-    assert_low_precision_ok(first[0], baseline, ref)
+    runs = [_group_norm_fwd_bwd(x, weight, bias, input_bias, dy, groups, activation, backend) for _ in range(3)]
+    names = ["y", "dx", "dweight", "dbias"] + (["dinput_bias"] if temb else [])
+    assert len(runs[0]) == len(names)
+    _assert_bitwise(runs[0], runs[1], names)
+    _assert_bitwise(runs[1], runs[2], names)
+    assert runs[0][0].is_contiguous(memory_format=fmt)
+    as64 = lambda t: None if t is None else t.double()  # noqa: E731
+    ref = group_norm_ref(x.double(), groups, weight.double(), bias.double(), 1e-5, activation, input_bias=as64(input_bias))
+    baseline = group_norm_ref(x, groups, weight, bias, 1e-5, activation, upcast=False, input_bias=input_bias)  # plain fp16
+    assert_low_precision_ok(runs[0][0], baseline, ref)
 
 
 # ---------------------------------------------------------------------------------------------- attention
