@@ -31,7 +31,7 @@ import dataclasses
 import inspect
 import time
 from collections import Counter
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Tuple
 
 import torch
 
