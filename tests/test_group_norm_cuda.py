@@ -57,20 +57,28 @@ def _affine(c, dtype, device="cpu"):
     return torch.randn(c, device=device).to(dtype), torch.randn(c, device=device).to(dtype)
 
 
-def _check_output(y, x, groups, w, b, activation, what="output"):
-    """y against the float64 oracle: fp32 to 1e-5 relative, else <= 2x PyTorch's own error."""
+def _with_input_bias(x, input_bias):
+    """x + input_bias[:, :, None, ...] in x's dtype (rounded there, as PyTorch adds), or x."""
+    if input_bias is None:
+        return x
+    return x + input_bias.view(*input_bias.shape, *([1] * (x.dim() - 2)))
+
+
+def _check_output(y, x, groups, w, b, activation, what="output", input_bias=None):
+    """y against the float64 oracle (of x + input_bias, summed in x's dtype): fp32 to
+    1e-5 relative, else <= 2x PyTorch's own error."""
     assert y.dtype == x.dtype and y.shape == x.shape
     assert y.stride() == torch.empty_like(x).stride(), "the output must keep x's memory format"
-    oracle = group_norm_ref(x.double(), groups, w.double(), b.double(), EPS, activation)
+    oracle = group_norm_ref(_with_input_bias(x, input_bias).double(), groups, w.double(), b.double(), EPS, activation)
     if x.dtype == torch.float32:
         assert_fp32_close(y, oracle, what=what)
     else:
-        baseline = group_norm_ref(x, groups, w, b, EPS, activation, upcast=False)
+        baseline = group_norm_ref(x, groups, w, b, EPS, activation, upcast=False, input_bias=input_bias)
         assert_low_precision_ok(y, baseline, oracle, what=what)
 
 
-def _check_stats(mean, rstd, x, groups):
-    mean_ref, rstd_ref = group_norm_stats_ref(x.double(), groups, EPS)
+def _check_stats(mean, rstd, x, groups, input_bias=None):
+    mean_ref, rstd_ref = group_norm_stats_ref(_with_input_bias(x, input_bias).double(), groups, EPS)
     assert mean.dtype == rstd.dtype == torch.float32 and mean.shape == rstd.shape == (x.shape[0], groups)
     assert_fp32_close(mean, mean_ref, what="mean")
     assert_fp32_close(rstd, rstd_ref, what="rstd")
@@ -224,16 +232,17 @@ struct Block {
   }
   std::barrier<> block_barrier;
   std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
-  std::vector<float> exchange;
+  std::vector<double> exchange;
 };
 inline Block* current = nullptr;
 inline unsigned char* dynamic_shared = nullptr;
-inline float shfl_down(unsigned, float v, int offset) {
+template <class V>  // float or int32: both round-trip through double exactly
+inline V shfl_down(unsigned, V v, int offset) {
   Block& b = *current;
   const unsigned t = thread_idx.x, lane = t % 32;
-  b.exchange[t] = v;
+  b.exchange[t] = static_cast<double>(v);
   b.warp_barriers[t / 32]->arrive_and_wait();
-  const float r = lane + offset < 32 ? b.exchange[t + offset] : v;
+  const V r = lane + offset < 32 ? static_cast<V>(b.exchange[t + offset]) : v;
   b.warp_barriers[t / 32]->arrive_and_wait();
   return r;
 }
@@ -276,7 +285,7 @@ _EMU_HARNESS = r"""
 using namespace fastdiff::group_norm;
 static ForwardArgs make_args(int dtype, int64_t batch, int64_t channels, int64_t groups, const int64_t* sizes,
                              const void* x, const int64_t* xs, void* y, const int64_t* ys, const void* w,
-                             const void* b, float* mean, float* rstd, float eps, int silu) {
+                             const void* b, const void* input_bias, float* mean, float* rstd, float eps, int silu) {
   ForwardArgs a{};
   a.dtype = static_cast<DType>(dtype);
   a.batch = batch;
@@ -289,6 +298,7 @@ static ForwardArgs make_args(int dtype, int64_t batch, int64_t channels, int64_t
   a.y_strides = TensorStrides{ys[0], ys[1], {ys[2], ys[3], ys[4]}};
   a.weight = w;
   a.bias = b;
+  a.input_bias = input_bias;
   a.mean = mean;
   a.rstd = rstd;
   a.eps = eps;
@@ -304,9 +314,9 @@ static void report(const Plan& plan, int64_t* plan_out) {
 // make_plan + forward. With run == 0, only make_plan (the pointers are never read).
 extern "C" int emu_group_norm(int dtype, int64_t batch, int64_t channels, int64_t groups, const int64_t* sizes,
                               const void* x, const int64_t* xs, void* y, const int64_t* ys, const void* w,
-                              const void* b, float* mean, float* rstd, float eps, int silu, int sm_count,
-                              int64_t* plan_out, int run) {
-  const ForwardArgs a = make_args(dtype, batch, channels, groups, sizes, x, xs, y, ys, w, b, mean, rstd, eps, silu);
+                              const void* b, const void* input_bias, float* mean, float* rstd, float eps, int silu,
+                              int sm_count, int64_t* plan_out, int run) {
+  const ForwardArgs a = make_args(dtype, batch, channels, groups, sizes, x, xs, y, ys, w, b, input_bias, mean, rstd, eps, silu);
   Plan plan{};
   const cudaError_t status = make_plan(a, sm_count, &plan);
   if (status != cudaSuccess) return static_cast<int>(status);
@@ -357,9 +367,11 @@ class _Emulator:
     def __init__(self, library_path):
         self.lib = ctypes.CDLL(library_path)
 
-    def __call__(self, x, groups, w, b, silu, sm_count, y=None, run=True):
-        """Runs the emulated forward; returns y, mean, rstd and the launch plan.
-        With ``run=False`` only the plan is made and no tensor is read."""
+    def __call__(self, x, groups, w, b, silu, sm_count, y=None, run=True, input_bias=None):
+        """Runs the emulated forward (of x + input_bias when given: (N, C), x's dtype,
+        passed as is, views and misaligned pointers included); returns y, mean, rstd
+        and the launch plan. With ``run=False`` only the plan is made and no tensor is read."""
+        assert input_bias is None or (input_bias.shape == x.shape[:2] and input_bias.is_contiguous())
         y = torch.empty_like(x) if y is None else y
         n = x.shape[0]
         mean = torch.full((n, groups), float("nan"))
@@ -377,6 +389,7 @@ class _Emulator:
             _DTYPE_CODES[x.dtype], ctypes.c_int64(n), ctypes.c_int64(x.shape[1]), ctypes.c_int64(groups),
             int64s([1] * pad + list(x.shape[2:])), ctypes.c_void_p(x.data_ptr()), strides(x),
             ctypes.c_void_p(y.data_ptr()), strides(y), ctypes.c_void_p(w.data_ptr()), ctypes.c_void_p(b.data_ptr()),
+            ctypes.c_void_p(None if input_bias is None else input_bias.data_ptr()),
             ctypes.c_void_p(mean.data_ptr()), ctypes.c_void_p(rstd.data_ptr()), ctypes.c_float(EPS),
             ctypes.c_int(int(silu)), ctypes.c_int(sm_count), plan, ctypes.c_int(int(run)),
         )  # fmt: skip
@@ -448,10 +461,14 @@ EMU_SM_COUNTS = (1, 16)
 def test_emulated_forward(emulate, seed, layout, dtype, sm_count):
     x, groups = EMU_LAYOUTS[layout](dtype)
     w, b = _affine(x.shape[1], dtype)
-    silu = (sm_count == 1) == (dtype == torch.float32)  # each layout and dtype sees SiLU on one path, not on the other
-    y, mean, rstd, plan = emulate(x, groups, w, b, silu, sm_count)
-    _check_output(y, x, groups, w, b, "silu" if silu else None, what=f"{layout} {plan}")
-    _check_stats(mean, rstd, x, groups)
+    # Each layout and dtype sees SiLU on one path, not on the other, and input_bias
+    # on one path, not on the other (paired differently, so all four combinations occur).
+    silu = (sm_count == 1) == (dtype == torch.float32)
+    input_bias = _randn(*x.shape[:2], dtype=dtype) if (sm_count == 1) == (dtype != torch.float16) else None
+    y, mean, rstd, plan = emulate(x, groups, w, b, silu, sm_count, input_bias=input_bias)
+    what = f"{layout} {plan} input_bias={input_bias is not None}"
+    _check_output(y, x, groups, w, b, "silu" if silu else None, what=what, input_bias=input_bias)
+    _check_stats(mean, rstd, x, groups, input_bias=input_bias)
 
 
 @pytest.mark.parametrize(
@@ -482,6 +499,41 @@ def test_emulated_plan(emulate, seed, layout, dtype, sm_count, expected):
     if plan["algorithm"] != "one_pass" and sm_count > 1:
         assert plan["splits"] > 1
     _check_output(y, x, groups, w, b, "silu")
+
+
+@pytest.mark.parametrize(
+    "layout, sm_count, algorithm",
+    [("nchw_vec", 1, "one_pass"), ("nchw_vec", 16, "two_pass"), ("nhwc_vec", 16, "two_pass"), ("nhwc_rows_cpg10", 16, "rows")],
+)
+def test_emulated_input_bias_is_added_in_x_dtype(emulate, seed, layout, sm_count, algorithm):
+    """fp16 x + input_bias rounds to fp16 before the statistics, as PyTorch's sum does:
+    with a bias of ~2000 the fp16 spacing (1.0) is a large part of x's spread (std 2), so
+    statistics of the unrounded sum would miss the oracle by far more than fp32 noise."""
+    x, groups = EMU_LAYOUTS[layout](torch.float16)
+    w, b = _affine(x.shape[1], torch.float16)
+    input_bias = (torch.rand(*x.shape[:2]) * 2 + 2000).half()
+    y, mean, rstd, plan = emulate(x, groups, w, b, False, sm_count, input_bias=input_bias)
+    assert plan["algorithm"] == algorithm
+    _check_stats(mean, rstd, x, groups, input_bias=input_bias)
+    unrounded = x.double() + input_bias.double().view(*input_bias.shape, 1, 1)
+    _, rstd_unrounded = group_norm_stats_ref(unrounded, groups, EPS)
+    assert ((rstd.double() - rstd_unrounded).abs() / rstd_unrounded).max() > 1e-3, "the sum must round to fp16 first"
+    _check_output(y, x, groups, w, b, None, input_bias=input_bias)
+
+
+def test_emulated_misaligned_input_bias_narrows_the_packs(emulate, seed):
+    """Channels-inner packs load input_bias[n, c:c + 8] as one pack; an input_bias
+    that is not 16-byte aligned gets narrower packs (and no rows path), still exact."""
+    for layout, groups_path in (("nhwc_vec", "two_pass"), ("nhwc_rows_cpg10", "rows")):
+        x, groups = EMU_LAYOUTS[layout](torch.float16)
+        w, b = _affine(x.shape[1], torch.float16)
+        storage = _randn(x.shape[0] * x.shape[1] + 1, dtype=torch.float16)
+        aligned, misaligned = storage[:-1].view(x.shape[:2]), storage[1:].view(x.shape[:2])
+        assert emulate(x, groups, w, b, True, 16, input_bias=aligned, run=False)[3]["algorithm"] == groups_path
+        y, mean, rstd, plan = emulate(x, groups, w, b, True, 16, input_bias=misaligned)
+        assert plan["vec"] == 1 and plan["algorithm"] != "rows", (layout, plan)
+        _check_output(y, x, groups, w, b, "silu", what=layout, input_bias=misaligned)
+        _check_stats(mean, rstd, x, groups, input_bias=misaligned)
 
 
 def test_emulated_two_pass_single_split(emulate, seed):
@@ -601,9 +653,13 @@ def test_cuda_raw_op_statistics(seed, layout, dtype):
     _register_cuda_op()
     x, groups = _cuda_layouts(dtype)[layout]
     w, b = _affine(x.shape[1], dtype, "cuda")
-    y, mean, rstd = torch.ops.fastdiff.group_norm_fwd_cuda(x, w, b, groups, EPS, "none")
+    y, mean, rstd = torch.ops.fastdiff.group_norm_fwd_cuda(x, w, b, None, groups, EPS, "none")
     _check_stats(mean, rstd, x, groups)
     _check_output(y, x, groups, w, b, None)
+    input_bias = _randn(*x.shape[:2], dtype=dtype, device="cuda")
+    y, mean, rstd = torch.ops.fastdiff.group_norm_fwd_cuda(x, w, b, input_bias, groups, EPS, "silu")
+    _check_stats(mean, rstd, x, groups, input_bias=input_bias)
+    _check_output(y, x, groups, w, b, "silu", input_bias=input_bias)
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
@@ -645,7 +701,9 @@ def test_cuda_opcheck(seed):
     _register_cuda_op()
     for x in (_randn(2, 6, 5, 7, device="cuda"), _randn(2, 16, 4, 6, dtype=torch.float16, device="cuda").to(memory_format=torch.channels_last)):
         w, b = _affine(x.shape[1], x.dtype, "cuda")
-        torch.library.opcheck(torch.ops.fastdiff.group_norm_fwd_cuda.default, (x, w, b, 2, EPS, "silu"))
+        input_bias = _randn(*x.shape[:2], dtype=x.dtype, device="cuda")
+        for ib in (None, input_bias):
+            torch.library.opcheck(torch.ops.fastdiff.group_norm_fwd_cuda.default, (x, w, b, ib, 2, EPS, "silu"))
 
 
 @pytest.mark.gpu
@@ -657,11 +715,18 @@ def test_cuda_binding_rejects_bad_arguments(seed):
     op = torch.ops.fastdiff.group_norm_fwd_cuda
     x = _randn(2, 6, 5, 7, device="cuda")
     w, b = _affine(6, torch.float32, "cuda")
+    ib = _randn(2, 6, device="cuda")
     with pytest.raises(RuntimeError, match="activation must be 'none' or 'silu'"):
-        op(x, w, b, 3, EPS, "relu")
+        op(x, w, b, None, 3, EPS, "relu")
     with pytest.raises(RuntimeError, match="num_groups"):
-        op(x, w, b, 4, EPS, "none")
+        op(x, w, b, None, 4, EPS, "none")
     with pytest.raises(RuntimeError, match="weight must have shape"):
-        op(x, w[:5], b, 3, EPS, "none")
+        op(x, w[:5], b, None, 3, EPS, "none")
     with pytest.raises(RuntimeError, match="bias dtype"):
-        op(x, w, b.half(), 3, EPS, "none")
+        op(x, w, b.half(), None, 3, EPS, "none")
+    with pytest.raises(RuntimeError, match=r"input_bias must have shape \(N, C\)"):
+        op(x, w, b, ib[:, :5], 3, EPS, "none")
+    with pytest.raises(RuntimeError, match="input_bias dtype"):
+        op(x, w, b, ib.half(), 3, EPS, "none")
+    with pytest.raises(RuntimeError, match="input_bias is on cpu"):
+        op(x, w, b, ib.cpu(), 3, EPS, "none")

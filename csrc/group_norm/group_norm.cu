@@ -4,9 +4,10 @@
 // with nvcc alone. The torch binding is group_norm_binding.cpp.
 //
 // Math, per sample n and group g (cpg = C / G channels, S spatial positions):
-//   mean, var = moments of the cpg * S values of x[n, group g]   (fp32, biased var)
+//   x'[c, s]  = x[c, s] + input_bias[n, c], rounded to x's dtype  (x' = x without input_bias)
+//   mean, var = moments of the cpg * S values of x'[n, group g]  (fp32, biased var)
 //   rstd      = 1 / sqrt(var + eps)
-//   z[c, s]   = (x[c, s] - mean) * (rstd * w[c]) + b[c]
+//   z[c, s]   = (x'[c, s] - mean) * (rstd * w[c]) + b[c]
 //   y[c, s]   = z * sigmoid(z) if silu else z
 // Statistics are accumulated with Welford's update per loaded pack and merged
 // across threads, warps and CTAs with Chan et al.'s pairwise formula, all in
@@ -238,6 +239,36 @@ __device__ __forceinline__ float rstd_of(const Moments& m, float eps) {
   return rsqrtf(fmaxf(m.m2 / m.n, 0.f) + eps);
 }
 
+// Element-wise p + b, rounded to T (see add_input_bias).
+template <typename T, int VEC>
+__device__ __forceinline__ Pack<T, VEC> add_packs(Pack<T, VEC> p, const Pack<T, VEC>& b) {
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) p.v[k] = from_float<T>(to_float(p.v[k]) + to_float(b.v[k]));
+  return p;
+}
+
+// x + input_bias for the pack whose first channel is c (input_bias already
+// offset to this sample's row), rounded to T: in fp32 the sum of two fp16 or
+// bf16 values rounds once more to T exactly as PyTorch's own x + input_bias
+// does (24 >= 2 * 11 + 2 bits, so the double rounding is innocuous).
+// Spatial-inner packs share channel c; channels-inner packs span channels
+// [c, c + VEC), loaded as one aligned pack (analyse_layout checks the pointer).
+// kInputBias is a template parameter of every kernel, so that calls without
+// input_bias run exactly the code (and registers) they ran before it existed.
+template <bool kInputBias, typename T, int VEC, bool kChannelsInner>
+__device__ __forceinline__ Pack<T, VEC> add_input_bias(Pack<T, VEC> p, const T* __restrict__ input_bias, int64_t c) {
+  if constexpr (!kInputBias) {
+    return p;
+  } else if constexpr (kChannelsInner) {
+    return add_packs(p, *reinterpret_cast<const Pack<T, VEC>*>(input_bias + c));
+  } else {
+    const float b = to_float(input_bias[c]);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) p.v[k] = from_float<T>(to_float(p.v[k]) + b);
+    return p;
+  }
+}
+
 // Normalises one pack with the group's mean and rstd, applies the affine and
 // optionally SiLU, and returns it in T.
 template <typename T, int VEC, bool kChannelsInner>
@@ -277,12 +308,13 @@ __device__ __forceinline__ int64_t reversed_block_x() { return static_cast<int64
 __device__ __forceinline__ int64_t reversed_block_y() { return static_cast<int64_t>(gridDim.y) - 1 - blockIdx.y; }
 
 // One-pass: the whole group is cached in dynamic shared memory (group_packs packs).
-template <typename T, int VEC, bool kChannelsInner>
+template <typename T, int VEC, bool kChannelsInner, bool kInputBias>
 __global__ void __launch_bounds__(kThreads) _one_pass_kernel(
     const T* __restrict__ x,       // input, element (n, c, s) at element_offset(geo.x, ...)
     T* __restrict__ y,             // output, element (n, c, s) at element_offset(geo.y, ...)
     const T* __restrict__ weight,  // (C,) contiguous
     const T* __restrict__ bias,    // (C,) contiguous
+    const T* __restrict__ input_bias,  // (N, C) contiguous if kInputBias, else unused
     float* __restrict__ mean_out,  // (N * G,) contiguous
     float* __restrict__ rstd_out,  // (N * G,) contiguous
     Geometry geo, float eps, bool silu) {
@@ -295,14 +327,22 @@ __global__ void __launch_bounds__(kThreads) _one_pass_kernel(
   const int64_t n = ng / geo.groups;
   const int64_t g = ng - n * geo.groups;
 
+  const T* sample_bias = kInputBias ? input_bias + n * geo.groups * geo.cpg : nullptr;
   auto load_x = [&](int o, int i, int) {
     int64_t c, s;
     pack_position<VEC, kChannelsInner>(geo, g, o, i, &c, &s);
     return *reinterpret_cast<const PackT*>(x + element_offset<kStrided>(geo.x, geo, n, c, s));
   };
+  // x + input_bias of pack (o, i), added after the loads are in flight (fewer live registers).
+  auto with_bias = [&](const PackT& p, int o, int i) {
+    int64_t c, s;
+    pack_position<VEC, kChannelsInner>(geo, g, o, i, &c, &s);
+    return add_input_bias<kInputBias, T, VEC, kChannelsInner>(p, sample_bias, c);
+  };
   Moments acc{0.f, 0.f, 0.f};
-  for_each_pack(0, geo.group_packs, geo.inner_packs, load_x, [&](const PackT& p, int, int, int j) {
-    cache[j] = p;
+  for_each_pack(0, geo.group_packs, geo.inner_packs, load_x, [&](const PackT& raw, int o, int i, int j) {
+    const PackT p = with_bias(raw, o, i);
+    cache[j] = p;  // the cache holds x + input_bias
     acc = merge(acc, pack_moments<T, VEC>(p));
   });
   const Moments total = block_reduce(acc);
@@ -323,9 +363,10 @@ __global__ void __launch_bounds__(kThreads) _one_pass_kernel(
 }
 
 // Two-pass, step 1: moments of packs [j0, j1) of one group -> one partial.
-template <typename T, int VEC, bool kChannelsInner>
+template <typename T, int VEC, bool kChannelsInner, bool kInputBias>
 __global__ void __launch_bounds__(kThreads) _stats_kernel(
     const T* __restrict__ x,         // input, as in _one_pass_kernel
+    const T* __restrict__ input_bias,  // (N, C) contiguous if kInputBias, else unused
     float* __restrict__ partials,    // (N * G, splits, 3) contiguous: n, mean, M2 of each CTA's range
     Geometry geo) {
   constexpr bool kStrided = VEC == 1;
@@ -337,14 +378,21 @@ __global__ void __launch_bounds__(kThreads) _stats_kernel(
   const int j0 = static_cast<int>(blockIdx.y * static_cast<int64_t>(geo.group_packs) / splits);
   const int j1 = static_cast<int>((blockIdx.y + 1) * static_cast<int64_t>(geo.group_packs) / splits);
 
+  const T* sample_bias = kInputBias ? input_bias + n * geo.groups * geo.cpg : nullptr;
   auto load_x = [&](int o, int i, int) {
     int64_t c, s;
     pack_position<VEC, kChannelsInner>(geo, g, o, i, &c, &s);
     return *reinterpret_cast<const PackT*>(x + element_offset<kStrided>(geo.x, geo, n, c, s));
   };
+  // x + input_bias of pack (o, i), added after the loads are in flight (fewer live registers).
+  auto with_bias = [&](const PackT& p, int o, int i) {
+    int64_t c, s;
+    pack_position<VEC, kChannelsInner>(geo, g, o, i, &c, &s);
+    return add_input_bias<kInputBias, T, VEC, kChannelsInner>(p, sample_bias, c);
+  };
   Moments acc{0.f, 0.f, 0.f};
   for_each_pack(j0, j1, geo.inner_packs, load_x,
-                [&](const PackT& p, int, int, int) { acc = merge(acc, pack_moments<T, VEC>(p)); });
+                [&](const PackT& p, int o, int i, int) { acc = merge(acc, pack_moments<T, VEC>(with_bias(p, o, i))); });
   const Moments total = block_reduce(acc);
   if (threadIdx.x == 0) {
     float* out = partials + (ng * splits + blockIdx.y) * 3;
@@ -355,12 +403,13 @@ __global__ void __launch_bounds__(kThreads) _stats_kernel(
 }
 
 // Two-pass, step 2: merge the group's partials, then normalise packs [j0, j1).
-template <typename T, int VEC, bool kChannelsInner>
+template <typename T, int VEC, bool kChannelsInner, bool kInputBias>
 __global__ void __launch_bounds__(kThreads) _apply_kernel(
     const T* __restrict__ x,              // input, as in _one_pass_kernel
     T* __restrict__ y,                    // output, as in _one_pass_kernel
     const T* __restrict__ weight,         // (C,) contiguous
     const T* __restrict__ bias,           // (C,) contiguous
+    const T* __restrict__ input_bias,     // (N, C) contiguous if kInputBias, else unused
     const float* __restrict__ partials,   // (N * G, splits, 3) from _stats_kernel
     float* __restrict__ mean_out,         // (N * G,); written by the split-0 CTA
     float* __restrict__ rstd_out,         // (N * G,); written by the split-0 CTA
@@ -393,6 +442,7 @@ __global__ void __launch_bounds__(kThreads) _apply_kernel(
 
   const int j0 = static_cast<int>(split * geo.group_packs / splits);
   const int j1 = static_cast<int>((split + 1) * geo.group_packs / splits);
+  const T* sample_bias = kInputBias ? input_bias + n * geo.groups * geo.cpg : nullptr;
   auto load_x = [&](int o, int i, int) {
     int64_t c, s;
     pack_position<VEC, kChannelsInner>(geo, g, o, i, &c, &s);
@@ -401,8 +451,8 @@ __global__ void __launch_bounds__(kThreads) _apply_kernel(
   for_each_pack(j0, j1, geo.inner_packs, load_x, [&](const PackT& p, int o, int i, int) {
     int64_t c, s;
     pack_position<VEC, kChannelsInner>(geo, g, o, i, &c, &s);
-    *reinterpret_cast<PackT*>(y + element_offset<kStrided>(geo.y, geo, n, c, s)) =
-        normalize_pack<T, VEC, kChannelsInner>(p, c, mean, rstd, weight, bias, silu);
+    *reinterpret_cast<PackT*>(y + element_offset<kStrided>(geo.y, geo, n, c, s)) = normalize_pack<T, VEC, kChannelsInner>(
+        add_input_bias<kInputBias, T, VEC, kChannelsInner>(p, sample_bias, c), c, mean, rstd, weight, bias, silu);
   });
 }
 
@@ -456,9 +506,10 @@ __device__ __forceinline__ void for_each_row(const PackT* __restrict__ column, i
 // Rows path, step 1: per-channel Welford over this thread's rows, merged in
 // shared memory over the CTA's row slots (per channel), then over each
 // group's channels (per group) into one partial per (n, g, split).
-template <typename T, int VEC>
+template <typename T, int VEC, bool kInputBias>
 __global__ void __launch_bounds__(kThreads) _rows_stats_kernel(
     const T* __restrict__ x,        // input, element (n, c, s) at n * x_n + s * x_s + c
+    const T* __restrict__ input_bias,  // (N, C) contiguous if kInputBias, else unused
     float* __restrict__ partials,   // (N * G, splits, 3) contiguous: n, mean, M2
     RowGeometry geo) {
   using PackT = Pack<T, VEC>;
@@ -478,8 +529,13 @@ __global__ void __launch_bounds__(kThreads) _rows_stats_kernel(
   float count = 0.f, mean[VEC], m2[VEC];
 #pragma unroll
   for (int k = 0; k < VEC; ++k) mean[k] = m2[k] = 0.f;
+  // This thread's channels never change: input_bias[n, p * VEC:(p + 1) * VEC] is loaded once.
+  const T* sample_bias = kInputBias ? input_bias + n * C : nullptr;
+  const PackT column_bias = kInputBias ? *reinterpret_cast<const PackT*>(sample_bias + static_cast<int64_t>(p) * VEC) : PackT{};
   const PackT* column = reinterpret_cast<const PackT*>(x + n * geo.x_n) + p;
-  for_each_row(column, geo.x_s / VEC, r0 + slot, r1, geo.rows_per_iter, [&](const PackT& pack, int64_t) {
+  for_each_row(column, geo.x_s / VEC, r0 + slot, r1, geo.rows_per_iter, [&](const PackT& raw, int64_t) {
+    PackT pack = raw;
+    if constexpr (kInputBias) pack = add_packs(raw, column_bias);
     count += 1.f;
     const float inv = 1.f / count;
 #pragma unroll
@@ -532,12 +588,13 @@ __global__ void __launch_bounds__(kThreads) _finalize_kernel(
 // Rows path, step 3: normalise rows [r0, r1) with per-channel scale and shift
 // held in registers (this thread's VEC channels never change). Walks the grid
 // backwards, like _apply_kernel.
-template <typename T, int VEC>
+template <typename T, int VEC, bool kInputBias>
 __global__ void __launch_bounds__(kThreads) _rows_apply_kernel(
     const T* __restrict__ x,            // input, as in _rows_stats_kernel
     T* __restrict__ y,                  // output, element (n, c, s) at n * y_n + s * y_s + c
     const T* __restrict__ weight,       // (C,) contiguous
     const T* __restrict__ bias,         // (C,) contiguous
+    const T* __restrict__ input_bias,   // (N, C) contiguous if kInputBias, else unused
     const float* __restrict__ mean,     // (N * G,) from _finalize_kernel
     const float* __restrict__ rstd,     // (N * G,) from _finalize_kernel
     RowGeometry geo, bool silu) {
@@ -562,7 +619,11 @@ __global__ void __launch_bounds__(kThreads) _rows_apply_kernel(
   const PackT* column = reinterpret_cast<const PackT*>(x + n * geo.x_n) + p;
   PackT* out_column = reinterpret_cast<PackT*>(y + n * geo.y_n) + p;
   const int64_t y_row_packs = geo.y_s / VEC;
-  for_each_row(column, geo.x_s / VEC, r0 + slot, r1, geo.rows_per_iter, [&](const PackT& pack, int64_t row) {
+  const T* sample_bias = kInputBias ? input_bias + n * geo.row_packs * VEC : nullptr;
+  const PackT column_bias = kInputBias ? *reinterpret_cast<const PackT*>(sample_bias + static_cast<int64_t>(p) * VEC) : PackT{};
+  for_each_row(column, geo.x_s / VEC, r0 + slot, r1, geo.rows_per_iter, [&](const PackT& raw, int64_t row) {
+    PackT pack = raw;
+    if constexpr (kInputBias) pack = add_packs(raw, column_bias);
     PackT out;
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
@@ -640,8 +701,10 @@ LayoutInfo analyse_layout(const ForwardArgs& a) {
   const int64_t y_outer = info.channels_inner ? info.y_spatial : a.y_strides.c;
   info.vec = 1;
   for (int vec = static_cast<int>(16 / esize); vec > 1; vec /= 2) {
+    // Channels-inner packs also load input_bias[n, c:c + vec] as one pack (C and c are multiples of vec).
+    const bool bias_ok = !info.channels_inner || a.input_bias == nullptr || aligned(a.input_bias, vec * esize);
     const bool ok = info.inner % vec == 0 && x_outer % vec == 0 && y_outer % vec == 0 && a.x_strides.n % vec == 0 &&
-                    a.y_strides.n % vec == 0 && aligned(a.x, vec * esize) && aligned(a.y, vec * esize);
+                    a.y_strides.n % vec == 0 && aligned(a.x, vec * esize) && aligned(a.y, vec * esize) && bias_ok;
     if (ok) {
       info.vec = vec;
       break;
@@ -663,7 +726,8 @@ bool rows_eligible(const ForwardArgs& a, const LayoutInfo& info) {
   if (a.x_strides.c != 1 || a.y_strides.c != 1 || info.x_spatial <= 0 || info.y_spatial <= 0) return false;
   if (a.channels % full != 0 || a.channels / full > kThreads) return false;
   return info.x_spatial % full == 0 && info.y_spatial % full == 0 && a.x_strides.n % full == 0 &&
-         a.y_strides.n % full == 0 && aligned(a.x, 16) && aligned(a.y, 16);
+         a.y_strides.n % full == 0 && aligned(a.x, 16) && aligned(a.y, 16) &&
+         (a.input_bias == nullptr || aligned(a.input_bias, 16));
 }
 
 bool valid(const ForwardArgs& a) {
@@ -712,50 +776,59 @@ RowGeometry make_row_geometry(const ForwardArgs& a, const LayoutInfo& info, cons
   return geo;
 }
 
-template <typename T, int VEC>
+template <typename T, int VEC, bool kInputBias>
 cudaError_t launch_rows(const ForwardArgs& a, const Plan& plan, const RowGeometry& geo, void* workspace, cudaStream_t stream) {
   const T* x = static_cast<const T*>(a.x);
   float* partials = static_cast<float*>(workspace);
   const dim3 grid(static_cast<unsigned int>(a.batch), static_cast<unsigned int>(plan.splits));
   const int64_t total_groups = a.batch * a.groups;
-  _rows_stats_kernel<T, VEC><<<grid, plan.threads, 0, stream>>>(x, partials, geo);
+  const T* ib = static_cast<const T*>(a.input_bias);
+  _rows_stats_kernel<T, VEC, kInputBias><<<grid, plan.threads, 0, stream>>>(x, ib, partials, geo);
   _finalize_kernel<<<dim3(static_cast<unsigned int>((total_groups + kWarps - 1) / kWarps)), kThreads, 0, stream>>>(
       partials, a.mean, a.rstd, total_groups, plan.splits, a.eps);
-  _rows_apply_kernel<T, VEC><<<grid, plan.threads, 0, stream>>>(x, static_cast<T*>(a.y), static_cast<const T*>(a.weight),
-                                                               static_cast<const T*>(a.bias), a.mean, a.rstd, geo, a.silu);
+  _rows_apply_kernel<T, VEC, kInputBias><<<grid, plan.threads, 0, stream>>>(x, static_cast<T*>(a.y), static_cast<const T*>(a.weight),
+                                                               static_cast<const T*>(a.bias), ib, a.mean, a.rstd, geo, a.silu);
   return cudaGetLastError();
 }
 
-template <typename T, int VEC, bool kChannelsInner>
+template <typename T, int VEC, bool kChannelsInner, bool kInputBias>
 cudaError_t launch(const ForwardArgs& a, const Plan& plan, const Geometry& geo, void* workspace, cudaStream_t stream) {
   const T* x = static_cast<const T*>(a.x);
   T* y = static_cast<T*>(a.y);
   const T* w = static_cast<const T*>(a.weight);
   const T* b = static_cast<const T*>(a.bias);
+  const T* ib = static_cast<const T*>(a.input_bias);
   const unsigned int groups = static_cast<unsigned int>(a.batch * a.groups);
   if (plan.algorithm == Algorithm::kOnePass) {
-    _one_pass_kernel<T, VEC, kChannelsInner><<<dim3(groups), kThreads, plan.shared_bytes, stream>>>(
-        x, y, w, b, a.mean, a.rstd, geo, a.eps, a.silu);
+    _one_pass_kernel<T, VEC, kChannelsInner, kInputBias><<<dim3(groups), kThreads, plan.shared_bytes, stream>>>(
+        x, y, w, b, ib, a.mean, a.rstd, geo, a.eps, a.silu);
   } else {
     float* partials = static_cast<float*>(workspace);
     const dim3 grid(groups, static_cast<unsigned int>(plan.splits));
-    _stats_kernel<T, VEC, kChannelsInner><<<grid, kThreads, 0, stream>>>(x, partials, geo);
-    _apply_kernel<T, VEC, kChannelsInner><<<grid, kThreads, 0, stream>>>(x, y, w, b, partials, a.mean, a.rstd, geo, a.eps,
-                                                                        a.silu);
+    _stats_kernel<T, VEC, kChannelsInner, kInputBias><<<grid, kThreads, 0, stream>>>(x, ib, partials, geo);
+    _apply_kernel<T, VEC, kChannelsInner, kInputBias><<<grid, kThreads, 0, stream>>>(x, y, w, b, ib, partials, a.mean, a.rstd, geo,
+                                                                        a.eps, a.silu);
   }
   return cudaGetLastError();
 }
 
 template <typename T, int VEC>
 cudaError_t launch_layout(const ForwardArgs& a, const Plan& plan, const Geometry& geo, void* ws, cudaStream_t stream) {
-  return plan.channels_inner ? launch<T, VEC, true>(a, plan, geo, ws, stream) : launch<T, VEC, false>(a, plan, geo, ws, stream);
+  if (a.input_bias != nullptr) {
+    return plan.channels_inner ? launch<T, VEC, true, true>(a, plan, geo, ws, stream)
+                               : launch<T, VEC, false, true>(a, plan, geo, ws, stream);
+  }
+  return plan.channels_inner ? launch<T, VEC, true, false>(a, plan, geo, ws, stream)
+                             : launch<T, VEC, false, false>(a, plan, geo, ws, stream);
 }
 
 template <typename T>
 cudaError_t launch_dtype(const ForwardArgs& a, const LayoutInfo& info, const Plan& plan, void* ws, cudaStream_t stream) {
   if (plan.algorithm == Algorithm::kRows) {
     if (!rows_eligible(a, info) || plan.vec * sizeof(T) != 16) return cudaErrorInvalidValue;  // stale plan
-    return launch_rows<T, 16 / sizeof(T)>(a, plan, make_row_geometry(a, info, plan), ws, stream);
+    const RowGeometry geo = make_row_geometry(a, info, plan);
+    return a.input_bias != nullptr ? launch_rows<T, 16 / sizeof(T), true>(a, plan, geo, ws, stream)
+                                   : launch_rows<T, 16 / sizeof(T), false>(a, plan, geo, ws, stream);
   }
   if (info.vec != plan.vec || info.channels_inner != plan.channels_inner) return cudaErrorInvalidValue;  // stale plan
   const Geometry geo = make_geometry(a, info);

@@ -12,6 +12,10 @@
 //   * channels-inner ("NHWC", channels_last): channel stride 1, spatial dims
 //     collapse to one dim of stride >= C.
 // Everything else (e.g. a slice with a step) runs the scalar strided path.
+// An optional input_bias (N, C) is added to x on load, before the statistics,
+// rounded to x's dtype: the kernels normalise x + input_bias[:, :, None, None]
+// exactly as PyTorch would compute that sum (the time embedding of a ResNet
+// block, fused into its GroupNorm).
 // Channels-inner tensors whose groups are too narrow for 16-byte packs but
 // whose channel rows are not take the rows path (Algorithm::kRows).
 #pragma once
@@ -47,6 +51,8 @@ struct ForwardArgs {
   TensorStrides y_strides;
   const void* weight;                        // (C,) contiguous, dtype `dtype`
   const void* bias;                          // (C,) contiguous, dtype `dtype`
+  const void* input_bias;                    // (N, C) contiguous, dtype `dtype`, or null: added to x
+                                             // (rounded to `dtype`) before the statistics
   float* mean;                               // (N, G) contiguous fp32 output
   float* rstd;                               // (N, G) contiguous fp32 output: 1/sqrt(var + eps)
   float eps;

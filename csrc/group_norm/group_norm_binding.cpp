@@ -1,7 +1,10 @@
 // Torch binding of the CUDA GroupNorm forward: registers
-//   fastdiff::group_norm_fwd_cuda(Tensor x, Tensor weight, Tensor bias, int num_groups,
-//                                 float eps, str activation) -> (Tensor y, Tensor mean, Tensor rstd)
-// with a CUDA implementation. The schema lives in a TORCH_LIBRARY_FRAGMENT
+//   fastdiff::group_norm_fwd_cuda(Tensor x, Tensor weight, Tensor bias, Tensor? input_bias,
+//                                 int num_groups, float eps, str activation)
+//     -> (Tensor y, Tensor mean, Tensor rstd)
+// with a CUDA implementation. input_bias (N, C), x's dtype, or None: the op
+// normalises x + input_bias[:, :, None, None] (the sum rounded to x's dtype, as
+// PyTorch computes it), and mean / rstd are the statistics of that sum. The schema lives in a TORCH_LIBRARY_FRAGMENT
 // because Python (fastdiff/ops/group_norm.py) registers other ops in the same
 // `fastdiff` namespace, and gives this op its fake (meta) implementation and
 // autograd formula.
@@ -16,7 +19,9 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cstdint>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -71,8 +76,26 @@ void check_param(const at::Tensor& p, const char* name, const at::Tensor& x) {
               ",) to match x's channels, got ", p.sizes());
 }
 
+// input_bias must be (N, C) in x's dtype on x's device. Returned contiguous and
+// 16-byte aligned (copied when it is not), because channels-inner kernels load
+// input_bias[n, c:c + 8] as one 16-byte pack.
+at::Tensor checked_input_bias(const at::Tensor& input_bias, const at::Tensor& x) {
+  TORCH_CHECK(input_bias.device() == x.device(), "group_norm_fwd_cuda: input_bias is on ", input_bias.device(),
+              " but x is on ", x.device());
+  TORCH_CHECK(input_bias.scalar_type() == x.scalar_type(), "group_norm_fwd_cuda: input_bias dtype ",
+              input_bias.scalar_type(), " does not match x's dtype ", x.scalar_type());
+  TORCH_CHECK(input_bias.dim() == 2 && input_bias.size(0) == x.size(0) && input_bias.size(1) == x.size(1),
+              "group_norm_fwd_cuda: input_bias must have shape (N, C) = (", x.size(0), ", ", x.size(1),
+              ") to match x, got ", input_bias.sizes());
+  at::Tensor ib = input_bias.contiguous();
+  if (reinterpret_cast<uintptr_t>(ib.data_ptr()) % 16 != 0) ib = ib.clone();
+  return ib;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
-                                                                   const at::Tensor& bias, int64_t num_groups, double eps,
+                                                                   const at::Tensor& bias,
+                                                                   const std::optional<at::Tensor>& input_bias,
+                                                                   int64_t num_groups, double eps,
                                                                    c10::string_view activation) {
   TORCH_CHECK(x.is_cuda(), "group_norm_fwd_cuda: x must be a CUDA tensor, got ", x.device());
   TORCH_CHECK(x.dim() >= 3 && x.dim() <= 2 + kMaxSpatialDims,
@@ -83,6 +106,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_fwd_cuda(const at::Ten
               ") must be positive and divide the channel count of x (", x.size(1), ")");
   check_param(weight, "weight", x);
   check_param(bias, "bias", x);
+  const at::Tensor ib = input_bias.has_value() ? checked_input_bias(*input_bias, x) : at::Tensor();
   TORCH_CHECK(eps >= 0, "group_norm_fwd_cuda: eps must be non-negative, got ", eps);
   const std::string act(activation.data(), activation.size());
   TORCH_CHECK(act == "none" || act == "silu", "group_norm_fwd_cuda: activation must be 'none' or 'silu', got '", act, "'");
@@ -110,6 +134,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_fwd_cuda(const at::Ten
   args.y_strides = strides_of(y);
   args.weight = w.data_ptr();
   args.bias = b.data_ptr();
+  args.input_bias = ib.defined() ? ib.data_ptr() : nullptr;
   args.mean = mean.data_ptr<float>();
   args.rstd = rstd.data_ptr<float>();
   args.eps = static_cast<float>(eps);
@@ -137,8 +162,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_fwd_cuda(const at::Ten
 
 TORCH_LIBRARY_FRAGMENT(fastdiff, m) {
   m.def(
-      "group_norm_fwd_cuda(Tensor x, Tensor weight, Tensor bias, int num_groups, float eps, str activation)"
-      " -> (Tensor, Tensor, Tensor)");
+      "group_norm_fwd_cuda(Tensor x, Tensor weight, Tensor bias, Tensor? input_bias, int num_groups, float eps,"
+      " str activation) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastdiff, CUDA, m) { m.impl("group_norm_fwd_cuda", &fastdiff::group_norm::group_norm_fwd_cuda); }
