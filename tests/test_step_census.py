@@ -189,7 +189,8 @@ def _tiny_report(fastdiff_ops):
                                  "fused_kernels": {"launches_per_call": {"fastdiff::group_norm_fwd_triton": {"1": 1, "3": 2}}, "failed": {}}},
                     "diffusers": {"launches": 100, "dtype_copies": 4, "fused_ops": {}, "top_ops": {}, "ops": {}},
                 },
-                "host_time": {"fastdiff": {"meta_ms": 9.0, "fake_cuda_ms": 20.0}, "diffusers": {"meta_ms": 10.0, "fake_cuda_ms": 30.0}},
+                "host_time": {"fastdiff": {"meta_ms": 9.0, "fake_cuda_ms": 20.0, "meta_cpu_ms": 8.0, "fake_cuda_cpu_ms": 24.0},
+                              "diffusers": {"meta_ms": 10.0, "fake_cuda_ms": 30.0, "meta_cpu_ms": 10.0, "fake_cuda_cpu_ms": 30.0}},
                 "launch_ratio": 0.5,
                 "launch_ratio_kv_cache": 0.46,
                 "host_time_ratio_meta": 0.9,
@@ -213,8 +214,8 @@ def test_markdown_states_proxies_targets_load_and_history():
     report["history"] = [census.history_entry("round 1 (old)", old)]
     text = census.markdown(report)
     assert "CPU proxies, not GPU timings" in text and "commit abc" in text
-    assert "| tiny | 50 / 54 | 100 | 0.50 / 0.54 (met) | 46 / 50 (0.46 / 0.50) |" in text
-    assert "0.90 (missed (1.12x the target))" in text
+    assert "| tiny | 50 / 54 | 100 | 0.50 / 0.54 (met) | 46 / 50 (0.46 / 0.50) | 1 / 4 |" in text
+    assert "| tiny | 8 / 10 (0.80, met) | 9 / 10 (0.90) | 24 / 30 (0.80) | 20 / 30 (0.67) |" in text
     assert "  * fastdiff::group_norm_fwd_triton: 1 kernel (1), 3 kernels (2)" in text
     assert "| group_norm x | 5.0 (met) | 9.5 | 2 (_apply, _stats) | 1.5 / 4.2 (triton) |" in text
     assert "| group_norm + input_bias | not measured: triton cannot run it (no) |" in text
@@ -223,3 +224,15 @@ def test_markdown_states_proxies_targets_load_and_history():
     assert "load average 3.10, 2.00, 1.00 on 2 CPUs" in text and "over 7 calls" in text
     # Before/after: launches and the tracked ops per round; an op absent from a top-12 list is "<floor".
     assert "| tiny | 50 -> 50 | 46 -> 46 | 100 | 8 -> 0 | <8 -> 0 |" in text
+    old["archs"]["tiny"]["launches"]["fastdiff"]["launches_kv_cache"] = None  # a report from before the K/V cache
+    report["history"] = [census.history_entry("before", old)]
+    assert "| tiny | 50 -> 50 | - -> 46 | 100 |" in census.markdown(report)
+
+
+def test_host_time_alternates_and_records_wall_and_cpu_time():
+    result = census.host_time("tiny", runs=1)
+    for library in ("fastdiff", "diffusers"):
+        for where in ("meta", "fake_cuda"):
+            wall, cpu = result[library][f"{where}_ms"], result[library][f"{where}_cpu_ms"]
+            # One thread's CPU time cannot exceed the wall time it ran in (1 ms of clock granularity).
+            assert 0 < cpu <= wall + 1.0, (library, where, cpu, wall)
