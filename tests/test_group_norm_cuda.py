@@ -275,6 +275,7 @@ void launch(dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t, F kernel) 
 #define blockDim emu::block_dim
 #define __syncthreads() emu::current->block_barrier.arrive_and_wait()
 #define __shfl_down_sync emu::shfl_down
+#define __ldcg(p) (*(p))
 #define __expf(x) std::exp(x)
 #define rsqrtf(x) (1.f / std::sqrt(x))
 """
@@ -310,6 +311,18 @@ static void report(const Plan& plan, int64_t* plan_out) {
   plan_out[1] = plan.splits;
   plan_out[2] = plan.vec;
   plan_out[3] = plan.channels_inner;
+}
+// The kernels' Chan merge, in order, over k partial moments (counts up to 2^31 - 1).
+extern "C" void emu_merge_moments(const int64_t* counts, const float* means, const float* m2s, int k,
+                                  int64_t* count_out, float* mean_out, float* m2_out) {
+  Moments total{0, 0.f, 0.f};
+  for (int i = 0; i < k; ++i) {
+    using Count = decltype(total.n);
+    total = merge(total, Moments{static_cast<Count>(counts[i]), means[i], m2s[i]});
+  }
+  *count_out = static_cast<int64_t>(total.n);
+  *mean_out = total.mean;
+  *m2_out = total.m2;
 }
 // make_plan + forward. With run == 0, only make_plan (the pointers are never read).
 extern "C" int emu_group_norm(int dtype, int64_t batch, int64_t channels, int64_t groups, const int64_t* sizes,
@@ -366,6 +379,16 @@ def _emulated_source(constants):
 class _Emulator:
     def __init__(self, library_path):
         self.lib = ctypes.CDLL(library_path)
+
+    def merge(self, counts, means, m2s):
+        """The kernels' Chan merge over partial moments, in order: (count, mean, M2)."""
+        k = len(counts)
+        count, mean, m2 = ctypes.c_int64(), ctypes.c_float(), ctypes.c_float()
+        self.lib.emu_merge_moments(
+            (ctypes.c_int64 * k)(*counts), (ctypes.c_float * k)(*means.tolist()), (ctypes.c_float * k)(*m2s.tolist()),
+            ctypes.c_int(k), ctypes.byref(count), ctypes.byref(mean), ctypes.byref(m2),
+        )  # fmt: skip
+        return count.value, mean.value, m2.value
 
     def __call__(self, x, groups, w, b, silu, sm_count, y=None, run=True, input_bias=None):
         """Runs the emulated forward (of x + input_bias when given: (N, C), x's dtype,
@@ -534,6 +557,22 @@ def test_emulated_misaligned_input_bias_narrows_the_packs(emulate, seed):
         assert plan["vec"] == 1 and plan["algorithm"] != "rows", (layout, plan)
         _check_output(y, x, groups, w, b, "silu", what=layout, input_bias=misaligned)
         _check_stats(mean, rstd, x, groups, input_bias=misaligned)
+
+
+def test_emulated_merge_counts_exactly_past_2_24(emulate, seed):
+    """Partial counts add exactly in the kernels' merge (a VAE group at 2048x2048 holds
+    2^24 values with 128 channels, more with more): an fp32 count would round
+    2^24 + 1 down and lose odd counts, here the total is checked to the unit."""
+    counts = [2**24 + 1, 3, 2**24 - 1, 5, 2**23 + 7, 1, 999_999]
+    means = torch.randn(len(counts)) + 3.0
+    m2s = torch.rand(len(counts)) * torch.tensor(counts, dtype=torch.float32)
+    total, mean, m2 = emulate.merge(counts, means, m2s)
+    assert total == sum(counts) > 2**25
+    c, mu = torch.tensor(counts, dtype=torch.float64), means.double()
+    mean_ref = (c * mu).sum() / c.sum()
+    m2_ref = m2s.double().sum() + (c * (mu - mean_ref) ** 2).sum()
+    assert abs(mean - mean_ref.item()) <= 4e-6 * abs(mean_ref.item())
+    assert abs(m2 - m2_ref.item()) <= 1e-5 * m2_ref.item()
 
 
 def test_emulated_two_pass_single_split(emulate, seed):

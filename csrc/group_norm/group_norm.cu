@@ -10,8 +10,10 @@
 //   z[c, s]   = (x'[c, s] - mean) * (rstd * w[c]) + b[c]
 //   y[c, s]   = z * sigmoid(z) if silu else z
 // Statistics are accumulated with Welford's update per loaded pack and merged
-// across threads, warps and CTAs with Chan et al.'s pairwise formula, all in
-// fp32; the output is rounded once to x's dtype.
+// across threads, warps and CTAs with Chan et al.'s pairwise formula, means and
+// M2 in fp32, counts in int32 (exact: a group holds up to 2^30 values, and an
+// fp32 count would round past 2^24, e.g. a VAE group at 2048x2048); the output
+// is rounded once to x's dtype.
 //
 // Index space. Each (n, g) group is viewed as a 2-D array [outer][inner] whose
 // inner dimension has unit stride on the fast paths:
@@ -162,19 +164,21 @@ __device__ __forceinline__ void for_each_pack(int j0, int j1, int inner_packs, L
 // Moments: Welford within a pack, Chan's merge everywhere else.
 // ---------------------------------------------------------------------------
 
+// Also the layout of the partials in the two-pass and rows workspaces (12 bytes).
 struct Moments {
-  float n;     // number of values
+  int32_t n;   // number of values: exact, never an fp32 count (which stops at 2^24)
   float mean;  // their mean
   float m2;    // sum of squared deviations from the mean
 };
 
 __device__ __forceinline__ Moments merge(const Moments& a, const Moments& b) {
-  // Chan, Golub & LeVeque: combine two disjoint sets' (n, mean, M2).
-  const float n = a.n + b.n;
-  if (n == 0.f) return a;
-  const float wb = b.n / n;
+  // Chan, Golub & LeVeque: combine two disjoint sets' (n, mean, M2). The
+  // count adds exactly; only the weight b.n / n is rounded (to fp32).
+  const int32_t n = a.n + b.n;
+  if (n == 0) return a;
+  const float wb = static_cast<float>(b.n) / static_cast<float>(n);
   const float d = b.mean - a.mean;
-  return Moments{n, a.mean + d * wb, a.m2 + b.m2 + d * d * a.n * wb};
+  return Moments{n, a.mean + d * wb, a.m2 + b.m2 + d * d * static_cast<float>(a.n) * wb};
 }
 
 template <typename T, int VEC>
@@ -190,7 +194,7 @@ __device__ __forceinline__ Moments pack_moments(const Pack<T, VEC>& p) {
   float m2 = 0.f;
 #pragma unroll
   for (int k = 0; k < VEC; ++k) m2 += (v[k] - mean) * (v[k] - mean);
-  return Moments{static_cast<float>(VEC), mean, m2};
+  return Moments{VEC, mean, m2};
 }
 
 __device__ __forceinline__ Moments warp_reduce(Moments m) {
@@ -215,7 +219,7 @@ __device__ __forceinline__ Moments block_reduce(Moments m) {
   if (lane == 0) per_warp[warp] = m;
   __syncthreads();
   if (warp == 0) {
-    m = lane < kWarps ? per_warp[lane] : Moments{0.f, 0.f, 0.f};
+    m = lane < kWarps ? per_warp[lane] : Moments{0, 0.f, 0.f};
     m = warp_reduce(m);
     if (lane == 0) total = m;
   }
@@ -223,20 +227,21 @@ __device__ __forceinline__ Moments block_reduce(Moments m) {
   return total;
 }
 
-// Called by all 32 lanes of a warp: merges the `splits` partials (n, mean, M2)
-// of group ng, stored at partials[(ng * splits + k) * 3], in a fixed order.
-// The result is complete in lane 0.
-__device__ __forceinline__ Moments merge_partials_in_warp(const float* __restrict__ partials, int64_t ng, int64_t splits) {
-  Moments m{0.f, 0.f, 0.f};
+// Called by all 32 lanes of a warp: merges the `splits` partials of group ng,
+// stored at partials[ng * splits + k], in a fixed order. The result is
+// complete in lane 0. Loads bypass L1 (__ldcg): other CTAs of the same launch
+// may have written them (the rows path's last-arriving CTA).
+__device__ __forceinline__ Moments merge_partials_in_warp(const Moments* partials, int64_t ng, int64_t splits) {
+  Moments m{0, 0.f, 0.f};
   for (int64_t k = threadIdx.x & 31; k < splits; k += 32) {
-    const float* p = partials + (ng * splits + k) * 3;
-    m = merge(m, Moments{p[0], p[1], p[2]});
+    const Moments* p = partials + ng * splits + k;
+    m = merge(m, Moments{__ldcg(&p->n), __ldcg(&p->mean), __ldcg(&p->m2)});
   }
   return warp_reduce(m);
 }
 
 __device__ __forceinline__ float rstd_of(const Moments& m, float eps) {
-  return rsqrtf(fmaxf(m.m2 / m.n, 0.f) + eps);
+  return rsqrtf(fmaxf(m.m2 / static_cast<float>(m.n), 0.f) + eps);
 }
 
 // Element-wise p + b, rounded to T (see add_input_bias).
@@ -339,7 +344,7 @@ __global__ void __launch_bounds__(kThreads) _one_pass_kernel(
     pack_position<VEC, kChannelsInner>(geo, g, o, i, &c, &s);
     return add_input_bias<kInputBias, T, VEC, kChannelsInner>(p, sample_bias, c);
   };
-  Moments acc{0.f, 0.f, 0.f};
+  Moments acc{0, 0.f, 0.f};
   for_each_pack(0, geo.group_packs, geo.inner_packs, load_x, [&](const PackT& raw, int o, int i, int j) {
     const PackT p = with_bias(raw, o, i);
     cache[j] = p;  // the cache holds x + input_bias
@@ -367,7 +372,7 @@ template <typename T, int VEC, bool kChannelsInner, bool kInputBias>
 __global__ void __launch_bounds__(kThreads) _stats_kernel(
     const T* __restrict__ x,         // input, as in _one_pass_kernel
     const T* __restrict__ input_bias,  // (N, C) contiguous if kInputBias, else unused
-    float* __restrict__ partials,    // (N * G, splits, 3) contiguous: n, mean, M2 of each CTA's range
+    Moments* __restrict__ partials,  // (N * G, splits) contiguous: the moments of each CTA's range
     Geometry geo) {
   constexpr bool kStrided = VEC == 1;
   using PackT = Pack<T, VEC>;
@@ -390,16 +395,11 @@ __global__ void __launch_bounds__(kThreads) _stats_kernel(
     pack_position<VEC, kChannelsInner>(geo, g, o, i, &c, &s);
     return add_input_bias<kInputBias, T, VEC, kChannelsInner>(p, sample_bias, c);
   };
-  Moments acc{0.f, 0.f, 0.f};
+  Moments acc{0, 0.f, 0.f};
   for_each_pack(j0, j1, geo.inner_packs, load_x,
                 [&](const PackT& p, int o, int i, int) { acc = merge(acc, pack_moments<T, VEC>(with_bias(p, o, i))); });
   const Moments total = block_reduce(acc);
-  if (threadIdx.x == 0) {
-    float* out = partials + (ng * splits + blockIdx.y) * 3;
-    out[0] = total.n;
-    out[1] = total.mean;
-    out[2] = total.m2;
-  }
+  if (threadIdx.x == 0) partials[ng * splits + blockIdx.y] = total;
 }
 
 // Two-pass, step 2: merge the group's partials, then normalise packs [j0, j1).
@@ -410,7 +410,7 @@ __global__ void __launch_bounds__(kThreads) _apply_kernel(
     const T* __restrict__ weight,         // (C,) contiguous
     const T* __restrict__ bias,           // (C,) contiguous
     const T* __restrict__ input_bias,     // (N, C) contiguous if kInputBias, else unused
-    const float* __restrict__ partials,   // (N * G, splits, 3) from _stats_kernel
+    const Moments* __restrict__ partials,  // (N * G, splits) from _stats_kernel
     float* __restrict__ mean_out,         // (N * G,); written by the split-0 CTA
     float* __restrict__ rstd_out,         // (N * G,); written by the split-0 CTA
     Geometry geo, float eps, bool silu) {
@@ -510,10 +510,10 @@ template <typename T, int VEC, bool kInputBias>
 __global__ void __launch_bounds__(kThreads) _rows_stats_kernel(
     const T* __restrict__ x,        // input, element (n, c, s) at n * x_n + s * x_s + c
     const T* __restrict__ input_bias,  // (N, C) contiguous if kInputBias, else unused
-    float* __restrict__ partials,   // (N * G, splits, 3) contiguous: n, mean, M2
+    Moments* __restrict__ partials,  // (N * G, splits) contiguous
     RowGeometry geo) {
   using PackT = Pack<T, VEC>;
-  __shared__ float slot_n[kThreads];              // rows seen by each row slot
+  __shared__ int32_t slot_n[kThreads];            // rows seen by each row slot
   __shared__ float slot_mean[kThreads * VEC];     // [row slot][channel]
   __shared__ float slot_m2[kThreads * VEC];
   __shared__ Moments channel[kThreads * VEC];     // [channel], merged over the row slots
@@ -526,7 +526,8 @@ __global__ void __launch_bounds__(kThreads) _rows_stats_kernel(
   const int p = threadIdx.x % R;
   const int slot = threadIdx.x / R;
 
-  float count = 0.f, mean[VEC], m2[VEC];
+  int32_t count = 0;
+  float mean[VEC], m2[VEC];
 #pragma unroll
   for (int k = 0; k < VEC; ++k) mean[k] = m2[k] = 0.f;
   // This thread's channels never change: input_bias[n, p * VEC:(p + 1) * VEC] is loaded once.
@@ -536,8 +537,8 @@ __global__ void __launch_bounds__(kThreads) _rows_stats_kernel(
   for_each_row(column, geo.x_s / VEC, r0 + slot, r1, geo.rows_per_iter, [&](const PackT& raw, int64_t) {
     PackT pack = raw;
     if constexpr (kInputBias) pack = add_packs(raw, column_bias);
-    count += 1.f;
-    const float inv = 1.f / count;
+    ++count;
+    const float inv = 1.f / static_cast<float>(count);
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {  // Welford, one update per channel
       const float v = to_float(pack.v[k]);
@@ -554,25 +555,22 @@ __global__ void __launch_bounds__(kThreads) _rows_stats_kernel(
   if (p == 0) slot_n[slot] = count;
   __syncthreads();
   for (int c = threadIdx.x; c < C; c += blockDim.x) {
-    Moments m{0.f, 0.f, 0.f};
+    Moments m{0, 0.f, 0.f};
     for (int q = 0; q < geo.rows_per_iter; ++q) m = merge(m, Moments{slot_n[q], slot_mean[q * C + c], slot_m2[q * C + c]});
     channel[c] = m;
   }
   __syncthreads();
   for (int64_t g = threadIdx.x; g < geo.groups; g += blockDim.x) {
-    Moments m{0.f, 0.f, 0.f};
+    Moments m{0, 0.f, 0.f};
     for (int64_t c = g * geo.cpg; c < (g + 1) * geo.cpg; ++c) m = merge(m, channel[c]);
-    float* out = partials + ((n * geo.groups + g) * splits + blockIdx.y) * 3;
-    out[0] = m.n;
-    out[1] = m.mean;
-    out[2] = m.m2;
+    partials[(n * geo.groups + g) * splits + blockIdx.y] = m;
   }
 }
 
 // Rows path, step 2: one warp per (n, g) merges its partials into mean / rstd.
 // Program ids: warp w of CTA b handles ng = b * kWarps + w.
 __global__ void __launch_bounds__(kThreads) _finalize_kernel(
-    const float* __restrict__ partials,  // (N * G, splits, 3) from _rows_stats_kernel
+    const Moments* __restrict__ partials,  // (N * G, splits) from _rows_stats_kernel
     float* __restrict__ mean_out,        // (N * G,)
     float* __restrict__ rstd_out,        // (N * G,)
     int64_t total_groups, int64_t splits, float eps) {
@@ -779,7 +777,7 @@ RowGeometry make_row_geometry(const ForwardArgs& a, const LayoutInfo& info, cons
 template <typename T, int VEC, bool kInputBias>
 cudaError_t launch_rows(const ForwardArgs& a, const Plan& plan, const RowGeometry& geo, void* workspace, cudaStream_t stream) {
   const T* x = static_cast<const T*>(a.x);
-  float* partials = static_cast<float*>(workspace);
+  Moments* partials = static_cast<Moments*>(workspace);
   const dim3 grid(static_cast<unsigned int>(a.batch), static_cast<unsigned int>(plan.splits));
   const int64_t total_groups = a.batch * a.groups;
   const T* ib = static_cast<const T*>(a.input_bias);
@@ -803,7 +801,7 @@ cudaError_t launch(const ForwardArgs& a, const Plan& plan, const Geometry& geo, 
     _one_pass_kernel<T, VEC, kChannelsInner, kInputBias><<<dim3(groups), kThreads, plan.shared_bytes, stream>>>(
         x, y, w, b, ib, a.mean, a.rstd, geo, a.eps, a.silu);
   } else {
-    float* partials = static_cast<float*>(workspace);
+    Moments* partials = static_cast<Moments*>(workspace);
     const dim3 grid(groups, static_cast<unsigned int>(plan.splits));
     _stats_kernel<T, VEC, kChannelsInner, kInputBias><<<grid, kThreads, 0, stream>>>(x, ib, partials, geo);
     _apply_kernel<T, VEC, kChannelsInner, kInputBias><<<grid, kThreads, 0, stream>>>(x, y, w, b, ib, partials, a.mean, a.rstd, geo,
@@ -886,7 +884,7 @@ cudaError_t make_plan(const ForwardArgs& a, int sm_count, Plan* plan) {
     plan->channels_inner = true;
     plan->threads = rows_per_iter * row_packs;
     plan->shared_bytes = 0;
-    plan->workspace_bytes = static_cast<size_t>(groups * row_splits * 3) * sizeof(float);
+    plan->workspace_bytes = static_cast<size_t>(groups * row_splits) * sizeof(Moments);
     return cudaSuccess;
   }
 
@@ -896,7 +894,7 @@ cudaError_t make_plan(const ForwardArgs& a, int sm_count, Plan* plan) {
   plan->channels_inner = info.channels_inner;
   plan->threads = kThreads;
   plan->shared_bytes = one_pass ? group_bytes : 0;
-  plan->workspace_bytes = one_pass ? 0 : static_cast<size_t>(groups * splits * 3) * sizeof(float);
+  plan->workspace_bytes = one_pass ? 0 : static_cast<size_t>(groups * splits) * sizeof(Moments);
   return cudaSuccess;
 }
 
