@@ -214,3 +214,61 @@ def test_time_projections_follow_weight_changes(fused_unet):
         assert_fp32_close(out, expected)
     finally:
         proj.weight = torch.nn.Parameter(saved)
+
+
+# ---------------------------------------------------------------------------
+# The time embedding as GroupNorm's input bias
+# ---------------------------------------------------------------------------
+
+
+def _resnet_pair(**kwargs):
+    from diffusers.models.resnet import ResnetBlock2D as RefBlock
+
+    from fastdiff.models.resnet import ResnetBlock2D
+
+    torch.manual_seed(0)
+    ref = RefBlock(**kwargs).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0, 0.3)
+    ours = ResnetBlock2D(**kwargs).eval()
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(in_channels=6, out_channels=9, temb_channels=5, groups=3),
+        dict(in_channels=6, temb_channels=5, groups=3, skip_time_act=True, output_scale_factor=2.0),
+        dict(in_channels=6, out_channels=9, temb_channels=5, groups=3, time_embedding_norm="scale_shift"),
+    ],
+    ids=["default", "skip-act", "scale-shift"],
+)
+def test_resnet_time_embedding_as_input_bias_matches_diffusers(kwargs, channels_last):
+    ref, ours = _resnet_pair(**kwargs)
+    seen = []
+    ours.norm2.register_forward_pre_hook(lambda m, args, kw: seen.append(kw.get("input_bias") is not None), with_kwargs=True)
+    torch.manual_seed(1)
+    x, temb = torch.randn(2, 6, 5, 7), torch.randn(2, 5)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    xs, ts = [x.clone().requires_grad_() for _ in range(2)], [temb.clone().requires_grad_() for _ in range(2)]
+    out, expected = ours(xs[0], ts[0]), ref(xs[1], ts[1])
+    assert torch.equal(out, expected), "fp32 on the CPU must be bitwise diffusers'"
+    assert seen == [kwargs.get("time_embedding_norm", "default") == "default"]
+    dy = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [xs[0], ts[0], ours.time_emb_proj.weight], dy)
+    want = torch.autograd.grad(expected, [xs[1], ts[1], ref.time_emb_proj.weight], dy)
+    for g, w, name in zip(grads, want, ("x", "temb", "time_emb_proj.weight")):
+        assert_fp32_close(g, w, what=name)
+
+
+def test_resnet_without_temb_and_broadcast_temb_keep_the_plain_path():
+    ref, ours = _resnet_pair(in_channels=6, temb_channels=None, groups=3)
+    x = torch.randn(2, 6, 5, 7)
+    assert torch.equal(ours(x, None), ref(x, None))
+    ref, ours = _resnet_pair(in_channels=6, temb_channels=5, groups=3)
+    one = torch.randn(1, 5)  # one embedding for the whole batch: broadcast, not per-(N, C)
+    assert torch.equal(ours(x, one), ref(x, one))

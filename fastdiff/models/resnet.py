@@ -228,7 +228,7 @@ class ResnetBlock2D(nn.Module):
     with a 1x1 shortcut when the channel count changes.
 
     ``time_embedding_norm``: ``"default"`` adds the projected time embedding before
-    ``norm2``; ``"scale_shift"`` applies it as ``norm2(h) * (1 + scale) + shift``
+    ``norm2`` (as the GroupNorm's ``input_bias``, fused into its loads); ``"scale_shift"`` applies it as ``norm2(h) * (1 + scale) + shift``
     (``"ada_group"`` and ``"spatial"`` are :class:`ResnetBlockCondNorm2D`'s).
     ``up``/``down`` resample both branches by 2 after ``norm1`` (``kernel``: None for
     nearest/average pooling, ``"fir"`` for the [1, 3, 3, 1] FIR filter, ``"sde_vp"``).
@@ -312,6 +312,20 @@ class ResnetBlock2D(nn.Module):
             return input_tensor, hidden
         return resample(input_tensor), resample(hidden)
 
+    def _norm2_plus_time(self, hidden: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        """``norm2(hidden + temb[:, :, None, None])``, with the time embedding passed to the
+        GroupNorm as its input bias (added on load, no separate full-size add) whenever it is
+        a per-(N, C) tensor of hidden's dtype and device; else the explicit broadcast add."""
+        if (
+            isinstance(self.norm2, GroupNorm)
+            and temb.dim() == 2
+            and temb.shape == hidden.shape[:2]
+            and temb.dtype == hidden.dtype
+            and temb.device == hidden.device
+        ):
+            return self.norm2(hidden, input_bias=temb)
+        return self.norm2(hidden + temb[:, :, None, None])
+
     def forward(self, input_tensor: torch.Tensor, temb: Optional[torch.Tensor] = None) -> torch.Tensor:
         hidden = self.norm1(input_tensor)
         if self.act1 is not None:
@@ -323,16 +337,17 @@ class ResnetBlock2D(nn.Module):
             temb = temb.emb
         if self.time_emb_proj is not None:
             if projected is not None:
-                temb = projected[:, :, None, None]
+                temb = projected
             else:
                 if temb is None:
                     raise ValueError("temb: this ResnetBlock2D projects a time embedding, but temb is None")
                 if not self.skip_time_act:
                     temb = self.nonlinearity(temb)
-                temb = self.time_emb_proj(temb)[:, :, None, None]
+                temb = self.time_emb_proj(temb)
             if self.time_embedding_norm == "default":
-                hidden = self.norm2(hidden + temb)
+                hidden = self._norm2_plus_time(hidden, temb)
             else:
+                temb = temb[:, :, None, None]
                 scale, shift = temb.chunk(2, dim=1)
                 hidden = self.norm2(hidden) * (1 + scale) + shift
         elif self.time_embedding_norm == "scale_shift":
