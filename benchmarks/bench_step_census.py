@@ -160,7 +160,7 @@ def _target_sm_count():
     if saved is not None:
         gn_kernels._num_sms = lambda device: backends.TARGETS[TARGET].sm_count
     try:
-        yield
+        yield saved is not None  # False: the launcher has no _num_sms to size for the target
     finally:
         if saved is not None:
             gn_kernels._num_sms = saved
@@ -173,7 +173,7 @@ def kernel_launches(fused_calls: Counter) -> dict:
     Returns the total, the custom-op calls it stands for, and per op the launches per call
     seen (a call that cannot replay on the CPU counts as one launch, under "failed")."""
     total, calls, per_op, failed = 0, 0, {}, Counter()
-    with torch.no_grad(), noop_launches() as launched, _target_sm_count():
+    with torch.no_grad(), noop_launches() as launched, _target_sm_count() as sized_for_target:
         for (func, descriptions), count in fused_calls.items():
             before = len(launched)
             name = op_name(func)
@@ -191,6 +191,7 @@ def kernel_launches(fused_calls: Counter) -> dict:
         "fused_calls": calls,
         "launches_per_call": {name: {str(k): v for k, v in sorted(c.items())} for name, c in per_op.items()},
         "failed": dict(failed),
+        "group_norm_sized_for_target": sized_for_target,
     }
 
 
@@ -760,6 +761,8 @@ def markdown(report: dict) -> str:
         lines.append(f"* {arch}: " + ", ".join(f"{k} x{v}" for k, v in sorted(ours["fused_ops"].items())))
         for op, per_call in ours.get("fused_kernels", {}).get("launches_per_call", {}).items():
             lines.append(f"  * {op}: " + ", ".join(f"{k} kernel{'s' if k != '1' else ''} ({v})" for k, v in per_call.items()))
+        if ours.get("fused_kernels", {}).get("group_norm_sized_for_target") is False:
+            lines.append(f"  * (GroupNorm's launch config could not be sized for {report['target']}: the interpreter's SM count was used)")
         failed = ours.get("fused_kernels", {}).get("failed")
         if failed:
             lines.append(f"  * not replayable on the CPU (counted as one launch each): {failed}")

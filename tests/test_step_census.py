@@ -161,6 +161,7 @@ def test_tiny_census_counts_both_unets_side_by_side():
     assert theirs["dtype_copies"] > 0
     # Each fused call replayed through its launcher: every one reached at least one launch.
     kernels = ours["fused_kernels"]
+    assert kernels["group_norm_sized_for_target"] is True
     assert kernels["failed"] == {} and kernels["fused_calls"] == 8 + ours["fused_ops"]["group_norm:triton"]
     assert sum(sum(c.values()) for c in kernels["launches_per_call"].values()) == kernels["fused_calls"]
     assert "0" not in kernels["launches_per_call"]["fastdiff::attention_fwd_triton"]
