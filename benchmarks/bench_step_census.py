@@ -832,10 +832,39 @@ def markdown(report: dict) -> str:
             f"core's speed, not waiting for one); a host call of `triton.cdiv` costs {speed['triton_cdiv_us']:.1f} us "
             "(in Triton 3.9 it is a ConstexprFunction, not plain arithmetic).",
         ]
+    lines += _targets_markdown(report)
     history = report.get("history") or []
     if history:
         lines += _history_markdown(report, history)
     return "\n".join(lines) + "\n"
+
+
+def _targets_markdown(report: dict) -> list:
+    """The three targets of issue 10, each met or missed by how much."""
+    lines = ["", "## Targets", ""]
+    launch, host = [], []
+    for arch, e in report["archs"].items():
+        lo, ld = e["launches"]["fastdiff"], e["launches"]["diffusers"]
+        launch.append((arch, lo.get("launches_with_kernels", lo["launches"]) / ld["launches"]))
+        ho, hd = e["host_time"]["fastdiff"], e["host_time"]["diffusers"]
+        where = "meta_cpu_ms" if "meta_cpu_ms" in ho else "meta_ms"
+        host.append((arch, ho[where] / hd[where]))
+    ops = [(name, e["us"]) for name, e in report["fused_op_host_path_us"].items() if "us" in e]
+
+    def summary(pairs, limit, fmt):
+        return "; ".join(f"{name} {fmt(value)}: {_verdict(value, limit)}" for name, value in pairs)
+
+    lines.append(f"* Launches per step <= {TARGETS['launch_ratio']}x diffusers' (every kernel counted): "
+                 + summary(launch, TARGETS["launch_ratio"], lambda v: f"{v:.2f}x") + ".")
+    lines.append(f"* Host time per step <= {TARGETS['host_time_ratio']}x diffusers' (meta device, CPU time): "
+                 + summary(host, TARGETS["host_time_ratio"], lambda v: f"{v:.2f}x") + ".")
+    if ops:
+        worst = max(value for _, value in ops)
+        best = min(value for _, value in ops)
+        limit = TARGETS["fused_op_host_us"]
+        verdict = "met" if worst <= limit else f"missed: {best:.0f}-{worst:.0f} us, {best / limit:.1f}x to {worst / limit:.1f}x the target"
+        lines.append(f"* Each fused op's host path <= {limit:g} us (repeat calls): {verdict}.")
+    return lines
 
 
 def _history_markdown(report: dict, history: list) -> list:

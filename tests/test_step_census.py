@@ -221,6 +221,11 @@ def test_markdown_states_proxies_targets_load_and_history():
     assert "| group_norm x | 5.0 (met) | 9.5 | 2 (_apply, _stats) | 1.5 / 4.2 (triton) |" in text
     assert "| group_norm + input_bias | not measured: triton cannot run it (no) |" in text
     assert "| group_norm x | 0 | 0 | 60 | 0 | 0 | 40 |" in text
+    assert "* Launches per step <= 0.6x diffusers' (every kernel counted): tiny 0.54x: met." in text
+    assert "* Host time per step <= 0.8x diffusers' (meta device, CPU time): tiny 0.80x: met." in text
+    assert "* Each fused op's host path <= 6 us (repeat calls): met." in text
+    report["fused_op_host_path_us"]["group_norm x"]["us"] = 13.5
+    assert "host path <= 6 us (repeat calls): missed: 14-14 us, 2.2x to 2.2x the target." in census.markdown(report)
     assert "empty Python function call costs 48 ns" in text and "`triton.cdiv` costs 3.2 us" in text
     assert "load average 3.10, 2.00, 1.00 on 2 CPUs" in text and "over 7 calls" in text
     # Before/after: launches and the tracked ops per round; an op absent from a top-12 list is "<floor".
