@@ -99,3 +99,92 @@ def test_tma_forward_loads_through_tma(aot):
         assert not tma
         return
     assert tma and all(i["arch"] == 90 and i["result"]["tma"] for i in tma)
+
+
+_PROBE_KERNELS = '''
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _scale(x, F: tl.constexpr):
+    return x * F
+
+
+@triton.jit
+def _a_kernel(X, Y, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    tl.store(Y + offs, _scale(tl.load(X + offs, mask=ok), 2.0), mask=ok)
+
+
+@triton.jit
+def _b_kernel(X, Y, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    tl.store(Y + offs, tl.load(X + offs, mask=ok) + 1.0, mask=ok)
+'''
+
+_PROBE_DRIVER = '''
+import json, sys
+import triton
+from fastdiff.tools import aot_check as tool
+
+def instances():
+    out = []
+    for kernel in ("_a_kernel", "_b_kernel"):
+        inst = {
+            "package": "aotprobe", "module": "kern", "kernel": kernel, "arch": 80, "num_warps": 4, "num_stages": None,
+            "config": {}, "sd": True, "cases": ["probe"],
+            "args": [["X", ["ptr", "fp16", True]], ["Y", ["ptr", "fp16", True]], ["n", ["int", "i32", "any"]], ["BLOCK", ["constexpr", 256]]],
+        }
+        inst["key"] = tool._instance_key(inst)
+        out.append(inst)
+    return out
+
+runs = []
+for _ in range(int(sys.argv[1])):
+    insts = instances()
+    tool.run_all(insts, 1)
+    runs.append({i["kernel"]: {"key": i["key"], "cached": i["result"]["cached"], "ok": i["result"]["ok"],
+                               "registers": i["result"].get("registers")} for i in insts})
+real = triton.__version__
+triton.__version__ = real + ".other"
+other = {i["kernel"]: i["key"] for i in instances()}
+print(json.dumps({"runs": runs, "other_version_keys": other}))
+'''
+
+
+def test_cache_is_keyed_by_kernel_source_and_triton_version(tmp_path):
+    """Editing a @triton.jit helper recompiles exactly the kernels that call it; another Triton
+    version gets other keys. Every figure asserted here comes from the tool and Triton's compiler."""
+    if not _has_aot_compile():
+        pytest.skip("this Triton cannot compile ahead of time (no ASTSource/GPUTarget)")
+    package = tmp_path / "aotprobe"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "kern.py").write_text(_PROBE_KERNELS)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), REPO])
+    env["FASTDIFF_AOT_CACHE"] = str(tmp_path / "cache")
+
+    def run(times):
+        result = subprocess.run(
+            [sys.executable, "-c", _PROBE_DRIVER, str(times)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    first = run(2)
+    cold, warm = first["runs"]
+    assert all(cold[k]["ok"] and not cold[k]["cached"] and cold[k]["registers"] for k in cold)
+    assert all(warm[k]["cached"] and warm[k]["key"] == cold[k]["key"] and warm[k]["registers"] == cold[k]["registers"] for k in warm)
+    assert cold["_a_kernel"]["key"] != cold["_b_kernel"]["key"]
+    assert all(first["other_version_keys"][k] != cold[k]["key"] for k in cold)
+
+    # Change only the helper that _a_kernel calls: _a_kernel recompiles under a new key, _b_kernel is served from the cache.
+    source = (package / "kern.py").read_text().replace("return x * F\n", "return x * F + 0.5\n")
+    (package / "kern.py").write_text(source)
+    (after,) = run(1)["runs"]
+    assert after["_a_kernel"]["key"] != cold["_a_kernel"]["key"] and not after["_a_kernel"]["cached"] and after["_a_kernel"]["ok"]
+    assert after["_b_kernel"]["key"] == cold["_b_kernel"]["key"] and after["_b_kernel"]["cached"]

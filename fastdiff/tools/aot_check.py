@@ -21,6 +21,24 @@ sets of configs are compiled:
 * ``sd`` (a subset): the configs the pruner keeps for that SD shape on that card,
   i.e. what the autotuner really benchmarks there.
 
+Matrices (``--matrix``):
+
+* ``reachable`` (the definition of "every config"): a compile is reachable if, for
+  some real SD 1.5 / SDXL / VAE shape, dtype (fp16, bf16, fp32) and mask (none,
+  bool or additive, key-padding or full) that the launcher can be called with,
+  its launch plan or its autotune list after the pruner can yield it. A shape
+  matters to a compile only through the constexprs the launcher derives and the
+  integer classes the JIT specialises on (``== 1``, divisible by 16), which
+  depend on lengths modulo 128; the matrix takes one length per class
+  (``REACHABLE_LENGTHS``, ``REACHABLE_LATENT_SIDES``) beside the standard
+  SD shapes. What a pruner removes for every call is never benchmarked, so
+  never run; the report counts it per kernel. ``--reduce`` merges instances
+  that differ only by a reduction in ``REDUCTIONS`` (checked on a sample with
+  ``--verify-reductions``).
+* ``smoke``: the configs the pruners keep for the standard SD shapes, one
+  dtype and mask sample (fast; the test suite).
+* ``ci`` / ``full``: older samples of the SD shapes.
+
 Every (kernel, signature, constexprs, config, target) is compiled once (shapes
 that specialise alike share one compile), in parallel, and its results are
 cached under ``$FASTDIFF_AOT_CACHE`` (default ``~/.cache/fastdiff-aot``) keyed
@@ -43,10 +61,8 @@ PTX uses ``wgmma`` and TMA, and whether ptxas serialised the wgmma.
 
 Usage::
 
-    python -m fastdiff.tools.aot_check [--check] [--json OUT.json] [--report OUT.md] [--archs 80,90] [--jobs N] [--matrix full|smoke]
-
-``--matrix smoke`` compiles the ``sd`` configs only (all kernels, every target)
-and is what the Triton version matrix (old Triton venvs) runs.
+    python -m fastdiff.tools.aot_check [--check] [--json OUT.json] [--report OUT.md] [--archs 80,90] [--jobs N]
+        [--matrix reachable|smoke|ci|full] [--reduce bf16,intclass] [--families attention,...] [--kernels ...] [--dry-run]
 """
 
 from __future__ import annotations
@@ -173,10 +189,40 @@ def _spec(value) -> Tuple:
     raise TypeError(f"aot_check: cannot specialise an argument of type {type(value).__name__}")
 
 
+# What the pruners removed, per (module, kernel, arch): the configs of the autotune list, those
+# some enumerated call can yield (pruner without occupancy), those kept for a call's shape on its
+# card, and how many (variant, config) pairs were pruned. Filled by enumerate_instances.
+PRUNING: Dict[Tuple[str, str, int], Dict[str, Any]] = {}
+
+
+def _config_label(config) -> str:
+    tile = "x".join(str(v) for v in config.kwargs.values())
+    return f"{tile} w{config.num_warps} s{config.num_stages}"
+
+
+def _note_pruning(module, kernel: str, arch: int, listed, reachable, kept, args) -> None:
+    entry = PRUNING.setdefault(
+        (module.__name__.rsplit(".", 1)[-1], kernel, arch),
+        {"listed": [], "reachable": set(), "kept": set(), "pairs": set(), "pruned_pairs": set()},
+    )
+    entry["listed"] = [_config_label(c) for c in listed]
+    entry["reachable"].update(_config_label(c) for c in reachable)
+    entry["kept"].update(_config_label(c) for c in kept)
+    variant = tuple(sorted((k, str(v)) for k, v in args.items()))
+    reachable_labels = {_config_label(c) for c in reachable}
+    for c in listed:
+        pair = (variant, _config_label(c))
+        entry["pairs"].add(pair)
+        if pair[1] not in reachable_labels:
+            entry["pruned_pairs"].add(pair)
+
+
 def _instances_of_call(module, name: str, args: tuple, kwargs: dict, arch: int, case: str, matrix: str) -> List[Dict[str, Any]]:
     """The compile instances one recorded launch yields on ``arch``."""
     obj = getattr(module, name)
     tuner, heuristics, jit = _unwrap(obj)
+    if jit.__name__ == "_attn_fwd_tma" and arch < 90:
+        return []  # TMA is Hopper-only (tma_reasons refuses other cards)
     kwargs = dict(kwargs)
     launch = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
     named = dict(zip(jit.arg_names, args))
@@ -190,11 +236,11 @@ def _instances_of_call(module, name: str, args: tuple, kwargs: dict, arch: int, 
             kept = pruner(tuner.configs, named, **kwargs)
         kept_ids = {id(c) for c in kept}
         configs = [(c, c.num_warps, c.num_stages, id(c) in kept_ids) for c in reachable]
-        if matrix != "full":
+        constexprs = {p.name for p in jit.params if p.is_constexpr}
+        _note_pruning(module, jit.__name__, arch, tuner.configs, reachable, kept, {k: v for k, v in {**named, **kwargs}.items() if k in constexprs})
+        if matrix not in ("full", "reachable"):
             configs = [entry for entry in configs if entry[3]]
     out = []
-    if jit.__name__ == "_attn_fwd_tma" and arch < 90:
-        return out  # TMA is Hopper-only (tma_reasons refuses other cards)
     for config, warps, stages, sd in configs:
         values = {**named, **kwargs, **(config.kwargs if config is not None else {})}
         for key, heuristic in heuristics.items():
@@ -232,24 +278,44 @@ SD_ATTENTION_SHAPES = [
 ]
 ATTENTION_MASKS = ("none", "bool-keys", "bool-full", "additive-keys", "additive-full")
 ATTENTION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# GroupNorm: (N, C, H, W, groups), every ResNet GroupNorm of the SD 1.5 / SDXL UNet and VAE decoder at 64x64 latents.
-SD_GROUP_NORM_SHAPES = [
-    (2, 320, 64, 64, 32), (2, 640, 32, 32, 32), (2, 1280, 16, 16, 32), (2, 1280, 8, 8, 32),
-    (2, 960, 64, 64, 32), (2, 1920, 32, 32, 32), (2, 2560, 16, 16, 32),
-    (1, 512, 64, 64, 32), (1, 512, 128, 128, 32), (1, 256, 256, 256, 32), (1, 128, 512, 512, 32),
-]
-# GEGLU: (rows, D): the feed-forward widths of SD 1.5 (4 * 320/640/1280) and SDXL, self-attention token counts.
-SD_GEGLU_SHAPES = [(2 * 4096, 1280), (2 * 1024, 2560), (2 * 256, 5120), (2 * 64, 5120), (2 * 1024, 5120)]
+
+# The `reachable` matrix. A compile depends on a shape only through how the JIT specialises
+# it: the constexprs the launcher derives (EVEN_M = Lq % BLOCK_M == 0 and the like, block
+# sizes <= 128) and each integer argument's class (== 1, divisible by 16, other). All of
+# these are functions of the lengths modulo 128, so one length per residue class that a real
+# shape can have covers every length: SD/SDXL token counts are h * w of a latent level, and
+# a pipeline accepts any multiple of 8 pixels, so every class occurs (e.g. 16 x 20 = 320 at
+# 512 x 640 px). Lengths are >= 16 at every real level, so never the `== 1` class.
+REACHABLE_LENGTHS = (256, 320, 288, 272, 289)  # = 0, 64, 32, 16 (mod 128) and odd
+# (D, H) of the UNets' attention: SD 1.5 (8 heads of 40/80/160), SDXL (10 or 20 heads of 64;
+# 10 and 20 give the same integer classes). The VAE's single 512-wide head is above the
+# kernels' MAX_HEAD_DIM and runs on SDPA, so it never reaches a Triton kernel.
+REACHABLE_HEADS = ((40, 8), (80, 8), (160, 8), (64, 10))
+# Batch (after CFG doubling) 1 and 8: B * H is then not / is divisible by 16 for every H above.
+REACHABLE_BATCHES = (1, 8)
+
+
+def _attention_cases(matrix: str) -> List[Tuple[int, int, int, int, int, torch.dtype, str]]:
+    """(B, H, Lq, Lk, D, dtype, mask) launches enumerated for ``matrix``."""
+    cases = [(b, h, lq, lk, d, dtype, mask) for b, h, lq, lk, d in SD_ATTENTION_SHAPES for dtype, mask in _attention_variants(matrix)]
+    if matrix == "reachable":
+        cases += [
+            (b, h, lq, lk, d, dtype, mask)
+            for d, h in REACHABLE_HEADS for lq in REACHABLE_LENGTHS for lk in (lq, 77) for b in REACHABLE_BATCHES
+            for dtype in ATTENTION_DTYPES for mask in ATTENTION_MASKS
+        ]
+    return cases
 
 
 def _attention_variants(matrix: str) -> List[Tuple[torch.dtype, str]]:
-    """(dtype, mask) pairs compiled. fp16 and bf16 compile to the same tiles and register
-    budget (only conversions differ), so bf16 and fp32 (ieee dots, twice the shared
-    memory) are compiled without a mask and with the costliest one, fp16 with every mask."""
+    """(dtype, mask) pairs compiled at the SD shapes. ``reachable`` takes every pair;
+    ``full`` the old sample (bf16/fp32 only without a mask and with the costliest one)."""
     if matrix == "smoke":
         return [(torch.float16, "none"), (torch.float16, "bool-full"), (torch.float32, "none")]
     if matrix == "ci":
         return [(torch.float16, m) for m in ("none", "bool-keys", "bool-full")] + [(torch.bfloat16, "none"), (torch.float32, "none")]
+    if matrix in ("reachable", "sd"):
+        return [(dt, m) for dt in ATTENTION_DTYPES for m in ATTENTION_MASKS]
     heavy = ("none", "bool-full")
     return [(torch.float16, m) for m in ATTENTION_MASKS] + [(dt, m) for dt in (torch.bfloat16, torch.float32) for m in heavy]
 
@@ -258,48 +324,92 @@ def _attention_calls(matrix: str, archs) -> Iterator[Tuple[str, Any, List[str]]]
     """(case, thunk, kernel names): thunk() runs one launcher on CPU tensors."""
     from fastdiff.kernels import attention as kernels
 
-    shapes = SD_ATTENTION_SHAPES
-    for b, h, lq, lk, d in shapes:
-        for dtype, mask_kind in _attention_variants(matrix):
-            if True:
-                def tensors(b=b, h=h, lq=lq, lk=lk, d=d, dtype=dtype, mask_kind=mask_kind):
-                    # diffusers' layout: (B, L, H * D) projections viewed as (B, H, L, D).
-                    q = torch.empty(b, lq, h * d, dtype=dtype).view(b, lq, h, d).transpose(1, 2)
-                    k = torch.empty(b, lk, h * d, dtype=dtype).view(b, lk, h, d).transpose(1, 2)
-                    v = torch.empty(b, lk, h * d, dtype=dtype).view(b, lk, h, d).transpose(1, 2)
-                    mask = None
-                    if mask_kind != "none":
-                        mdtype = torch.bool if mask_kind.startswith("bool") else dtype
-                        mask = torch.empty((b, 1, 1, lk) if mask_kind.endswith("keys") else (b, 1, lq, lk), dtype=mdtype)
-                    return q, k, v, mask
+    for b, h, lq, lk, d, dtype, mask_kind in _attention_cases(matrix):
+        def tensors(b=b, h=h, lq=lq, lk=lk, d=d, dtype=dtype, mask_kind=mask_kind):
+            # diffusers' layout: (B, L, H * D) projections viewed as (B, H, L, D).
+            q = torch.empty(b, lq, h * d, dtype=dtype).view(b, lq, h, d).transpose(1, 2)
+            k = torch.empty(b, lk, h * d, dtype=dtype).view(b, lk, h, d).transpose(1, 2)
+            v = torch.empty(b, lk, h * d, dtype=dtype).view(b, lk, h, d).transpose(1, 2)
+            mask = None
+            if mask_kind != "none":
+                mdtype = torch.bool if mask_kind.startswith("bool") else dtype
+                mask = torch.empty((b, 1, 1, lk) if mask_kind.endswith("keys") else (b, 1, lq, lk), dtype=mdtype)
+            return q, k, v, mask
 
-                case = f"D={d} {_DTYPES[dtype]} mask={mask_kind} Lq={lq} Lk={lk}"
-                yield case, lambda t=tensors: kernels.attention_forward(*t(), 0.125), ["_attn_fwd_tuned"]
-                if not kernels.tma_reasons(*tensors()) and max(archs) >= 90:
-                    yield case, lambda t=tensors: kernels.attention_forward_tma(*t(), 0.125), ["_attn_fwd_tma_tuned"]
+        case = f"D={d} {_DTYPES[dtype]} mask={mask_kind} B={b} Lq={lq} Lk={lk}"
+        yield case, lambda t=tensors: kernels.attention_forward(*t(), 0.125), ["_attn_fwd_tuned"]
+        if not kernels.tma_reasons(*tensors()) and max(archs) >= 90:
+            yield case, lambda t=tensors: kernels.attention_forward_tma(*t(), 0.125), ["_attn_fwd_tma_tuned"]
 
-                def backward(t=tensors):
-                    q, k, v, mask = t()
-                    out = torch.empty_like(q)
-                    lse = torch.empty(q.shape[:3], dtype=torch.float32)
-                    kernels.attention_backward(torch.empty_like(out), q, k, v, mask, out, lse, 0.125)
+        def backward(t=tensors):
+            q, k, v, mask = t()
+            out = torch.empty_like(q)
+            lse = torch.empty(q.shape[:3], dtype=torch.float32)
+            kernels.attention_backward(torch.empty_like(out), q, k, v, mask, out, lse, 0.125)
 
-                yield case, backward, ["_attn_bwd_delta", "_attn_bwd_dkdv_tuned", "_attn_bwd_dq_tuned"]
+        yield case, backward, ["_attn_bwd_delta", "_attn_bwd_dkdv_tuned", "_attn_bwd_dq_tuned"]
+
+
+# GroupNorm: (N, C, H, W, groups), every ResNet GroupNorm of the SD 1.5 / SDXL UNet and VAE decoder at 64x64 latents.
+SD_GROUP_NORM_SHAPES = [
+    (2, 320, 64, 64, 32), (2, 640, 32, 32, 32), (2, 1280, 16, 16, 32), (2, 1280, 8, 8, 32),
+    (2, 960, 64, 64, 32), (2, 1920, 32, 32, 32), (2, 2560, 16, 16, 32),
+    (1, 512, 64, 64, 32), (1, 512, 128, 128, 32), (1, 256, 256, 256, 32), (1, 128, 512, 512, 32),
+]
+# GEGLU: (rows, D): the feed-forward widths of SD 1.5 (4 * 320/640/1280) and SDXL, self-attention token counts.
+SD_GEGLU_SHAPES = [(2 * 4096, 1280), (2 * 1024, 2560), (2 * 256, 5120), (2 * 64, 5120), (2 * 1024, 5120)]
+# The channel counts of every GroupNorm (32 groups) per resolution level, counted in halvings of
+# the latent side: SD 1.5 / SDXL UNet levels 0-3 (the up blocks' concatenations included), and
+# the VAE encoder/decoder at 8x, 4x, 2x and 1x the latent side (levels -3..0).
+UNET_GROUP_NORM_CHANNELS = {0: (320, 640, 960), 1: (320, 640, 960, 1280, 1920), 2: (640, 1280, 1920, 2560), 3: (1280, 2560)}
+VAE_GROUP_NORM_CHANNELS = {-3: (128, 256), -2: (256, 512), -1: (512,), 0: (512,)}
+# Latent sides: 32-192 (256-1536 px) in steps of 8 latents (64 px), and sides that are odd or
+# 2 (mod 4) at some level. The launch plan reads the shape through powers of two, splits and
+# integer classes; the dedup below shows how few distinct compiles they produce.
+REACHABLE_LATENT_SIDES = tuple(range(32, 193, 8)) + (33, 45, 65, 90, 97, 129, 150)
+# Batches 1 (VAE, one image), 2 (CFG) and 8 (4 prompts with CFG): the split plan depends on N.
+REACHABLE_GROUP_NORM_BATCHES = (1, 2, 8)
+
+
+def _level_side(side: int, level: int) -> int:
+    """The spatial side at a UNet level (stride-2 convolutions round up) or a VAE level (x 2**-level)."""
+    for _ in range(max(level, 0)):
+        side = -(-side // 2)
+    return side * 2 ** max(-level, 0)
+
+
+def _group_norm_shapes(matrix: str) -> List[Tuple[int, int, int, int, int]]:
+    if matrix != "reachable":
+        return list(SD_GROUP_NORM_SHAPES)
+    shapes = set(SD_GROUP_NORM_SHAPES)
+    for side in REACHABLE_LATENT_SIDES:
+        for n in REACHABLE_GROUP_NORM_BATCHES:
+            for level, channels in UNET_GROUP_NORM_CHANNELS.items():
+                hw = _level_side(side, level)
+                shapes.update((n, c, hw, hw, 32) for c in channels)
+            if n <= 2:
+                for level, channels in VAE_GROUP_NORM_CHANNELS.items():
+                    hw = _level_side(side, level)
+                    shapes.update((n, c, hw, hw, 32) for c in channels)
+    return sorted(shapes)
 
 
 def _group_norm_calls(matrix: str, archs) -> Iterator[Tuple[str, Any, List[str]]]:
     from fastdiff.kernels import group_norm as kernels
 
     names = ["_single_pass_kernel", "_stats_kernel", "_combine_kernel", "_apply_kernel", "_bwd_reduce_kernel", "_bwd_combine_kernel", "_bwd_dx_kernel"]
-    dtypes = (torch.float16, torch.float32) if matrix != "smoke" else (torch.float16,)
-    for n, c, hh, ww, groups in SD_GROUP_NORM_SHAPES:
+    if matrix in ("reachable", "sd"):
+        dtypes = (torch.float16, torch.bfloat16, torch.float32)
+    else:
+        dtypes = (torch.float16, torch.float32) if matrix != "smoke" else (torch.float16,)
+    for n, c, hh, ww, groups in _group_norm_shapes(matrix):
         for dtype in dtypes:
             for layout in ("NCHW", "NHWC"):
-                for silu in (False, True) if matrix != "smoke" else (True,):
+                for silu in (False, True):
                     def tensors(n=n, c=c, hh=hh, ww=ww, dtype=dtype, layout=layout):
-                        x = torch.empty(n, c, hh, ww, dtype=dtype)
-                        if layout == "NHWC":
-                            x = x.to(memory_format=torch.channels_last)
+                        # Never touched: torch.empty of a VAE-sized tensor only reserves address space.
+                        fmt = torch.channels_last if layout == "NHWC" else torch.contiguous_format
+                        x = torch.empty(n, c, hh, ww, dtype=dtype, memory_format=fmt)
                         return x, torch.empty(c, dtype=dtype), torch.empty(c, dtype=dtype)
 
                     def run(t=tensors, groups=groups, silu=silu):
@@ -311,10 +421,18 @@ def _group_norm_calls(matrix: str, archs) -> Iterator[Tuple[str, Any, List[str]]
                     yield case, run, names
 
 
+def _geglu_shapes(matrix: str) -> List[Tuple[int, int]]:
+    if matrix != "reachable":
+        return list(SD_GEGLU_SHAPES)
+    # rows = B * L over the batches and token-count classes above; D = 4 * channels / 2 halves.
+    rows = {b * lq for b in (1, 2, 8) for lq in REACHABLE_LENGTHS + (4096, 1024, 64, 16)}
+    return sorted(set(SD_GEGLU_SHAPES) | {(r, d) for r in rows for d in (1280, 2560, 5120)})
+
+
 def _geglu_calls(matrix: str, archs) -> Iterator[Tuple[str, Any, List[str]]]:
     from fastdiff.kernels import geglu as kernels
 
-    for rows, d in SD_GEGLU_SHAPES:
+    for rows, d in _geglu_shapes(matrix):
         for dtype in ATTENTION_DTYPES:
             def run(rows=rows, d=d, dtype=dtype):
                 x = torch.empty(rows, 2 * d, dtype=dtype)
@@ -329,13 +447,17 @@ def _scheduler_step_calls(matrix: str, archs) -> Iterator[Tuple[str, Any, List[s
     noise (none, one tensor, a per-step bank), history rings of 0-3 slots, the step index advanced."""
     from fastdiff.kernels import scheduler_step as kernels
 
-    shape = (2, 4, 64, 64)  # SD latents (SDXL: 128x128, same specialisation)
+    shapes = [(2, 4, 64, 64)]  # SD latents (SDXL: 128x128, same specialisation)
+    if matrix == "reachable":
+        # Latents of every side above and batch 1, 2 (CFG-less and with CFG the sample is (B, 4, h, w)) and 8.
+        shapes = sorted({(b, 4, side, side) for b in (1, 2, 8) for side in REACHABLE_LATENT_SIDES} | set(shapes))
     full = matrix != "smoke"
-    for dtype in (torch.float16, torch.float32) if full else (torch.float16,):
+    dtypes = ATTENTION_DTYPES if matrix in ("reachable", "sd") else (torch.float16, torch.float32) if full else (torch.float16,)
+    for shape, dtype in ((shape, dtype) for shape in shapes for dtype in dtypes):
         for guidance in ("none", "float", "tensor") if full else ("float",):
             for noise in ("none", "tensor", "bank") if full else ("none", "bank"):
                 for history in (0, 1, 2, 3) if full else (0, 3):
-                    def run(dtype=dtype, guidance=guidance, noise=noise, history=history):
+                    def run(shape=shape, dtype=dtype, guidance=guidance, noise=noise, history=history):
                         sample = torch.empty(shape, dtype=dtype)
                         model_output = torch.empty((2 * shape[0] if guidance != "none" else shape[0], *shape[1:]), dtype=dtype)
                         noise_t = {"none": None, "tensor": torch.empty(shape, dtype=dtype), "bank": torch.empty((50, *shape), dtype=dtype)}[noise]
@@ -346,7 +468,8 @@ def _scheduler_step_calls(matrix: str, archs) -> Iterator[Tuple[str, Any, List[s
                             torch.full((), 7.5) if guidance == "tensor" else None, guidance != "none", True,
                         )
 
-                    yield f"{_DTYPES[dtype]} guidance={guidance} noise={noise} history={history}", run, ["_scheduler_step_kernel"]
+                    case = f"{'x'.join(map(str, shape))} {_DTYPES[dtype]} guidance={guidance} noise={noise} history={history}"
+                    yield case, run, ["_scheduler_step_kernel"]
 
 
 FAMILIES = {
@@ -395,7 +518,7 @@ def select(instances, matrix: str) -> List[Dict[str, Any]]:
       bool mask for attention), which settles compile, shared memory and registers
       for every config the autotune lists can yield.
     """
-    if matrix == "full":
+    if matrix in ("full", "reachable"):
         return instances
 
     def variant(i):
@@ -422,10 +545,89 @@ def select(instances, matrix: str) -> List[Dict[str, Any]]:
     return [i for i in instances if i["key"] in unique]
 
 
+# Reductions of the reachable matrix: each maps an instance to a coarser key; instances sharing a
+# coarse key are compiled once (one representative), which is sound only if the members compile
+# to the same figures. `--verify-reductions N` compiles every member of N sampled groups and
+# compares, so a claim of equivalence is always a measured one.
+#  * bf16: bf16 pointers read as fp16 (same tiles and dots; only conversions differ);
+#  * intclass: integer arguments' divisibility-by-16 class ignored (the `== 1` class and every
+#    constexpr, EVEN_* flags included, are kept).
+REDUCTIONS = ("bf16", "intclass")
+PROFILE = ("registers", "spill_stores", "spill_loads", "shared", "wgmma", "wgmma_serialized", "tma")
+
+
+def _reduced_key(inst, reductions) -> str:
+    args = []
+    for name, spec in inst["args"]:
+        spec = list(spec)
+        if "bf16" in reductions and spec[0] in ("ptr", "desc") and spec[1] == "bf16":
+            spec[1] = "fp16"
+        if "intclass" in reductions and spec[0] == "int" and spec[2] != "one":
+            spec[2] = "int"
+        args.append((name, [str(x) for x in spec]))
+    payload = json.dumps([inst["module"], inst["kernel"], inst["arch"], inst["num_warps"], inst["num_stages"], args], sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+def _representative_rank(inst) -> Tuple:
+    """Which member of a group is compiled: fp16 over bf16, then the fewest integer hints."""
+    specs = [s for _, s in inst["args"]]
+    return (any(s[0] in ("ptr", "desc") and s[1] == "bf16" for s in specs), sum(s[0] == "int" and s[2] == "d16" for s in specs), inst["key"])
+
+
+def reduction_groups(instances, reductions) -> Dict[str, List[Dict[str, Any]]]:
+    groups: Dict[str, List[Dict[str, Any]]] = {}
+    for inst in instances:
+        groups.setdefault(_reduced_key(inst, reductions), []).append(inst)
+    return groups
+
+
+def reduce_matrix(instances, reductions) -> List[Dict[str, Any]]:
+    """One representative per reduction group; it inherits the group's cases and `sd` flag."""
+    if not reductions:
+        return instances
+    out = []
+    for members in reduction_groups(instances, reductions).values():
+        members.sort(key=_representative_rank)
+        rep = dict(members[0])
+        rep["cases"] = [c for m in members for c in m["cases"]]
+        rep["sd"] = any(m["sd"] for m in members)
+        rep["represents"] = len(members)
+        out.append(rep)
+    return out
+
+
+def verify_reductions(instances, reductions, samples: int, jobs: int) -> List[str]:
+    """Compile every member of ``samples`` random multi-member groups per reduction (seeded)
+    and compare their figures; returns one line per reduction, and one per mismatch."""
+    import random
+
+    lines = []
+    for reduction in reductions:
+        groups = [g for g in reduction_groups(instances, (reduction,)).values() if len(g) > 1]
+        rng = random.Random(0)
+        picked = rng.sample(groups, min(samples, len(groups)))
+        members = [m for g in picked for m in g]
+        run_all(members, jobs)
+        mismatched = []
+        for group in picked:
+            profiles = {json.dumps([m["result"].get(k) for k in PROFILE]) for m in group}
+            if len(profiles) > 1 or not all(m["result"]["ok"] for m in group):
+                mismatched.append(group)
+        lines.append(
+            f"reduction {reduction}: {len(groups)} groups with more than one member; {len(picked)} sampled "
+            f"({len(members)} compiles), {len(picked) - len(mismatched)} identical in {', '.join(PROFILE)}"
+        )
+        for group in mismatched:
+            figures = "; ".join(f"{_variant(m)} -> " + ", ".join(f"{k}={m['result'].get(k)}" for k in PROFILE[:4]) for m in group)
+            lines.append(f"  differs: {group[0]['kernel']} sm_{group[0]['arch']} {_label(group[0])} ({group[0]['cases'][0]}): {figures}")
+    return lines
+
+
 def _jit(inst):
     import importlib
 
-    module = importlib.import_module(f"fastdiff.kernels.{inst['module']}")
+    module = importlib.import_module(f"{inst.get('package', 'fastdiff.kernels')}.{inst['module']}")
     for obj in vars(module).values():
         if getattr(obj, "__name__", None) == inst["kernel"] and hasattr(obj, "arg_names"):
             return obj
@@ -601,14 +803,21 @@ def _variant(inst) -> str:
     return "/".join(ptrs) + " " + " ".join(f"{k}={v}" for k, v in consts.items())
 
 
-def _allowance(inst) -> Optional[str]:
+def _allowance(inst, table: str = "AOT_SPILL_ALLOWANCES") -> Optional[str]:
+    """The reason a kernel module gives (next to its configs) for allowing this instance's
+    spills (``AOT_SPILL_ALLOWANCES``) or serialised wgmma (``AOT_WGMMA_ALLOWANCES``); None if none."""
     import importlib
 
-    module = importlib.import_module(f"fastdiff.kernels.{inst['module']}")
-    for (kernel, pattern), reason in getattr(module, "AOT_SPILL_ALLOWANCES", {}).items():
+    module = importlib.import_module(f"{inst.get('package', 'fastdiff.kernels')}.{inst['module']}")
+    for (kernel, pattern), reason in getattr(module, table, {}).items():
         if kernel == inst["kernel"] and re.search(pattern, f"sm_{inst['arch']} {_variant(inst)} {_label(inst)}"):
             return reason
     return None
+
+
+# Kernels whose sm_90 code must not have its wgmma serialised by ptxas (a serialised wgmma waits
+# for each MMA before issuing the next, losing Hopper's asynchronous tensor-core pipeline).
+WGMMA_KERNELS = ("_attn_fwd", "_attn_fwd_tma", "_attn_bwd_dkdv", "_attn_bwd_dq")
 
 
 def violations(instances, compile_only: bool = False) -> List[str]:
@@ -625,11 +834,13 @@ def violations(instances, compile_only: bool = False) -> List[str]:
             found.append(f"shared memory {r['shared']} B > {SMEM_LIMIT[inst['arch']]} B: {where}")
         if compile_only:
             continue
+        figures = f"{r['registers']} registers, spills {r['spill_stores']}/{r['spill_loads']} B, {r['shared']} B shared"
         if inst["sd"] and r["spill_stores"] > 0 and _allowance(inst) is None:
-            found.append(f"spills {r['spill_stores']} B in a config the pruner keeps for SD shapes: {where}")
+            found.append(f"spills {r['spill_stores']} B in a config the pruner or launch plan keeps for SD shapes: {where}: {figures}")
+        if inst["sd"] and inst["arch"] >= 90 and inst["kernel"] in WGMMA_KERNELS:
+            if r["wgmma_serialized"] and _allowance(inst, "AOT_WGMMA_ALLOWANCES") is None:
+                found.append(f"wgmma serialised by ptxas in a config the pruner keeps for SD shapes: {where}: {figures}")
         if inst["sd"] and inst["arch"] >= 90 and inst["kernel"] in ("_attn_fwd", "_attn_fwd_tma"):
-            if r["wgmma_serialized"]:
-                found.append(f"wgmma serialised by ptxas in a config the pruner keeps for SD shapes: {where}")
             precision = dict(inst["args"]).get("PRECISION", ("constexpr", ""))[1]
             # wgmma takes 64 rows per warpgroup: the 16/32-row tiles (short sequences) use mma.
             if precision != "ieee" and inst["config"].get("BLOCK_M", 0) >= 64 and not r["wgmma"]:
@@ -637,14 +848,15 @@ def violations(instances, compile_only: bool = False) -> List[str]:
     return found
 
 
-def write_report(instances, path: str, seconds: float, compile_only: bool = False) -> None:
+def write_report(instances, path: str, seconds: float, compile_only: bool = False, command: str = "", summary: str = "") -> None:
     lines = [
         "# Triton kernels compiled ahead of time for sm_80 and sm_90",
         "",
         "A static figure, not a timing: what Triton's compiler and ptxas report for every kernel at every",
         "config its launcher, autotune list and pruner can yield on the Stable Diffusion / SDXL shapes",
-        "(`python -m fastdiff.tools.aot_check --matrix smoke --report benchmarks/results/aot_compile.md`, no GPU involved).",
+        f"(`{command or 'python -m fastdiff.tools.aot_check'}`, no GPU involved).",
         "",
+        *([summary, ""] if summary else []),
         f"- Triton {triton.__version__}, torch {torch.__version__}; tool version {TOOL_VERSION}; kernel sources: `{sources_hash()}`",
         f"- targets: {', '.join(CARD[a] + f', {SMEM_LIMIT[a]} B shared memory per block' for a in sorted({i['arch'] for i in instances}))}",
         f"- {len(instances)} distinct compiles ({sum(not i['result']['ok'] for i in instances)} failed); the tool ran {seconds:.0f} s",
@@ -655,6 +867,27 @@ def write_report(instances, path: str, seconds: float, compile_only: bool = Fals
     ]
     violation_list = violations(instances, compile_only)
     lines += ["## Check", "", "no violations" if not violation_list else "\n".join(f"- {v}" for v in violation_list), ""]
+    allowed: Dict[Tuple[str, str], int] = {}
+    for inst in instances:
+        r = inst["result"]
+        if not inst["sd"] or not r["ok"]:
+            continue
+        for table, hit in (("AOT_SPILL_ALLOWANCES", r["spill_stores"] > 0), ("AOT_WGMMA_ALLOWANCES", r["wgmma_serialized"] and inst["kernel"] in WGMMA_KERNELS)):
+            reason = _allowance(inst, table) if hit else None
+            if reason:
+                allowed[(f"{table} {inst['kernel']}", reason)] = allowed.get((f"{table} {inst['kernel']}", reason), 0) + 1
+    if allowed and not compile_only:
+        lines += ["## Allowances applied (written next to the configs in the kernel modules)", ""]
+        lines += [f"- {where}: {count} compiles: {reason}" for (where, reason), count in sorted(allowed.items())] + [""]
+    if PRUNING:
+        lines += [
+            "## What the pruners remove",
+            "",
+            "A config that an autotuner's pruner removes for every call is never benchmarked, so never run:",
+            "the pruner is the proof. `reachable` configs are what the pruner (without its occupancy rule,",
+            "which only removes more for some shapes) yields for at least one enumerated call.",
+            "",
+        ] + [f"- {line}" for line in pruning_summary()] + [""]
     kernels = sorted({(i["module"], i["kernel"]) for i in instances})
     for module, kernel in kernels:
         rows = [i for i in instances if (i["module"], i["kernel"]) == (module, kernel)]
@@ -685,6 +918,19 @@ def write_report(instances, path: str, seconds: float, compile_only: bool = Fals
         f.write("\n".join(lines))
 
 
+def pruning_summary() -> List[str]:
+    """One line per autotuned kernel and target: what its pruner removes for every enumerated call."""
+    lines = []
+    for (module, kernel, arch), e in sorted(PRUNING.items()):
+        never = [c for c in e["listed"] if c not in e["reachable"]]
+        lines.append(
+            f"{module}.{kernel} sm_{arch}: {len(e['listed'])} configs listed, {len(e['reachable'])} reachable for some call, "
+            f"{len(e['kept'])} kept at some enumerated shape on the card; the pruner removes {len(e['pruned_pairs'])} of "
+            f"{len(e['pairs'])} (variant, config) pairs" + (f"; never reachable: {', '.join(never)}" if never else "")
+        )
+    return lines
+
+
 def sources_hash() -> str:
     """sha256 (first 16 hex digits) of every kernels/*.py file, in name order."""
     from fastdiff import kernels
@@ -701,7 +947,7 @@ def sources_hash() -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--archs", default=",".join(map(str, ARCHS)), help="comma-separated compute capabilities (default 80,90)")
-    parser.add_argument("--matrix", choices=("ci", "smoke", "full"), default="ci")
+    parser.add_argument("--matrix", choices=("reachable", "sd", "ci", "smoke", "full"), default="ci")
     parser.add_argument("--families", default=",".join(FAMILIES), help="kernel modules to compile (default: all)")
     parser.add_argument("--kernels", help="comma-separated kernel names to keep (default: all)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
@@ -709,14 +955,39 @@ def main(argv=None) -> int:
     parser.add_argument("--report", help="write the markdown report here")
     parser.add_argument("--check", action="store_true", help="exit 1 on any violation (see the module docstring)")
     parser.add_argument("--compile-only", action="store_true", help="with --check: fail on compile errors and shared memory only")
+    parser.add_argument("--dry-run", action="store_true", help="enumerate and count the distinct compiles, compile nothing")
+    parser.add_argument("--reduce", default="", help=f"comma-separated reductions of the matrix ({', '.join(REDUCTIONS)}); see REDUCTIONS")
+    parser.add_argument("--verify-reductions", type=int, metavar="N", help="compile every member of N sampled groups per reduction and compare")
     args = parser.parse_args(argv)
+    reductions = tuple(r for r in args.reduce.split(",") if r)
+    unknown = set(reductions) - set(REDUCTIONS)
+    if unknown:
+        parser.error(f"--reduce: unknown reduction(s) {sorted(unknown)}; expected some of {list(REDUCTIONS)}")
 
     start = time.time()
     archs = tuple(int(a) for a in args.archs.split(","))
     instances = select(enumerate_instances(archs, args.matrix, tuple(args.families.split(","))), args.matrix)
     if args.kernels:
         instances = [i for i in instances if i["kernel"] in args.kernels.split(",")]
+    if args.verify_reductions:
+        for line in verify_reductions(instances, reductions or REDUCTIONS, args.verify_reductions, args.jobs):
+            print(line)
+        return 0
+    distinct = len(instances)
+    instances = reduce_matrix(instances, reductions)
+    if reductions:
+        print(f"aot_check: {distinct} distinct compiles; reductions {','.join(reductions)} leave {len(instances)}")
     enumerated = time.time() - start
+    if args.dry_run:
+        counts: Dict[Tuple[str, int], int] = {}
+        for i in instances:
+            counts[(i["kernel"], i["arch"])] = counts.get((i["kernel"], i["arch"]), 0) + 1
+        for (kernel, arch), n in sorted(counts.items()):
+            print(f"{kernel:24s} sm_{arch}: {n}")
+        for line in pruning_summary():
+            print(line)
+        print(f"aot_check: {len(instances)} distinct compiles enumerated in {enumerated:.1f} s (--dry-run: nothing compiled)")
+        return 0
     run_all(instances, args.jobs)
     seconds = time.time() - start
     failed = sum(not i["result"]["ok"] for i in instances)
@@ -729,7 +1000,11 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump({"triton": triton.__version__, "sources": sources_hash(), "instances": instances}, f, default=str)
     if args.report:
-        write_report(instances, args.report, seconds, args.compile_only)
+        command = " ".join(["python -m fastdiff.tools.aot_check"] + list(sys.argv[1:] if argv is None else argv))
+        summary = f"Matrix `{args.matrix}`: {distinct} distinct compiles" + (
+            f"; reductions {', '.join(reductions)} (each checked on a sample, see REDUCTIONS in the tool) compile {len(instances)} of them." if reductions else "."
+        )
+        write_report(instances, args.report, seconds, args.compile_only, command, summary)
     found = violations(instances, args.compile_only)
     for line in found:
         print("VIOLATION", line)
