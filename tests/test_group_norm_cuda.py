@@ -311,6 +311,8 @@ static void report(const Plan& plan, int64_t* plan_out) {
   plan_out[1] = plan.splits;
   plan_out[2] = plan.vec;
   plan_out[3] = plan.channels_inner;
+  plan_out[4] = plan.launches;
+  plan_out[5] = static_cast<int64_t>(plan.tile_bytes);
 }
 // The kernels' Chan merge, in order, over k partial moments (counts up to 2^31 - 1).
 extern "C" void emu_merge_moments(const int64_t* counts, const float* means, const float* m2s, int k,
@@ -407,7 +409,7 @@ class _Emulator:
         def strides(t):
             return int64s([t.stride(0), t.stride(1)] + [0] * pad + list(t.stride()[2:]))
 
-        plan = (ctypes.c_int64 * 4)()
+        plan = (ctypes.c_int64 * 6)()
         status = self.lib.emu_group_norm(
             _DTYPE_CODES[x.dtype], ctypes.c_int64(n), ctypes.c_int64(x.shape[1]), ctypes.c_int64(groups),
             int64s([1] * pad + list(x.shape[2:])), ctypes.c_void_p(x.data_ptr()), strides(x),
@@ -417,7 +419,9 @@ class _Emulator:
             ctypes.c_int(int(silu)), ctypes.c_int(sm_count), plan, ctypes.c_int(int(run)),
         )  # fmt: skip
         assert status == 0, f"make_plan/forward returned cudaError {status}"
-        return y, mean, rstd, {"algorithm": _ALGORITHMS[plan[0]], "splits": plan[1], "vec": plan[2], "channels_inner": bool(plan[3])}
+        keys = ("splits", "vec", "channels_inner", "launches", "tile_bytes")
+        described = {"algorithm": _ALGORITHMS[plan[0]], **dict(zip(keys, plan[1:]))}
+        return y, mean, rstd, {**described, "channels_inner": bool(described["channels_inner"])}
 
 
 def _build_emulator(work, constants):
@@ -642,7 +646,31 @@ def test_plan_fills_an_h100_on_sd_shapes(real_plan, shape, channels_last):
 def test_plan_one_pass_when_groups_fill_the_gpu(real_plan):
     """Many small groups: one CTA per group, each group read once."""
     x = torch.empty(16, 256, 16, 16, dtype=torch.float16)
-    assert real_plan(x, 32, H100_SMS) == {"algorithm": "one_pass", "splits": 1, "vec": 8, "channels_inner": False}
+    plan = real_plan(x, 32, H100_SMS)
+    assert plan == {"algorithm": "one_pass", "splits": 1, "vec": 8, "channels_inner": False, "launches": 1, "tile_bytes": 16384}
+
+
+# The VAE decoder at 2048x2048 output (latents 256x256), batch 1, 32 groups: up to
+# 2^24 values per group.
+VAE_2048_SHAPES = [(1, 512, 256, 256), (1, 512, 512, 512), (1, 256, 1024, 1024), (1, 128, 2048, 2048)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("shape", VAE_2048_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_plan_keeps_bytes_in_flight_on_vae_shapes(real_plan, shape, channels_last, dtype):
+    """Real launch constants on VAE-sized tensors: 16-byte packs, 8-16 KB per CTA loop
+    trip, and at least a full wave of CTAs holding >= 16 KB in flight per H100 SM
+    (~3.3 TB/s x ~600 ns of latency needs ~15 KB per SM). At batch 1 the rows path
+    stops at kMaxSplits = 256 CTAs, about 2 per SM: ~31 KB per SM."""
+    x = torch.empty(shape, dtype=dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    plan = real_plan(x, 32, H100_SMS)
+    assert plan["vec"] * x.element_size() == 16, plan
+    assert 8 * 1024 <= plan["tile_bytes"] <= 16 * 1024, plan
+    ctas = plan["splits"] * (shape[0] if plan["algorithm"] == "rows" else shape[0] * 32)
+    assert ctas >= H100_SMS and ctas * plan["tile_bytes"] >= 16 * 1024 * H100_SMS, plan
 
 
 # ---------------------------------------------------------------------------

@@ -68,6 +68,13 @@ constexpr int64_t kRowsMinGroupRunBytes = 64;      // NHWC groups narrower than 
 // the reductions' static arrays take ~128 bytes, so leave 4 KiB of headroom.
 constexpr size_t kOnePassSharedBytes = 44 * 1024;
 constexpr int64_t kMaxGroupElems = int64_t{1} << 30;  // 32-bit pack indices, with headroom for the loop's overshoot
+// Bytes a CTA loads per loop trip with 16-byte packs (kUnroll packs per
+// thread, all issued before any is used): 16 KB, so that kTargetCtasPerSm
+// CTAs keep 32-64 KB in flight per SM on VAE-sized tensors, well above what
+// an H100's ~3.3 TB/s needs (~15 KB per SM at ~600 ns latency). The rows
+// path uses whole rows per trip: 129-256 threads, i.e. 8-16 KB.
+constexpr int kTileBytes = kThreads * kUnroll * 16;
+static_assert(kTileBytes >= 8 * 1024 && kTileBytes <= 16 * 1024, "a CTA's loop trip should move 8-16 KB");
 //
 // What these give on an H100 (132 SMs) for Stable Diffusion at batch 2 (N*G = 64), fp16
 // (tests/test_group_norm_cuda.py::test_plan_fills_an_h100_on_sd_shapes checks them):
@@ -885,6 +892,8 @@ cudaError_t make_plan(const ForwardArgs& a, int sm_count, Plan* plan) {
     plan->threads = rows_per_iter * row_packs;
     plan->shared_bytes = 0;
     plan->workspace_bytes = static_cast<size_t>(groups * row_splits) * sizeof(Moments);
+    plan->launches = 3;
+    plan->tile_bytes = static_cast<size_t>(plan->threads) * kUnroll * 16;
     return cudaSuccess;
   }
 
@@ -895,6 +904,8 @@ cudaError_t make_plan(const ForwardArgs& a, int sm_count, Plan* plan) {
   plan->threads = kThreads;
   plan->shared_bytes = one_pass ? group_bytes : 0;
   plan->workspace_bytes = one_pass ? 0 : static_cast<size_t>(groups * splits) * sizeof(Moments);
+  plan->launches = one_pass ? 1 : 2;
+  plan->tile_bytes = static_cast<size_t>(kThreads) * kUnroll * info.vec * element_size(a.dtype);
   return cudaSuccess;
 }
 

@@ -76,6 +76,8 @@ struct Plan {
   int threads;              // threads per CTA (rows path: a multiple of C / vec, not always of 32)
   size_t shared_bytes;      // dynamic shared memory of the one-pass kernel
   size_t workspace_bytes;   // global scratch the caller must provide (two-pass partial stats)
+  int launches;             // kernel launches forward() makes (nothing else: no memset, no copy)
+  size_t tile_bytes;        // bytes one CTA loads per loop trip (kUnroll packs per thread)
 };
 
 // Validates `args` and picks the launch configuration for a device with
