@@ -38,9 +38,24 @@ Forward, two paths (chosen by :func:`launch_config`):
      chunk partials into its mean and rstd;
   3. ``_apply_kernel``: normalise, affine, optional SiLU, store in x's dtype.
 
-  Traffic: 1 read for the statistics + 1 read + 1 write. When the partials
-  are few (typical for NCHW), step 2 is folded into step 3: each normalise
-  program merges its own groups' partials, and the forward is 2 launches.
+  Traffic: 1 read for the statistics + 1 read + 1 write. Step 2 never takes
+  a launch of its own (:func:`launch_config`), so the split forward is 2 launches:
+
+  * when the partials are few (typical for NCHW), each normalise program merges
+    its own groups' partials (``fused_combine``);
+  * otherwise (NHWC: wide channel blocks, many chunks) the last program of
+    ``_stats_kernel`` to finish a group merges that group's partials
+    (``last_program_combine``). Each program, after storing its partials,
+    increments an int32 arrival counter per group it touched (atomic, acq_rel,
+    after a CTA barrier so that all its threads' stores are released); the one
+    that sees ``arrivals - 1`` merges the group's partials in their fixed
+    (channel, chunk) order, so the result does not depend on which program came
+    last (deterministic), writes mean/rstd and resets the counter to 0. The
+    counters live in a buffer kept per (device, stream) and zeroed once, so it is
+    reused launch after launch and inside CUDA graphs (:func:`_group_counters`).
+
+  ``_combine_kernel`` (the separate merge launch) runs only for a config that
+  asks for neither, so that benchmarks can compare the three.
 
 Backward (``_bwd_reduce_kernel``, ``_bwd_combine_kernel``, ``_bwd_dx_kernel``), with
 x_hat = (x - mean) * rstd, z = x_hat * w + b, y = act(z)::
@@ -72,10 +87,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import logging
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -100,6 +114,14 @@ SINGLE_PASS_MAX_ELEMS = 4096
 # elements (32 B) per thread, two 16-byte vector loads along the contiguous axis.
 SPLIT_TILE_ELEMS = 2048
 SPLIT_NUM_WARPS = 4
+# VAE-sized tensors: tiles of 4096 elements (8 KiB of fp16/bf16, 16 KiB of fp32) over
+# 8 warps, the same 16 elements per thread, so that each program keeps twice the bytes
+# in flight per load. Taken when even these tiles leave every SM at least
+# LARGE_TILE_MIN_TILES_PER_SM of them (programs loop over several), i.e. when the
+# tensor, not the launch, decides the time.
+LARGE_TILE_ELEMS = 4096
+LARGE_NUM_WARPS = 8
+LARGE_TILE_MIN_TILES_PER_SM = 16
 # NHWC: a channel block wide enough for 128-byte fp16 rows along the contiguous
 # channel axis. NCHW: rows along the contiguous spatial axis of up to 1 KiB fp16.
 SPLIT_MAX_BLOCK_C_NHWC = 64
@@ -118,6 +140,8 @@ COMBINE_BLOCK = 256  # partials merged per step by _combine_kernel
 # NHWC tiles are wide in channels and deep in chunks (64 x 10 x 64), so those
 # keep the separate _combine_kernel.
 FUSED_COMBINE_MAX_PARTIALS = 1024
+# Partials merged per step (rows x partials) by the last-arriving program's merge.
+LAST_COMBINE_TILE = 2048
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +159,9 @@ class GroupNormConfig:
         size allows it (possibly a few more).
     fused_combine: split path only: the normalise kernel merges its groups'
         partial statistics itself, so the forward is 2 launches instead of 3.
+    last_program_combine: split path only: the statistics kernel's last program
+        to finish each group merges that group's partials (2 launches). With
+        neither flag the separate ``_combine_kernel`` runs (3 launches).
     """
 
     single_pass: bool
@@ -143,6 +170,7 @@ class GroupNormConfig:
     num_warps: int
     split: int = 1
     fused_combine: bool = False
+    last_program_combine: bool = False
 
 
 def _next_pow2(v: int) -> int:
@@ -158,8 +186,8 @@ def launch_config(
     num_sms: int,
     allow_single_pass: bool = True,
     *,
-    tile_elems: int = SPLIT_TILE_ELEMS,
-    num_warps: int = SPLIT_NUM_WARPS,
+    tile_elems: Optional[int] = None,
+    num_warps: Optional[int] = None,
     programs_per_sm: int = PROGRAMS_PER_SM,
 ) -> GroupNormConfig:
     """Pick the launch for x of shape (n, c, s) with ``num_groups`` groups.
@@ -168,13 +196,19 @@ def launch_config(
     1), which makes the channel axis the wide one of the tile. ``num_sms`` is the
     device's multiprocessor count (132 on an H100/H200). The backward passes
     ``allow_single_pass=False``: it always reduces through per-chunk partials.
-    The keyword-only knobs default to the module constants above; the benchmark
-    sweeps them (``bench_group_norm.py --sweep``) to re-tune those constants.
+    The keyword-only knobs default to the module constants above (``tile_elems`` and
+    ``num_warps``: SPLIT_* or, for VAE-sized tensors, LARGE_*); the benchmark sweeps
+    them (``bench_group_norm.py --sweep``) to re-tune those constants.
     """
     cpg = c // num_groups
     group_tile = _next_pow2(cpg) * _next_pow2(s)
     if allow_single_pass and group_tile <= SINGLE_PASS_MAX_ELEMS:
         return GroupNormConfig(True, _next_pow2(cpg), _next_pow2(s), max(1, min(8, group_tile // 512)), 1)
+    if tile_elems is None:
+        large = n * c * s >= LARGE_TILE_MIN_TILES_PER_SM * num_sms * LARGE_TILE_ELEMS
+        tile_elems = LARGE_TILE_ELEMS if large else SPLIT_TILE_ELEMS
+        num_warps = num_warps or (LARGE_NUM_WARPS if large else SPLIT_NUM_WARPS)
+    num_warps = num_warps or SPLIT_NUM_WARPS
     if channels_contiguous:
         block_c = min(_next_pow2(c), SPLIT_MAX_BLOCK_C_NHWC, tile_elems // 2)
         block_s = min(_next_pow2(s), tile_elems // block_c)
@@ -186,7 +220,15 @@ def launch_config(
     split = max(1, min(want, triton.cdiv(s, block_s)))
     config = GroupNormConfig(False, block_c, block_s, num_warps, split)
     _, n_chunks = _chunking(s, config)
-    return dataclasses.replace(config, fused_combine=block_c * cpg * n_chunks <= FUSED_COMBINE_MAX_PARTIALS)
+    fused = block_c * cpg * n_chunks <= FUSED_COMBINE_MAX_PARTIALS
+    return dataclasses.replace(config, fused_combine=fused, last_program_combine=not fused)
+
+
+def forward_launches(config: GroupNormConfig) -> int:
+    """Kernel launches of the forward under ``config``."""
+    if config.single_pass:
+        return 1
+    return 2 if config.fused_combine or config.last_program_combine else 3
 
 
 def _chunking(s: int, config: GroupNormConfig) -> Tuple[int, int]:
@@ -199,14 +241,19 @@ def _chunking(s: int, config: GroupNormConfig) -> Tuple[int, int]:
     return chunk, triton.cdiv(s, chunk)
 
 
-@functools.lru_cache(maxsize=None)
-def _cuda_num_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+# SM count assumed for a CUDA device nobody can describe (fake CUDA tensors without a
+# ``use_target``): an H100's.
+DEFAULT_NUM_SMS = 132
 
 
 def _num_sms(device: torch.device) -> int:
+    """The SM count the launch heuristic plans for: :func:`fastdiff.backends.cuda_device_description`
+    (the ``use_target`` description, else the visible GPU's, asked once), never torch.cuda directly."""
     if device.type == "cuda":
-        return _cuda_num_sms(device.index if device.index is not None else torch.cuda.current_device())
+        from fastdiff.backends import cuda_device_description
+
+        description = cuda_device_description(device)
+        return description.sm_count if description is not None else DEFAULT_NUM_SMS
     return INTERPRET_NUM_SMS
 
 
@@ -217,6 +264,8 @@ def _check_config(config: GroupNormConfig, cpg: int, s: int) -> None:
             raise ValueError(f"group_norm config: {name} must be a power of two, got {v}")
     if config.split < 1:
         raise ValueError(f"group_norm config: split must be >= 1, got {config.split}")
+    if config.fused_combine and config.last_program_combine:
+        raise ValueError("group_norm config: fused_combine and last_program_combine are exclusive")
     if config.single_pass and (config.block_c < cpg or config.block_s < s):
         raise ValueError(
             f"group_norm config: single_pass needs block_c >= {cpg} and block_s >= {s}, got {config.block_c} x {config.block_s}"
@@ -376,11 +425,15 @@ def _single_pass_kernel(
 def _welford_combine(mean_a, m2_a, n_a, mean_b, m2_b, n_b):
     """Chan et al.'s merge of two (mean, M2, count) partials:
     n = n_a + n_b, d = mean_b - mean_a, mean = mean_a + d * n_b / n,
-    M2 = M2_a + M2_b + d^2 * n_a * n_b / n. Empty partials (n = 0) merge as no-ops."""
+    M2 = M2_a + M2_b + d^2 * n_a * n_b / n. Empty partials (n = 0) merge as no-ops.
+
+    The counts are int32 and add exactly: an fp32 count stops counting at 2^24
+    elements (a VAE group at 2048x2048 holds 4 x 2^22 and more). Only the weight
+    n_b / n is formed in fp32 (relative error ~1e-7, like any fp32 product)."""
     n = n_a + n_b
-    w_b = tl.where(n == 0.0, 0.0, n_b / tl.maximum(n, 1.0))
+    w_b = tl.where(n == 0, 0.0, n_b.to(tl.float32) / tl.maximum(n, 1).to(tl.float32))
     delta = mean_b - mean_a
-    return mean_a + delta * w_b, m2_a + m2_b + delta * delta * n_a * w_b, n
+    return mean_a + delta * w_b, m2_a + m2_b + delta * delta * n_a.to(tl.float32) * w_b, n
 
 
 @triton.jit
@@ -389,6 +442,9 @@ def _stats_kernel(
     IB,  # pointer to input_bias, (N, C) in x's dtype (HAS_IB only)
     PMEAN,  # pointer to fp32 partial means, (N, C, n_chunks) contiguous
     PM2,  # pointer to fp32 partial sums of squared deviations, (N, C, n_chunks)
+    COUNT,  # pointer to int32 arrival counters, (N * G,), all 0 on entry and on exit (LAST_COMBINE only)
+    MEAN,  # pointer to the fp32 mean output, (N, G) (LAST_COMBINE only)
+    RSTD,  # pointer to the fp32 1/std output, (N, G) (LAST_COMBINE only)
     C,  # number of channels
     S,  # number of spatial positions
     S1,  # size of the inner collapsed spatial dim (TWO_D only)
@@ -397,10 +453,16 @@ def _stats_kernel(
     chunk,  # spatial positions per program (a multiple of BLOCK_S)
     n_chunks,  # programs along the spatial axis
     n_cblocks,  # programs along the channel axis, cdiv(C, BLOCK_C)
+    G,  # number of groups (LAST_COMBINE only)
+    CPG,  # channels per group (LAST_COMBINE only)
+    eps,  # added to the variance (LAST_COMBINE only)
     TWO_D: tl.constexpr,
     HAS_IB: tl.constexpr,
+    LAST_COMBINE: tl.constexpr,  # the last program to finish a group merges its partials
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    BLOCK_G: tl.constexpr,  # >= the groups one channel block touches, power of two (LAST_COMBINE only)
+    BLOCK_P: tl.constexpr,  # partials merged per step (LAST_COMBINE only)
 ):
     # pid = (n * n_chunks + chunk_id) * n_cblocks + cblock: neighbouring programs
     # take neighbouring channel blocks of the same chunk, which are adjacent in
@@ -420,23 +482,47 @@ def _stats_kernel(
     #   cnt += 1, d = x - mean, mean += d / cnt, M2 += d * (x - mean).
     # The count only depends on j (the tail tile masks lanes by s). No
     # cross-lane communication inside the loop; one Chan-merge reduction after.
-    cnt = tl.zeros([BLOCK_S], dtype=tl.float32)
+    cnt = tl.zeros([BLOCK_S], dtype=tl.int32)
     mean = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
     m2 = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
     for s0 in range(s_begin, s_end, BLOCK_S):
         offs_s = s0 + tl.arange(0, BLOCK_S)
         mask_s = offs_s < s_end
         x = _load_x(x_base + _spatial_offsets(offs_s, S1, stride_xs0, stride_xs1, TWO_D)[None, :], mask_c[:, None] & mask_s[None, :], ib, HAS_IB)
-        cnt += mask_s.to(tl.float32)
-        inv_cnt = tl.where(mask_s, 1.0 / tl.maximum(cnt, 1.0), 0.0)
+        cnt += mask_s.to(tl.int32)
+        inv_cnt = tl.where(mask_s, 1.0 / tl.maximum(cnt, 1).to(tl.float32), 0.0)
         delta = x - mean
         mean += delta * inv_cnt[None, :]
         m2 += tl.where(mask_s[None, :], delta * (x - mean), 0.0)
-    cnt_2d = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32) + cnt[None, :]
-    mean_c, m2_c, _ = tl.reduce((mean, m2, cnt_2d), 1, _welford_combine)
+    # Merge the lanes of each channel at once (the exact parallel formula, as in
+    # _merge_partials): mean = sum(cnt_j mean_j) / sum(cnt_j), M2 = sum(M2_j + cnt_j (mean_j - mean)^2).
+    # Lanes that saw nothing have cnt_j = mean_j = M2_j = 0 and add nothing.
+    cnt_f = cnt.to(tl.float32)
+    mean_c = tl.sum(mean * cnt_f[None, :], axis=1) / tl.maximum(tl.sum(cnt, axis=0), 1).to(tl.float32)
+    dev = mean - mean_c[:, None]
+    m2_c = tl.sum(m2 + dev * dev * cnt_f[None, :], axis=1)
     p_offs = (n * C + offs_c) * n_chunks + sp
     tl.store(PMEAN + p_offs, mean_c, mask=mask_c)
     tl.store(PM2 + p_offs, m2_c, mask=mask_c)
+    if LAST_COMBINE:
+        # Groups g0..g1 have channels in this block. Group g receives partials from
+        # its channel blocks x n_chunks programs; the one that arrives last merges them.
+        g0 = (cb * BLOCK_C) // CPG
+        g1 = (tl.minimum(cb * BLOCK_C + BLOCK_C, C) - 1) // CPG
+        offs_g = g0 + tl.arange(0, BLOCK_G)
+        mask_g = offs_g <= g1
+        arrivals = (((offs_g + 1) * CPG - 1) // BLOCK_C - (offs_g * CPG) // BLOCK_C + 1) * n_chunks
+        counters = COUNT + n * G + offs_g
+        tl.debug_barrier()  # all threads' partial stores happen before the release below
+        before = tl.atomic_add(counters, tl.full([BLOCK_G], 1, tl.int32), mask=mask_g, sem="acq_rel")
+        last = mask_g & (before == arrivals - 1)
+        if tl.sum(last.to(tl.int32), axis=0) > 0:
+            tl.debug_barrier()  # the acquire above happens before every thread's loads
+            row_base = (n * C + offs_g * CPG) * n_chunks
+            g_mean, g_m2, g_cnt = _merge_partials(PMEAN, PM2, row_base, last, CPG * n_chunks, S, chunk, n_chunks, BLOCK_G, BLOCK_P)
+            tl.store(MEAN + n * G + offs_g, g_mean, mask=last)
+            tl.store(RSTD + n * G + offs_g, 1.0 / tl.sqrt(g_m2 / tl.maximum(g_cnt, 1).to(tl.float32) + eps), mask=last)
+            tl.store(counters, tl.zeros([BLOCK_G], tl.int32), mask=last)  # 0 again for the next launch
 
 
 @triton.jit
@@ -460,18 +546,20 @@ def _merge_partials(
     sum n_i (mean_i - mean)^2), then folds the step into the running result
     with Chan's merge.
     """
-    cnt = tl.zeros([BLOCK_R], dtype=tl.float32)
+    cnt = tl.zeros([BLOCK_R], dtype=tl.int32)
     mean = tl.zeros([BLOCK_R], dtype=tl.float32)
     m2 = tl.zeros([BLOCK_R], dtype=tl.float32)
     for p0 in range(0, total, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
         mask = mask_r[:, None] & (p < total)[None, :]
         ptrs = row_base[:, None] + p[None, :]
-        m_i = tl.load(PMEAN + ptrs, mask=mask, other=0.0)
-        q_i = tl.load(PM2 + ptrs, mask=mask, other=0.0)
-        c_i = tl.where(mask, tl.minimum(chunk, S - (p % n_chunks) * chunk)[None, :], 0).to(tl.float32)
+        # .cg: through L2, never a stale L1 line (other programs of the launch wrote them)
+        m_i = tl.load(PMEAN + ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+        q_i = tl.load(PM2 + ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+        c_i = tl.where(mask, tl.minimum(chunk, S - (p % n_chunks) * chunk)[None, :], 0)  # int32
         cnt_b = tl.sum(c_i, axis=1)
-        mean_b = tl.sum(c_i * m_i, axis=1) / tl.maximum(cnt_b, 1.0)
+        c_i = c_i.to(tl.float32)
+        mean_b = tl.sum(c_i * m_i, axis=1) / tl.maximum(cnt_b, 1).to(tl.float32)
         d_i = m_i - mean_b[:, None]
         m2_b = tl.sum(q_i + c_i * d_i * d_i, axis=1)
         mean, m2, cnt = _welford_combine(mean, m2, cnt, mean_b, m2_b, cnt_b)
@@ -501,7 +589,7 @@ def _combine_kernel(
     row_base = ((offs // G) * C + (offs % G) * CPG) * n_chunks
     mean, m2, cnt = _merge_partials(PMEAN, PM2, row_base, mask_r, CPG * n_chunks, S, chunk, n_chunks, BLOCK_R, BLOCK_P)
     tl.store(MEAN + offs, mean, mask=mask_r)
-    tl.store(RSTD + offs, 1.0 / tl.sqrt(m2 / tl.maximum(cnt, 1.0) + eps), mask=mask_r)
+    tl.store(RSTD + offs, 1.0 / tl.sqrt(m2 / tl.maximum(cnt, 1).to(tl.float32) + eps), mask=mask_r)
 
 
 @triton.jit
@@ -550,7 +638,7 @@ def _apply_kernel(
         # channel in chunk 0 write the statistics the backward needs.
         row_base = (n * C + (offs_c // CPG) * CPG) * n_chunks
         mean, m2, cnt = _merge_partials(PMEAN, PM2, row_base, mask_c, CPG * n_chunks, S, chunk, n_chunks, BLOCK_C, BLOCK_P)
-        rstd = 1.0 / tl.sqrt(m2 / tl.maximum(cnt, 1.0) + eps)
+        rstd = 1.0 / tl.sqrt(m2 / tl.maximum(cnt, 1).to(tl.float32) + eps)
         if sp == 0:
             first = mask_c & (offs_c % CPG == 0)
             tl.store(MEAN + grp, mean, mask=first)
@@ -789,6 +877,30 @@ def _bwd_dx_kernel(
 # Launchers
 # ---------------------------------------------------------------------------
 
+_LAUNCH_HOOK: Optional[Callable] = None
+
+
+def _launch(kernel, grid, *args, **kwargs) -> None:
+    """``kernel[grid](*args, **kwargs)``, or the hook set by :func:`launch_hook`."""
+    if _LAUNCH_HOOK is not None:
+        _LAUNCH_HOOK(kernel, grid, args, kwargs)
+    else:
+        kernel[grid](*args, **kwargs)
+
+
+@contextlib.contextmanager
+def launch_hook(hook: Callable) -> Iterator[None]:
+    """Inside the block every kernel launch of this module calls
+    ``hook(kernel, grid, args, kwargs)`` instead (process-wide, for tests and the census):
+    count launches, or time the host path with a no-op. A hook may launch the kernel itself."""
+    global _LAUNCH_HOOK
+    saved, _LAUNCH_HOOK = _LAUNCH_HOOK, hook
+    try:
+        yield
+    finally:
+        _LAUNCH_HOOK = saved
+
+
 
 def _check_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int, input_bias: Optional[torch.Tensor] = None) -> None:
     if x.dtype not in SUPPORTED_DTYPES:
@@ -826,8 +938,36 @@ def _ib_args(x: torch.Tensor, input_bias: Optional[torch.Tensor]) -> Tuple[torch
 
 
 def _device_ctx(x: torch.Tensor):
-    """Launch on x's GPU (Triton launches on the current device); nothing on the CPU."""
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+    """Launch on x's GPU (Triton launches on the current device); nothing on the CPU, nor
+    with a single visible GPU (no device query: fake CUDA tensors work, and it is cheaper)."""
+    if x.is_cuda and torch.cuda.device_count() > 1:
+        return torch.cuda.device(x.device)
+    return contextlib.nullcontext()
+
+
+# Arrival counters of the last-program merge, one int32 per (n, group), by (device, stream):
+# zeroed once when made, left at zero by every launch (the last program resets its group's).
+_COUNTERS: dict = {}
+
+
+def _group_counters(x: torch.Tensor, size: int) -> torch.Tensor:
+    """At least ``size`` zeroed int32 counters on x's device for the current stream.
+
+    Kernels on one stream run one after the other, so they share a buffer; another
+    stream gets its own. Inside a CUDA graph capture a missing buffer is made by a
+    captured memset (zeroed at every replay) and not kept for eager use. Fake tensors
+    (FakeTensorMode) get a fresh fake buffer, never cached."""
+    real = type(x) is torch.Tensor
+    if not real:
+        return torch.zeros(max(size, 1024), dtype=torch.int32, device=x.device)
+    key = (x.device, torch.cuda.current_stream(x.device).cuda_stream if x.is_cuda else 0)
+    buf = _COUNTERS.get(key)
+    if buf is not None and buf.numel() >= size:
+        return buf
+    buf = torch.zeros(max(size, 1024), dtype=torch.int32, device=x.device)
+    if not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+        _COUNTERS[key] = buf
+    return buf
 
 
 def _resolve_config(x: torch.Tensor, num_groups: int, config: Optional[GroupNormConfig], allow_single_pass: bool) -> GroupNormConfig:
@@ -883,7 +1023,8 @@ def group_norm_forward(
     has_ib = input_bias is not None
     with _device_ctx(x):
         if config.single_pass:
-            _single_pass_kernel[(n * num_groups,)](
+            _launch(
+                _single_pass_kernel, (n * num_groups,),
                 x, y, weight, bias, ib, mean, rstd, s, s1, *x_strides, *y_strides, ib_sn, ib_sc, num_groups, eps,
                 CPG=cpg, SILU=silu, TWO_D=two_d, HAS_IB=has_ib, BLOCK_C=config.block_c, BLOCK_S=config.block_s, num_warps=config.num_warps,
             )
@@ -893,19 +1034,28 @@ def group_norm_forward(
         grid = (n * n_chunks * n_cblocks,)
         pmean = torch.empty((n, c, n_chunks), dtype=torch.float32, device=x.device)
         pm2 = torch.empty_like(pmean)
-        _stats_kernel[grid](
-            x, ib, pmean, pm2, c, s, s1, *x_strides, ib_sn, ib_sc, chunk, n_chunks, n_cblocks,
-            TWO_D=two_d, HAS_IB=has_ib, BLOCK_C=config.block_c, BLOCK_S=config.block_s, num_warps=config.num_warps,
-        )
         total = cpg * n_chunks
-        if not config.fused_combine:
+        last = config.last_program_combine
+        block_g = _next_pow2(triton.cdiv(config.block_c - 1, cpg) + 1) if last else 2
+        counters = _group_counters(x, n * num_groups) if last else pmean
+        _launch(
+            _stats_kernel, grid,
+            x, ib, pmean, pm2, counters, mean, rstd, c, s, s1, *x_strides, ib_sn, ib_sc, chunk, n_chunks, n_cblocks,
+            num_groups, cpg, eps,
+            TWO_D=two_d, HAS_IB=has_ib, LAST_COMBINE=last, BLOCK_C=config.block_c, BLOCK_S=config.block_s,
+            BLOCK_G=block_g, BLOCK_P=max(2, min(_next_pow2(total), LAST_COMBINE_TILE // block_g)) if last else 2,
+            num_warps=config.num_warps,
+        )
+        if not (config.fused_combine or last):
             block_p = min(_next_pow2(total), COMBINE_BLOCK)
             block_r = max(2, min(_next_pow2(n * num_groups), COMBINE_BLOCK // block_p))
-            _combine_kernel[(triton.cdiv(n * num_groups, block_r),)](
+            _launch(
+                _combine_kernel, (triton.cdiv(n * num_groups, block_r),),
                 pmean, pm2, mean, rstd, c, s, num_groups, cpg, chunk, n_chunks, n * num_groups, eps,
                 BLOCK_R=block_r, BLOCK_P=block_p, num_warps=4,
             )
-        _apply_kernel[grid](
+        _launch(
+            _apply_kernel, grid,
             x, y, weight, bias, ib, mean, rstd, pmean, pm2, c, s, s1, *x_strides, *y_strides, ib_sn, ib_sc,
             num_groups, cpg, chunk, n_chunks, n_cblocks, eps,
             SILU=silu, TWO_D=two_d, HAS_IB=has_ib, FUSED_COMBINE=config.fused_combine, BLOCK_C=config.block_c, BLOCK_S=config.block_s,
@@ -982,17 +1132,20 @@ def group_norm_backward(
     pxh = torch.empty_like(pds) if has_ib else pds
     dib = torch.empty((n, c), dtype=x.dtype, device=x.device) if has_ib else None
     with _device_ctx(x):
-        _bwd_reduce_kernel[grid](
+        _launch(
+            _bwd_reduce_kernel, grid,
             dy, x, weight, bias, mean, rstd, ib, pds, pdb, pxh, c, s, s1, *x_strides, *dy_strides, ib_sn, ib_sc,
             num_groups, cpg, chunk, n_chunks, n_cblocks,
             SILU=silu, TWO_D=two_d, HAS_IB=has_ib, BLOCK_C=config.block_c, BLOCK_S=config.block_s, num_warps=config.num_warps,
         )
         block_cpg = _next_pow2(cpg)
-        _bwd_combine_kernel[(num_groups,)](
+        _launch(
+            _bwd_combine_kernel, (num_groups,),
             pds, pdb, pxh, weight, rstd, coef_a, coef_b, dw, db, dib if has_ib else dw, n, c, num_groups, cpg, n_chunks, 1.0 / (cpg * s),
             HAS_IB=has_ib, BLOCK_CPG=block_cpg, BLOCK_K=max(2, min(_next_pow2(n_chunks), COMBINE_BLOCK // block_cpg)), num_warps=4,
         )
-        _bwd_dx_kernel[grid](
+        _launch(
+            _bwd_dx_kernel, grid,
             dy, x, dx, weight, bias, mean, rstd, coef_a, coef_b, ib, c, s, s1, *x_strides, *dy_strides, *dx_strides, ib_sn, ib_sc,
             num_groups, cpg, chunk, n_chunks, n_cblocks,
             SILU=silu, TWO_D=two_d, HAS_IB=has_ib, BLOCK_C=config.block_c, BLOCK_S=config.block_s, num_warps=config.num_warps,

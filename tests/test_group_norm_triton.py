@@ -213,7 +213,7 @@ def test_heuristic_fills_an_h100_on_sd_shapes(shape, channels_contiguous):
     assert not config.single_pass
     for v in (config.block_c, config.block_s):
         assert v & (v - 1) == 0
-    assert config.block_c * config.block_s <= kernels.SPLIT_TILE_ELEMS
+    assert config.block_c * config.block_s <= kernels.LARGE_TILE_ELEMS
     programs = _programs(kernels, config, n, c, h * w)
     assert programs >= 2 * 132, f"{shape}: {programs} programs is under two waves of 132 SMs"
     _, n_chunks = kernels._chunking(h * w, config)
