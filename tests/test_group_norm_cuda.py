@@ -213,8 +213,11 @@ _EMU_PRELUDE = r"""
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
+#include <algorithm>
+#include <atomic>
 #include <barrier>
 #include <cmath>
+#include <random>
 #include <cstdint>
 #include <memory>
 #include <thread>
@@ -236,6 +239,7 @@ struct Block {
 };
 inline Block* current = nullptr;
 inline unsigned char* dynamic_shared = nullptr;
+inline unsigned cta_order_seed = 0;  // 0: CTAs in grid order; else a shuffled order (arrival order of a real GPU varies)
 template <class V>  // float or int32: both round-trip through double exactly
 inline V shfl_down(unsigned, V v, int offset) {
   Block& b = *current;
@@ -252,8 +256,14 @@ void launch(dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t, F kernel) 
   block_dim = block;
   std::vector<unsigned char> dyn(shared_bytes + 16, 0xCD);  // garbage, like real shared memory
   dynamic_shared = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(dyn.data()) + 15) / 16 * 16);
+  std::vector<uint3> ctas;
   for (unsigned by = 0; by < grid.y; ++by) {
-    for (unsigned bx = 0; bx < grid.x; ++bx) {
+    for (unsigned bx = 0; bx < grid.x; ++bx) ctas.push_back(uint3{bx, by, 0});
+  }
+  if (cta_order_seed != 0) std::shuffle(ctas.begin(), ctas.end(), std::mt19937(cta_order_seed));
+  for (const uint3 cta : ctas) {
+    {
+      const unsigned bx = cta.x, by = cta.y;
       Block b(block.x);
       current = &b;
       std::vector<std::thread> threads;
@@ -276,6 +286,8 @@ void launch(dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t, F kernel) 
 #define __syncthreads() emu::current->block_barrier.arrive_and_wait()
 #define __shfl_down_sync emu::shfl_down
 #define __ldcg(p) (*(p))
+#define __threadfence() std::atomic_thread_fence(std::memory_order_seq_cst)
+#define atomicAdd(p, v) std::atomic_ref<int>(*(p)).fetch_add(v)
 #define __expf(x) std::exp(x)
 #define rsqrtf(x) (1.f / std::sqrt(x))
 """
@@ -326,6 +338,7 @@ extern "C" void emu_merge_moments(const int64_t* counts, const float* means, con
   *mean_out = total.mean;
   *m2_out = total.m2;
 }
+static std::vector<int> emu_counters(64, 0);
 // make_plan + forward. With run == 0, only make_plan (the pointers are never read).
 extern "C" int emu_group_norm(int dtype, int64_t batch, int64_t channels, int64_t groups, const int64_t* sizes,
                               const void* x, const int64_t* xs, void* y, const int64_t* ys, const void* w,
@@ -338,8 +351,17 @@ extern "C" int emu_group_norm(int dtype, int64_t batch, int64_t channels, int64_
   report(plan, plan_out);
   if (!run) return 0;
   std::vector<float> workspace(plan.workspace_bytes / sizeof(float) + 4, 12345.f);
-  return static_cast<int>(forward(a, plan, plan.workspace_bytes ? workspace.data() : nullptr, nullptr));
+  if (plan.counters > static_cast<int64_t>(emu_counters.size())) return -1;
+  return static_cast<int>(forward(a, plan, plan.workspace_bytes ? workspace.data() : nullptr,
+                                  plan.counters ? emu_counters.data() : nullptr, nullptr));
 }
+// The rows path's counters: zeroed once, here, like the binding's; every launch must leave them zero.
+extern "C" int64_t emu_counters_sum() {
+  int64_t sum = 0;
+  for (int c : emu_counters) sum += c < 0 ? -c : c;
+  return sum;
+}
+extern "C" void emu_set_cta_order_seed(unsigned seed) { emu::cta_order_seed = seed; }
 """
 
 # Launch constants shrunk so that small shapes exercise every path.
@@ -349,6 +371,8 @@ _EMU_CONSTANTS = {
     "constexpr size_t kOnePassSharedBytes = 44 * 1024;": "constexpr size_t kOnePassSharedBytes = 2048;",
     "constexpr int64_t kRowsMinElemsPerCta = 8192;": "constexpr int64_t kRowsMinElemsPerCta = 64;",
     "constexpr int64_t kRowsMinGroupRunBytes = 64;": "constexpr int64_t kRowsMinGroupRunBytes = 16;",
+    # 64 threads move 4 KB per loop trip: the real kernels' 8-16 KB check does not apply here.
+    'static_assert(kTileBytes >= 8 * 1024 && kTileBytes <= 16 * 1024, "a CTA\'s loop trip should move 8-16 KB");': "",
 }
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -419,6 +443,7 @@ class _Emulator:
             ctypes.c_int(int(silu)), ctypes.c_int(sm_count), plan, ctypes.c_int(int(run)),
         )  # fmt: skip
         assert status == 0, f"make_plan/forward returned cudaError {status}"
+        assert self.lib.emu_counters_sum() == 0, "a launch left the rows path's counters non-zero"
         keys = ("splits", "vec", "channels_inner", "launches", "tile_bytes")
         described = {"algorithm": _ALGORITHMS[plan[0]], **dict(zip(keys, plan[1:]))}
         return y, mean, rstd, {**described, "channels_inner": bool(described["channels_inner"])}
@@ -579,6 +604,32 @@ def test_emulated_merge_counts_exactly_past_2_24(emulate, seed):
     assert abs(m2 - m2_ref.item()) <= 1e-5 * m2_ref.item()
 
 
+@pytest.mark.parametrize("layout", ["nhwc_rows_cpg10", "nhwc_rows_cpg2"])
+def test_emulated_rows_last_cta_merges_deterministically(emulate, seed, layout):
+    """The rows path is two launches: the last CTA of each sample to finish its
+    statistics merges the partials in a fixed order. Whichever CTA arrives last
+    (the emulator shuffles the CTA order), y, mean and rstd are bitwise the same,
+    and the counters are back to zero after every launch (checked by the emulator
+    after each call), so the next launch or graph replay needs no memset."""
+    x, groups = EMU_LAYOUTS[layout](torch.bfloat16)
+    x = torch.cat([x, x.flip(0) * 0.5 + 1]).contiguous(memory_format=torch.channels_last)  # 2+ samples
+    w, b = _affine(x.shape[1], torch.bfloat16)
+    input_bias = _randn(*x.shape[:2], dtype=torch.bfloat16)
+    results = []
+    try:
+        for order_seed in (0, 1, 2, 3):
+            emulate.lib.emu_set_cta_order_seed(ctypes.c_uint(order_seed))
+            results.append(emulate(x, groups, w, b, True, 16, input_bias=input_bias))
+    finally:
+        emulate.lib.emu_set_cta_order_seed(ctypes.c_uint(0))
+    y, mean, rstd, plan = results[0]
+    assert plan["algorithm"] == "rows" and plan["splits"] > 1 and plan["launches"] == 2, plan
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(other[:3], (y, mean, rstd)))
+    _check_output(y, x, groups, w, b, "silu", input_bias=input_bias)
+    _check_stats(mean, rstd, x, groups, input_bias=input_bias)
+
+
 def test_emulated_two_pass_single_split(emulate, seed):
     """Enough groups to fill the GPU but each too big for shared memory: two passes, one split."""
     x = _randn(4, 4, 24, 24)
@@ -641,6 +692,7 @@ def test_plan_fills_an_h100_on_sd_shapes(real_plan, shape, channels_last):
     assert plan["vec"] == 8 and plan["channels_inner"] == channels_last
     narrow_groups = channels_last and shape[1] // 32 * 2 < 64
     assert (plan["algorithm"] == "rows") == narrow_groups
+    assert plan["launches"] == (1 if plan["algorithm"] == "one_pass" else 2)
 
 
 def test_plan_one_pass_when_groups_fill_the_gpu(real_plan):

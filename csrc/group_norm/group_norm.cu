@@ -38,9 +38,11 @@
 //   rows:     channels-inner layouts whose group runs are narrow (packs under
 //             16 bytes, or runs under kRowsMinGroupRunBytes; e.g. NHWC with 10
 //             or 20 channels per group, as in SD 1.5) when two passes are
-//             needed anyway: grid (N, splits), a CTA
-//             owns whole rows of all C channels. Same traffic as two-pass,
-//             plus a tiny _finalize_kernel between the two (see "Rows path").
+//             needed anyway: grid (N, splits), a CTA owns whole rows of all C
+//             channels. Same traffic and launches as two-pass: the last CTA of
+//             each sample to finish its statistics merges the sample's
+//             partials (see "Rows path").
+// Launches: one-pass 1, two-pass 2, rows 2.
 #include "group_norm.h"
 
 #include <cuda_runtime.h>
@@ -75,11 +77,12 @@ constexpr int64_t kMaxGroupElems = int64_t{1} << 30;  // 32-bit pack indices, wi
 // path uses whole rows per trip: 129-256 threads, i.e. 8-16 KB.
 constexpr int kTileBytes = kThreads * kUnroll * 16;
 static_assert(kTileBytes >= 8 * 1024 && kTileBytes <= 16 * 1024, "a CTA's loop trip should move 8-16 KB");
+static_assert(kThreads % 64 == 0, "the rows path's last CTA needs a full warp (blockDim.x > kThreads / 2 >= 32)");
 //
 // What these give on an H100 (132 SMs) for Stable Diffusion at batch 2 (N*G = 64), fp16
 // (tests/test_group_norm_cuda.py::test_plan_fills_an_h100_on_sd_shapes checks them):
 //   NCHW (2, 320, 64, 64), (2, 640, 32, 32), (2, 1280, 16, 16), VAE: two-pass, 5-9 splits, 320-576 CTAs;
-//   NHWC with 10 / 16 / 20 channels per group (UNet 320 / 640, VAE 512): rows path, 160-512 CTAs;
+//   NHWC with 10 / 16 / 20 channels per group (UNet 320 / 640, VAE 512): rows path, 160-512 CTAs, 2 launches;
 //   NHWC (2, 1280, 16, 16): two-pass, 320 CTAs;
 //   (2, 1280, 8, 8): 2560-element groups, one-pass with 64 CTAs. Below one wave, on purpose:
 //   the whole tensor is 320 KB, so the launch, not bandwidth, is the cost, and a
@@ -240,6 +243,7 @@ __device__ __forceinline__ Moments block_reduce(Moments m) {
 // may have written them (the rows path's last-arriving CTA).
 __device__ __forceinline__ Moments merge_partials_in_warp(const Moments* partials, int64_t ng, int64_t splits) {
   Moments m{0, 0.f, 0.f};
+#pragma unroll 4  // independent loads in flight; the merges stay in k order
   for (int64_t k = threadIdx.x & 31; k < splits; k += 32) {
     const Moments* p = partials + ng * splits + k;
     m = merge(m, Moments{__ldcg(&p->n), __ldcg(&p->mean), __ldcg(&p->m2)});
@@ -476,8 +480,8 @@ __global__ void __launch_bounds__(kThreads) _apply_kernel(
 //   of rows r0 + t / R, r0 + t / R + rows_per_iter, ...
 // Program ids: blockIdx.x = n (sample), blockIdx.y = split k owning rows
 // [k * S / splits, (k + 1) * S / splits).
-// Three launches: _rows_stats_kernel (per-CTA, per-group partials),
-// _finalize_kernel (merge partials into mean / rstd), _rows_apply_kernel.
+// Two launches: _rows_stats_kernel (per-CTA, per-group partials; the last CTA
+// of each sample to arrive merges them into mean / rstd), _rows_apply_kernel.
 // ---------------------------------------------------------------------------
 
 struct RowGeometry {
@@ -512,13 +516,21 @@ __device__ __forceinline__ void for_each_row(const PackT* __restrict__ column, i
 
 // Rows path, step 1: per-channel Welford over this thread's rows, merged in
 // shared memory over the CTA's row slots (per channel), then over each
-// group's channels (per group) into one partial per (n, g, split).
+// group's channels (per group) into one partial per (n, g, split). Then the
+// CTAs of sample n count themselves in on counters[n]; the last to arrive
+// merges every group's partials in split order (so the result does not depend
+// on which CTA is last), writes mean / rstd, and sets counters[n] back to 0:
+// the counters are zeroed once by the caller and stay zero between launches,
+// so the launch needs no memset and replays from a CUDA graph as it is.
 template <typename T, int VEC, bool kInputBias>
 __global__ void __launch_bounds__(kThreads) _rows_stats_kernel(
     const T* __restrict__ x,        // input, element (n, c, s) at n * x_n + s * x_s + c
     const T* __restrict__ input_bias,  // (N, C) contiguous if kInputBias, else unused
     Moments* __restrict__ partials,  // (N * G, splits) contiguous
-    RowGeometry geo) {
+    int* __restrict__ counters,     // (N,) zero on entry, zero again on exit
+    float* __restrict__ mean_out,   // (N * G,) contiguous
+    float* __restrict__ rstd_out,   // (N * G,) contiguous
+    RowGeometry geo, float eps) {
   using PackT = Pack<T, VEC>;
   __shared__ int32_t slot_n[kThreads];            // rows seen by each row slot
   __shared__ float slot_mean[kThreads * VEC];     // [row slot][channel]
@@ -572,25 +584,33 @@ __global__ void __launch_bounds__(kThreads) _rows_stats_kernel(
     for (int64_t c = g * geo.cpg; c < (g + 1) * geo.cpg; ++c) m = merge(m, channel[c]);
     partials[(n * geo.groups + g) * splits + blockIdx.y] = m;
   }
-}
 
-// Rows path, step 2: one warp per (n, g) merges its partials into mean / rstd.
-// Program ids: warp w of CTA b handles ng = b * kWarps + w.
-__global__ void __launch_bounds__(kThreads) _finalize_kernel(
-    const Moments* __restrict__ partials,  // (N * G, splits) from _rows_stats_kernel
-    float* __restrict__ mean_out,        // (N * G,)
-    float* __restrict__ rstd_out,        // (N * G,)
-    int64_t total_groups, int64_t splits, float eps) {
-  const int64_t ng = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
-  if (ng >= total_groups) return;  // whole warps leave together
-  const Moments m = merge_partials_in_warp(partials, ng, splits);
-  if ((threadIdx.x & 31) == 0) {
-    mean_out[ng] = m.mean;
-    rstd_out[ng] = rstd_of(m, eps);
+  // Arrival: every writer's partials are visible device-wide before the count.
+  __shared__ bool last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(counters + n, 1) == static_cast<int>(splits) - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();  // pairs with the other CTAs' fences; their partials are read past L1
+  // One full warp per group (blockDim.x need not be a multiple of 32: a
+  // partial last warp sits this out).
+  const int full_warps = static_cast<int>(blockDim.x) / 32;
+  const int warp = static_cast<int>(threadIdx.x) / 32;
+  if (warp < full_warps) {
+    for (int64_t g = warp; g < geo.groups; g += full_warps) {
+      const int64_t ng = n * geo.groups + g;
+      const Moments m = merge_partials_in_warp(partials, ng, splits);
+      if ((threadIdx.x & 31) == 0) {
+        mean_out[ng] = m.mean;
+        rstd_out[ng] = rstd_of(m, eps);
+      }
+    }
   }
+  if (threadIdx.x == 0) counters[n] = 0;  // every CTA of sample n has arrived: none reads it again
 }
 
-// Rows path, step 3: normalise rows [r0, r1) with per-channel scale and shift
+// Rows path, step 2: normalise rows [r0, r1) with per-channel scale and shift
 // held in registers (this thread's VEC channels never change). Walks the grid
 // backwards, like _apply_kernel.
 template <typename T, int VEC, bool kInputBias>
@@ -600,8 +620,8 @@ __global__ void __launch_bounds__(kThreads) _rows_apply_kernel(
     const T* __restrict__ weight,       // (C,) contiguous
     const T* __restrict__ bias,         // (C,) contiguous
     const T* __restrict__ input_bias,   // (N, C) contiguous if kInputBias, else unused
-    const float* __restrict__ mean,     // (N * G,) from _finalize_kernel
-    const float* __restrict__ rstd,     // (N * G,) from _finalize_kernel
+    const float* __restrict__ mean,     // (N * G,) from _rows_stats_kernel's last CTAs
+    const float* __restrict__ rstd,     // (N * G,) from _rows_stats_kernel's last CTAs
     RowGeometry geo, bool silu) {
   using PackT = Pack<T, VEC>;
   const int64_t n = reversed_block_x();
@@ -782,15 +802,14 @@ RowGeometry make_row_geometry(const ForwardArgs& a, const LayoutInfo& info, cons
 }
 
 template <typename T, int VEC, bool kInputBias>
-cudaError_t launch_rows(const ForwardArgs& a, const Plan& plan, const RowGeometry& geo, void* workspace, cudaStream_t stream) {
+cudaError_t launch_rows(const ForwardArgs& a, const Plan& plan, const RowGeometry& geo, void* workspace, int* counters,
+                        cudaStream_t stream) {
   const T* x = static_cast<const T*>(a.x);
   Moments* partials = static_cast<Moments*>(workspace);
   const dim3 grid(static_cast<unsigned int>(a.batch), static_cast<unsigned int>(plan.splits));
-  const int64_t total_groups = a.batch * a.groups;
   const T* ib = static_cast<const T*>(a.input_bias);
-  _rows_stats_kernel<T, VEC, kInputBias><<<grid, plan.threads, 0, stream>>>(x, ib, partials, geo);
-  _finalize_kernel<<<dim3(static_cast<unsigned int>((total_groups + kWarps - 1) / kWarps)), kThreads, 0, stream>>>(
-      partials, a.mean, a.rstd, total_groups, plan.splits, a.eps);
+  _rows_stats_kernel<T, VEC, kInputBias><<<grid, plan.threads, 0, stream>>>(x, ib, partials, counters, a.mean, a.rstd,
+                                                                        geo, a.eps);
   _rows_apply_kernel<T, VEC, kInputBias><<<grid, plan.threads, 0, stream>>>(x, static_cast<T*>(a.y), static_cast<const T*>(a.weight),
                                                                static_cast<const T*>(a.bias), ib, a.mean, a.rstd, geo, a.silu);
   return cudaGetLastError();
@@ -828,12 +847,13 @@ cudaError_t launch_layout(const ForwardArgs& a, const Plan& plan, const Geometry
 }
 
 template <typename T>
-cudaError_t launch_dtype(const ForwardArgs& a, const LayoutInfo& info, const Plan& plan, void* ws, cudaStream_t stream) {
+cudaError_t launch_dtype(const ForwardArgs& a, const LayoutInfo& info, const Plan& plan, void* ws, int* counters,
+                         cudaStream_t stream) {
   if (plan.algorithm == Algorithm::kRows) {
     if (!rows_eligible(a, info) || plan.vec * sizeof(T) != 16) return cudaErrorInvalidValue;  // stale plan
     const RowGeometry geo = make_row_geometry(a, info, plan);
-    return a.input_bias != nullptr ? launch_rows<T, 16 / sizeof(T), true>(a, plan, geo, ws, stream)
-                                   : launch_rows<T, 16 / sizeof(T), false>(a, plan, geo, ws, stream);
+    return a.input_bias != nullptr ? launch_rows<T, 16 / sizeof(T), true>(a, plan, geo, ws, counters, stream)
+                                   : launch_rows<T, 16 / sizeof(T), false>(a, plan, geo, ws, counters, stream);
   }
   if (info.vec != plan.vec || info.channels_inner != plan.channels_inner) return cudaErrorInvalidValue;  // stale plan
   const Geometry geo = make_geometry(a, info);
@@ -892,7 +912,8 @@ cudaError_t make_plan(const ForwardArgs& a, int sm_count, Plan* plan) {
     plan->threads = rows_per_iter * row_packs;
     plan->shared_bytes = 0;
     plan->workspace_bytes = static_cast<size_t>(groups * row_splits) * sizeof(Moments);
-    plan->launches = 3;
+    plan->counters = a.batch;
+    plan->launches = 2;
     plan->tile_bytes = static_cast<size_t>(plan->threads) * kUnroll * 16;
     return cudaSuccess;
   }
@@ -904,19 +925,21 @@ cudaError_t make_plan(const ForwardArgs& a, int sm_count, Plan* plan) {
   plan->threads = kThreads;
   plan->shared_bytes = one_pass ? group_bytes : 0;
   plan->workspace_bytes = one_pass ? 0 : static_cast<size_t>(groups * splits) * sizeof(Moments);
+  plan->counters = 0;
   plan->launches = one_pass ? 1 : 2;
   plan->tile_bytes = static_cast<size_t>(kThreads) * kUnroll * info.vec * element_size(a.dtype);
   return cudaSuccess;
 }
 
-cudaError_t forward(const ForwardArgs& a, const Plan& plan, void* workspace, cudaStream_t stream) {
+cudaError_t forward(const ForwardArgs& a, const Plan& plan, void* workspace, int* counters, cudaStream_t stream) {
   if (!valid(a)) return cudaErrorInvalidValue;
   if (plan.workspace_bytes > 0 && (workspace == nullptr || !aligned(workspace, 16))) return cudaErrorInvalidValue;
+  if (plan.counters > 0 && counters == nullptr) return cudaErrorInvalidValue;
   const LayoutInfo info = analyse_layout(a);
   switch (a.dtype) {
-    case DType::kFloat32: return launch_dtype<float>(a, info, plan, workspace, stream);
-    case DType::kFloat16: return launch_dtype<__half>(a, info, plan, workspace, stream);
-    case DType::kBFloat16: return launch_dtype<__nv_bfloat16>(a, info, plan, workspace, stream);
+    case DType::kFloat32: return launch_dtype<float>(a, info, plan, workspace, counters, stream);
+    case DType::kFloat16: return launch_dtype<__half>(a, info, plan, workspace, counters, stream);
+    case DType::kBFloat16: return launch_dtype<__nv_bfloat16>(a, info, plan, workspace, counters, stream);
   }
   return cudaErrorInvalidValue;
 }

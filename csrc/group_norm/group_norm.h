@@ -65,7 +65,8 @@ enum class Algorithm : int {
   kOnePass = 0,  // one CTA per (n, group): x read once into shared memory, 1 read + 1 write
   kTwoPass = 1,  // `splits` CTAs per (n, group): partial stats, then combine + normalise
   kRows = 2,     // channels-inner with narrow groups: `splits` CTAs per sample, each owning
-                 // whole channel rows; partial stats, merge, normalise (three launches)
+                 // whole channel rows; partial stats (the last CTA of each sample to finish
+                 // merges them), then normalise (two launches)
 };
 
 struct Plan {
@@ -76,6 +77,9 @@ struct Plan {
   int threads;              // threads per CTA (rows path: a multiple of C / vec, not always of 32)
   size_t shared_bytes;      // dynamic shared memory of the one-pass kernel
   size_t workspace_bytes;   // global scratch the caller must provide (two-pass partial stats)
+  int64_t counters;         // int32 counters the caller must provide, zeroed (rows path: one per
+                            // sample); forward() leaves them zeroed, so zero them once and reuse them
+                            // for every call on the same stream (and in CUDA graph replays)
   int launches;             // kernel launches forward() makes (nothing else: no memset, no copy)
   size_t tile_bytes;        // bytes one CTA loads per loop trip (kUnroll packs per thread)
 };
@@ -87,9 +91,11 @@ struct Plan {
 cudaError_t make_plan(const ForwardArgs& args, int sm_count, Plan* plan);
 
 // Launches the forward on `stream`. `workspace` must hold plan.workspace_bytes
-// bytes (it may be null when that is 0) and be 16-byte aligned. Returns the
-// launch error, if any; it does not synchronise.
-cudaError_t forward(const ForwardArgs& args, const Plan& plan, void* workspace, cudaStream_t stream);
+// bytes (it may be null when that is 0) and be 16-byte aligned; `counters`
+// must hold plan.counters zeroed int32s (null when that is 0), which no other
+// stream uses at the same time. Returns the launch error, if any; it does not
+// synchronise.
+cudaError_t forward(const ForwardArgs& args, const Plan& plan, void* workspace, int* counters, cudaStream_t stream);
 
 }  // namespace group_norm
 }  // namespace fastdiff

@@ -15,11 +15,14 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <map>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -66,6 +69,35 @@ int sm_count_of(c10::DeviceIndex device) {
     TORCH_CHECK(status == cudaSuccess, "group_norm_fwd_cuda: cannot query the SM count: ", cudaGetErrorString(status));
   }
   return cache[device];
+}
+
+// The rows path's counters (Plan::counters): int32 zeros that every launch
+// leaves zeroed (the last CTA of each sample resets its own), so a set is
+// zeroed once and then reused with no memset per call. One set per
+// (device, stream), so that launches running at the same time on different
+// streams never share one. While `stream` is capturing a CUDA graph, one set
+// per capture: its zeroing (at::zeros) is captured into that graph, which
+// zeroes it at every replay, and nothing zeroes it outside the graph (a
+// capture executes nothing), so eager calls never use it. Sets are never
+// freed: a graph keeps the address of its set, and a set outgrown by a larger
+// batch may still be in use by kernels in flight.
+int* zeroed_counters(const at::Tensor& x, int64_t count, cudaStream_t stream) {
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  unsigned long long capture_id = 0;
+  const cudaError_t status = cudaStreamGetCaptureInfo(stream, &capture, &capture_id);
+  TORCH_CHECK(status == cudaSuccess, "group_norm_fwd_cuda: cannot query the stream's capture status: ",
+              cudaGetErrorString(status));
+  if (capture != cudaStreamCaptureStatusActive) capture_id = 0;
+  static std::mutex mutex;
+  static std::map<std::tuple<int, cudaStream_t, unsigned long long>, at::Tensor> sets;
+  static std::vector<at::Tensor> outgrown;
+  const std::lock_guard<std::mutex> lock(mutex);
+  at::Tensor& set = sets[std::make_tuple(static_cast<int>(x.device().index()), stream, capture_id)];
+  if (!set.defined() || set.numel() < count) {
+    if (set.defined()) outgrown.push_back(set);
+    set = at::zeros({std::max<int64_t>(count, 64)}, x.options().dtype(at::kInt));  // on the current stream, = stream
+  }
+  return set.data_ptr<int>();
 }
 
 void check_param(const at::Tensor& p, const char* name, const at::Tensor& x) {
@@ -150,8 +182,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_fwd_cuda(const at::Ten
   if (plan.workspace_bytes > 0) {
     workspace = at::empty({static_cast<int64_t>(plan.workspace_bytes)}, x.options().dtype(at::kByte));
   }
-  const cudaError_t status =
-      forward(args, plan, plan.workspace_bytes > 0 ? workspace.data_ptr() : nullptr, c10::cuda::getCurrentCUDAStream(x.device().index()).stream());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+  int* counters = plan.counters > 0 ? zeroed_counters(x, plan.counters, stream) : nullptr;
+  const cudaError_t status = forward(args, plan, plan.workspace_bytes > 0 ? workspace.data_ptr() : nullptr, counters, stream);
   TORCH_CHECK(status == cudaSuccess, "group_norm_fwd_cuda: kernel launch failed: ", cudaGetErrorString(status));
   return {y, mean, rstd};
 }
