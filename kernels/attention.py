@@ -12,8 +12,13 @@ Head dim. ``tl.dot`` needs each dimension to be a power of two and at least
 power-of-two chunks, D0 + D1 (:func:`head_dim_chunks`): 40 -> 32 + 16 (48),
 72 -> 64 + 16 (80), 80 -> 64 + 16, 160 -> 128 + 32, 64 -> 64, 8 -> 16. Each
 product over D is then one or two accumulating dots, so D=40 costs 48 columns,
-not the 64 a single power-of-two tile would (FA2 and FA3 pad 40 to 64 and
-80/160 to 96/192). Chunk columns at or past D are loaded as zeros.
+not the 64 a single power-of-two tile would. (FlashAttention-2 has kernels for
+head dims 32, 64, 96, 128, 160, 192 and 256, so it pads 40 to 64 and 80 to 96
+and runs 160 unpadded with its hdim160 kernel; FlashAttention-3 rounds 160 up
+to 192.) Chunk columns at or past D are loaded as zeros. Whether two chunks
+beat one padded power of two is the forward autotuner's choice where both are
+at most 64 wide (``SPLIT_D``: 32 + 16 against 64 at D=40), since two narrow
+dots issue more instructions than one wide one.
 
 Masks. A boolean (True = attend) or additive mask, broadcastable to
 (B, H, Lq, Lk), is read through four strides; broadcast dims get stride 0, so
@@ -68,14 +73,30 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import FakeTensor  # imported by torch itself: no cost
 
+from fastdiff.backends import capability_reasons, cuda_device_description
 from fastdiff.backends import triton_interpret_enabled as _interpret
+
+from ._tuning import refuse_tuning_during_capture
 
 LOG2E = math.log2(math.e)
 MASK_NONE, MASK_BOOL, MASK_ADDITIVE = 0, 1, 2
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_GRID_Y = 65535  # CUDA's limit on grid dim 1, which holds B * H.
 MAX_HEAD_DIM = 256  # every tile keeps whole head-dim rows in registers / shared memory
+# Whether this process runs the kernels under Triton's interpreter: decided when the
+# kernels are defined (triton.jit reads TRITON_INTERPRET then), so read once here too.
+_INTERPRETED = _interpret()
+# Offsets to a program's (batch, head) planes and first row/key are 64-bit in every
+# kernel; positions and offsets inside one tile are 32-bit. So a length must leave
+# room for one more block past it, and a tile's extent (rows x row stride plus head-dim
+# columns x column stride) must fit 32 bits: :func:`index_range_problems`.
+_INT32_MAX = 2**31 - 1
+MAX_LENGTH = _INT32_MAX - 256  # Lq and Lk: start + arange(BLOCK) stays 32-bit
+_TILE_ROWS = 128  # the largest BLOCK_M / BLOCK_N of any kernel config (and of a mask tile's keys)
+# Strides below these keep every tile extent under 2^31 (127 * 2^23 + 255 * 2^22 < 2^31).
+_QUICK_ROW_STRIDE, _QUICK_COL_STRIDE = 2**23, 2**22
 
 
 # ---------------------------------------------------------------------------
@@ -83,75 +104,157 @@ MAX_HEAD_DIM = 256  # every tile keeps whole head-dim rows in registers / shared
 # ---------------------------------------------------------------------------
 
 
-def head_dim_chunks(head_dim: int) -> Tuple[int, int]:
+@functools.lru_cache(maxsize=None)
+def head_dim_chunks(head_dim: int, split: bool = True) -> Tuple[int, int]:
     """(D0, D1): two power-of-two tile widths >= 16 (D1 may be 0) covering head_dim
-    with the least padding that tl.dot allows."""
+    with the least padding that tl.dot allows. ``split=False`` gives one chunk
+    padded to the next power of two instead (40 -> 64 + 0), the other choice the
+    forward's autotuner measures (``SPLIT_D``)."""
     padded = max(16, -(-head_dim // 16) * 16)
+    if not split:
+        return triton.next_power_of_2(padded), 0
     d0 = 1 << (padded.bit_length() - 1)
     rest = padded - d0
     d1 = 0 if rest == 0 else max(16, triton.next_power_of_2(rest))
     return d0, d1
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+def _split_choice_matters(head_dim: int) -> bool:
+    """Whether the forward tunes SPLIT_D: the head dim splits into two chunks and one
+    power-of-two chunk would be at most 64 wide (D = 33..48, i.e. SD 1.5's 40: 32 + 16
+    against 64). Wider ones (80 -> 128, 160 -> 256) would cost too many registers."""
+    return head_dim_chunks(head_dim)[1] > 0 and head_dim_chunks(head_dim, split=False)[0] <= 64
+
+
+def _chunk_heuristics():
+    """D0/D1 of the forward kernels, from HEAD_DIM and the config's SPLIT_D (the kernels
+    derive EVEN_D0/EVEN_D1 themselves: Triton rebuilds the whole argument dict for every
+    heuristic on every launch, so each one costs host time)."""
+    return {
+        "D0": lambda args: head_dim_chunks(args["HEAD_DIM"], args["SPLIT_D"])[0],
+        "D1": lambda args: head_dim_chunks(args["HEAD_DIM"], args["SPLIT_D"])[1],
+    }
+
+
+# Per-block shared memory (opt-in maximum) by compute capability, so that a launch
+# plan needs no torch.cuda query (the device description may name a target that is
+# not present): A100/A800 (8.0) 163 KB, H100/H200 (9.0) 227 KB, consumer Ampere and
+# Ada (8.6, 8.9) 99 KB (CUDA C Programming Guide, "Technical Specifications per
+# Compute Capability").
+_SMEM_PER_BLOCK = {(8, 0): 166912, (8, 7): 166912, (9, 0): 232448, (8, 6): 101376, (8, 9): 101376}
+_HOPPER_SMEM = _SMEM_PER_BLOCK[(9, 0)]
+
+
+def _description_for(t):
+    """fastdiff.backends' description (capability, SM count) of a CUDA tensor's device;
+    None for other tensors, or when no description is available."""
+    if isinstance(t, torch.Tensor) and t.device.type == "cuda":
+        return cuda_device_description(t.device)
+    return None
 
 
 def _sms_for(t) -> Optional[int]:
-    """The SM count of a CUDA tensor's device; None elsewhere (no occupancy pruning)."""
-    if isinstance(t, torch.Tensor) and t.device.type == "cuda":
-        return _num_sms(t.device.index or 0)
-    return None
-
-
-@functools.lru_cache(maxsize=None)
-def _smem_optin(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).shared_memory_per_block_optin
+    """The SM count of a CUDA tensor's device; None elsewhere (no occupancy pruning).
+    (fastdiff.tools.aot_check patches this and _smem_limit_for to stand for an A100 or H100.)"""
+    description = _description_for(t)
+    return description.sm_count if description is not None else None
 
 
 def _smem_limit_for(t) -> Optional[int]:
-    """Shared memory per block (opt-in maximum) of a CUDA tensor's device; None elsewhere.
-    (fastdiff.tools.aot_check patches this and _sms_for to stand for an A100 or H100.)"""
-    if isinstance(t, torch.Tensor) and t.device.type == "cuda":
-        return _smem_optin(t.device.index or 0)
-    return None
+    """Shared memory per block (opt-in maximum) of a CUDA tensor's device, from its
+    compute capability (:data:`_SMEM_PER_BLOCK`; unknown capabilities count as 99 KB);
+    None elsewhere."""
+    description = _description_for(t)
+    if description is None:
+        return None
+    return _SMEM_PER_BLOCK.get(tuple(description.capability), 101376)
 
 
-def _keep(conf: triton.Config) -> bool:
-    """Static filter on the config product: 128-row tiles get 8 warps and smaller
-    ones 4, and 16/32-row tiles (for short sequences) only take 64-key steps."""
-    block_m, block_n, warps = conf.kwargs["BLOCK_M"], conf.kwargs["BLOCK_N"], conf.num_warps
-    return warps == (8 if block_m == 128 else 4) and not (block_m <= 32 and block_n > 64)
+def _capability_for(t) -> Optional[Tuple[int, int]]:
+    """The compute capability the forward pruner tunes for: the description's, or, for a
+    stand-in device whose only known property is its shared memory (fastdiff.tools.aot_check
+    patches _smem_limit_for), (9, 0) for Hopper's 227 KB and (8, 0) below; None if unknown."""
+    description = _description_for(t)
+    if description is not None:
+        return tuple(description.capability)
+    smem = _smem_limit_for(t)
+    if smem is None:
+        return None
+    return (9, 0) if smem >= _HOPPER_SMEM else (8, 0)
 
 
 def _fwd_configs() -> List[triton.Config]:
     if _interpret():
         # One small config: the interpreter runs every tile in Python, and a tail
         # block in both directions is exercised by the odd test lengths.
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16, "SPLIT_D": True}, num_warps=4, num_stages=1)]
     return _gpu_fwd_configs()
 
 
+def _ampere_keep(block_m: int, block_n: int, warps: int, stages: int) -> bool:
+    """The pre-Hopper list: 128-row tiles get 8 warps and smaller ones 4, two or three stages."""
+    return warps == (8 if block_m == 128 else 4) and stages in (2, 3)
+
+
+def _hopper_keep(block_m: int, block_n: int, warps: int, stages: int) -> bool:
+    """The Hopper list: 64/128 rows x 64/128 keys x 4/8 warps x 2-4 stages, except
+    128x128 on 4 warps (one warpgroup holding a 128x128 fp32 score tile spills)."""
+    if block_m <= 32:
+        return warps == 4 and stages in (2, 3)
+    return not (block_m == 128 and block_n == 128 and warps == 4)
+
+
 def _gpu_fwd_configs() -> List[triton.Config]:
-    """12 configs survive keep(); the pruner below leaves 4-8 per shape, which
-    keeps first-call tuning to seconds per (Lq, Lk, D, dtype)."""
-    configs = [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm in (16, 32, 64, 128)
-        for bn in (64, 128)
-        for w in (4, 8)
-        for s in (2, 3)
-    ]
-    return [c for c in configs if _keep(c)]
+    """Every config of the Ampere and Hopper lists (the pruner keeps the device's list),
+    each with the head dim split into two chunks (``SPLIT_D``, :func:`head_dim_chunks`)
+    or padded to one power of two; the pruner keeps the unsplit ones only where the
+    choice exists (:func:`_split_choice_matters`). The 16/32-row tiles (short
+    sequences) only take 64-key steps."""
+    configs = []
+    for split in (True, False):
+        for bm in (16, 32, 64, 128):
+            for bn in (64, 128):
+                if bm <= 32 and bn > 64:
+                    continue
+                for w in (4, 8):
+                    for st in (2, 3, 4):
+                        if _ampere_keep(bm, bn, w, st) or _hopper_keep(bm, bn, w, st):
+                            configs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "SPLIT_D": split}, num_warps=w, num_stages=st))
+    return configs
+
+
+def _fwd_smem_estimate(c: triton.Config, args) -> int:
+    """Shared memory (bytes) a forward config needs, as ptxas reports it (Triton 3.9,
+    fastdiff.tools.aot_check, within a few hundred bytes for fp32 at D=40/160 on sm_80 and
+    sm_90): K and V tiles for every stage but one, the query tile, a score-sized staging
+    tile, and the mask's tiles; plus 5% headroom. fp32 (ieee) tiles are twice fp16's, so
+    their deep pipelines do not fit: 128x64 with 3 stages at D=160 needs 279 KB."""
+    bm, bn, stages = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages
+    padded = sum(head_dim_chunks(args["HEAD_DIM"], c.kwargs.get("SPLIT_D", True)))
+    elt = args["Out"].element_size() if hasattr(args.get("Out"), "element_size") else 2
+    need = (stages - 1) * bn * padded * elt * 2 + bm * padded * elt + bm * bn * elt
+    if args.get("MASK_KIND", MASK_NONE) != MASK_NONE:
+        mask_elt = args["Mask"].element_size() if hasattr(args.get("Mask"), "element_size") else 4
+        need += stages * (bn if args.get("MASK_KEYS_ONLY", False) else bm * bn) * mask_elt
+    return int(need * 1.05)
+
+
+def _fwd_tuning_key(args) -> tuple:
+    """The autotune key of the forward kernels as Triton builds it (key arguments, then tensor dtypes)."""
+    return tuple(args.get(name) for name in _FWD_KEY) + tuple(str(v.dtype) for v in args.values() if hasattr(v, "dtype"))
 
 
 def _prune_fwd_configs(configs, named_args, **kwargs):
-    """Per-shape pruning before tuning.
+    """Per-shape pruning before tuning (Triton calls it only for a key not tuned yet).
 
-    * Large head dims (padded > 128, i.e. 160) keep BLOCK_N <= 64 and drop
-      BLOCK_M = 32: on sm_90 (Triton 3.9) those tiles use 250+ registers or
-      spill (ptxas resource usage).
+    * Never inside a CUDA graph capture: tuning would be recorded into the graph
+      (:func:`fastdiff.kernels._tuning.refuse_tuning_during_capture`).
+    * The device's list: Hopper (capability 9.x) or the pre-Hopper one
+      (:func:`_hopper_keep`, :func:`_ampere_keep`); both when the device is unknown.
+    * SPLIT_D=False (one power-of-two head-dim chunk) only where it differs from the split.
+    * Large head dims (padded > 128, i.e. 160) keep BLOCK_N <= 64, drop BLOCK_M = 32
+      and 128 rows on 4 warps: on sm_90 (Triton 3.9) those tiles use 250+ registers
+      or spill (ptxas resource usage).
     * Masked calls keep BLOCK_N <= 64, and full (Lq, Lk) masks BLOCK_M <= 64
       as well: bigger tiles spill and serialise wgmma on sm_90.
     * Occupancy: a config whose grid covers less than a quarter wave of SMs
@@ -162,9 +265,20 @@ def _prune_fwd_configs(configs, named_args, **kwargs):
       fills a wave on its own, they are dropped.
     """
     args = {**named_args, **kwargs}  # Triton 3.0 passes constexpr arguments in kwargs
-    padded = sum(head_dim_chunks(args["HEAD_DIM"]))
+    refuse_tuning_during_capture("attention forward", _fwd_tuning_key(args))
+    head_dim = args["HEAD_DIM"]
+    capability = _capability_for(args["Lse"])  # an output every forward kernel has; it tells the device
+
+    def keep(c):
+        bm, bn, w, st = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
+        if capability is not None and not (_hopper_keep if capability[0] >= 9 else _ampere_keep)(bm, bn, w, st):
+            return False
+        return c.kwargs.get("SPLIT_D", True) or _split_choice_matters(head_dim)
+
+    configs = [c for c in configs if keep(c)] or configs
+    padded = sum(head_dim_chunks(head_dim))
     if padded > 128:
-        configs = [c for c in configs if c.kwargs["BLOCK_N"] <= 64 and c.kwargs["BLOCK_M"] != 32] or configs
+        configs = [c for c in configs if c.kwargs["BLOCK_N"] <= 64 and c.kwargs["BLOCK_M"] != 32 and not (c.kwargs["BLOCK_M"] == 128 and c.num_warps == 4)] or configs
     if args.get("MASK_KIND", MASK_NONE) != MASK_NONE:
         # Masked calls (ptxas, Triton 3.9, fastdiff.tools.aot_check): with a key-padding
         # mask, 64x128 tiles at D=40/64/80 reach 255 registers, spill and serialise wgmma
@@ -173,7 +287,10 @@ def _prune_fwd_configs(configs, named_args, **kwargs):
         # calls keep 64-key steps, and full masks at most 64 query rows.
         keys_only = args.get("MASK_KEYS_ONLY", False)
         configs = [c for c in configs if c.kwargs["BLOCK_N"] <= 64 and (keys_only or c.kwargs["BLOCK_M"] <= 64)] or configs
-    sms = _sms_for(args["Lse"])  # an output every forward kernel has; it tells the device
+    smem = _smem_limit_for(args["Lse"])
+    if smem is not None:
+        configs = [c for c in configs if _fwd_smem_estimate(c, args) <= smem] or configs
+    sms = _sms_for(args["Lse"])
     if sms is None:
         return configs
     rows = args["Lq"]
@@ -216,6 +333,10 @@ AOT_SPILL_ALLOWANCES = {
         "full bool mask on sm_80: the 64x64 dK/dV tile spills 152-1760 B at D=40/64/80 (Triton 3.9); "
         "full masks are rare in SD. Pruning it for full masks on sm_80: open"
     ),
+    ("_attn_fwd", r"^sm_80 .*HEAD_DIM=40 .*MASK_KIND=0 .* 128x64 w8 s2"): (
+        "D=40 without a mask on sm_80: the 128x64 8-warp 2-stage forward tile spills 4 B (Triton 3.9); "
+        "negligible, and the tuner measures it against the 64-row tiles"
+    ),
     ("_attn_fwd", r"^sm_80 .*HEAD_DIM=160 .* 64x64 w4 "): (
         "D=160 on sm_80: the 64x64 forward tile spills 4-60 B (Triton 3.9); small, left to measurement on an A100"
     ),
@@ -233,16 +354,24 @@ def _bwd_configs(*tile_sets, interpret: Optional[bool] = None) -> List[triton.Co
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w in tiles for s in (2, 3)]
 
 
-def _bwd_pruner(tiles, tiles_large_d):
-    """An early_config_prune keeping ``tiles`` for padded head dims <= 128, else ``tiles_large_d``."""
+def _bwd_pruner(tiles, tiles_large_d, kernel: str = "attention backward"):
+    """An early_config_prune keeping ``tiles`` for padded head dims <= 128, else ``tiles_large_d``;
+    like the forward's, it refuses to start a tune inside a CUDA graph capture."""
 
     def prune(configs, named_args, **kwargs):
-        padded = sum(head_dim_chunks({**named_args, **kwargs}["HEAD_DIM"]))
+        args = {**named_args, **kwargs}
+        key = tuple(args.get(name) for name in _BWD_KEY) + tuple(str(v.dtype) for v in args.values() if hasattr(v, "dtype"))
+        refuse_tuning_during_capture(kernel, key)
+        padded = sum(head_dim_chunks(args["HEAD_DIM"]))
         wanted = tiles if padded <= 128 else tiles_large_d
         kept = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) in wanted]
         return kept or configs
 
     return prune
+
+
+# The backward pruner reads the head dim only; the mask's kind changes the tiles' cost.
+_BWD_KEY = ["Lq", "Lk", "HEAD_DIM", "MASK_KIND", "MASK_KEYS_ONLY"]
 
 
 def _even_heuristics():
@@ -354,21 +483,25 @@ def _fwd_block(
     ALIGNED: tl.constexpr, EVEN_M: tl.constexpr,
     FULL: tl.constexpr,  # keys [start_n, start_n + BLOCK_N) all lie inside Lk: no bounds checks
 ):
-    """One key block of the forward: scores, mask, online softmax, P @ V."""
-    cols = start_n + offs_n
-    ok_n = cols < Lk
+    """One key block of the forward: scores, mask, online softmax, P @ V. ``offs_m``
+    and ``offs_n`` are positions inside the tile; the block's first key is added to
+    the 64-bit plane offsets once, so tile offsets stay 32-bit."""
+    ok_n = start_n + offs_n < Lk
+    n0 = tl.cast(start_n, tl.int64)
+    k_blk = k_base + n0 * stride_kn
+    v_blk = v_base + n0 * stride_vn
     # s = (q @ k^T) * scale * log2(e), as one or two accumulating dots over the head-dim chunks.
-    kt0 = _load(K + _cols(k_base, cols, stride_kn, ALIGNED) + offs_d0[:, None] * stride_kd, offs_d0[:, None] < HEAD_DIM, ok_n[None, :], EVEN_D0, FULL)
+    kt0 = _load(K + _cols(k_blk, offs_n, stride_kn, ALIGNED) + offs_d0[:, None] * stride_kd, offs_d0[:, None] < HEAD_DIM, ok_n[None, :], EVEN_D0, FULL)
     if UPCAST:
         kt0 = kt0.to(tl.float32)
     s = tl.dot(q0, kt0, input_precision=PRECISION)
     if D1 > 0:
-        kt1 = _load(K + _cols(k_base, cols, stride_kn, ALIGNED) + offs_d1[:, None] * stride_kd, offs_d1[:, None] < HEAD_DIM, ok_n[None, :], EVEN_D1, FULL)
+        kt1 = _load(K + _cols(k_blk, offs_n, stride_kn, ALIGNED) + offs_d1[:, None] * stride_kd, offs_d1[:, None] < HEAD_DIM, ok_n[None, :], EVEN_D1, FULL)
         if UPCAST:
             kt1 = kt1.to(tl.float32)
         s = tl.dot(q1, kt1, s, input_precision=PRECISION)
     s = s * qk_scale
-    s = _apply_mask(s, Mask, offs_m[:, None], cols[None, :], ok_m[:, None], ok_n[None, :], stride_mm, stride_mn, MASK_KIND, MASK_KEYS_ONLY, EVEN_M, FULL)
+    s = _apply_mask(s, Mask + n0 * stride_mn, offs_m[:, None], offs_n[None, :], ok_m[:, None], ok_n[None, :], stride_mm, stride_mn, MASK_KIND, MASK_KEYS_ONLY, EVEN_M, FULL)
     if not FULL:
         s = tl.where(ok_n[None, :], s, float("-inf"))
 
@@ -379,12 +512,12 @@ def _fwd_block(
     else:
         p_in = p.to(V.dtype.element_ty)
 
-    v0 = _load(V + _rows(v_base, cols, stride_vn, ALIGNED) + offs_d0[None, :] * stride_vd, ok_n[:, None], offs_d0[None, :] < HEAD_DIM, FULL, EVEN_D0)
+    v0 = _load(V + _rows(v_blk, offs_n, stride_vn, ALIGNED) + offs_d0[None, :] * stride_vd, ok_n[:, None], offs_d0[None, :] < HEAD_DIM, FULL, EVEN_D0)
     if UPCAST:
         v0 = v0.to(tl.float32)
     acc0 = tl.dot(p_in, v0, acc0 * alpha[:, None], input_precision=PRECISION)
     if D1 > 0:
-        v1 = _load(V + _rows(v_base, cols, stride_vn, ALIGNED) + offs_d1[None, :] * stride_vd, ok_n[:, None], offs_d1[None, :] < HEAD_DIM, FULL, EVEN_D1)
+        v1 = _load(V + _rows(v_blk, offs_n, stride_vn, ALIGNED) + offs_d1[None, :] * stride_vd, ok_n[:, None], offs_d1[None, :] < HEAD_DIM, FULL, EVEN_D1)
         if UPCAST:
             v1 = v1.to(tl.float32)
         acc1 = tl.dot(p_in, v1, acc1 * alpha[:, None], input_precision=PRECISION)
@@ -407,42 +540,51 @@ def _attn_fwd(
     Lq, Lk,  # query and key lengths
     qk_scale,  # softmax scale * log2(e): scores come out of the dot in log2 units, ready for exp2
     HEAD_DIM: tl.constexpr,  # true head dim D
-    D0: tl.constexpr, D1: tl.constexpr,  # head-dim chunk widths (powers of two >= 16; D1 may be 0)
-    EVEN_D0: tl.constexpr, EVEN_D1: tl.constexpr,  # chunk lies fully inside D (no column bounds check)
+    D0: tl.constexpr, D1: tl.constexpr,  # head-dim chunk widths (powers of two >= 16; D1 may be 0), from SPLIT_D
     MASK_KIND: tl.constexpr,  # 0 none, 1 boolean, 2 additive
     MASK_KEYS_ONLY: tl.constexpr,  # the mask does not vary along queries (stride_mm == 0 or Lq == 1)
     PRECISION: tl.constexpr,  # tl.dot input_precision: "ieee" for fp32 inputs
     UPCAST: tl.constexpr,  # compute every dot in fp32 (the interpreter)
     ALIGNED: tl.constexpr,  # every q/k/v/out row starts on a 16-byte boundary (see _rows)
+    SPLIT_D: tl.constexpr,  # config choice: D0/D1 as head_dim_chunks(HEAD_DIM, SPLIT_D) (set by heuristics)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  # query rows per program, keys per inner step
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,  # Lq % BLOCK_M == 0, Lk % BLOCK_N == 0
 ):
     # Program (pid_m, pid_bh) owns query rows [pid_m * BLOCK_M, +BLOCK_M) of one
     # (batch, head) and streams every key block of that head through SRAM.
     tl.static_assert(D0 >= 16)
+    EVEN_D0: tl.constexpr = D0 <= HEAD_DIM  # chunk lies fully inside D (no column bounds check)
+    EVEN_D1: tl.constexpr = D0 + D1 <= HEAD_DIM
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
-    q_base = off_b * stride_qb + off_h * stride_qh
+    start_m = pid_m * BLOCK_M
+    # 64-bit offsets to this program's (batch, head) planes and first query row, since
+    # B * H * L * D (and Lq * Lk for a full mask) may pass 2^31; offsets inside a tile
+    # (at most 128 rows/keys times a stride) stay 32-bit (the launcher checks them).
+    row0 = start_m.to(tl.int64)
+    q_base = off_b * stride_qb + off_h * stride_qh + row0 * stride_qm
     k_base = off_b * stride_kb + off_h * stride_kh
     v_base = off_b * stride_vb + off_h * stride_vh
-    o_base = off_b * stride_ob + off_h * stride_oh
-    Mask += off_b * stride_mb + off_h * stride_mh
+    o_base = off_b * stride_ob + off_h * stride_oh + row0 * stride_om
+    Mask += off_b * stride_mb + off_h * stride_mh + row0 * stride_mm
+    Lse += pid_bh.to(tl.int64) * Lq + row0
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_mt = tl.arange(0, BLOCK_M)  # query rows inside the tile
+    offs_m = start_m + offs_mt  # their positions
     offs_n = tl.arange(0, BLOCK_N)
     offs_d0 = tl.arange(0, D0)
     ok_m = offs_m < Lq
 
     # The query tile stays in registers for the whole loop.
-    q0 = _load(Q + _rows(q_base, offs_m, stride_qm, ALIGNED) + offs_d0[None, :] * stride_qd, ok_m[:, None], offs_d0[None, :] < HEAD_DIM, EVEN_M, EVEN_D0)
+    q0 = _load(Q + _rows(q_base, offs_mt, stride_qm, ALIGNED) + offs_d0[None, :] * stride_qd, ok_m[:, None], offs_d0[None, :] < HEAD_DIM, EVEN_M, EVEN_D0)
     if UPCAST:
         q0 = q0.to(tl.float32)
     acc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
     if D1 > 0:
         offs_d1 = D0 + tl.arange(0, D1)
-        q1 = _load(Q + _rows(q_base, offs_m, stride_qm, ALIGNED) + offs_d1[None, :] * stride_qd, ok_m[:, None], offs_d1[None, :] < HEAD_DIM, EVEN_M, EVEN_D1)
+        q1 = _load(Q + _rows(q_base, offs_mt, stride_qm, ALIGNED) + offs_d1[None, :] * stride_qd, ok_m[:, None], offs_d1[None, :] < HEAD_DIM, EVEN_M, EVEN_D1)
         if UPCAST:
             q1 = q1.to(tl.float32)
         acc1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
@@ -462,13 +604,13 @@ def _attn_fwd(
         n_full = (Lk // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
         acc0, acc1, m_i, l_i = _fwd_block(
-            acc0, acc1, m_i, l_i, q0, q1, K, V, Mask, k_base, v_base, start_n, offs_m, offs_n, offs_d0, offs_d1, ok_m, Lk,
+            acc0, acc1, m_i, l_i, q0, q1, K, V, Mask, k_base, v_base, start_n, offs_mt, offs_n, offs_d0, offs_d1, ok_m, Lk,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, qk_scale,
             HEAD_DIM, D1, EVEN_D0, EVEN_D1, MASK_KIND, MASK_KEYS_ONLY, PRECISION, UPCAST, ALIGNED, EVEN_M, True,
         )
     if not EVEN_N:
         acc0, acc1, m_i, l_i = _fwd_block(
-            acc0, acc1, m_i, l_i, q0, q1, K, V, Mask, k_base, v_base, n_full, offs_m, offs_n, offs_d0, offs_d1, ok_m, Lk,
+            acc0, acc1, m_i, l_i, q0, q1, K, V, Mask, k_base, v_base, n_full, offs_mt, offs_n, offs_d0, offs_d1, ok_m, Lk,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, qk_scale,
             HEAD_DIM, D1, EVEN_D0, EVEN_D1, MASK_KIND, MASK_KEYS_ONLY, PRECISION, UPCAST, ALIGNED, EVEN_M, False,
         )
@@ -478,22 +620,23 @@ def _attn_fwd(
     l_safe = tl.where(empty, 1.0, l_i)
     lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
     if EVEN_M:
-        tl.store(Lse + pid_bh * Lq + offs_m, lse)
+        tl.store(Lse + offs_mt, lse)
     else:
-        tl.store(Lse + pid_bh * Lq + offs_m, lse, mask=ok_m)
+        tl.store(Lse + offs_mt, lse, mask=ok_m)
     out0 = (acc0 / l_safe[:, None]).to(Out.dtype.element_ty)
-    tl.store(Out + _rows(o_base, offs_m, stride_om, ALIGNED) + offs_d0[None, :] * stride_od, out0, mask=ok_m[:, None] & (offs_d0[None, :] < HEAD_DIM))
+    tl.store(Out + _rows(o_base, offs_mt, stride_om, ALIGNED) + offs_d0[None, :] * stride_od, out0, mask=ok_m[:, None] & (offs_d0[None, :] < HEAD_DIM))
     if D1 > 0:
         out1 = (acc1 / l_safe[:, None]).to(Out.dtype.element_ty)
-        tl.store(Out + _rows(o_base, offs_m, stride_om, ALIGNED) + offs_d1[None, :] * stride_od, out1, mask=ok_m[:, None] & (offs_d1[None, :] < HEAD_DIM))
+        tl.store(Out + _rows(o_base, offs_mt, stride_om, ALIGNED) + offs_d1[None, :] * stride_od, out1, mask=ok_m[:, None] & (offs_d1[None, :] < HEAD_DIM))
 
 
+# Everything the pruner reads is in the key; Triton appends the tensor dtypes.
+_FWD_KEY = ["BH", "Lq", "Lk", "HEAD_DIM", "MASK_KIND", "MASK_KEYS_ONLY"]
 _attn_fwd_tuned = triton.autotune(
     configs=_fwd_configs(),
-    # Tensor dtypes are part of Triton's autotune key as well, so this is (Lq, Lk, D, dtype).
-    key=["Lq", "Lk", "HEAD_DIM", "MASK_KIND"],
+    key=_FWD_KEY,
     prune_configs_by={"early_config_prune": _prune_fwd_configs},
-)(triton.heuristics(_even_heuristics())(_attn_fwd))
+)(triton.heuristics({**_even_heuristics(), **_chunk_heuristics()})(_attn_fwd))
 
 
 @triton.jit
@@ -506,9 +649,9 @@ def _fwd_block_tma(
     FULL: tl.constexpr,  # keys [start_n, start_n + BLOCK_N) all lie inside Lk
 ):
     """:func:`_fwd_block` with k/v tiles fetched through TMA (which zero-fills past Lk and D,
-    so only the scores of the tail block need masking)."""
-    cols = start_n + offs_n
-    ok_n = cols < Lk
+    so only the scores of the tail block need masking). ``offs_m``/``offs_n`` are positions
+    inside the tile; Mask points at the tile's first query row."""
+    ok_n = start_n + offs_n < Lk
     k0 = k_desc0.load([off_b, off_h, start_n, 0]).reshape(BLOCK_N, D0)
     if UPCAST:
         k0 = k0.to(tl.float32)
@@ -519,7 +662,7 @@ def _fwd_block_tma(
             k1 = k1.to(tl.float32)
         s = tl.dot(q1, tl.trans(k1), s, input_precision=PRECISION)
     s = s * qk_scale
-    s = _apply_mask(s, Mask, offs_m[:, None], cols[None, :], ok_m[:, None], ok_n[None, :], stride_mm, stride_mn, MASK_KIND, MASK_KEYS_ONLY, EVEN_M, FULL)
+    s = _apply_mask(s, Mask + tl.cast(start_n, tl.int64) * stride_mn, offs_m[:, None], offs_n[None, :], ok_m[:, None], ok_n[None, :], stride_mm, stride_mn, MASK_KIND, MASK_KEYS_ONLY, EVEN_M, FULL)
     if not FULL:
         s = tl.where(ok_n[None, :], s, float("-inf"))
 
@@ -548,9 +691,9 @@ def _attn_fwd_tma(
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_ob, stride_oh, stride_om, stride_od,
     H, BH, Lq, Lk, qk_scale,
-    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, EVEN_D0: tl.constexpr, EVEN_D1: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
     MASK_KIND: tl.constexpr, MASK_KEYS_ONLY: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, ALIGNED: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+    SPLIT_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
 ):
     # _attn_fwd with q/k/v tiles fetched by the Hopper TMA engine through host-built
     # 4-D tensor descriptors (any strides that are multiples of 16 bytes). TMA zero-
@@ -563,10 +706,15 @@ def _attn_fwd_tma(
     off_b = pid_bh // H
     off_h = pid_bh % H
     start_m = pid_m * BLOCK_M
-    Mask += off_b.to(tl.int64) * stride_mb + off_h.to(tl.int64) * stride_mh
-    o_base = off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
+    # 64-bit offsets to the program's planes and first row, as in _attn_fwd (TMA
+    # coordinates are per-dimension 32-bit integers).
+    row0 = start_m.to(tl.int64)
+    Mask += off_b.to(tl.int64) * stride_mb + off_h.to(tl.int64) * stride_mh + row0 * stride_mm
+    o_base = off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh + row0 * stride_om
+    Lse += pid_bh.to(tl.int64) * Lq + row0
 
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_mt = tl.arange(0, BLOCK_M)
+    offs_m = start_m + offs_mt
     offs_n = tl.arange(0, BLOCK_N)
     offs_d0 = tl.arange(0, D0)
     ok_m = offs_m < Lq
@@ -594,30 +742,31 @@ def _attn_fwd_tma(
         n_full = (Lk // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
         acc0, acc1, m_i, l_i = _fwd_block_tma(
-            acc0, acc1, m_i, l_i, q0, q1, k_desc0, k_desc1, v_desc0, v_desc1, Mask, off_b, off_h, start_n, offs_m, offs_n, ok_m, Lk,
+            acc0, acc1, m_i, l_i, q0, q1, k_desc0, k_desc1, v_desc0, v_desc1, Mask, off_b, off_h, start_n, offs_mt, offs_n, ok_m, Lk,
             stride_mm, stride_mn, qk_scale, D0, D1, MASK_KIND, MASK_KEYS_ONLY, PRECISION, UPCAST, EVEN_M, BLOCK_N, True,
         )
     if not EVEN_N:
         acc0, acc1, m_i, l_i = _fwd_block_tma(
-            acc0, acc1, m_i, l_i, q0, q1, k_desc0, k_desc1, v_desc0, v_desc1, Mask, off_b, off_h, n_full, offs_m, offs_n, ok_m, Lk,
+            acc0, acc1, m_i, l_i, q0, q1, k_desc0, k_desc1, v_desc0, v_desc1, Mask, off_b, off_h, n_full, offs_mt, offs_n, ok_m, Lk,
             stride_mm, stride_mn, qk_scale, D0, D1, MASK_KIND, MASK_KEYS_ONLY, PRECISION, UPCAST, EVEN_M, BLOCK_N, False,
         )
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
-    tl.store(Lse + pid_bh * Lq + offs_m, lse, mask=ok_m)
+    tl.store(Lse + offs_mt, lse, mask=ok_m)
     out0 = (acc0 / l_safe[:, None]).to(Out.dtype.element_ty)
-    tl.store(Out + _rows(o_base, offs_m, stride_om, ALIGNED) + offs_d0[None, :] * stride_od, out0, mask=ok_m[:, None] & (offs_d0[None, :] < HEAD_DIM))
+    tl.store(Out + _rows(o_base, offs_mt, stride_om, ALIGNED) + offs_d0[None, :] * stride_od, out0, mask=ok_m[:, None] & (offs_d0[None, :] < HEAD_DIM))
     if D1 > 0:
         out1 = (acc1 / l_safe[:, None]).to(Out.dtype.element_ty)
-        tl.store(Out + _rows(o_base, offs_m, stride_om, ALIGNED) + offs_d1[None, :] * stride_od, out1, mask=ok_m[:, None] & (offs_d1[None, :] < HEAD_DIM))
+        tl.store(Out + _rows(o_base, offs_mt, stride_om, ALIGNED) + offs_d1[None, :] * stride_od, out1, mask=ok_m[:, None] & (offs_d1[None, :] < HEAD_DIM))
 
 
 def _tma_block_shapes(nargs) -> None:
     """Autotune pre-hook: give every descriptor the block shape of the chosen config
     (chunk 1 of a head dim with D1 == 0 is never read; it keeps D0's width)."""
-    d0, d1 = nargs["D0"], nargs["D1"] or nargs["D0"]
+    d0, d1 = head_dim_chunks(nargs["HEAD_DIM"], nargs["SPLIT_D"])
+    d1 = d1 or d0
     for name, rows in (("q", nargs["BLOCK_M"]), ("k", nargs["BLOCK_N"]), ("v", nargs["BLOCK_N"])):
         nargs[f"{name}_desc0"].block_shape = [1, 1, rows, d0]
         nargs[f"{name}_desc1"].block_shape = [1, 1, rows, d1]
@@ -634,9 +783,9 @@ def _tma_configs() -> List[triton.Config]:
 
 _attn_fwd_tma_tuned = triton.autotune(
     configs=_tma_configs(),
-    key=["Lq", "Lk", "HEAD_DIM", "MASK_KIND"],
+    key=_FWD_KEY,
     prune_configs_by={"early_config_prune": _prune_fwd_configs},
-)(triton.heuristics(_even_heuristics())(_attn_fwd_tma))
+)(triton.heuristics({**_even_heuristics(), **_chunk_heuristics()})(_attn_fwd_tma))
 
 
 @triton.jit
@@ -654,13 +803,17 @@ def _attn_bwd_delta(
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row0 = (pid_m * BLOCK_M).to(tl.int64)  # 64-bit plane and row offsets, 32-bit inside the tile
+    offs_mt = tl.arange(0, BLOCK_M)
+    offs_m = pid_m * BLOCK_M + offs_mt
     offs_d = tl.arange(0, BLOCK_D)
     ok = (offs_m[:, None] < Lq) & (offs_d[None, :] < HEAD_DIM)
-    o = tl.load(Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od, mask=ok, other=0.0)
-    do = tl.load(DOut + off_b * stride_db + off_h * stride_dh + offs_m[:, None] * stride_dm + offs_d[None, :] * stride_dd, mask=ok, other=0.0)
+    o_base = off_b * stride_ob + off_h * stride_oh + row0 * stride_om
+    do_base = off_b * stride_db + off_h * stride_dh + row0 * stride_dm
+    o = tl.load(Out + o_base + offs_mt[:, None] * stride_om + offs_d[None, :] * stride_od, mask=ok, other=0.0)
+    do = tl.load(DOut + do_base + offs_mt[:, None] * stride_dm + offs_d[None, :] * stride_dd, mask=ok, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(Delta + pid_bh * Lq + offs_m, delta, mask=offs_m < Lq)
+    tl.store(Delta + pid_bh.to(tl.int64) * Lq + offs_m, delta, mask=offs_m < Lq)
 
 
 # Backward math (natural-log units, per (batch, head)); S = scale * Q K^T + mask:
@@ -686,25 +839,29 @@ def _dkdv_block(
     ALIGNED: tl.constexpr, EVEN_N: tl.constexpr,
     FULL: tl.constexpr,  # queries [start_m, start_m + BLOCK_M) all lie inside Lq: no bounds checks
 ):
-    """One query block of the dK/dV backward (keys along the tile's rows)."""
+    """One query block of the dK/dV backward (keys along the tile's rows). ``offs_m``
+    and ``offs_n`` are positions inside the tiles; Mask points at the program's first key."""
     rows = start_m + offs_m
     ok_m = rows < Lq
-    q0 = _load(Q + _rows(q_base, rows, stride_qm, ALIGNED) + offs_d0[None, :] * stride_qd, ok_m[:, None], offs_d0[None, :] < HEAD_DIM, FULL, EVEN_D0)
-    do0 = _load(DOut + _rows(do_base, rows, stride_dom, ALIGNED) + offs_d0[None, :] * stride_dod, ok_m[:, None], offs_d0[None, :] < HEAD_DIM, FULL, EVEN_D0)
+    m0 = tl.cast(start_m, tl.int64)
+    q_blk = q_base + m0 * stride_qm
+    do_blk = do_base + m0 * stride_dom
+    q0 = _load(Q + _rows(q_blk, offs_m, stride_qm, ALIGNED) + offs_d0[None, :] * stride_qd, ok_m[:, None], offs_d0[None, :] < HEAD_DIM, FULL, EVEN_D0)
+    do0 = _load(DOut + _rows(do_blk, offs_m, stride_dom, ALIGNED) + offs_d0[None, :] * stride_dod, ok_m[:, None], offs_d0[None, :] < HEAD_DIM, FULL, EVEN_D0)
     if UPCAST:
         q0 = q0.to(tl.float32)
         do0 = do0.to(tl.float32)
     # s^T = K Q^T (keys along rows), in log2 units.
     st = tl.dot(k0, tl.trans(q0), input_precision=PRECISION)
     if D1 > 0:
-        q1 = _load(Q + _rows(q_base, rows, stride_qm, ALIGNED) + offs_d1[None, :] * stride_qd, ok_m[:, None], offs_d1[None, :] < HEAD_DIM, FULL, EVEN_D1)
-        do1 = _load(DOut + _rows(do_base, rows, stride_dom, ALIGNED) + offs_d1[None, :] * stride_dod, ok_m[:, None], offs_d1[None, :] < HEAD_DIM, FULL, EVEN_D1)
+        q1 = _load(Q + _rows(q_blk, offs_m, stride_qm, ALIGNED) + offs_d1[None, :] * stride_qd, ok_m[:, None], offs_d1[None, :] < HEAD_DIM, FULL, EVEN_D1)
+        do1 = _load(DOut + _rows(do_blk, offs_m, stride_dom, ALIGNED) + offs_d1[None, :] * stride_dod, ok_m[:, None], offs_d1[None, :] < HEAD_DIM, FULL, EVEN_D1)
         if UPCAST:
             q1 = q1.to(tl.float32)
             do1 = do1.to(tl.float32)
         st = tl.dot(k1, tl.trans(q1), st, input_precision=PRECISION)
     st = st * qk_scale
-    st = _apply_mask(st, Mask, rows[None, :], offs_n[:, None], ok_m[None, :], ok_n[:, None], stride_mm, stride_mn, MASK_KIND, MASK_KEYS_ONLY, FULL, EVEN_N)
+    st = _apply_mask(st, Mask + m0 * stride_mm, offs_m[None, :], offs_n[:, None], ok_m[None, :], ok_n[:, None], stride_mm, stride_mn, MASK_KIND, MASK_KEYS_ONLY, FULL, EVEN_N)
     # Rows past Lq read lse = +inf, so their P is 0; key rows past Lk are never stored.
     if FULL:
         lse = tl.load(Lse + rows)
@@ -746,26 +903,28 @@ def _dq_block(
     ALIGNED: tl.constexpr, EVEN_M: tl.constexpr,
     FULL: tl.constexpr,  # keys [start_n, start_n + BLOCK_N) all lie inside Lk: no bounds checks
 ):
-    """One key block of the dQ backward."""
-    cols = start_n + offs_n
-    ok_n = cols < Lk
-    kt0 = _load(K + _cols(k_base, cols, stride_kn, ALIGNED) + offs_d0[:, None] * stride_kd, offs_d0[:, None] < HEAD_DIM, ok_n[None, :], EVEN_D0, FULL)
-    vt0 = _load(V + _cols(v_base, cols, stride_vn, ALIGNED) + offs_d0[:, None] * stride_vd, offs_d0[:, None] < HEAD_DIM, ok_n[None, :], EVEN_D0, FULL)
+    """One key block of the dQ backward (positions inside the tiles, as in _fwd_block)."""
+    ok_n = start_n + offs_n < Lk
+    n0 = tl.cast(start_n, tl.int64)
+    k_blk = k_base + n0 * stride_kn
+    v_blk = v_base + n0 * stride_vn
+    kt0 = _load(K + _cols(k_blk, offs_n, stride_kn, ALIGNED) + offs_d0[:, None] * stride_kd, offs_d0[:, None] < HEAD_DIM, ok_n[None, :], EVEN_D0, FULL)
+    vt0 = _load(V + _cols(v_blk, offs_n, stride_vn, ALIGNED) + offs_d0[:, None] * stride_vd, offs_d0[:, None] < HEAD_DIM, ok_n[None, :], EVEN_D0, FULL)
     if UPCAST:
         kt0 = kt0.to(tl.float32)
         vt0 = vt0.to(tl.float32)
     s = tl.dot(q0, kt0, input_precision=PRECISION)
     dp = tl.dot(do0, vt0, input_precision=PRECISION)
     if D1 > 0:
-        kt1 = _load(K + _cols(k_base, cols, stride_kn, ALIGNED) + offs_d1[:, None] * stride_kd, offs_d1[:, None] < HEAD_DIM, ok_n[None, :], EVEN_D1, FULL)
-        vt1 = _load(V + _cols(v_base, cols, stride_vn, ALIGNED) + offs_d1[:, None] * stride_vd, offs_d1[:, None] < HEAD_DIM, ok_n[None, :], EVEN_D1, FULL)
+        kt1 = _load(K + _cols(k_blk, offs_n, stride_kn, ALIGNED) + offs_d1[:, None] * stride_kd, offs_d1[:, None] < HEAD_DIM, ok_n[None, :], EVEN_D1, FULL)
+        vt1 = _load(V + _cols(v_blk, offs_n, stride_vn, ALIGNED) + offs_d1[:, None] * stride_vd, offs_d1[:, None] < HEAD_DIM, ok_n[None, :], EVEN_D1, FULL)
         if UPCAST:
             kt1 = kt1.to(tl.float32)
             vt1 = vt1.to(tl.float32)
         s = tl.dot(q1, kt1, s, input_precision=PRECISION)
         dp = tl.dot(do1, vt1, dp, input_precision=PRECISION)
     s = s * qk_scale
-    s = _apply_mask(s, Mask, offs_m[:, None], cols[None, :], ok_m[:, None], ok_n[None, :], stride_mm, stride_mn, MASK_KIND, MASK_KEYS_ONLY, EVEN_M, FULL)
+    s = _apply_mask(s, Mask + n0 * stride_mn, offs_m[:, None], offs_n[None, :], ok_m[:, None], ok_n[None, :], stride_mm, stride_mn, MASK_KIND, MASK_KEYS_ONLY, EVEN_M, FULL)
     if not FULL:
         s = tl.where(ok_n[None, :], s, float("-inf"))
     p = tl.math.exp2(s - lse[:, None])
@@ -805,23 +964,26 @@ def _attn_bwd_dkdv(
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
+    # 64-bit offsets to the planes and this program's first key (as in _attn_fwd).
+    col0 = (pid_n * BLOCK_N).to(tl.int64)
     q_base = off_b * stride_qb + off_h * stride_qh
-    k_base = off_b * stride_kb + off_h * stride_kh
-    v_base = off_b * stride_vb + off_h * stride_vh
-    Mask += off_b * stride_mb + off_h * stride_mh
+    k_base = off_b * stride_kb + off_h * stride_kh + col0 * stride_kn
+    v_base = off_b * stride_vb + off_h * stride_vh + col0 * stride_vn
+    Mask += off_b * stride_mb + off_h * stride_mh + col0 * stride_mn
     do_base = off_b * stride_dob + off_h * stride_doh
-    dk_base = off_b * stride_dkb + off_h * stride_dkh
-    dv_base = off_b * stride_dvb + off_h * stride_dvh
-    Lse += pid_bh * Lq
-    Delta += pid_bh * Lq
+    dk_base = off_b * stride_dkb + off_h * stride_dkh + col0 * stride_dkn
+    dv_base = off_b * stride_dvb + off_h * stride_dvh + col0 * stride_dvn
+    Lse += pid_bh.to(tl.int64) * Lq
+    Delta += pid_bh.to(tl.int64) * Lq
 
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_nt = tl.arange(0, BLOCK_N)  # key rows inside the tile
+    offs_n = pid_n * BLOCK_N + offs_nt  # their positions
     offs_m = tl.arange(0, BLOCK_M)
     offs_d0 = tl.arange(0, D0)
     ok_n = offs_n < Lk
 
-    k0 = _load(K + _rows(k_base, offs_n, stride_kn, ALIGNED) + offs_d0[None, :] * stride_kd, ok_n[:, None], offs_d0[None, :] < HEAD_DIM, EVEN_N, EVEN_D0)
-    v0 = _load(V + _rows(v_base, offs_n, stride_vn, ALIGNED) + offs_d0[None, :] * stride_vd, ok_n[:, None], offs_d0[None, :] < HEAD_DIM, EVEN_N, EVEN_D0)
+    k0 = _load(K + _rows(k_base, offs_nt, stride_kn, ALIGNED) + offs_d0[None, :] * stride_kd, ok_n[:, None], offs_d0[None, :] < HEAD_DIM, EVEN_N, EVEN_D0)
+    v0 = _load(V + _rows(v_base, offs_nt, stride_vn, ALIGNED) + offs_d0[None, :] * stride_vd, ok_n[:, None], offs_d0[None, :] < HEAD_DIM, EVEN_N, EVEN_D0)
     if UPCAST:
         k0 = k0.to(tl.float32)
         v0 = v0.to(tl.float32)
@@ -829,8 +991,8 @@ def _attn_bwd_dkdv(
     dv0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
     if D1 > 0:
         offs_d1 = D0 + tl.arange(0, D1)
-        k1 = _load(K + _rows(k_base, offs_n, stride_kn, ALIGNED) + offs_d1[None, :] * stride_kd, ok_n[:, None], offs_d1[None, :] < HEAD_DIM, EVEN_N, EVEN_D1)
-        v1 = _load(V + _rows(v_base, offs_n, stride_vn, ALIGNED) + offs_d1[None, :] * stride_vd, ok_n[:, None], offs_d1[None, :] < HEAD_DIM, EVEN_N, EVEN_D1)
+        k1 = _load(K + _rows(k_base, offs_nt, stride_kn, ALIGNED) + offs_d1[None, :] * stride_kd, ok_n[:, None], offs_d1[None, :] < HEAD_DIM, EVEN_N, EVEN_D1)
+        v1 = _load(V + _rows(v_base, offs_nt, stride_vn, ALIGNED) + offs_d1[None, :] * stride_vd, ok_n[:, None], offs_d1[None, :] < HEAD_DIM, EVEN_N, EVEN_D1)
         if UPCAST:
             k1 = k1.to(tl.float32)
             v1 = v1.to(tl.float32)
@@ -851,24 +1013,24 @@ def _attn_bwd_dkdv(
         m_full = (Lq // BLOCK_M) * BLOCK_M
     for start_m in range(0, m_full, BLOCK_M):
         dk0, dk1, dv0, dv1 = _dkdv_block(
-            dk0, dk1, dv0, dv1, k0, k1, v0, v1, Q, DOut, Mask, Lse, Delta, q_base, do_base, start_m, offs_m, offs_n, offs_d0, offs_d1, ok_n, Lq,
+            dk0, dk1, dv0, dv1, k0, k1, v0, v1, Q, DOut, Mask, Lse, Delta, q_base, do_base, start_m, offs_m, offs_nt, offs_d0, offs_d1, ok_n, Lq,
             stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn, qk_scale,
             HEAD_DIM, D1, EVEN_D0, EVEN_D1, MASK_KIND, MASK_KEYS_ONLY, PRECISION, UPCAST, ALIGNED, EVEN_N, True,
         )
     if not EVEN_M:
         dk0, dk1, dv0, dv1 = _dkdv_block(
-            dk0, dk1, dv0, dv1, k0, k1, v0, v1, Q, DOut, Mask, Lse, Delta, q_base, do_base, m_full, offs_m, offs_n, offs_d0, offs_d1, ok_n, Lq,
+            dk0, dk1, dv0, dv1, k0, k1, v0, v1, Q, DOut, Mask, Lse, Delta, q_base, do_base, m_full, offs_m, offs_nt, offs_d0, offs_d1, ok_n, Lq,
             stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn, qk_scale,
             HEAD_DIM, D1, EVEN_D0, EVEN_D1, MASK_KIND, MASK_KEYS_ONLY, PRECISION, UPCAST, ALIGNED, EVEN_N, False,
         )
 
     ok_store = ok_n[:, None] & (offs_d0[None, :] < HEAD_DIM)
-    tl.store(DK + _rows(dk_base, offs_n, stride_dkn, ALIGNED) + offs_d0[None, :] * stride_dkd, (dk0 * sm_scale).to(DK.dtype.element_ty), mask=ok_store)
-    tl.store(DV + _rows(dv_base, offs_n, stride_dvn, ALIGNED) + offs_d0[None, :] * stride_dvd, dv0.to(DV.dtype.element_ty), mask=ok_store)
+    tl.store(DK + _rows(dk_base, offs_nt, stride_dkn, ALIGNED) + offs_d0[None, :] * stride_dkd, (dk0 * sm_scale).to(DK.dtype.element_ty), mask=ok_store)
+    tl.store(DV + _rows(dv_base, offs_nt, stride_dvn, ALIGNED) + offs_d0[None, :] * stride_dvd, dv0.to(DV.dtype.element_ty), mask=ok_store)
     if D1 > 0:
         ok_store1 = ok_n[:, None] & (offs_d1[None, :] < HEAD_DIM)
-        tl.store(DK + _rows(dk_base, offs_n, stride_dkn, ALIGNED) + offs_d1[None, :] * stride_dkd, (dk1 * sm_scale).to(DK.dtype.element_ty), mask=ok_store1)
-        tl.store(DV + _rows(dv_base, offs_n, stride_dvn, ALIGNED) + offs_d1[None, :] * stride_dvd, dv1.to(DV.dtype.element_ty), mask=ok_store1)
+        tl.store(DK + _rows(dk_base, offs_nt, stride_dkn, ALIGNED) + offs_d1[None, :] * stride_dkd, (dk1 * sm_scale).to(DK.dtype.element_ty), mask=ok_store1)
+        tl.store(DV + _rows(dv_base, offs_nt, stride_dvn, ALIGNED) + offs_d1[None, :] * stride_dvd, dv1.to(DV.dtype.element_ty), mask=ok_store1)
 
 
 @triton.jit
@@ -893,28 +1055,33 @@ def _attn_bwd_dq(
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
-    q_base = off_b * stride_qb + off_h * stride_qh
+    # 64-bit offsets to the planes and this program's first query row (as in _attn_fwd).
+    row0 = (pid_m * BLOCK_M).to(tl.int64)
+    q_base = off_b * stride_qb + off_h * stride_qh + row0 * stride_qm
     k_base = off_b * stride_kb + off_h * stride_kh
     v_base = off_b * stride_vb + off_h * stride_vh
-    Mask += off_b * stride_mb + off_h * stride_mh
-    do_base = off_b * stride_dob + off_h * stride_doh
-    dq_base = off_b * stride_dqb + off_h * stride_dqh
+    Mask += off_b * stride_mb + off_h * stride_mh + row0 * stride_mm
+    do_base = off_b * stride_dob + off_h * stride_doh + row0 * stride_dom
+    dq_base = off_b * stride_dqb + off_h * stride_dqh + row0 * stride_dqm
+    Lse += pid_bh.to(tl.int64) * Lq
+    Delta += pid_bh.to(tl.int64) * Lq
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_mt = tl.arange(0, BLOCK_M)  # query rows inside the tile
+    offs_m = pid_m * BLOCK_M + offs_mt  # their positions
     offs_n = tl.arange(0, BLOCK_N)
     offs_d0 = tl.arange(0, D0)
     ok_m = offs_m < Lq
 
-    q0 = _load(Q + _rows(q_base, offs_m, stride_qm, ALIGNED) + offs_d0[None, :] * stride_qd, ok_m[:, None], offs_d0[None, :] < HEAD_DIM, EVEN_M, EVEN_D0)
-    do0 = _load(DOut + _rows(do_base, offs_m, stride_dom, ALIGNED) + offs_d0[None, :] * stride_dod, ok_m[:, None], offs_d0[None, :] < HEAD_DIM, EVEN_M, EVEN_D0)
+    q0 = _load(Q + _rows(q_base, offs_mt, stride_qm, ALIGNED) + offs_d0[None, :] * stride_qd, ok_m[:, None], offs_d0[None, :] < HEAD_DIM, EVEN_M, EVEN_D0)
+    do0 = _load(DOut + _rows(do_base, offs_mt, stride_dom, ALIGNED) + offs_d0[None, :] * stride_dod, ok_m[:, None], offs_d0[None, :] < HEAD_DIM, EVEN_M, EVEN_D0)
     if UPCAST:
         q0 = q0.to(tl.float32)
         do0 = do0.to(tl.float32)
     dq0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
     if D1 > 0:
         offs_d1 = D0 + tl.arange(0, D1)
-        q1 = _load(Q + _rows(q_base, offs_m, stride_qm, ALIGNED) + offs_d1[None, :] * stride_qd, ok_m[:, None], offs_d1[None, :] < HEAD_DIM, EVEN_M, EVEN_D1)
-        do1 = _load(DOut + _rows(do_base, offs_m, stride_dom, ALIGNED) + offs_d1[None, :] * stride_dod, ok_m[:, None], offs_d1[None, :] < HEAD_DIM, EVEN_M, EVEN_D1)
+        q1 = _load(Q + _rows(q_base, offs_mt, stride_qm, ALIGNED) + offs_d1[None, :] * stride_qd, ok_m[:, None], offs_d1[None, :] < HEAD_DIM, EVEN_M, EVEN_D1)
+        do1 = _load(DOut + _rows(do_base, offs_mt, stride_dom, ALIGNED) + offs_d1[None, :] * stride_dod, ok_m[:, None], offs_d1[None, :] < HEAD_DIM, EVEN_M, EVEN_D1)
         if UPCAST:
             q1 = q1.to(tl.float32)
             do1 = do1.to(tl.float32)
@@ -925,11 +1092,11 @@ def _attn_bwd_dq(
         do1 = do0
         dq1 = dq0
     if EVEN_M:
-        lse = tl.load(Lse + pid_bh * Lq + offs_m)
-        delta = tl.load(Delta + pid_bh * Lq + offs_m)
+        lse = tl.load(Lse + offs_m)
+        delta = tl.load(Delta + offs_m)
     else:
-        lse = tl.load(Lse + pid_bh * Lq + offs_m, mask=ok_m, other=float("inf"))
-        delta = tl.load(Delta + pid_bh * Lq + offs_m, mask=ok_m, other=0.0)
+        lse = tl.load(Lse + offs_m, mask=ok_m, other=float("inf"))
+        delta = tl.load(Delta + offs_m, mask=ok_m, other=0.0)
 
     # Full key blocks unmasked, then the tail block (if any) with bounds checks.
     if EVEN_N:
@@ -938,32 +1105,31 @@ def _attn_bwd_dq(
         n_full = (Lk // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
         dq0, dq1 = _dq_block(
-            dq0, dq1, q0, q1, do0, do1, lse, delta, K, V, Mask, k_base, v_base, start_n, offs_m, offs_n, offs_d0, offs_d1, ok_m, Lk,
+            dq0, dq1, q0, q1, do0, do1, lse, delta, K, V, Mask, k_base, v_base, start_n, offs_mt, offs_n, offs_d0, offs_d1, ok_m, Lk,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, qk_scale,
             HEAD_DIM, D1, EVEN_D0, EVEN_D1, MASK_KIND, MASK_KEYS_ONLY, PRECISION, UPCAST, ALIGNED, EVEN_M, True,
         )
     if not EVEN_N:
         dq0, dq1 = _dq_block(
-            dq0, dq1, q0, q1, do0, do1, lse, delta, K, V, Mask, k_base, v_base, n_full, offs_m, offs_n, offs_d0, offs_d1, ok_m, Lk,
+            dq0, dq1, q0, q1, do0, do1, lse, delta, K, V, Mask, k_base, v_base, n_full, offs_mt, offs_n, offs_d0, offs_d1, ok_m, Lk,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, qk_scale,
             HEAD_DIM, D1, EVEN_D0, EVEN_D1, MASK_KIND, MASK_KEYS_ONLY, PRECISION, UPCAST, ALIGNED, EVEN_M, False,
         )
 
-    tl.store(DQ + _rows(dq_base, offs_m, stride_dqm, ALIGNED) + offs_d0[None, :] * stride_dqd, (dq0 * sm_scale).to(DQ.dtype.element_ty), mask=ok_m[:, None] & (offs_d0[None, :] < HEAD_DIM))
+    tl.store(DQ + _rows(dq_base, offs_mt, stride_dqm, ALIGNED) + offs_d0[None, :] * stride_dqd, (dq0 * sm_scale).to(DQ.dtype.element_ty), mask=ok_m[:, None] & (offs_d0[None, :] < HEAD_DIM))
     if D1 > 0:
-        tl.store(DQ + _rows(dq_base, offs_m, stride_dqm, ALIGNED) + offs_d1[None, :] * stride_dqd, (dq1 * sm_scale).to(DQ.dtype.element_ty), mask=ok_m[:, None] & (offs_d1[None, :] < HEAD_DIM))
+        tl.store(DQ + _rows(dq_base, offs_mt, stride_dqm, ALIGNED) + offs_d1[None, :] * stride_dqd, (dq1 * sm_scale).to(DQ.dtype.element_ty), mask=ok_m[:, None] & (offs_d1[None, :] < HEAD_DIM))
 
 
-_bwd_key = ["Lq", "Lk", "HEAD_DIM", "MASK_KIND"]
 _attn_bwd_dkdv_tuned = triton.autotune(
     configs=_bwd_configs(_DKDV_TILES, _DKDV_TILES_LARGE_D),
-    key=_bwd_key,
-    prune_configs_by={"early_config_prune": _bwd_pruner(_DKDV_TILES, _DKDV_TILES_LARGE_D)},
+    key=_BWD_KEY,
+    prune_configs_by={"early_config_prune": _bwd_pruner(_DKDV_TILES, _DKDV_TILES_LARGE_D, "attention backward dK/dV")},
 )(triton.heuristics(_even_heuristics())(_attn_bwd_dkdv))
 _attn_bwd_dq_tuned = triton.autotune(
     configs=_bwd_configs(_DQ_TILES, _DQ_TILES_LARGE_D),
-    key=_bwd_key,
-    prune_configs_by={"early_config_prune": _bwd_pruner(_DQ_TILES, _DQ_TILES_LARGE_D)},
+    key=_BWD_KEY,
+    prune_configs_by={"early_config_prune": _bwd_pruner(_DQ_TILES, _DQ_TILES_LARGE_D, "attention backward dQ")},
 )(triton.heuristics(_even_heuristics())(_attn_bwd_dq))
 
 
@@ -972,9 +1138,57 @@ _attn_bwd_dq_tuned = triton.autotune(
 # ---------------------------------------------------------------------------
 
 
+def _tile_extent(rows: int, row_stride: int, cols: int, col_stride: int) -> int:
+    """The largest element offset inside one tile of at most _TILE_ROWS rows (rows past
+    the tensor's end are masked and never dereferenced) and ``cols`` columns."""
+    return (min(rows, _TILE_ROWS) - 1) * row_stride + (cols - 1) * col_stride
+
+
+def index_range_problems(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor]) -> List[str]:
+    """Sizes and strides beyond what the kernels' offsets hold, each naming its argument;
+    [] when everything fits (anything short of lengths near 2^31 or row strides near
+    2^24 elements). Reads shapes and strides only: nothing is allocated or read."""
+    lq, lk = q.shape[2], k.shape[2]
+    if (
+        lq <= MAX_LENGTH and lk <= MAX_LENGTH
+        and max(q.stride(2), k.stride(2), v.stride(2)) < _QUICK_ROW_STRIDE
+        and max(q.stride(3), k.stride(3), v.stride(3)) < _QUICK_COL_STRIDE
+        and (attn_mask is None or max(attn_mask.stride()[-2:]) < _QUICK_ROW_STRIDE)
+    ):
+        return []  # every call short of huge strides: decided in a few operations
+    problems = []
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.shape[2] > MAX_LENGTH:
+            problems.append(f"{name} has length {t.shape[2]} > {MAX_LENGTH} (positions are 32-bit in the Triton kernels)")
+        extent = _tile_extent(t.shape[2], t.stride(2), t.shape[3], t.stride(3))
+        if extent > _INT32_MAX:
+            problems.append(
+                f"{name}'s strides {tuple(t.stride())} are too large: one tile spans {extent} elements, "
+                f"more than the kernels' 32-bit in-tile offsets hold ({_INT32_MAX})"
+            )
+    if attn_mask is not None:
+        # Broadcast dims are read with stride 0 (_mask_view).
+        stride_m = attn_mask.stride(-2) if attn_mask.dim() >= 2 and attn_mask.shape[-2] != 1 else 0
+        stride_n = attn_mask.stride(-1) if attn_mask.shape[-1] != 1 else 0
+        extent = _tile_extent(lq, stride_m, min(lk, _TILE_ROWS), stride_n)
+        if extent > _INT32_MAX:
+            problems.append(
+                f"attn_mask's strides {tuple(attn_mask.stride())} are too large: one tile spans {extent} elements, "
+                f"more than the kernels' 32-bit in-tile offsets hold ({_INT32_MAX})"
+            )
+    return problems
+
+
+def _check_index_ranges(q, k, v, attn_mask) -> None:
+    """The launchers' guard: a clear error instead of wrapped 32-bit offsets."""
+    problems = index_range_problems(q, k, v, attn_mask)
+    if problems:
+        raise ValueError("attention (Triton): " + "; ".join(problems))
+
+
 def layout_reasons(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor]) -> List[str]:
     """Why these (already validated) inputs cannot run on the Triton kernels; [] if they can."""
-    reasons = []
+    reasons = index_range_problems(q, k, v, attn_mask)
     if q.shape[-1] > MAX_HEAD_DIM:
         reasons.append(f"head dim {q.shape[-1]} > {MAX_HEAD_DIM}")
     if q.dtype not in SUPPORTED_DTYPES:
@@ -983,15 +1197,22 @@ def layout_reasons(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask:
         reasons.append(f"B * H = {q.shape[0] * q.shape[1]} exceeds {MAX_GRID_Y}")
     if attn_mask is not None and attn_mask.requires_grad:
         reasons.append("attn_mask requires grad; the Triton backward does not compute a mask gradient")
-    if q.device.type == "cuda" and torch.cuda.get_device_capability(q.device) < (8, 0):
-        reasons.append("needs compute capability 8.0 or newer (bf16 tensor cores; compiled and tested for sm_80/sm_90)")
+    # The device as fastdiff.backends describes it (a use_target description or the
+    # visible GPU), never torch.cuda directly, so this also decides on fake CUDA tensors.
+    reasons += capability_reasons(q.device, (8, 0), "bf16 tensor cores; compiled and tested for sm_80/sm_90")
     return reasons
+
+
+def _data_ptr(t: torch.Tensor) -> int:
+    """t.data_ptr(), or 0 for a tensor without real storage (a FakeTensor; meta tensors
+    already give 0): taken as 16-byte aligned, as every block of torch's caching allocator is."""
+    return 0 if isinstance(t, FakeTensor) else t.data_ptr()
 
 
 def _tma_compatible(t: torch.Tensor) -> bool:
     """What a TMA descriptor requires of a tensor: unit last stride, 16-byte aligned
     base and 16-byte multiples for every other stride."""
-    if t.stride(-1) != 1 or t.data_ptr() % 16 != 0:
+    if t.stride(-1) != 1 or _data_ptr(t) % 16 != 0:
         return False
     return all((stride * t.element_size()) % 16 == 0 for size, stride in zip(t.shape[:-1], t.stride()[:-1]) if size > 1)
 
@@ -1004,8 +1225,8 @@ def tma_reasons(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Op
     except ImportError:
         return [f"triton {triton.__version__} has no host-side tensor descriptors (TMA); needs triton >= 3.4"]
     reasons = layout_reasons(q, k, v, attn_mask)
-    if q.device.type == "cuda" and torch.cuda.get_device_capability(q.device)[0] < 9:
-        reasons.append("TMA needs compute capability 9.0 or newer (Hopper)")
+    if q.device.type == "cuda" and cuda_device_description(q.device) is not None:  # else layout_reasons said why
+        reasons = capability_reasons(q.device, (9, 0), "TMA needs Hopper") + reasons
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not _tma_compatible(t):
             reasons.append(f"{name} is not TMA-compatible (needs unit head-dim stride, 16-byte aligned pointer and strides)")
@@ -1016,7 +1237,7 @@ def _store_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype kernels write outputs in: the input dtype, except bf16 under the
     interpreter, whose fp32 -> bf16 conversion truncates; those get fp32 buffers
     that the launcher rounds with torch."""
-    return torch.float32 if dtype == torch.bfloat16 and _interpret() else dtype
+    return torch.float32 if dtype == torch.bfloat16 and _INTERPRETED else dtype
 
 
 def _rows_aligned(t: torch.Tensor) -> bool:
@@ -1024,16 +1245,16 @@ def _rows_aligned(t: torch.Tensor) -> bool:
     pointer, and every other stride (of a dim longer than 1) a multiple of 8
     elements. Any (B, H, L, D) tensor whose rows are whole heads qualifies,
     since D is a multiple of 8; only unusual views do not."""
-    if t.stride(-1) != 1 or t.data_ptr() % 16 != 0:
+    stride, shape = t.stride(), t.shape
+    if stride[3] != 1 or _data_ptr(t) % 16 != 0:
         return False
-    return all(stride % 8 == 0 for size, stride in zip(t.shape[:-1], t.stride()[:-1]) if size > 1)
+    return (shape[0] == 1 or stride[0] % 8 == 0) and (shape[1] == 1 or stride[1] % 8 == 0) and (shape[2] == 1 or stride[2] % 8 == 0)
 
 
-def _common_meta(q: torch.Tensor, attn_mask: Optional[torch.Tensor], tensors: Tuple[torch.Tensor, ...]) -> Dict[str, object]:
+def _forward_meta(q: torch.Tensor, attn_mask: Optional[torch.Tensor], tensors: Tuple[torch.Tensor, ...]) -> Dict[str, object]:
     """Constexpr launch arguments shared by every kernel; ``tensors`` are all the
-    (B, H, L, D) operands the kernel addresses through _rows/_cols."""
-    head_dim = q.shape[-1]
-    d0, d1 = head_dim_chunks(head_dim)
+    (B, H, L, D) operands the kernel addresses through _rows/_cols. The forward kernels
+    take their head-dim chunks from their config (``SPLIT_D``, :func:`_chunk_heuristics`)."""
     if attn_mask is None:
         kind = MASK_NONE
     elif attn_mask.dtype == torch.bool:
@@ -1041,17 +1262,23 @@ def _common_meta(q: torch.Tensor, attn_mask: Optional[torch.Tensor], tensors: Tu
     else:
         kind = MASK_ADDITIVE
     return {
-        "HEAD_DIM": head_dim,
-        "D0": d0,
-        "D1": d1,
-        "EVEN_D0": d0 <= head_dim,
-        "EVEN_D1": d0 + d1 <= head_dim,
+        "HEAD_DIM": q.shape[-1],
         "MASK_KIND": kind,
-        "MASK_KEYS_ONLY": attn_mask is not None and (q.shape[2] == 1 or attn_mask.expand(*q.shape[:3], attn_mask.shape[-1]).stride(2) == 0),
+        # The query dim of the mask is broadcast (or there is one query): one vector of keys.
+        "MASK_KEYS_ONLY": attn_mask is not None and (q.shape[2] == 1 or attn_mask.dim() < 2 or attn_mask.shape[-2] == 1 or attn_mask.stride(-2) == 0),
         "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
-        "UPCAST": _interpret(),
+        "UPCAST": _INTERPRETED,
         "ALIGNED": all(_rows_aligned(t) for t in tensors),
     }
+
+
+def _common_meta(q: torch.Tensor, attn_mask: Optional[torch.Tensor], tensors: Tuple[torch.Tensor, ...]) -> Dict[str, object]:
+    """:func:`_forward_meta` plus the head-dim chunks (:func:`head_dim_chunks`), for the backward kernels."""
+    meta = _forward_meta(q, attn_mask, tensors)
+    head_dim = meta["HEAD_DIM"]
+    d0, d1 = head_dim_chunks(head_dim)
+    meta.update(D0=d0, D1=d1, EVEN_D0=d0 <= head_dim, EVEN_D1=d0 + d1 <= head_dim)
+    return meta
 
 
 def _mask_view(attn_mask: Optional[torch.Tensor], q: torch.Tensor, lk: int) -> Tuple[torch.Tensor, Tuple[int, int, int, int]]:
@@ -1072,6 +1299,7 @@ def attention_forward(
     """Run the forward kernel. Returns (out, lse): out is (B, H, Lq, D) in q's dtype,
     a view of a (B, Lq, H, D) buffer so that ``out.transpose(1, 2).reshape(B, Lq, H * D)``
     is free; lse is (B, H, Lq) fp32 in log2 units (+inf on fully-masked rows)."""
+    _check_index_ranges(q, k, v, attn_mask)
     b, h, lq, d = q.shape
     lk = k.shape[2]
     out = torch.empty((b, lq, h, d), dtype=_store_dtype(q.dtype), device=q.device).transpose(1, 2)
@@ -1085,7 +1313,7 @@ def attention_forward(
         q, k, v, mask, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(),
         h, b * h, lq, lk, scale * LOG2E,
-        **_common_meta(q, attn_mask, (q, k, v, out)),
+        **_forward_meta(q, attn_mask, (q, k, v, out)),
     )
     return out.to(q.dtype), lse
 
@@ -1097,6 +1325,7 @@ def attention_forward_tma(
     Triton >= 3.4; see :func:`tma_reasons`). Same outputs, same backward."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
+    _check_index_ranges(q, k, v, attn_mask)
     b, h, lq, d = q.shape
     lk = k.shape[2]
     out = torch.empty((b, lq, h, d), dtype=_store_dtype(q.dtype), device=q.device).transpose(1, 2)
@@ -1112,7 +1341,7 @@ def attention_forward_tma(
         *descriptors, mask, out, lse,
         *mask_strides, *out.stride(),
         h, b * h, lq, lk, scale * LOG2E,
-        **_common_meta(q, attn_mask, (out,)),
+        **_forward_meta(q, attn_mask, (out,)),
     )
     return out.to(q.dtype), lse
 
@@ -1129,6 +1358,11 @@ def attention_backward(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run the three backward kernels (Delta, dK/dV, dQ). Returns (dq, dk, dv)
     shaped like q, k, v (``torch.empty_like`` layouts)."""
+    _check_index_ranges(q, k, v, attn_mask)
+    for name, t in (("dout", dout), ("out", out)):
+        problems = index_range_problems(t, k, v, None)
+        if problems:
+            raise ValueError(f"attention (Triton) backward: {name}: " + "; ".join(problems))
     b, h, lq, d = q.shape
     lk = k.shape[2]
     delta = torch.empty((b, h, lq), dtype=torch.float32, device=q.device)

@@ -387,6 +387,7 @@ def test_use_backend_and_env_pick_reference(seed, monkeypatch):
 def test_forced_triton_without_interpreter_lists_reasons(monkeypatch):
     q, k, v = _qkv(1, 3, 37, 13, 8, torch.float32)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
+    backends.clear_plans()  # plans do not cover the interpreter setting, fixed at import in real use
     with pytest.raises(backends.BackendNotSupportedError, match=r"triton.*needs CUDA tensors") as info:
         attention(q, k, v, backend="triton")
     assert "sdpa: supported" in str(info.value)
@@ -477,11 +478,13 @@ from fastdiff.kernels import attention as kernels
 capability = int(sys.argv[1])
 d0, d1 = kernels.head_dim_chunks(40)
 meta = dict(HEAD_DIM=40, D0=d0, D1=d1, EVEN_D0=True, EVEN_D1=False, MASK_KIND=1, MASK_KEYS_ONLY=False, PRECISION="tf32", UPCAST=False,
-            ALIGNED=True, BLOCK_M=64, BLOCK_N=64, EVEN_M=True, EVEN_N=False)
+            ALIGNED=True, SPLIT_D=True, BLOCK_M=64, BLOCK_N=64, EVEN_M=True, EVEN_N=False)
 pointers = dict(Q="*fp16", K="*fp16", V="*fp16", Mask="*u8", Out="*fp16", Lse="*fp32", DOut="*fp16", Delta="*fp32",
                 DQ="*fp16", DK="*fp16", DV="*fp16")
 for fn in (kernels._attn_fwd, kernels._attn_bwd_dkdv, kernels._attn_bwd_dq):
-    constexprs = dict(meta, **{name: 1 for name in fn.arg_names if re.fullmatch(r"stride_\\w*d", name)})
+    # Each kernel takes the constexprs it declares (the forwards derive EVEN_D0/EVEN_D1 from D0/D1).
+    constexprs = {name: value for name, value in meta.items() if name in fn.arg_names}
+    constexprs.update({name: 1 for name in fn.arg_names if re.fullmatch(r"stride_\\w*d", name)})
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
@@ -509,7 +512,7 @@ if capability >= 90 and has_tma:
     blocks = dict(q_desc0=d0, q_desc1=d1, k_desc0=d0, k_desc1=d1, v_desc0=d0, v_desc1=d1)
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
-        if name in meta:
+        if name in meta or name == "stride_od":
             signature[name] = "constexpr"
         elif name in blocks:
             signature[name] = "tensordesc<fp16[1, 1, 64, %d]>" % blocks[name]
@@ -518,7 +521,7 @@ if capability >= 90 and has_tma:
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             signature[name] = "fp32" if name == "qk_scale" else "i32"
-    constexprs = dict(meta, stride_od=1)
+    constexprs = dict({name: value for name, value in meta.items() if name in fn.arg_names}, stride_od=1)
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options={"num_warps": 4, "num_stages": 3})
     mma = "wgmma" if "wgmma.mma_async" in compiled.asm["ptx"] else "mma"

@@ -1,0 +1,178 @@
+"""The attention kernels' autotuning on the CPU: config lists, pruning, the head-dim
+split as a config choice, and the refusal to tune inside a CUDA graph capture.
+
+Triton's autotuner calls a kernel's ``early_config_prune`` only for a key it has
+not tuned yet (``Autotuner.run``: ``if key not in self.cache: ... prune_configs``),
+so the pruners are where a tune is refused during a capture; a tuned key never
+reaches them. The interpreter has one config per kernel (no tuning), so these
+tests drive the pruners directly, or give the autotuner two configs and record
+what it does.
+"""
+
+import pytest
+import torch
+import triton
+
+from _utils import assert_fp32_close, requires_triton
+from fastdiff.ops.attention import attention, attention_ref
+
+
+def _kernels():
+    from fastdiff.kernels import attention as kernels
+
+    return kernels
+
+
+def _tiles(configs):
+    return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in configs}
+
+
+def _prune(monkeypatch, capability, head_dim=64, mask_kind=0, keys_only=False, sms=None, lq=4096, bh=16):
+    kernels = _kernels()
+    monkeypatch.setattr(kernels, "_capability_for", lambda t: capability)
+    monkeypatch.setattr(kernels, "_sms_for", lambda t: sms)
+    args = {"Lse": None, "Lq": lq, "Lk": lq, "BH": bh}
+    return kernels._prune_fwd_configs(
+        kernels._gpu_fwd_configs(), args, HEAD_DIM=head_dim, MASK_KIND=mask_kind, MASK_KEYS_ONLY=keys_only
+    )
+
+
+def test_forward_key_covers_what_the_pruner_reads():
+    kernels = _kernels()
+    for tuner in (kernels._attn_fwd_tuned, kernels._attn_fwd_tma_tuned):
+        assert {"BH", "Lq", "Lk", "HEAD_DIM", "MASK_KIND", "MASK_KEYS_ONLY"} <= set(tuner.keys)
+    for tuner in (kernels._attn_bwd_dkdv_tuned, kernels._attn_bwd_dq_tuned):
+        assert {"Lq", "Lk", "HEAD_DIM", "MASK_KIND"} <= set(tuner.keys)
+
+
+def test_hopper_list_is_the_full_product(monkeypatch):
+    kept = {t for t in _tiles(_prune(monkeypatch, (9, 0))) if t[0] >= 64}
+    expected = {
+        (bm, bn, w, s)
+        for bm in (64, 128) for bn in (64, 128) for w in (4, 8) for s in (2, 3, 4)
+        if not (bm == 128 and bn == 128 and w == 4)
+    }
+    assert kept == expected
+    assert (128, 64, 4, 4) in kept  # 4 warps at 128x64
+
+
+def test_ampere_list_keeps_two_or_three_stages(monkeypatch):
+    kept = _tiles(_prune(monkeypatch, (8, 0)))
+    assert kept and all(s in (2, 3) for _, _, _, s in kept)
+    assert all(w == (8 if bm == 128 else 4) for bm, _, w, _ in kept)
+    assert {bm for bm, _, _, _ in kept} == {16, 32, 64, 128}
+
+
+@pytest.mark.parametrize("head_dim,tunable", [(40, True), (48, True), (64, False), (80, False), (160, False), (8, False)])
+def test_head_dim_split_is_a_config_choice_where_it_exists(monkeypatch, head_dim, tunable):
+    kept = _prune(monkeypatch, (9, 0), head_dim=head_dim)
+    splits = {c.kwargs["SPLIT_D"] for c in kept}
+    assert splits == ({True, False} if tunable else {True})
+    kernels = _kernels()
+    if tunable:
+        assert kernels.head_dim_chunks(head_dim) == (32, 16)
+        assert kernels.head_dim_chunks(head_dim, split=False) == (64, 0)
+
+
+@pytest.mark.parametrize("capability", [(8, 0), (9, 0)])
+def test_masked_calls_keep_the_tiles_that_do_not_spill(monkeypatch, capability):
+    """Issue 8's findings: masked calls take 64-key steps; full masks also at most 64 rows;
+    D=160 never gets 128 rows on 4 warps, 32-row tiles or 128-key steps."""
+    for head_dim in (40, 64, 80, 160):
+        keypad = _prune(monkeypatch, capability, head_dim=head_dim, mask_kind=1, keys_only=True)
+        full = _prune(monkeypatch, capability, head_dim=head_dim, mask_kind=1, keys_only=False)
+        assert keypad and all(c.kwargs["BLOCK_N"] <= 64 for c in keypad)
+        assert full and all(c.kwargs["BLOCK_N"] <= 64 and c.kwargs["BLOCK_M"] <= 64 for c in full)
+    wide = _prune(monkeypatch, capability, head_dim=160)
+    assert all(c.kwargs["BLOCK_N"] <= 64 and c.kwargs["BLOCK_M"] != 32 for c in wide)
+    assert not any(c.kwargs["BLOCK_M"] == 128 and c.num_warps == 4 for c in wide)
+
+
+def test_device_is_read_from_the_description(monkeypatch):
+    """_sms_for / _smem_limit_for / _capability_for ask fastdiff.backends, not torch.cuda,
+    so a fake CUDA tensor under use_target("sm_80") reads as an A100."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fastdiff import backends
+
+    kernels = _kernels()
+    with FakeTensorMode():
+        lse = torch.empty(2, 8, 64, device="cuda")
+    with backends.use_target("sm_80"):
+        assert (kernels._sms_for(lse), kernels._smem_limit_for(lse), kernels._capability_for(lse)) == (108, 166912, (8, 0))
+    with backends.use_target("sm_90"):
+        assert (kernels._sms_for(lse), kernels._smem_limit_for(lse), kernels._capability_for(lse)) == (132, 232448, (9, 0))
+    with backends.use_target("sm_89"):
+        assert kernels._smem_limit_for(lse) == 101376
+    assert kernels._sms_for(torch.empty(3)) is None and kernels._capability_for(torch.empty(3)) is None
+    # A stand-in device known only by its shared memory (fastdiff.tools.aot_check) is classified by it.
+    monkeypatch.setattr(kernels, "_smem_limit_for", lambda t: 166912)
+    assert kernels._capability_for(torch.empty(3)) == (8, 0)
+    monkeypatch.setattr(kernels, "_smem_limit_for", lambda t: 232448)
+    assert kernels._capability_for(torch.empty(3)) == (9, 0)
+
+
+@requires_triton
+def test_unsplit_head_dim_matches_reference(seed, monkeypatch):
+    """SPLIT_D=False (D=40 padded to one 64-wide chunk) computes the same attention."""
+    kernels = _kernels()
+    config = triton.Config({"BLOCK_M": 32, "BLOCK_N": 16, "SPLIT_D": False}, num_warps=4, num_stages=1)
+    monkeypatch.setattr(kernels._attn_fwd_tuned, "configs", [config])
+    q, k, v = torch.randn(1, 2, 33, 40), torch.randn(1, 2, 77, 40), torch.randn(1, 2, 77, 40)
+    mask = torch.rand(1, 1, 33, 77) > 0.3
+    mask[..., 0] = True
+    with torch.no_grad():
+        out = attention(q, k, v, mask, backend="triton")
+    assert kernels._attn_fwd_tuned.best_config is config
+    assert_fp32_close(out, attention_ref(q.double(), k.double(), v.double(), mask))
+
+
+# ---------------------------------------------------------------------------
+# No tuning inside a CUDA graph capture
+# ---------------------------------------------------------------------------
+
+
+def test_pruners_refuse_during_capture(monkeypatch):
+    from fastdiff.kernels import _tuning
+
+    kernels = _kernels()
+    monkeypatch.setattr(_tuning, "capturing", lambda: True)
+    args = {"Lse": None, "Lq": 4096, "Lk": 77, "BH": 16}
+    with pytest.raises(_tuning.TuningDuringCaptureError, match=r"attention forward: autotuning for \(16, 4096, 77, 40"):
+        kernels._prune_fwd_configs(kernels._gpu_fwd_configs(), args, HEAD_DIM=40, MASK_KIND=0, MASK_KEYS_ONLY=False)
+    for tuner, name in ((kernels._attn_bwd_dkdv_tuned, "dK/dV"), (kernels._attn_bwd_dq_tuned, "dQ")):
+        with pytest.raises(_tuning.TuningDuringCaptureError, match=f"attention backward {name}"):
+            tuner.early_config_prune(tuner.configs, {"Lq": 64, "Lk": 77}, HEAD_DIM=80, MASK_KIND=0, MASK_KEYS_ONLY=False)
+    monkeypatch.setattr(_tuning, "capturing", lambda: False)
+    assert kernels._prune_fwd_configs(kernels._gpu_fwd_configs(), args, HEAD_DIM=40, MASK_KIND=0, MASK_KEYS_ONLY=False)
+
+
+@requires_triton
+def test_tuned_key_never_reaches_the_pruner(seed, monkeypatch):
+    """With two configs the autotuner calls the pruner for a new key (here it keeps one, so
+    nothing is benchmarked), caches the choice, and skips the pruner for that key from then
+    on: a capture after one eager call per shape runs; a new shape inside it raises."""
+    from fastdiff.kernels import _tuning
+
+    kernels = _kernels()
+    tuner = kernels._attn_fwd_tuned
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": 16, "SPLIT_D": True}, num_warps=4, num_stages=1) for bm in (32, 16)]
+    pruned_keys = []
+
+    def prune(configs, named_args, **kwargs):
+        kept = kernels._prune_fwd_configs(configs, named_args, **kwargs)  # refuses during a capture
+        pruned_keys.append(kernels._fwd_tuning_key({**named_args, **kwargs}))
+        return kept[:1]
+
+    monkeypatch.setattr(tuner, "configs", configs)
+    monkeypatch.setattr(tuner, "early_config_prune", prune)
+    monkeypatch.setattr(tuner, "cache", {})
+    q, k, v = torch.randn(1, 2, 19, 16), torch.randn(1, 2, 13, 16), torch.randn(1, 2, 13, 16)
+    with torch.no_grad():
+        eager = attention(q, k, v, backend="triton")
+        assert len(pruned_keys) == 1 and pruned_keys[0] in tuner.cache  # our key is Triton's key
+        monkeypatch.setattr(_tuning, "capturing", lambda: True)
+        again = attention(q, k, v, backend="triton")
+        assert torch.equal(again, eager) and len(pruned_keys) == 1
+        with pytest.raises(_tuning.TuningDuringCaptureError, match="fastdiff.warmup"):
+            attention(q[:, :, :7], k, v, backend="triton")
