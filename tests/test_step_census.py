@@ -242,3 +242,20 @@ def test_host_time_alternates_and_records_wall_and_cpu_time():
             wall, cpu = result[library][f"{where}_ms"], result[library][f"{where}_cpu_ms"]
             # One thread's CPU time cannot exceed the wall time it ran in (1 ms of clock granularity).
             assert 0 < cpu <= wall + 1.0, (library, where, cpu, wall)
+
+
+@pytest.mark.parametrize("op_name", ["group_norm", "attention"])
+def test_fused_ops_under_a_dispatch_mode_are_one_custom_op(op_name):
+    """Under a TorchDispatchMode (FakeTensorMode, this census) a fused op must go through its
+    custom op, not call its launcher on fake tensors: the census counts it as one op, and a
+    launcher cannot run on fake CUDA tensors (it would reach torch.cuda or the interpreter)."""
+    from fastdiff import backends, ops
+
+    with census.fake_cuda():
+        cases = census.fused_op_cases("cuda", real=False, sizes="small")
+        name = next(n for n, case in cases.items() if case[0] == op_name)
+        _, args, kwargs = cases[name]
+        with torch.no_grad(), census.LaunchCounter() as counter, backends.trace_dispatch() as chosen:
+            getattr(ops, op_name)(*args, **kwargs)
+    assert chosen == [(op_name, "triton")]
+    assert counter.ops[f"fastdiff::{op_name}_fwd_triton"] == 1, dict(counter.ops)
