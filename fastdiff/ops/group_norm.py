@@ -481,8 +481,9 @@ def _plan_key(x, num_groups, weight, bias, eps, activation, input_bias) -> Any:
 
 
 def _no_autograd(*tensors) -> bool:
-    """Eager, and no gradient to record: the custom op (autograd, torch.compile) adds nothing."""
-    if torch.compiler.is_compiling():
+    """Eager, no gradient to record and no TorchDispatchMode watching (FakeTensorMode, the
+    census' counter): the custom op (autograd, torch.compile, modes) adds nothing."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
         return False
     if not torch.is_grad_enabled():
         return True
