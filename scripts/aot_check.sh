@@ -10,8 +10,11 @@
 # changed. Reports go to OUT_DIR (default: a temporary directory).
 #
 # Usage: scripts/aot_check.sh [OUT_DIR]
-# Env:   FASTDIFF_AOT_TRITONS (default "3.0.0 3.6.0"), FASTDIFF_AOT_MATRIX (default smoke; ci or full
-#        compile more configs, see fastdiff/tools/aot_check.py), JOBS (default nproc)
+# Env:   FASTDIFF_AOT_TRITONS (default "3.0.0 3.6.0"), FASTDIFF_AOT_MATRIX (default smoke: the configs the
+#        pruners keep for the standard SD shapes; `sd` adds every dtype and mask at those shapes, `reachable`
+#        is every config any real SD/SDXL/VAE shape can reach, tens of thousands of compiles, see
+#        fastdiff/tools/aot_check.py), FASTDIFF_AOT_REDUCE (e.g. "bf16,intclass": merge compiles that a
+#        sampled check found identical; default none), JOBS (default nproc, at most 2 on the CI machine)
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
 cd "$ROOT"
@@ -39,7 +42,7 @@ for version in $VERSIONS; do
   got=$("$venv/bin/python" -c "import triton; print(triton.__version__)")
   [ "$got" = "$version" ] || { echo "aot_check.sh: $venv has triton $got, expected $version" >&2; exit 1; }
   echo "== triton $version: fastdiff.tools.aot_check --matrix $MATRIX --check (sm_80, sm_90)"
-  if ! "$venv/bin/python" -m fastdiff.tools.aot_check --matrix "$MATRIX" --check --compile-only --jobs "${JOBS:-$(nproc)}" \
+  if ! "$venv/bin/python" -m fastdiff.tools.aot_check --matrix "$MATRIX" --reduce "${FASTDIFF_AOT_REDUCE:-}" --check --compile-only --jobs "${JOBS:-$(nproc)}" \
       --json "$OUT/aot_triton-$version.json" --report "$OUT/aot_triton-$version.md"; then
     echo "aot_check.sh: triton $version FAILED (report: $OUT/aot_triton-$version.md)" >&2
     failed=1

@@ -5,11 +5,15 @@ Runs ``python -m fastdiff.tools.aot_check --matrix smoke --check`` in a subproce
 every variant its launchers pass for the SD / SDXL shapes, at the configs the
 pruners keep for them on an A100 / H100. The tool's --check fails on compile
 errors, shared memory over the target's limit, spills without a written
-allowance and serialised wgmma in the attention forward; this test also checks
-what the compiler emitted (wgmma, TMA) against what the kernels are meant to use.
-Results are cached by kernel source hash (~/.cache/fastdiff-aot), so only
-changed kernels are recompiled. The other Triton versions run in
-scripts/aot_check.sh (CI).
+allowance and serialised wgmma in the attention forward and backward (sm_90)
+without one; this test also checks what the compiler emitted (wgmma, TMA)
+against what the kernels are meant to use. Results are cached by kernel source
+(JITFunction.cache_key, which covers the @triton.jit helpers a kernel calls) and
+Triton version under ~/.cache/fastdiff-aot, so only changed kernels are
+recompiled (test_cache_is_keyed_by_kernel_source_and_triton_version). The other
+Triton versions run in scripts/aot_check.sh (CI). The `reachable` matrix (every
+config any real shape can reach) is tens of thousands of compiles and is not run
+here; benchmarks/results/aot_compile.md gives its size.
 """
 
 import json

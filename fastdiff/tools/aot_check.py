@@ -56,8 +56,13 @@ PTX uses ``wgmma`` and TMA, and whether ptxas serialised the wgmma.
   reachable, so the pruner must keep over-limit configs out);
 * register spills in an ``sd`` config, unless the kernel module lists an
   allowance for it (``AOT_SPILL_ALLOWANCES``, next to the configs, with the reason);
-* an ``sd`` attention forward config on sm_90 whose wgmma ptxas serialised, or
-  an fp16/bf16 one that does not use wgmma.
+* an ``sd`` attention config (forward, TMA forward, dK/dV or dQ backward) on
+  sm_90 whose wgmma ptxas serialised, unless the kernel module allows it
+  (``AOT_WGMMA_ALLOWANCES``, same form as the spill allowances);
+* an fp16/bf16 ``sd`` attention forward config of 64+ rows on sm_90 without wgmma.
+
+``sd`` means: kept by the pruner (occupancy rule included) on that card for at
+least one enumerated shape; a launch plan's single config always is.
 
 Usage::
 
@@ -402,8 +407,12 @@ def _group_norm_calls(matrix: str, archs) -> Iterator[Tuple[str, Any, List[str]]
         dtypes = (torch.float16, torch.bfloat16, torch.float32)
     else:
         dtypes = (torch.float16, torch.float32) if matrix != "smoke" else (torch.float16,)
+    import inspect
+
+    # input_bias (the ResnetBlock's time-embedding add, (N, C)) where the launcher takes it.
+    biases = (False, True) if "input_bias" in inspect.signature(kernels.group_norm_forward).parameters else (False,)
     for n, c, hh, ww, groups in _group_norm_shapes(matrix):
-        for dtype in dtypes:
+        for dtype, has_ib in ((dtype, has_ib) for dtype in dtypes for has_ib in biases):
             for layout in ("NCHW", "NHWC"):
                 for silu in (False, True):
                     def tensors(n=n, c=c, hh=hh, ww=ww, dtype=dtype, layout=layout):
@@ -412,12 +421,13 @@ def _group_norm_calls(matrix: str, archs) -> Iterator[Tuple[str, Any, List[str]]
                         x = torch.empty(n, c, hh, ww, dtype=dtype, memory_format=fmt)
                         return x, torch.empty(c, dtype=dtype), torch.empty(c, dtype=dtype)
 
-                    def run(t=tensors, groups=groups, silu=silu):
+                    def run(t=tensors, groups=groups, silu=silu, has_ib=has_ib):
                         x, w, bias = t()
-                        y, mean, rstd = kernels.group_norm_forward(x, w, bias, groups, 1e-5, silu)
-                        kernels.group_norm_backward(torch.empty_like(x), x, w, bias, mean, rstd, groups, silu)
+                        extra = {"input_bias": torch.empty(x.shape[:2], dtype=x.dtype)} if has_ib else {}
+                        y, mean, rstd = kernels.group_norm_forward(x, w, bias, groups, 1e-5, silu, **extra)
+                        kernels.group_norm_backward(torch.empty_like(x), x, w, bias, mean, rstd, groups, silu, **extra)
 
-                    case = f"{n}x{c}x{hh}x{ww} G={groups} {_DTYPES[dtype]} {layout}{' silu' if silu else ''}"
+                    case = f"{n}x{c}x{hh}x{ww} G={groups} {_DTYPES[dtype]} {layout}{' silu' if silu else ''}{' input_bias' if has_ib else ''}"
                     yield case, run, names
 
 
@@ -848,7 +858,33 @@ def violations(instances, compile_only: bool = False) -> List[str]:
     return found
 
 
-def write_report(instances, path: str, seconds: float, compile_only: bool = False, command: str = "", summary: str = "") -> None:
+def reachable_section(archs, families) -> List[str]:
+    """The reachable matrix's size per kernel and what the pruners remove (enumerated, not compiled)."""
+    PRUNING.clear()
+    start = time.time()
+    reach = enumerate_instances(archs, "reachable", families)
+    counts: Dict[str, Dict[int, int]] = {}
+    for i in reach:
+        counts.setdefault(f"{i['module']}.{i['kernel']}", {}).setdefault(i["arch"], 0)
+        counts[f"{i['module']}.{i['kernel']}"][i["arch"]] += 1
+    lines = [
+        "## The reachable matrix (enumerated here, not compiled in CI)",
+        "",
+        f"`--matrix reachable` (see the tool's docstring for the definition) has **{len(reach)} distinct compiles**",
+        f"(enumerated in {time.time() - start:.0f} s); after deduplication every one differs in its constexprs, integer",
+        "specialisation, pointer dtypes, config or target. Per kernel:",
+        "",
+        "| kernel | " + " | ".join(f"sm_{a}" for a in archs) + " |",
+        "|---|" + "---|" * len(archs),
+    ]
+    lines += [f"| {k} | " + " | ".join(str(v.get(a, 0)) for a in archs) + " |" for k, v in sorted(counts.items())]
+    lines += ["", "What the pruners remove over the reachable matrix (never benchmarked, so never run):", ""]
+    lines += [f"- {line}" for line in pruning_summary()] + [""]
+    PRUNING.clear()
+    return lines
+
+
+def write_report(instances, path: str, seconds: float, compile_only: bool = False, command: str = "", summary: str = "", extra=()) -> None:
     lines = [
         "# Triton kernels compiled ahead of time for sm_80 and sm_90",
         "",
@@ -888,6 +924,7 @@ def write_report(instances, path: str, seconds: float, compile_only: bool = Fals
             "which only removes more for some shapes) yields for at least one enumerated call.",
             "",
         ] + [f"- {line}" for line in pruning_summary()] + [""]
+    lines += list(extra)
     kernels = sorted({(i["module"], i["kernel"]) for i in instances})
     for module, kernel in kernels:
         rows = [i for i in instances if (i["module"], i["kernel"]) == (module, kernel)]
@@ -958,6 +995,10 @@ def main(argv=None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="enumerate and count the distinct compiles, compile nothing")
     parser.add_argument("--reduce", default="", help=f"comma-separated reductions of the matrix ({', '.join(REDUCTIONS)}); see REDUCTIONS")
     parser.add_argument("--verify-reductions", type=int, metavar="N", help="compile every member of N sampled groups per reduction and compare")
+    parser.add_argument(
+        "--report-reachable", action="store_true",
+        help="also enumerate the reachable matrix (nothing compiled) and add its size and the pruners' counts to the report",
+    )
     args = parser.parse_args(argv)
     reductions = tuple(r for r in args.reduce.split(",") if r)
     unknown = set(reductions) - set(REDUCTIONS)
@@ -970,8 +1011,13 @@ def main(argv=None) -> int:
     if args.kernels:
         instances = [i for i in instances if i["kernel"] in args.kernels.split(",")]
     if args.verify_reductions:
-        for line in verify_reductions(instances, reductions or REDUCTIONS, args.verify_reductions, args.jobs):
+        lines = verify_reductions(instances, reductions or REDUCTIONS, args.verify_reductions, args.jobs)
+        for line in lines:
             print(line)
+        if args.json:
+            command = " ".join(["python -m fastdiff.tools.aot_check"] + list(sys.argv[1:] if argv is None else argv))
+            with open(args.json, "w") as f:
+                json.dump({"command": command, "triton": triton.__version__, "sources": sources_hash(), "results": lines}, f, indent=1)
         return 0
     distinct = len(instances)
     instances = reduce_matrix(instances, reductions)
@@ -1004,7 +1050,10 @@ def main(argv=None) -> int:
         summary = f"Matrix `{args.matrix}`: {distinct} distinct compiles" + (
             f"; reductions {', '.join(reductions)} (each checked on a sample, see REDUCTIONS in the tool) compile {len(instances)} of them." if reductions else "."
         )
-        write_report(instances, args.report, seconds, args.compile_only, command, summary)
+        extra: List[str] = []
+        if args.report_reachable:
+            extra = reachable_section(archs, tuple(args.families.split(",")))
+        write_report(instances, args.report, seconds, args.compile_only, command, summary, extra)
     found = violations(instances, args.compile_only)
     for line in found:
         print("VIOLATION", line)
