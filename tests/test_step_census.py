@@ -96,7 +96,7 @@ def test_host_path_measures_every_fused_op_up_to_the_launch():
     for name, e in measured.items():
         assert e["backend"] == "triton", name
         assert e["launches_per_call"] >= 1 and e["kernels"], name  # every timed call reached a launch
-        assert 0 < e["us"] < 1e6 and 0 < e["us_no_plan_cache"] < 1e6, name
+        assert 0 < e["us"] < 1e6 and 0 < e["us_no_plan_cache"] < 1e6 and 0 < e["us_p10"] <= e["us"], name
         shares = e["breakdown_percent"]
         assert abs(sum(shares.values()) - 100) < 1e-6 and shares["kernel launcher (kernels/)"] > 0, (name, shares)
 
@@ -199,7 +199,7 @@ def _tiny_report(fastdiff_ops):
             }
         },
         "fused_op_host_path_us": {
-            "group_norm x": {"op": "group_norm", "backend": "triton", "us": 5.0, "us_no_plan_cache": 9.5, "launches_per_call": 2, "kernels": ["_apply", "_stats"],
+            "group_norm x": {"op": "group_norm", "backend": "triton", "us": 5.0, "us_p10": 4.25, "us_no_plan_cache": 9.5, "launches_per_call": 2, "kernels": ["_apply", "_stats"],
                              "breakdown_percent": {"kernel launcher (kernels/)": 60.0, "other Python": 40.0}},
             "group_norm + input_bias": {"op": "group_norm", "backend": "triton", "error": "no"},
         },
@@ -218,7 +218,7 @@ def test_markdown_states_proxies_targets_load_and_history():
     assert "| tiny | 50 / 54 | 100 | 0.50 / 0.54 (met) | 46 / 50 (0.46 / 0.50) | 1 / 4 |" in text
     assert "| tiny | 8 / 10 (0.80, met) | 9 / 10 (0.90) | 24 / 30 (0.80) | 20 / 30 (0.67) |" in text
     assert "  * fastdiff::group_norm_fwd_triton: 1 kernel (1), 3 kernels (2)" in text
-    assert "| group_norm x | 5.0 (met) | 9.5 | 2 (_apply, _stats) | 1.5 / 4.2 (triton) |" in text
+    assert "| group_norm x | 5.0 (met); p10 4.2 | 9.5 | 2 (_apply, _stats) | 1.5 / 4.2 (triton) |" in text
     assert "| group_norm + input_bias | not measured: triton cannot run it (no) |" in text
     assert "| group_norm x | 0 | 0 | 60 | 0 | 0 | 40 |" in text
     assert "* Launches per step <= 0.6x diffusers' (every kernel counted): tiny 0.54x: met." in text
