@@ -484,10 +484,10 @@ def fused_op_cases(device, dtype=torch.float16, real: bool = True, sizes: str = 
     }
 
 
-def _per_call_us(fn, calls: int, before=None, quantile: float = 0.5) -> float:
-    """Median (or another ``quantile``) microseconds of one ``fn()`` over ``calls`` calls,
-    each timed on its own (``before()``, if given, runs untimed before each); the garbage
-    collector is off."""
+def _per_call_us(fn, calls: int, before=None, quantiles=None):
+    """Median microseconds of one ``fn()`` over ``calls`` calls, each timed on its own
+    (``before()``, if given, runs untimed before each); the garbage collector is off.
+    With ``quantiles`` (0.5 = the median), a tuple of those instead."""
     clock = time.perf_counter
     samples = []
     gc_was_enabled = gc.isenabled()
@@ -502,9 +502,12 @@ def _per_call_us(fn, calls: int, before=None, quantile: float = 0.5) -> float:
     finally:
         if gc_was_enabled:
             gc.enable()
-    if quantile == 0.5:
+    if quantiles is None:
         return statistics.median(samples) * 1e6
-    return sorted(samples)[min(len(samples) - 1, int(quantile * len(samples)))] * 1e6
+    ordered = sorted(samples)
+    return tuple(
+        (statistics.median(samples) if q == 0.5 else ordered[min(len(ordered) - 1, int(q * len(ordered)))]) * 1e6 for q in quantiles
+    )
 
 
 def _first_line(error: Exception) -> str:
@@ -573,8 +576,7 @@ def fused_op_host_path_us(calls: int = 2000, cases: dict = None) -> dict:
                 result[name] = {"op": op_name, "backend": "triton", "error": _first_line(error)}
                 continue
             before = len(launched)
-            repeat = _per_call_us(call, calls)
-            repeat_p10 = _per_call_us(call, calls, quantile=0.1)
+            repeat, repeat_p10 = _per_call_us(call, calls, quantiles=(0.5, 0.1))
             per_call = (len(launched) - before) / calls
             kernels = sorted(set(launched[before:]))
             cold = _per_call_us(call, calls, before=backends.clear_plans)
