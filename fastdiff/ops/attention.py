@@ -29,6 +29,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensor
 
 from fastdiff import backends
 
@@ -153,53 +154,34 @@ def _sdpa_run(inputs: Mapping[str, Any]) -> torch.Tensor:
 
 
 def _triton_reasons(inputs: Mapping[str, Any], tma: bool = False) -> List[str]:
-    """Why ``triton`` (or, with ``tma``, ``triton_tma``) cannot run ``inputs``."""
+    """Why ``triton`` (or, with ``tma``, ``triton_tma``) cannot run ``inputs``. The
+    kernels' reasons read the device through fastdiff.backends' description
+    (``use_target`` or the visible GPU), so they also decide on fake CUDA tensors."""
     if not backends.triton_available():
         return ["triton is not installed"]
     q, k, v, mask = inputs["q"], inputs["k"], inputs["v"], inputs["attn_mask"]
     reasons = backends.device_reasons([q, k, v, mask], allow_cpu_interpret=True)
     from fastdiff.kernels import attention as kernels
 
-    if q.device.type == "cuda":
-        # The device's capability comes from the dispatch description
-        # (fastdiff.backends.use_target or the visible GPU), not torch.cuda, so
-        # dispatch also decides on fake CUDA tensors. The kernels' own reasons
-        # query torch.cuda for CUDA tensors, so they see the tensors as "meta"
-        # stand-ins (same shape, strides, dtype) and the check is made here.
-        capability = backends.capability_reasons(q.device, (8, 0), "bf16 tensor cores; compiled and tested for sm_80/sm_90")
-        if tma and not capability:
-            capability = backends.capability_reasons(q.device, (9, 0), "TMA needs Hopper")
-        reasons += capability
-        q, k, v, mask = (_DeviceFree(t) if t is not None else None for t in (q, k, v, mask))
     return reasons + (kernels.tma_reasons if tma else kernels.layout_reasons)(q, k, v, mask)
 
 
-class _DeviceFree:
-    """A tensor as the kernels' layout reasons read it (shape, strides, dtype,
-    requires_grad, pointer alignment), with ``device`` reported as meta so that
-    they make no torch.cuda query. Fake tensors have no storage pointer; they
-    are taken as 16-byte aligned, as the caching allocator's blocks are."""
-
-    __slots__ = ("_t",)
-
-    def __init__(self, t: torch.Tensor):
-        self._t = t
-
-    device = torch.device("meta")
-
-    def __getattr__(self, name):
-        return getattr(self._t, name)
-
-    def stride(self, *args):
-        return self._t.stride(*args)
-
-    def data_ptr(self) -> int:
-        from torch._subclasses.fake_tensor import FakeTensor
-
-        return 0 if isinstance(self._t, FakeTensor) else self._t.data_ptr()
+def _needs_autograd_graph(inputs: Mapping[str, Any]) -> bool:
+    """Whether the call must go through the custom op: under torch.compile (which
+    traces the op), inside a TorchDispatchMode (fake tensors take the op's fake
+    implementation; a census sees one op), or when autograd has to record it (grad
+    mode on and an input that requires grad). Otherwise the launcher is called
+    directly, which skips the torch.library dispatch (several microseconds per call)."""
+    if backends._is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+        return True  # traced, or seen by a dispatch mode (FakeTensorMode, an op census): one op
+    return torch.is_grad_enabled() and (inputs["q"].requires_grad or inputs["k"].requires_grad or inputs["v"].requires_grad)
 
 
 def _triton_run(inputs: Mapping[str, Any]) -> torch.Tensor:
+    if not _needs_autograd_graph(inputs):
+        from fastdiff.kernels.attention import attention_forward
+
+        return attention_forward(inputs["q"], inputs["k"], inputs["v"], inputs["attn_mask"], inputs["scale"])[0]
     out, _ = _attention_fwd_triton(inputs["q"], inputs["k"], inputs["v"], inputs["attn_mask"], inputs["scale"])
     return out
 
@@ -209,6 +191,10 @@ def _triton_tma_reasons(inputs: Mapping[str, Any]) -> List[str]:
 
 
 def _triton_tma_run(inputs: Mapping[str, Any]) -> torch.Tensor:
+    if not _needs_autograd_graph(inputs):
+        from fastdiff.kernels.attention import attention_forward_tma
+
+        return attention_forward_tma(inputs["q"], inputs["k"], inputs["v"], inputs["attn_mask"], inputs["scale"])[0]
     out, _ = _attention_fwd_triton_tma(inputs["q"], inputs["k"], inputs["v"], inputs["attn_mask"], inputs["scale"])
     return out
 
@@ -366,8 +352,45 @@ def attention(
     dQ from the saved logsumexp; no SDPA recompute). ``triton`` declines an
     attn_mask that requires grad.
     """
-    _check_inputs(q, k, v, attn_mask, scale)
-    return _DISPATCHER(_inputs(q, k, v, attn_mask, scale), backend)
+    # A repeat call with the same layout reuses the backend chosen before (the
+    # dispatcher's plan cache) and skips the argument checks and every reason.
+    # Under torch.compile the checked path runs once, at trace time.
+    key = None if backends._is_compiling() else _plan_key(q, k, v, attn_mask, scale)
+    chosen = _DISPATCHER.lookup(key, backend) if key is not None else None
+    if chosen is None:
+        _check_inputs(q, k, v, attn_mask, scale)
+        inputs = _inputs(q, k, v, attn_mask, scale)
+        chosen = _DISPATCHER.select(inputs, backend, cache_key=key)
+    else:
+        inputs = _inputs(q, k, v, attn_mask, scale)
+    return chosen.run(inputs)
+
+
+def _plan_key(q, k, v, attn_mask, scale) -> Optional[tuple]:
+    """A cheap summary of everything :func:`_check_inputs` and every backend's reasons
+    read (shapes, strides, dtypes, devices, whether q/k/v are 16-byte aligned (TMA),
+    the mask's layout and requires_grad, the scale) for the dispatcher's plan cache;
+    None when an argument is not a tensor or a float (the checked path then names it).
+    Only the backend choice is cached: the run reads the live tensors. Whether Triton
+    runs interpreted is fixed when the kernels are defined; after changing
+    TRITON_INTERPRET in a running process, call fastdiff.backends.clear_plans()."""
+    if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)):
+        return None
+    if scale is not None and type(scale) is not float:
+        return None
+    if isinstance(q, FakeTensor) or isinstance(k, FakeTensor) or isinstance(v, FakeTensor):
+        misaligned = False  # no storage; the kernels' reasons take fake tensors as aligned
+    else:
+        misaligned = bool((q.data_ptr() | k.data_ptr() | v.data_ptr()) & 15)
+    key = (
+        q.shape, q.stride(), q.dtype, q.device, k.shape, k.stride(), k.dtype, k.device,
+        v.shape, v.stride(), v.dtype, v.device, misaligned, scale,
+    )
+    if attn_mask is None:
+        return key
+    if not isinstance(attn_mask, torch.Tensor):
+        return None
+    return key + (attn_mask.shape, attn_mask.stride(), attn_mask.dtype, attn_mask.device, attn_mask.requires_grad)
 
 
 def explain(q, k, v, attn_mask=None, scale=None, backend=None) -> str:
