@@ -236,3 +236,18 @@ def test_module_forwards_input_bias():
         norm.bias.normal_()
     x, t = torch.randn(2, 9, 4, 5), torch.randn(2, 9)
     assert torch.equal(norm(x, input_bias=t), norm(x + t[:, :, None, None]))
+
+
+def test_reference_backward_of_a_frozen_channels_last_input(seed):
+    # torch 2.13's CPU GroupNorm backward crashes on a channels_last input that does not
+    # require grad when the weight does; the reference backend computes from an NCHW copy.
+    x = torch.randn(2, 6, 5, 7).to(memory_format=torch.channels_last)
+    w = torch.randn(6, requires_grad=True)
+    b = torch.randn(6, requires_grad=True)
+    y = fastdiff.ops.group_norm(x, 3, w, b, 1e-5, "silu", backend="reference")
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    dw, db = torch.autograd.grad(y.sum(), [w, b])
+    w2, b2 = w.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    want = torch.autograd.grad(F.silu(F.group_norm(x.contiguous(), 3, w2, b2, 1e-5)).sum(), [w2, b2])
+    assert torch.equal(dw, want[0]) and torch.equal(db, want[1])
+    assert torch.equal(y, F.silu(F.group_norm(x.contiguous(), 3, w, b, 1e-5)))
