@@ -380,7 +380,9 @@ def host_time(arch: str, runs: int) -> dict:
 
 def _time_alternating(models: dict, inputs: dict, runs: int, result: dict, where: str) -> None:
     for library, model in models.items():
-        _forward(model, library, inputs)  # warm-up
+        with LaunchCounter() as counter:
+            _forward(model, library, inputs)  # warm-up, counting the ops that run on these tensors
+        result[library][f"{where}_ops"] = counter.launches
     wall, cpu = {library: [] for library in models}, {library: [] for library in models}
     for _ in range(runs):
         for library, model in models.items():
@@ -753,6 +755,20 @@ def markdown(report: dict) -> str:
             return text + (f", {_verdict(ratio, TARGETS['host_time_ratio'])})" if verdict else ")")
 
         lines.append(f"| {arch} | {cell('meta_cpu', True)} | {cell('meta')} | {cell('fake_cuda_cpu')} | {cell('fake_cuda')} |")
+    meta_ops = [
+        f"{arch} {e['host_time']['fastdiff']['meta_ops']} / {e['host_time']['diffusers']['meta_ops']}"
+        for arch, e in report["archs"].items()
+        if "meta_ops" in e["host_time"]["fastdiff"]
+    ]
+    lines += [
+        "",
+        "On the meta device fastdiff's fused backends decline the tensors, so its reference paths run (the CPU "
+        "fallback, with fp32 upcasts in attention and GroupNorm): the meta column times that fallback, op by op "
+        "through torch's Python meta functions"
+        + (f" (work ops per forward on meta, fastdiff / diffusers: {'; '.join(meta_ops)})" if meta_ops else "")
+        + f". On fake CUDA tensors dispatch follows {report['target']} and each fused op is one custom op, as in a "
+        "GPU step; FakeTensorMode's per-op bookkeeping, paid by both libraries, dominates that column.",
+    ]
     lines += [
         "",
         "\"Fused op = its kernels\" counts each fastdiff custom-op call at the kernels its launcher starts: every "

@@ -242,6 +242,9 @@ def test_host_time_alternates_and_records_wall_and_cpu_time():
             wall, cpu = result[library][f"{where}_ms"], result[library][f"{where}_cpu_ms"]
             # One thread's CPU time cannot exceed the wall time it ran in (1 ms of clock granularity).
             assert 0 < cpu <= wall + 1.0, (library, where, cpu, wall)
+            assert result[library][f"{where}_ops"] > 0
+    # On meta fastdiff runs its reference paths; on fake CUDA its fused ops, one custom op each: fewer ops.
+    assert result["fastdiff"]["fake_cuda_ops"] < result["fastdiff"]["meta_ops"]
 
 
 @pytest.mark.parametrize("op_name", ["group_norm", "attention"])
