@@ -223,16 +223,22 @@ def _gpu_fwd_configs() -> List[triton.Config]:
     return configs
 
 
-def _fwd_smem_estimate(c: triton.Config, args) -> int:
+def _fwd_smem_estimate(c: triton.Config, args, capability: Optional[Tuple[int, int]] = None) -> int:
     """Shared memory (bytes) a forward config needs, as ptxas reports it (Triton 3.9,
-    fastdiff.tools.aot_check, within a few hundred bytes for fp32 at D=40/160 on sm_80 and
-    sm_90): K and V tiles for every stage but one, the query tile, a score-sized staging
-    tile, and the mask's tiles; plus 5% headroom. fp32 (ieee) tiles are twice fp16's, so
+    fastdiff.tools.aot_check, checked on every forward config of its ci matrix: at or above
+    the measured figure, never pruning one that fits): K and V tiles for every stage but
+    one, the query tile, a score-sized staging tile, and the mask's tiles; on sm_90 with
+    16-bit inputs (wgmma operands in shared memory) K/V for every stage and the query
+    tile; plus 5% headroom. fp32 (ieee) tiles are twice fp16's, so
     their deep pipelines do not fit: 128x64 with 3 stages at D=160 needs 279 KB."""
     bm, bn, stages = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages
     padded = sum(head_dim_chunks(args["HEAD_DIM"], c.kwargs.get("SPLIT_D", True)))
     elt = args["Out"].element_size() if hasattr(args.get("Out"), "element_size") else 2
-    need = (stages - 1) * bn * padded * elt * 2 + bm * padded * elt + bm * bn * elt
+    if capability is not None and capability[0] >= 9 and elt == 2:
+        # wgmma reads its operands from shared memory: K/V for every stage, and the query tile.
+        need = stages * bn * padded * elt * 2 + bm * padded * elt
+    else:
+        need = (stages - 1) * bn * padded * elt * 2 + bm * padded * elt + bm * bn * elt
     if args.get("MASK_KIND", MASK_NONE) != MASK_NONE:
         mask_elt = args["Mask"].element_size() if hasattr(args.get("Mask"), "element_size") else 4
         need += stages * (bn if args.get("MASK_KEYS_ONLY", False) else bm * bn) * mask_elt
@@ -289,7 +295,7 @@ def _prune_fwd_configs(configs, named_args, **kwargs):
         configs = [c for c in configs if c.kwargs["BLOCK_N"] <= 64 and (keys_only or c.kwargs["BLOCK_M"] <= 64)] or configs
     smem = _smem_limit_for(args["Lse"])
     if smem is not None:
-        configs = [c for c in configs if _fwd_smem_estimate(c, args) <= smem] or configs
+        configs = [c for c in configs if _fwd_smem_estimate(c, args, capability) <= smem] or configs
     sms = _sms_for(args["Lse"])
     if sms is None:
         return configs

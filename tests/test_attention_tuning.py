@@ -176,3 +176,28 @@ def test_tuned_key_never_reaches_the_pruner(seed, monkeypatch):
         assert torch.equal(again, eager) and len(pruned_keys) == 1
         with pytest.raises(_tuning.TuningDuringCaptureError, match="fastdiff.warmup"):
             attention(q[:, :, :7], k, v, backend="triton")
+
+
+# Shared memory that ptxas reported for forward configs (fastdiff.tools.aot_check, Triton 3.9):
+# (arch, dtype, head dim, mask kind, BLOCK_M, BLOCK_N, stages, bytes).
+MEASURED_SMEM = [
+    (80, torch.float32, 160, 0, 64, 64, 3, 221440),  # over sm_80's 166912
+    (80, torch.float32, 160, 0, 128, 64, 2, 197120),  # over
+    (90, torch.float32, 40, 0, 128, 128, 4, 238080),  # over sm_90's 232448
+    (90, torch.float16, 160, 0, 128, 64, 4, 204800),  # fits
+    (90, torch.float16, 160, 1, 64, 64, 4, 196608),  # fits (full bool mask)
+    (90, torch.float16, 40, 0, 64, 128, 4, 104448),  # fits
+]
+
+
+@pytest.mark.parametrize("arch,dtype,head_dim,mask_kind,bm,bn,stages,measured", MEASURED_SMEM)
+def test_shared_memory_estimate_covers_ptxas(arch, dtype, head_dim, mask_kind, bm, bn, stages, measured):
+    """The pruner's estimate is never below what ptxas needs, and prunes exactly the configs over the limit."""
+    kernels = _kernels()
+    config = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "SPLIT_D": True}, num_warps=8, num_stages=stages)
+    args = {"HEAD_DIM": head_dim, "Out": torch.empty(1, dtype=dtype), "Mask": torch.empty(1, dtype=torch.uint8),
+            "MASK_KIND": mask_kind, "MASK_KEYS_ONLY": False}
+    estimate = kernels._fwd_smem_estimate(config, args, (arch // 10, 0))
+    limit = {80: 166912, 90: 232448}[arch]
+    assert estimate >= measured
+    assert (estimate > limit) == (measured > limit)
