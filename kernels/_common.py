@@ -21,3 +21,17 @@ def _to_dtype(x, dtype: tl.constexpr):
         return tl.where(x == x, rounded, x.to(tl.bfloat16))
     else:
         return x.to(dtype)
+
+
+# Host-side integer helpers for the launchers. Triton's own ``triton.cdiv`` and
+# ``triton.next_power_of_2`` are constexpr functions (Triton >= 3.4) that cost several
+# microseconds per host call, a large share of a launcher's host path; these are the
+# same integer maths as plain Python.
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for positive integers."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1), as triton.next_power_of_2."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()

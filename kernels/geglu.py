@@ -49,7 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastdiff.kernels._common import _to_dtype
+from fastdiff.kernels._common import _to_dtype, cdiv, next_pow2
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_ROW_DIMS = 2  # collapsed (size, stride) pairs of leading dims the kernels index
@@ -81,8 +81,8 @@ class GegluConfig:
 
 def launch_config(n_rows: int, d: int) -> GegluConfig:
     """The tile for M = ``n_rows`` rows of D = ``d`` output columns (forward and backward)."""
-    block_d = min(MAX_BLOCK_D, triton.next_power_of_2(d))
-    block_m = min(triton.next_power_of_2(n_rows), max(1, TILE_ELEMS // block_d))
+    block_d = min(MAX_BLOCK_D, next_pow2(d))
+    block_m = min(next_pow2(n_rows), max(1, TILE_ELEMS // block_d))
     num_warps = max(1, min(MAX_NUM_WARPS, (block_m * block_d) // ELEMS_PER_WARP))
     return GegluConfig(block_m, block_d, num_warps)
 
@@ -228,7 +228,7 @@ def _geglu_bwd_kernel(
 
 
 def _grid(n_rows: int, d: int, config: GegluConfig) -> Tuple[int, int]:
-    return triton.cdiv(n_rows, config.block_m), triton.cdiv(d, config.block_d)
+    return cdiv(n_rows, config.block_m), cdiv(d, config.block_d)
 
 
 def geglu_forward(x: torch.Tensor) -> torch.Tensor:

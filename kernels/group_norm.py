@@ -96,6 +96,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastdiff.kernels._common import cdiv, next_pow2
+
 logger = logging.getLogger(__name__)
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -189,7 +191,7 @@ class GroupNormConfig:
 
 
 def _next_pow2(v: int) -> int:
-    return max(2, triton.next_power_of_2(v))
+    return max(2, next_pow2(v))
 
 
 def launch_config(
@@ -230,9 +232,9 @@ def launch_config(
     else:
         block_s = min(_next_pow2(s), SPLIT_MAX_BLOCK_S_NCHW, tile_elems // 2)
         block_c = min(_next_pow2(c), tile_elems // block_s)
-    base_programs = n * triton.cdiv(c, block_c)
-    want = triton.cdiv(programs_per_sm * num_sms, base_programs)
-    split = max(1, min(want, triton.cdiv(s, block_s)))
+    base_programs = n * cdiv(c, block_c)
+    want = cdiv(programs_per_sm * num_sms, base_programs)
+    split = max(1, min(want, cdiv(s, block_s)))
     config = GroupNormConfig(False, block_c, block_s, num_warps, split)
     _, n_chunks = _chunking(s, config)
     fused = block_c * cpg * n_chunks <= FUSED_COMBINE_MAX_PARTIALS
@@ -252,8 +254,8 @@ def _chunking(s: int, config: GroupNormConfig) -> Tuple[int, int]:
     The chunk is a multiple of block_s, rounded down from s / split so that at
     least ``split`` chunks are launched whenever s allows it.
     """
-    chunk = max(config.block_s, (triton.cdiv(s, config.split) // config.block_s) * config.block_s)
-    return chunk, triton.cdiv(s, chunk)
+    chunk = max(config.block_s, (cdiv(s, config.split) // config.block_s) * config.block_s)
+    return chunk, cdiv(s, chunk)
 
 
 # SM count assumed for a CUDA device nobody can describe (fake CUDA tensors without a
@@ -1063,13 +1065,13 @@ def group_norm_forward(
             )
             return y, mean, rstd
         chunk, n_chunks = _chunking(s, config)
-        n_cblocks = triton.cdiv(c, config.block_c)
+        n_cblocks = cdiv(c, config.block_c)
         grid = (n * n_chunks * n_cblocks,)
         pmean = torch.empty((n, c, n_chunks), dtype=torch.float32, device=x.device)
         pm2 = torch.empty_like(pmean)
         total = cpg * n_chunks
         last = config.last_program_combine
-        block_g = _next_pow2(triton.cdiv(config.block_c - 1, cpg) + 1) if last else 2
+        block_g = _next_pow2(cdiv(config.block_c - 1, cpg) + 1) if last else 2
         counters = _group_counters(x, n * num_groups) if last else pmean
         _launch(
             _stats_kernel, grid,
@@ -1083,7 +1085,7 @@ def group_norm_forward(
             block_p = min(_next_pow2(total), COMBINE_BLOCK)
             block_r = max(2, min(_next_pow2(n * num_groups), COMBINE_BLOCK // block_p))
             _launch(
-                _combine_kernel, (triton.cdiv(n * num_groups, block_r),),
+                _combine_kernel, (cdiv(n * num_groups, block_r),),
                 pmean, pm2, mean, rstd, c, s, num_groups, cpg, chunk, n_chunks, n * num_groups, eps,
                 BLOCK_R=block_r, BLOCK_P=block_p, num_warps=4,
             )
@@ -1153,7 +1155,7 @@ def group_norm_backward(
     x_strides, dy_strides, dx_strides = (_strides4(t, dims, k) for k, t in enumerate((x, dy, dx)))
     weight, bias, mean, rstd = weight.contiguous(), bias.contiguous(), mean.contiguous(), rstd.contiguous()
     chunk, n_chunks = _chunking(s, config)
-    n_cblocks = triton.cdiv(c, config.block_c)
+    n_cblocks = cdiv(c, config.block_c)
     grid = (n * n_chunks * n_cblocks,)
     pds = torch.empty((n, c, n_chunks), dtype=torch.float32, device=x.device)
     pdb = torch.empty_like(pds)

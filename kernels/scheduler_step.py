@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastdiff.kernels._common import _to_dtype
+from fastdiff.kernels._common import _to_dtype, cdiv, next_pow2
 
 MAX_DIMS = 4
 
@@ -41,7 +41,7 @@ ELEMENTS_PER_THREAD = 4
 
 def launch_settings(n_elements: int) -> Tuple[int, int]:
     """(BLOCK, num_warps) for ``n_elements`` elements."""
-    block = triton.next_power_of_2(triton.cdiv(n_elements, TARGET_PROGRAMS))
+    block = next_pow2(cdiv(n_elements, TARGET_PROGRAMS))
     block = max(MIN_BLOCK, min(MAX_BLOCK, block))
     num_warps = max(1, min(8, block // (32 * ELEMENTS_PER_THREAD)))
     return block, num_warps
@@ -256,7 +256,7 @@ def scheduler_step_forward(
 
     n_elements = sample.numel()
     block, num_warps = launch_settings(n_elements)
-    grid = (triton.cdiv(n_elements, block),)
+    grid = (cdiv(n_elements, block),)
     if not has_guidance:
         guidance_mode = 0
     elif guidance_tensor is None:
