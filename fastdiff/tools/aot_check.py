@@ -430,6 +430,21 @@ def _group_norm_calls(matrix: str, archs) -> Iterator[Tuple[str, Any, List[str]]
                     case = f"{n}x{c}x{hh}x{ww} G={groups} {_DTYPES[dtype]} {layout}{' silu' if silu else ''}{' input_bias' if has_ib else ''}"
                     yield case, run, names
 
+    # A config forced with neither merge flag runs the separate _combine_kernel (3 launches). Only
+    # group_norm_forward(config=...) reaches it (bench_group_norm.py --sweep), so one SD shape covers it.
+    import dataclasses
+
+    for layout in ("NCHW", "NHWC"):
+        def forced(layout=layout):
+            fmt = torch.channels_last if layout == "NHWC" else torch.contiguous_format
+            x = torch.empty(2, 320, 64, 64, dtype=torch.float16, memory_format=fmt)
+            w, bias = torch.empty(320, dtype=x.dtype), torch.empty(320, dtype=x.dtype)
+            config = kernels.launch_config(2, 320, 64 * 64, 32, layout == "NHWC", 132, allow_single_pass=False)
+            config = dataclasses.replace(config, fused_combine=False, last_program_combine=False)
+            kernels.group_norm_forward(x, w, bias, 32, 1e-5, True, config=config)
+
+        yield f"2x320x64x64 G=32 fp16 {layout} silu, forced 3-launch config", forced, names
+
 
 def _geglu_shapes(matrix: str) -> List[Tuple[int, int]]:
     if matrix != "reachable":
