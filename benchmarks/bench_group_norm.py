@@ -130,8 +130,9 @@ def _describe(config, x, backward=False) -> str:
         return f"single-pass {n * GROUPS} progs, tile {config.block_c}x{config.block_s}, {config.num_warps} warps"
     _, n_chunks = kernels._chunking(s, config)
     programs = n * n_chunks * -(-c // config.block_c)
-    launches = 2 if config.fused_combine and not backward else 3
-    return f"split x{n_chunks}, {programs} progs, tile {config.block_c}x{config.block_s}, {config.num_warps} warps, {launches} launches"
+    launches = 3 if backward else kernels.forward_launches(config)
+    merge = "apply merges" if config.fused_combine else "last program merges" if config.last_program_combine else "combine launch"
+    return f"split x{n_chunks}, {programs} progs, tile {config.block_c}x{config.block_s}, {config.num_warps} warps, {merge}, {launches} launches"
 
 
 def _sweep_configs(x) -> list:
@@ -142,9 +143,12 @@ def _sweep_configs(x) -> list:
     default = kernels.launch_config(*args)
     seen = {_describe(default, x)}
     configs = []
-    if not default.single_pass:  # the same tiling with the partial merge in the other place
-        configs.append(dataclasses.replace(default, fused_combine=not default.fused_combine))
-        seen.add(_describe(configs[-1], x))
+    if not default.single_pass:  # the same tiling with the partials merged in each other place
+        for fused, last in ((True, False), (False, True), (False, False)):
+            config = dataclasses.replace(default, fused_combine=fused, last_program_combine=last)
+            if _describe(config, x) not in seen:
+                configs.append(config)
+                seen.add(_describe(config, x))
     for allow_single_pass in (True, False):
         for tile_elems, num_warps in SWEEP_TILES:
             for programs_per_sm in SWEEP_PROGRAMS_PER_SM:
