@@ -78,6 +78,7 @@ from torch._subclasses.fake_tensor import FakeTensor  # imported by torch itself
 from fastdiff.backends import capability_reasons, cuda_device_description
 from fastdiff.backends import triton_interpret_enabled as _interpret
 
+from ._common import cdiv, next_pow2
 from ._tuning import refuse_tuning_during_capture
 
 LOG2E = math.log2(math.e)
@@ -112,10 +113,10 @@ def head_dim_chunks(head_dim: int, split: bool = True) -> Tuple[int, int]:
     forward's autotuner measures (``SPLIT_D``)."""
     padded = max(16, -(-head_dim // 16) * 16)
     if not split:
-        return triton.next_power_of_2(padded), 0
+        return next_pow2(padded), 0
     d0 = 1 << (padded.bit_length() - 1)
     rest = padded - d0
-    d1 = 0 if rest == 0 else max(16, triton.next_power_of_2(rest))
+    d1 = 0 if rest == 0 else max(16, next_pow2(rest))
     return d0, d1
 
 
@@ -303,7 +304,7 @@ def _prune_fwd_configs(configs, named_args, **kwargs):
     bh = args["BH"]
 
     def programs(c):
-        return triton.cdiv(rows, c.kwargs["BLOCK_M"]) * bh
+        return cdiv(rows, c.kwargs["BLOCK_M"]) * bh
 
     if any(programs(c) >= sms for c in configs):
         configs = [c for c in configs if 4 * programs(c) >= sms]
@@ -1326,7 +1327,7 @@ def attention_forward(
     mask, mask_strides = _mask_view(attn_mask, q, lk)
 
     def grid(meta):
-        return (triton.cdiv(lq, meta["BLOCK_M"]), b * h)
+        return (cdiv(lq, meta["BLOCK_M"]), b * h)
 
     _attn_fwd_tuned[grid](
         q, k, v, mask, out, lse,
@@ -1354,7 +1355,7 @@ def attention_forward_tma(
     descriptors = [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 16, 16]) for t in (q, q, k, k, v, v)]
 
     def grid(meta):
-        return (triton.cdiv(lq, meta["BLOCK_M"]), b * h)
+        return (cdiv(lq, meta["BLOCK_M"]), b * h)
 
     _attn_fwd_tma_tuned[grid](
         *descriptors, mask, out, lse,
@@ -1391,17 +1392,17 @@ def attention_backward(
     meta = _common_meta(q, attn_mask, (q, k, v, dout, dq, dk, dv))
 
     block_m_delta = 16 if _interpret() else 64
-    _attn_bwd_delta[(triton.cdiv(lq, block_m_delta), b * h)](
+    _attn_bwd_delta[(cdiv(lq, block_m_delta), b * h)](
         out, dout, delta, *out.stride(), *dout.stride(), h, lq,
-        HEAD_DIM=d, BLOCK_M=block_m_delta, BLOCK_D=triton.next_power_of_2(d),
+        HEAD_DIM=d, BLOCK_M=block_m_delta, BLOCK_D=next_pow2(d),
     )
-    _attn_bwd_dkdv_tuned[lambda m: (triton.cdiv(lk, m["BLOCK_N"]), b * h)](
+    _attn_bwd_dkdv_tuned[lambda m: (cdiv(lk, m["BLOCK_N"]), b * h)](
         q, k, v, mask, dout, lse, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *mask_strides, *dout.stride(), *dk.stride(), *dv.stride(),
         h, lq, lk, scale, scale * LOG2E,
         **meta,
     )
-    _attn_bwd_dq_tuned[lambda m: (triton.cdiv(lq, m["BLOCK_M"]), b * h)](
+    _attn_bwd_dq_tuned[lambda m: (cdiv(lq, m["BLOCK_M"]), b * h)](
         q, k, v, mask, dout, lse, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *mask_strides, *dout.stride(), *dq.stride(),
         h, lq, lk, scale, scale * LOG2E,
