@@ -787,12 +787,12 @@ class GraphPipelineMixin:
         def spy(dispatcher):
             select = dispatcher.select
 
-            def recording_select(inputs, backend=None):
+            def recording_select(inputs, backend=None, cache_key=None):
                 summary = _summarize(dispatcher.op_name, inputs)
                 key = (dispatcher.op_name, summary)
                 if key not in calls:
                     calls[key] = dispatcher.explain(inputs, backend)
-                return select(inputs, backend)
+                return select(inputs, backend, cache_key=cache_key)
 
             return recording_select
 
@@ -802,6 +802,8 @@ class GraphPipelineMixin:
             for dispatcher in backends._DISPATCHERS.values():
                 originals[dispatcher] = dispatcher.__dict__.get("select")
                 dispatcher.select = spy(dispatcher)
+                # No cached plan may answer for select: every op of the step must be seen.
+                dispatcher.lookup = _no_plan
             object.__setattr__(self, "scheduler", scheduler)
             if "_step_index" in scheduler.__dict__:
                 scheduler._step_index = 0  # the first step's index, so no timestep lookup reads a fake value
@@ -816,11 +818,16 @@ class GraphPipelineMixin:
         finally:
             object.__setattr__(self, "scheduler", real_scheduler)
             for dispatcher, original in originals.items():
+                dispatcher.__dict__.pop("lookup", None)
                 if original is None:
                     del dispatcher.select
                 else:
                     dispatcher.select = original
         return calls, error
+
+
+def _no_plan(cache_key, backend=None):
+    return None
 
 
 def _explaining_step(scheduler, calls, call_kwargs):
