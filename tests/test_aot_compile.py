@@ -192,3 +192,67 @@ def test_cache_is_keyed_by_kernel_source_and_triton_version(tmp_path):
     (after,) = run(1)["runs"]
     assert after["_a_kernel"]["key"] != cold["_a_kernel"]["key"] and not after["_a_kernel"]["cached"] and after["_a_kernel"]["ok"]
     assert after["_b_kernel"]["key"] == cold["_b_kernel"]["key"] and after["_b_kernel"]["cached"]
+
+
+_DEFER_DRIVER = _PROBE_DRIVER.split("runs = []")[0] + '''
+import os
+stop = sys.argv[1]
+out = {}
+for step in ("stopped", "open", "stopped-again"):
+    if step == "open":
+        os.remove(stop)
+    elif not os.path.exists(stop):
+        open(stop, "w").close()
+    tool._DEFER.update(deadline=None, stop_file=stop)
+    insts = instances()
+    tool.run_all(insts, 1)
+    out[step] = {i["kernel"]: None if i["result"] is None else {"cached": i["result"]["cached"], "ok": i["result"]["ok"]} for i in insts}
+tool._DEFER.update(deadline=0.0, stop_file=None)
+insts = instances()
+tool.run_all(insts, 1)
+out["past-deadline"] = {i["kernel"]: None if i["result"] is None else i["result"]["cached"] for i in insts}
+print(json.dumps(out))
+'''
+
+
+def test_a_stop_file_defers_what_is_not_cached_and_a_later_run_compiles_it(tmp_path):
+    """CI's every-config matrix runs until the tests end (--stop-file): an uncached compile is then
+    deferred (no result, not checked), a run without the stop compiles it, and a cached one is
+    always served, stop or not (--deadline alike)."""
+    if not _has_aot_compile():
+        pytest.skip("this Triton cannot compile ahead of time (no ASTSource/GPUTarget)")
+    package = tmp_path / "aotprobe"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "kern.py").write_text(_PROBE_KERNELS)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), REPO])
+    env["FASTDIFF_AOT_CACHE"] = str(tmp_path / "cache")
+    result = subprocess.run(
+        [sys.executable, "-c", _DEFER_DRIVER, str(tmp_path / "stop")], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["stopped"] == {"_a_kernel": None, "_b_kernel": None}
+    assert all(r == {"cached": False, "ok": True} for r in out["open"].values()), out["open"]
+    assert all(r == {"cached": True, "ok": True} for r in out["stopped-again"].values()), out["stopped-again"]
+    assert out["past-deadline"] == {"_a_kernel": True, "_b_kernel": True}
+
+
+def test_the_cli_lists_deferred_compiles_and_checks_none_of_them(tmp_path):
+    """With the stop file present and an empty cache, nothing is compiled: the tool says how many
+    compiles it deferred, per kernel, and --check passes on what it did check (nothing)."""
+    stop = tmp_path / "stop"
+    stop.write_text("")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["FASTDIFF_AOT_CACHE"] = str(tmp_path / "cache")
+    result = subprocess.run(
+        [sys.executable, "-m", "fastdiff.tools.aot_check", "--matrix", "smoke", "--families", "geglu", "--check",
+         "--stop-file", str(stop), "--json", str(tmp_path / "out.json")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "compiles DEFERRED" in result.stdout and "_geglu_fwd_kernel" in result.stdout, result.stdout
+    with open(tmp_path / "out.json") as f:
+        assert json.load(f)["instances"] == []
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.json"))

@@ -35,6 +35,16 @@ Matrices (``--matrix``):
   never run; the report counts it per kernel. ``--reduce`` merges instances
   that differ only by a reduction in ``REDUCTIONS`` (checked on a sample with
   ``--verify-reductions``).
+* ``every`` (what CI compiles, see below): every config of every autotune list
+  and launch plan that the pruner (without its occupancy rule) can yield at the
+  standard SD / SDXL shapes, with every dtype (fp16, bf16, fp32), mask (none,
+  bool or additive, key-padding or full), GroupNorm layout, SiLU and input bias,
+  and scheduler-step variant. Deduplicated as follows: every kernel variant
+  (constexprs other than block sizes and EVEN_* flags, pointer dtypes) at one
+  config, and every config once per kernel, target, head-dim class (padded
+  <= 128 or larger), element size and mask class (none, key-padding, full), at
+  its costliest variant. What a config needs (compile, shared memory,
+  registers) is settled by its tile and those classes.
 * ``smoke``: the configs the pruners keep for the standard SD shapes, one
   dtype and mask sample (fast; the test suite).
 * ``ci`` / ``full``: older samples of the SD shapes.
@@ -45,6 +55,14 @@ cached under ``$FASTDIFF_AOT_CACHE`` (default ``~/.cache/fastdiff-aot``) keyed
 by the kernel's source hash (Triton's ``cache_key``, which covers the
 ``@triton.jit`` functions it calls), the Triton version and the instance, so a
 rerun compiles only what changed.
+
+``--deadline EPOCH`` / ``--stop-file PATH`` bound a run: once the time has passed or
+the file exists, no compile that is not cached yet is started. Those are deferred:
+listed (count per kernel) in the output and the report, not checked, and compiled by
+a later run, which takes everything this one compiled from the cache. CI runs the
+``every`` matrix this way beside the test suite, at the lowest CPU priority, until
+the tests end (.ci/run), so each CI run on a machine adds to what the cache covers
+and checks all of it; the ``smoke`` matrix is compiled whole on every run.
 
 For each compile it records registers, spill bytes, shared memory, whether the
 PTX uses ``wgmma`` and TMA, and whether ptxas serialised the wgmma.
@@ -67,7 +85,8 @@ least one enumerated shape; a launch plan's single config always is.
 Usage::
 
     python -m fastdiff.tools.aot_check [--check] [--json OUT.json] [--report OUT.md] [--archs 80,90] [--jobs N]
-        [--matrix reachable|smoke|ci|full] [--reduce bf16,intclass] [--families attention,...] [--kernels ...] [--dry-run]
+        [--matrix reachable|every|smoke|ci|full] [--reduce bf16,intclass] [--families attention,...] [--kernels ...] [--dry-run]
+        [--deadline EPOCH] [--stop-file PATH]
 """
 
 from __future__ import annotations
@@ -243,7 +262,7 @@ def _instances_of_call(module, name: str, args: tuple, kwargs: dict, arch: int, 
         configs = [(c, c.num_warps, c.num_stages, id(c) in kept_ids) for c in reachable]
         constexprs = {p.name for p in jit.params if p.is_constexpr}
         _note_pruning(module, jit.__name__, arch, tuner.configs, reachable, kept, {k: v for k, v in {**named, **kwargs}.items() if k in constexprs})
-        if matrix not in ("full", "reachable"):
+        if matrix not in ("full", "reachable", "every"):
             configs = [entry for entry in configs if entry[3]]
     out = []
     for config, warps, stages, sd in configs:
@@ -319,7 +338,7 @@ def _attention_variants(matrix: str) -> List[Tuple[torch.dtype, str]]:
         return [(torch.float16, "none"), (torch.float16, "bool-full"), (torch.float32, "none")]
     if matrix == "ci":
         return [(torch.float16, m) for m in ("none", "bool-keys", "bool-full")] + [(torch.bfloat16, "none"), (torch.float32, "none")]
-    if matrix in ("reachable", "sd"):
+    if matrix in ("reachable", "sd", "every"):
         return [(dt, m) for dt in ATTENTION_DTYPES for m in ATTENTION_MASKS]
     heavy = ("none", "bool-full")
     return [(torch.float16, m) for m in ATTENTION_MASKS] + [(dt, m) for dt in (torch.bfloat16, torch.float32) for m in heavy]
@@ -403,7 +422,7 @@ def _group_norm_calls(matrix: str, archs) -> Iterator[Tuple[str, Any, List[str]]
     from fastdiff.kernels import group_norm as kernels
 
     names = ["_single_pass_kernel", "_stats_kernel", "_combine_kernel", "_apply_kernel", "_bwd_reduce_kernel", "_bwd_combine_kernel", "_bwd_dx_kernel"]
-    if matrix in ("reachable", "sd"):
+    if matrix in ("reachable", "sd", "every"):
         dtypes = (torch.float16, torch.bfloat16, torch.float32)
     else:
         dtypes = (torch.float16, torch.float32) if matrix != "smoke" else (torch.float16,)
@@ -477,7 +496,7 @@ def _scheduler_step_calls(matrix: str, archs) -> Iterator[Tuple[str, Any, List[s
         # Latents of every side above and batch 1, 2 (CFG-less and with CFG the sample is (B, 4, h, w)) and 8.
         shapes = sorted({(b, 4, side, side) for b in (1, 2, 8) for side in REACHABLE_LATENT_SIDES} | set(shapes))
     full = matrix != "smoke"
-    dtypes = ATTENTION_DTYPES if matrix in ("reachable", "sd") else (torch.float16, torch.float32) if full else (torch.float16,)
+    dtypes = ATTENTION_DTYPES if matrix in ("reachable", "sd", "every") else (torch.float16, torch.float32) if full else (torch.float16,)
     for shape, dtype in ((shape, dtype) for shape in shapes for dtype in dtypes):
         for guidance in ("none", "float", "tensor") if full else ("float",):
             for noise in ("none", "tensor", "bank") if full else ("none", "bank"):
@@ -555,6 +574,10 @@ def select(instances, matrix: str) -> List[Dict[str, Any]]:
         elem = "fp32" if "fp32" in _variant(i).split(" ")[0] else "16-bit"
         return (i["kernel"], i["arch"], _label(i), wide, elem)
 
+    def mask_class(i):
+        c = _consts(i)
+        return "none" if not c.get("MASK_KIND", 0) else "keys" if c.get("MASK_KEYS_ONLY", False) else "full"
+
     def cost(i):
         c = _consts(i)
         # Kept for SD first, then 64+-row tiles (the ones that run wgmma on sm_90), then the costliest variant.
@@ -566,6 +589,8 @@ def select(instances, matrix: str) -> List[Dict[str, Any]]:
         chosen.setdefault(("v",) + variant(i), i)
         if matrix == "ci":
             chosen.setdefault(("c",) + config_group(i), i)
+        if matrix == "every":
+            chosen.setdefault(("c",) + config_group(i) + (mask_class(i),), i)
     unique = {i["key"]: i for i in chosen.values()}
     return [i for i in instances if i["key"] in unique]
 
@@ -790,8 +815,25 @@ def _compile_cached(inst) -> Dict[str, Any]:
     return dict(result, cached=False)
 
 
+# Set by main before the pool forks: with a deadline or a stop file, an instance that is not
+# cached yet is deferred (its result stays None) once the deadline has passed or the file exists.
+_DEFER = {"deadline": None, "stop_file": None}
+
+
+def _should_defer() -> bool:
+    deadline, stop_file = _DEFER["deadline"], _DEFER["stop_file"]
+    return (deadline is not None and time.time() > deadline) or (stop_file is not None and os.path.exists(stop_file))
+
+
+def _compile_or_defer(inst) -> Optional[Dict[str, Any]]:
+    path = os.path.join(_cache_dir(), triton.__version__, inst["key"] + ".json")
+    if _should_defer() and not os.path.exists(path):
+        return None
+    return _compile_cached(inst)
+
+
 def run_all(instances, jobs: int) -> None:
-    """Compile every instance (cached), adding its results under ``result``."""
+    """Compile every instance (cached), adding its results under ``result`` (None: deferred, see _DEFER)."""
     triton_cache = tempfile.mkdtemp(prefix="fastdiff-aot-triton-")
     os.environ["TRITON_CACHE_DIR"] = triton_cache  # a fresh Triton cache, so ptxas runs and its log is seen
     try:
@@ -800,7 +842,7 @@ def run_all(instances, jobs: int) -> None:
         # Most expensive first (attention), so the pool's tail is short.
         order = sorted(range(len(instances)), key=lambda i: instances[i]["module"] != "attention")
         with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("fork")) as pool:
-            for i, result in zip(order, pool.map(_compile_cached, [instances[i] for i in order], chunksize=1)):
+            for i, result in zip(order, pool.map(_compile_or_defer, [instances[i] for i in order], chunksize=1)):
                 instances[i]["result"] = result
     finally:
         shutil.rmtree(triton_cache, ignore_errors=True)
@@ -996,10 +1038,17 @@ def sources_hash() -> str:
     return digest.hexdigest()[:16]
 
 
+def _count_by_kernel(instances) -> Dict[str, int]:
+    counts: Dict[str, int] = {}
+    for i in instances:
+        counts[i["kernel"]] = counts.get(i["kernel"], 0) + 1
+    return counts
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--archs", default=",".join(map(str, ARCHS)), help="comma-separated compute capabilities (default 80,90)")
-    parser.add_argument("--matrix", choices=("reachable", "sd", "ci", "smoke", "full"), default="smoke")
+    parser.add_argument("--matrix", choices=("reachable", "every", "sd", "ci", "smoke", "full"), default="smoke")
     parser.add_argument("--families", default=",".join(FAMILIES), help="kernel modules to compile (default: all)")
     parser.add_argument("--kernels", help="comma-separated kernel names to keep (default: all)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
@@ -1008,6 +1057,12 @@ def main(argv=None) -> int:
     parser.add_argument("--check", action="store_true", help="exit 1 on any violation (see the module docstring)")
     parser.add_argument("--compile-only", action="store_true", help="with --check: fail on compile errors and shared memory only")
     parser.add_argument("--dry-run", action="store_true", help="enumerate and count the distinct compiles, compile nothing")
+    parser.add_argument(
+        "--deadline", type=float, metavar="EPOCH",
+        help="start no new compile after this time (seconds since the epoch); what is left is deferred: not checked by "
+        "this run, listed as deferred, and compiled by a later run (the cache keeps what this one compiled)",
+    )
+    parser.add_argument("--stop-file", metavar="PATH", help="like --deadline: start no new compile once PATH exists")
     parser.add_argument("--reduce", default="", help=f"comma-separated reductions of the matrix ({', '.join(REDUCTIONS)}); see REDUCTIONS")
     parser.add_argument("--verify-reductions", type=int, metavar="N", help="compile every member of N sampled groups per reduction and compare")
     parser.add_argument(
@@ -1049,7 +1104,16 @@ def main(argv=None) -> int:
             print(line)
         print(f"aot_check: {len(instances)} distinct compiles enumerated in {enumerated:.1f} s (--dry-run: nothing compiled)")
         return 0
+    _DEFER.update(deadline=args.deadline, stop_file=args.stop_file)
     run_all(instances, args.jobs)
+    deferred = [i for i in instances if i["result"] is None]
+    instances = [i for i in instances if i["result"] is not None]
+    if deferred:
+        print(
+            f"aot_check: {len(deferred)} of {distinct} compiles DEFERRED (--deadline/--stop-file reached before they were "
+            f"compiled; not checked by this run, a later run compiles them): "
+            + ", ".join(f"{k} {n}" for k, n in sorted(_count_by_kernel(deferred).items()))
+        )
     seconds = time.time() - start
     failed = sum(not i["result"]["ok"] for i in instances)
     compiled = sum(not i["result"]["cached"] for i in instances)
@@ -1065,6 +1129,11 @@ def main(argv=None) -> int:
         summary = f"Matrix `{args.matrix}`: {distinct} distinct compiles" + (
             f"; reductions {', '.join(reductions)} (each checked on a sample, see REDUCTIONS in the tool) compile {len(instances)} of them." if reductions else "."
         )
+        if deferred:
+            summary += (
+                f" **{len(deferred)} of them were deferred** (the run's --deadline/--stop-file came first): not in this "
+                "report and not checked; a later run compiles them."
+            )
         extra: List[str] = []
         if args.report_reachable:
             extra = reachable_section(archs, tuple(args.families.split(",")))
