@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -239,11 +240,44 @@ def _fwd_smem_estimate(c: triton.Config, args, capability: Optional[Tuple[int, i
         # wgmma reads its operands from shared memory: K/V for every stage, and the query tile.
         need = stages * bn * padded * elt * 2 + bm * padded * elt
     else:
-        need = (stages - 1) * bn * padded * elt * 2 + bm * padded * elt + bm * bn * elt
+        staging = bm * bn
+        if "q_desc0" in args:
+            # The TMA kernel's K chunk arrives in shared memory untransposed; for the fp32 dots
+            # it is transposed through a scratch buffer the size of the larger of the score tile
+            # and the K chunk (BLOCK_N x D0): at D=160, 64x64 tiles need 155,704 B with 2 stages
+            # and 237,632 B with 3 (over sm_90's 232,448).
+            staging = max(staging, bn * head_dim_chunks(args["HEAD_DIM"], c.kwargs.get("SPLIT_D", True))[0])
+        need = (stages - 1) * bn * padded * elt * 2 + bm * padded * elt + staging * elt
     if args.get("MASK_KIND", MASK_NONE) != MASK_NONE:
         mask_elt = args["Mask"].element_size() if hasattr(args.get("Mask"), "element_size") else 4
         need += stages * (bn if args.get("MASK_KEYS_ONLY", False) else bm * bn) * mask_elt
     return int(need * 1.05)
+
+
+def _element_size(t, default: int) -> int:
+    return t.element_size() if hasattr(t, "element_size") else default
+
+
+def _fitting(configs, estimate, smem: int, kernel: str, call: str) -> list:
+    """The configs whose shared-memory ``estimate`` fits ``smem`` bytes per block. If none
+    does, the one with the smallest estimate, and a RuntimeWarning that says so (the launch
+    may then fail with an out-of-resources error; no fitting config is ever dropped)."""
+    need = {id(c): estimate(c) for c in configs}
+    fitting = [c for c in configs if need[id(c)] <= smem]
+    if fitting or not configs:
+        return fitting
+    smallest = min(configs, key=lambda c: need[id(c)])
+    warnings.warn(
+        f"{kernel}: no config fits the card's {smem} B of shared memory per block ({call}); running the "
+        f"smallest, {_tile_label(smallest)} (estimated {need[id(smallest)]} B), which may fail to launch",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return [smallest]
+
+
+def _tile_label(c: triton.Config) -> str:
+    return f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']} w{c.num_warps} s{c.num_stages}"
 
 
 def _fwd_tuning_key(args) -> tuple:
@@ -264,6 +298,11 @@ def _prune_fwd_configs(configs, named_args, **kwargs):
       or spill (ptxas resource usage).
     * Masked calls keep BLOCK_N <= 64, and full (Lq, Lk) masks BLOCK_M <= 64
       as well: bigger tiles spill and serialise wgmma on sm_90.
+    * Shared memory: configs whose :func:`_fwd_smem_estimate` exceeds the card's
+      per-block limit (:func:`_smem_limit_for`) are dropped; fp32 deep pipelines do
+      not fit (at D=160, 128x64 with 2 stages needs 197,120 B, over sm_80's 166,912;
+      the TMA kernel's 64x64 with 3 stages 237,632 B, over sm_90's 232,448). If none
+      fits, the smallest is kept with a warning (:func:`_fitting`).
     * Occupancy: a config whose grid covers less than a quarter wave of SMs
       is dropped whenever some other config covers a full wave (at
       (2, 8, 256, 160) that keeps 16-row tiles, 256 programs, and 64-row
@@ -296,7 +335,8 @@ def _prune_fwd_configs(configs, named_args, **kwargs):
         configs = [c for c in configs if c.kwargs["BLOCK_N"] <= 64 and (keys_only or c.kwargs["BLOCK_M"] <= 64)] or configs
     smem = _smem_limit_for(args["Lse"])
     if smem is not None:
-        configs = [c for c in configs if _fwd_smem_estimate(c, args, capability) <= smem] or configs
+        call = f"head dim {head_dim}, {_element_size(args.get('Out'), 2)}-byte inputs"
+        configs = _fitting(configs, lambda c: _fwd_smem_estimate(c, args, capability), smem, "attention forward", call)
     sms = _sms_for(args["Lse"])
     if sms is None:
         return configs
@@ -336,20 +376,19 @@ AOT_SPILL_ALLOWANCES = {
         )
         for kernel in ("_attn_fwd", "_attn_fwd_tma", "_attn_bwd_dkdv", "_attn_bwd_dq")
     },
-    ("_attn_bwd_dkdv", r"^sm_80 .*MASK_KIND=1 MASK_KEYS_ONLY=False .* 64x64 w8 "): (
-        "full bool mask on sm_80: the 64x64 dK/dV tile spills 152-1760 B at D=40/64/80 (Triton 3.9); "
-        "full masks are rare in SD. Pruning it for full masks on sm_80: open"
-    ),
     ("_attn_fwd", r"^sm_80 .*HEAD_DIM=40 .*MASK_KIND=0 .* 128x64 w8 s2"): (
         "D=40 without a mask on sm_80: the 128x64 8-warp 2-stage forward tile spills 4 B (Triton 3.9); "
         "negligible, and the tuner measures it against the 64-row tiles"
     ),
-    ("_attn_fwd", r"^sm_80 .*HEAD_DIM=160 .* 64x64 w4 "): (
-        "D=160 on sm_80: the 64x64 forward tile spills 4-60 B (Triton 3.9); small, left to measurement on an A100"
+    ("_attn_fwd", r"^sm_80 .*HEAD_DIM=160 .* (64x64 w4|128x64 w8) "): (
+        "D=160 on sm_80: the 64x64 4-warp forward tile spills 8-112 B and the 128x64 8-warp one 4-8 B (Triton 3.9); "
+        "the Ampere list has no other tile of 64+ rows at D=160 (16-row tiles only fill the GPU for short "
+        "sequences), so these stay and the tuner measures them; small, left to measurement on an A100"
     ),
-    ("_attn_bwd_dkdv", r"^sm_80 .*HEAD_DIM=160 .*MASK_KEYS_ONLY=False .* 16x64 "): (
-        "D=160 with a full (Lq, Lk) mask on sm_80: the smallest large-D dK/dV tile still spills (about 5 KB); "
-        "full masks are rare in SD (key-padding masks do not spill). A split of the D=160 backward: open"
+    ("_attn_bwd_dkdv", r"^sm_80 .*HEAD_DIM=160 .*MASK_KIND=1 MASK_KEYS_ONLY=False .* (16x64|32x64|16x128) "): (
+        "D=160 with a full (Lq, Lk) bool mask on sm_80: every large-D dK/dV tile spills 4.8-6.1 KB "
+        "(16x64 w4, 16x128 w8, 32x64 w8; Triton 3.9), so no tile is left to prune to; full masks are rare in SD "
+        "(key-padding masks and no mask do not spill). A split of the D=160 backward: open"
     ),
 }
 
@@ -374,18 +413,100 @@ def _bwd_configs(*tile_sets, interpret: Optional[bool] = None) -> List[triton.Co
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w in tiles for s in (2, 3)]
 
 
-def _bwd_pruner(tiles, tiles_large_d, kernel: str = "attention backward"):
-    """An early_config_prune keeping ``tiles`` for padded head dims <= 128, else ``tiles_large_d``;
-    like the forward's, it refuses to start a tune inside a CUDA graph capture."""
+def _bwd_smem_estimate(kind: str, c: triton.Config, args, capability: Optional[Tuple[int, int]] = None) -> int:
+    """Shared memory (bytes) a backward config needs, at or above what Triton 3.9 reports
+    (fastdiff.tools.aot_check, every dK/dV and dQ compile of its ci matrix: fp16/bf16/fp32,
+    D=40/64/80/160, no, key-padding and full bool masks, sm_80 and sm_90; exact for every
+    fp32 one and for fp16 dK/dV, above the fp16 dQ ones on sm_80 by at most two score tiles).
+    ``kind`` is "dkdv" or "dq"; p is the padded head dim, e the input's element size.
+
+    * dK/dV keeps its K and V tiles (2 x BLOCK_N x p x e) and streams the queries: each
+      pipeline stage but one buffers Q and dO (2 x BLOCK_M x p x e) and the rows' logsumexp
+      and Delta (2 x BLOCK_M x 4). On sm_90 with 16-bit inputs wgmma reads Q and dO from
+      shared memory once more (2 x BLOCK_M x p x e).
+    * dQ keeps its Q and dO tiles (2 x BLOCK_M x p x e) and streams K and V (2 x BLOCK_N x
+      p x e) through every stage but one, or every stage on sm_90 with 16-bit inputs (wgmma).
+    * Without wgmma (sm_80, or fp32 inputs, whose ieee dots never use it) a score tile is
+      staged in fp32 (BLOCK_M x BLOCK_N x 4).
+    * A full (Lq, Lk) mask's tile (BLOCK_M x BLOCK_N x its element size) and a key-padding
+      mask's vector, counted for every stage (ptxas pipelines at most stages - 1 of them).
+    * 5% headroom, as the forward's estimate has.
+
+    fp32 at D=160 is where it matters: the dQ tile 128x32 with 3 stages needs 262,144 B (over
+    both cards), with 2 stages 221,184 B (over sm_80's 166,912, under sm_90's 232,448).
+    """
+    bm, bn, stages = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages
+    padded = sum(head_dim_chunks(args["HEAD_DIM"]))
+    elt = _element_size(args.get("Q"), 2)
+    wgmma = capability is not None and capability[0] >= 9 and elt == 2
+    if kind == "dkdv":
+        need = (stages - 1) * (2 * bm * padded * elt + 2 * bm * 4) + 2 * bn * padded * elt
+        if wgmma:
+            need += 2 * bm * padded * elt
+        elif elt == 4:
+            need += bm * bn * 4
+    else:
+        need = (stages if wgmma else stages - 1) * 2 * bn * padded * elt + 2 * bm * padded * elt
+        if not wgmma:
+            need += bm * bn * 4
+    mask_kind = args.get("MASK_KIND", MASK_NONE)
+    if mask_kind != MASK_NONE:
+        mask_elt = _element_size(args.get("Mask"), 4)
+        need += stages * (max(bm, bn) if args.get("MASK_KEYS_ONLY", False) else bm * bn) * mask_elt
+    return int(need * 1.05)
+
+
+def _bwd_spill_keep(kind: str, c: triton.Config, padded: int, mask_kind: int, keys_only: bool,
+                    capability: Optional[Tuple[int, int]]) -> bool:
+    """Whether a backward config escapes the register spills ptxas reports on sm_80 (Triton
+    3.9, fastdiff.tools.aot_check ci matrix, fp16). Pre-Hopper cards only (on sm_90 these
+    tiles do not spill); an unknown device keeps everything.
+
+    * dK/dV with a full (Lq, Lk) mask: 64-row query steps spill 88-1,728 B (64x64 at
+      D=40/64/80 and 64x128 at D=40); the 32-row ones do not. Keep BLOCK_M <= 32.
+    * dK/dV with a key-padding mask at D=80 (padded 80): 64x64 spills 28 B. Keep
+      BLOCK_M <= 32 for padded head dims above 64.
+    * dQ with a full mask at D=160: 64x64 spills 300 B; 64x32 and 128x32 do not. Keep
+      BLOCK_N <= 32 for padded head dims above 128.
+    """
+    if capability is None or capability[0] >= 9 or mask_kind == MASK_NONE:
+        return True
+    bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+    if kind == "dkdv":
+        return bm <= 32 or (keys_only and padded <= 64)
+    return keys_only or padded <= 128 or bn <= 32
+
+
+def _bwd_pruner(tiles, tiles_large_d, kernel: str = "attention backward", kind: str = "dkdv"):
+    """An early_config_prune for the backward kernel ``kind`` ("dkdv" or "dq"). Like the
+    forward's, it refuses to start a tune inside a CUDA graph capture. Then:
+
+    * ``tiles`` for padded head dims <= 128, else ``tiles_large_d`` (register use, above);
+    * on pre-Hopper cards, masked calls drop the tiles that spill there
+      (:func:`_bwd_spill_keep`, with the measured spills);
+    * the configs over the card's shared memory per block are dropped
+      (:func:`_bwd_smem_estimate` against :func:`_smem_limit_for`): fp32 at D=160 needs up
+      to 262 KB (dQ 128x32 or 64x64, 3 stages), over sm_80's 163 KB and sm_90's 227 KB.
+      If no config fits, the one with the smallest estimate is kept and a warning says so.
+    """
+    wanted_small, wanted_large = set(tiles), set(tiles_large_d)
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
         key = tuple(args.get(name) for name in _BWD_KEY) + tuple(str(v.dtype) for v in args.values() if hasattr(v, "dtype"))
         refuse_tuning_during_capture(kernel, key)
         padded = sum(head_dim_chunks(args["HEAD_DIM"]))
-        wanted = tiles if padded <= 128 else tiles_large_d
-        kept = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) in wanted]
-        return kept or configs
+        wanted = wanted_small if padded <= 128 else wanted_large
+        kept = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) in wanted] or configs
+        lse = args.get("Lse")
+        capability = _capability_for(lse)
+        mask_kind, keys_only = args.get("MASK_KIND", MASK_NONE), args.get("MASK_KEYS_ONLY", False)
+        kept = [c for c in kept if _bwd_spill_keep(kind, c, padded, mask_kind, keys_only, capability)] or kept
+        smem = _smem_limit_for(lse)
+        if smem is None:
+            return kept
+        call = f"head dim {args['HEAD_DIM']}, {_element_size(args.get('Q'), 2)}-byte inputs"
+        return _fitting(kept, lambda c: _bwd_smem_estimate(kind, c, args, capability), smem, kernel, call)
 
     return prune
 
@@ -1144,12 +1265,12 @@ def _attn_bwd_dq(
 _attn_bwd_dkdv_tuned = triton.autotune(
     configs=_bwd_configs(_DKDV_TILES, _DKDV_TILES_LARGE_D),
     key=_BWD_KEY,
-    prune_configs_by={"early_config_prune": _bwd_pruner(_DKDV_TILES, _DKDV_TILES_LARGE_D, "attention backward dK/dV")},
+    prune_configs_by={"early_config_prune": _bwd_pruner(_DKDV_TILES, _DKDV_TILES_LARGE_D, "attention backward dK/dV", "dkdv")},
 )(triton.heuristics(_even_heuristics())(_attn_bwd_dkdv))
 _attn_bwd_dq_tuned = triton.autotune(
     configs=_bwd_configs(_DQ_TILES, _DQ_TILES_LARGE_D),
     key=_BWD_KEY,
-    prune_configs_by={"early_config_prune": _bwd_pruner(_DQ_TILES, _DQ_TILES_LARGE_D, "attention backward dQ")},
+    prune_configs_by={"early_config_prune": _bwd_pruner(_DQ_TILES, _DQ_TILES_LARGE_D, "attention backward dQ", "dq")},
 )(triton.heuristics(_even_heuristics())(_attn_bwd_dq))
 
 

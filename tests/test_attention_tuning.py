@@ -201,3 +201,89 @@ def test_shared_memory_estimate_covers_ptxas(arch, dtype, head_dim, mask_kind, b
     limit = {80: 166912, 90: 232448}[arch]
     assert estimate >= measured
     assert (estimate > limit) == (measured > limit)
+
+
+# ---------------------------------------------------------------------------
+# The backward pruner: shared memory and the tiles that spill on sm_80
+# ---------------------------------------------------------------------------
+
+_A100, _H100 = 166912, 232448  # shared memory per block (opt-in) of sm_80 / sm_90
+
+
+def _prune_bwd(monkeypatch, kind, smem, head_dim, dtype=torch.float16, mask_kind=0, keys_only=False):
+    """The backward pruner of ``kind`` on a card known by its shared memory (as
+    fastdiff.tools.aot_check stands one in), as (BLOCK_M, BLOCK_N, warps, stages)."""
+    kernels = _kernels()
+    monkeypatch.setattr(kernels, "_smem_limit_for", lambda t: smem)
+    tuner = kernels._attn_bwd_dkdv_tuned if kind == "dkdv" else kernels._attn_bwd_dq_tuned
+    tiles = (kernels._DKDV_TILES, kernels._DKDV_TILES_LARGE_D) if kind == "dkdv" else (kernels._DQ_TILES, kernels._DQ_TILES_LARGE_D)
+    configs = kernels._bwd_configs(*tiles, interpret=False)
+    args = {"Q": torch.empty(3, dtype=dtype), "Mask": torch.empty(3, dtype=torch.bool), "Lse": None, "Lq": 256, "Lk": 256}
+    return _tiles(tuner.early_config_prune(configs, args, HEAD_DIM=head_dim, MASK_KIND=mask_kind, MASK_KEYS_ONLY=keys_only))
+
+
+def test_backward_pruner_drops_what_exceeds_shared_memory(monkeypatch):
+    """fp32 at D=160 (issue 8's over-limit backward compiles, Triton 3.9): on sm_80 the dK/dV
+    tiles 16x128 and 32x64 with 3 stages and the dQ tiles 64x64, 128x32 and every 3-stage one
+    exceed 163 KB; on sm_90 only the 3-stage dQ 64x64 and 128x32 (262 KB) exceed 227 KB."""
+    assert _prune_bwd(monkeypatch, "dkdv", _A100, 160, torch.float32) == {(16, 64, 4, 2), (16, 64, 4, 3), (32, 64, 8, 2)}
+    assert _prune_bwd(monkeypatch, "dq", _A100, 160, torch.float32) == {(64, 32, 4, 2), (64, 32, 8, 2)}
+    kernels = _kernels()
+    every_large_dkdv = {(bm, bn, w, s) for bm, bn, w in kernels._DKDV_TILES_LARGE_D for s in (2, 3)}
+    assert _prune_bwd(monkeypatch, "dkdv", _H100, 160, torch.float32) == every_large_dkdv
+    every_large_dq = {(bm, bn, w, s) for bm, bn, w in kernels._DQ_TILES_LARGE_D for s in (2, 3)}
+    assert _prune_bwd(monkeypatch, "dq", _H100, 160, torch.float32) == every_large_dq - {(64, 64, 8, 3), (128, 32, 8, 3)}
+    # 16-bit inputs fit everywhere: nothing is dropped for shared memory.
+    for smem in (_A100, _H100):
+        assert _prune_bwd(monkeypatch, "dq", smem, 160, torch.float16) == every_large_dq
+        assert _prune_bwd(monkeypatch, "dkdv", smem, 80, torch.bfloat16) == {
+            (bm, bn, w, s) for bm, bn, w in kernels._DKDV_TILES for s in (2, 3)
+        }
+
+
+def test_backward_pruner_keeps_the_smallest_config_when_none_fits_and_says_so(monkeypatch):
+    """A 99 KB card (sm_86/sm_89) cannot hold any fp32 D=160 dQ tile (the smallest needs 131 KB)."""
+    with pytest.warns(RuntimeWarning, match=r"attention backward dQ: no config fits the card's 101376 B .* 64x32 w[48] s2"):
+        kept = _prune_bwd(monkeypatch, "dq", 101376, 160, torch.float32)
+    assert len(kept) == 1 and next(iter(kept))[:2] == (64, 32) and next(iter(kept))[3] == 2
+
+
+@pytest.mark.parametrize("smem", [_A100, _H100])
+def test_backward_pruner_drops_the_tiles_that_spill_on_sm80(monkeypatch, smem):
+    """Issue 8's spills (sm_80, fp16, Triton 3.9): with a full mask the 64-row dK/dV query steps
+    spill at D=40/64/80 and the dQ 64x64 tile at D=160; with a key-padding mask the 64x64 dK/dV
+    tile spills at D=80. sm_90 keeps them all (no spills there)."""
+    kernels = _kernels()
+    small_dkdv = {(bm, bn, w, s) for bm, bn, w in kernels._DKDV_TILES for s in (2, 3)}
+    ampere = smem == _A100
+    for head_dim in (40, 64, 80):
+        full = _prune_bwd(monkeypatch, "dkdv", smem, head_dim, mask_kind=1)
+        assert full == ({t for t in small_dkdv if t[0] <= 32} if ampere else small_dkdv)
+        additive = _prune_bwd(monkeypatch, "dkdv", smem, head_dim, mask_kind=2)
+        assert additive == full
+        keypad = _prune_bwd(monkeypatch, "dkdv", smem, head_dim, mask_kind=1, keys_only=True)
+        assert keypad == ({t for t in small_dkdv if t[0] <= 32} if ampere and head_dim > 64 else small_dkdv)
+        assert _prune_bwd(monkeypatch, "dkdv", smem, head_dim) == small_dkdv  # no mask
+    large_dq = {(bm, bn, w, s) for bm, bn, w in kernels._DQ_TILES_LARGE_D for s in (2, 3)}
+    full_dq = _prune_bwd(monkeypatch, "dq", smem, 160, mask_kind=1)
+    assert full_dq == ({t for t in large_dq if t[1] <= 32} if ampere else large_dq)
+    assert _prune_bwd(monkeypatch, "dq", smem, 160, mask_kind=1, keys_only=True) == large_dq
+    small_dq = {(bm, bn, w, s) for bm, bn, w in kernels._DQ_TILES for s in (2, 3)}
+    assert _prune_bwd(monkeypatch, "dq", smem, 80, mask_kind=1) == small_dq
+
+
+def test_tma_forward_estimate_counts_the_fp32_transpose_scratch(monkeypatch):
+    """The TMA forward at fp32, D=160, on sm_90 (Triton 3.9): 64x64 with 3 stages needs 237,632 B,
+    over 227 KB, and is dropped; with 2 stages, and 128x64 with 2, it fits and stays. The
+    pointer forward's 64x64 3-stage tile (221,440 B) fits and stays."""
+    kernels = _kernels()
+    monkeypatch.setattr(kernels, "_smem_limit_for", lambda t: _H100)
+    monkeypatch.setattr(kernels, "_sms_for", lambda t: None)
+    configs = [c for c in kernels._gpu_fwd_configs() if c.kwargs["BLOCK_M"] >= 64]
+    base = {"Lse": None, "Lq": 256, "Lk": 256, "BH": 16, "Out": torch.empty(3, dtype=torch.float32)}
+    consts = dict(HEAD_DIM=160, MASK_KIND=0, MASK_KEYS_ONLY=False)
+    tma = _tiles(kernels._prune_fwd_configs(configs, {**base, "q_desc0": None}, **consts))
+    plain = _tiles(kernels._prune_fwd_configs(configs, base, **consts))
+    assert (64, 64, 4, 2) in tma and (64, 64, 8, 2) in tma and (128, 64, 8, 2) in tma
+    assert (64, 64, 4, 3) not in tma and (64, 64, 8, 3) not in tma
+    assert (64, 64, 4, 3) in plain and (64, 64, 8, 3) in plain
