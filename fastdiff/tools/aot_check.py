@@ -52,9 +52,10 @@ Matrices (``--matrix``):
 Every (kernel, signature, constexprs, config, target) is compiled once (shapes
 that specialise alike share one compile), in parallel, and its results are
 cached under ``$FASTDIFF_AOT_CACHE`` (default ``~/.cache/fastdiff-aot``) keyed
-by the kernel's source hash (Triton's ``cache_key``, which covers the
-``@triton.jit`` functions it calls), the Triton version and the instance, so a
-rerun compiles only what changed.
+by the kernel's source (:func:`_source_key`: its text, the ``@triton.jit`` functions
+it calls and the constant globals it reads, without line numbers, so an edit
+elsewhere in the module recompiles nothing), the Triton version and the instance,
+so a rerun compiles only what changed.
 
 ``--deadline EPOCH`` / ``--stop-file PATH`` bound a run: once the time has passed or
 the file exists, no compile that is not cached yet is started. Those are deferred:
@@ -113,6 +114,7 @@ os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"  # Triton >= 3.3 prints ptxas -v; olde
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 TOOL_VERSION = "1"  # bump when what is recorded changes (invalidates the cache)
 ARCHS = (80, 90)
@@ -684,10 +686,39 @@ def _jit(inst):
     raise LookupError(inst["kernel"])
 
 
+def _source_key(fn, seen=None) -> str:
+    """What a compile depends on in the source, without line numbers: the @triton.jit function's
+    text, the keys of the @triton.jit functions it names (directly or as ``module.name``), and the
+    values of the constant globals it names. Triton's own ``JITFunction.cache_key`` also hashes the
+    function's starting line, so editing a launcher or pruner above a kernel would recompile every
+    one of its instances; this key only changes when something the kernel compiles from does."""
+    from triton.runtime.jit import JITFunction
+
+    seen = set() if seen is None else seen
+    if id(fn) in seen:
+        return "recursion:" + fn.__name__
+    seen.add(id(fn))
+    digest = hashlib.sha256(fn.src.encode())
+    scope = fn.fn.__globals__
+    names = set(re.findall(r"\b[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)?", fn.src))
+    for name in sorted(names):
+        head, _, attr = name.partition(".")
+        value = scope.get(head)
+        if attr and getattr(value, "__name__", "").startswith(("fastdiff.kernels", "kernels")):
+            value = getattr(value, attr, None)  # a helper reached as module.name
+        elif attr:
+            value = None
+        if isinstance(value, JITFunction):
+            digest.update(f"{name}:{_source_key(value, seen)}".encode())
+        elif isinstance(value, (bool, int, float, str, tl.constexpr)):
+            digest.update(f"{name}={value!r}".encode())
+    return digest.hexdigest()
+
+
 def _instance_key(inst) -> str:
     payload = json.dumps(
         [TOOL_VERSION, triton.__version__, inst["module"], inst["kernel"], inst["arch"], inst["num_warps"], inst["num_stages"],
-         [(n, [str(x) for x in s]) for n, s in inst["args"]], _jit(inst).cache_key],
+         [(n, [str(x) for x in s]) for n, s in inst["args"]], _source_key(_jit(inst))],
         sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
