@@ -6,7 +6,9 @@
 * the kernel sources include no torch header (flash-attention's split: kernels
   in .cu files, torch only in the *_binding.cpp files);
 * every ``csrc/**/*.cpp`` binding passes a syntax check against the installed
-  torch's headers (scripts/check_cuda_binding.sh).
+  torch's headers (scripts/check_cuda_binding.sh): a stand-in for the real build, skipped
+  where the real one runs (``FASTDIFF_CUDA_EXTENSION_CHECKED_BY``, set by .ci/run, whose
+  scripts/check_cuda_extension.sh builds, links and imports fastdiff._C with a CUDA torch).
 
 Skipped with a reason when nvcc, or the host compiler and CUDA headers, are
 missing.
@@ -97,6 +99,11 @@ def test_vectorised_group_norm_kernels_do_not_spill(compiled):
 
 
 def test_bindings_pass_a_syntax_check():
+    checked_by = os.environ.get("FASTDIFF_CUDA_EXTENSION_CHECKED_BY")
+    if checked_by:
+        # The stand-in is kept only where the CUDA torch is unavailable: here the real build compiles
+        # and links these bindings against a CUDA torch and imports them (a failure there fails the run).
+        pytest.skip(f"the bindings are built, linked and imported for real by {checked_by}")
     if shutil.which(os.environ.get("CXX", "g++")) is None:
         pytest.skip("no host C++ compiler")
     # PYTHON: this interpreter (the one with torch), never whatever `python` is on PATH.
