@@ -25,6 +25,7 @@ our backends do the same.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensor
 
 from fastdiff import backends
+from fastdiff.ops.group_norm import _context_requests_auto
 
 OP_NAME = "attention"
 #: dtypes the op accepts; fp64 runs on ``reference`` and ``sdpa`` only.
@@ -352,6 +354,20 @@ def attention(
     dQ from the saved logsumexp; no SDPA recompute). ``triton`` declines an
     attn_mask that requires grad.
     """
+    scale_to_use = _cpu_auto_scale(q, k, v, attn_mask, scale, backend)
+    if scale_to_use is not None:
+        # CPU fast path: auto would choose ``sdpa`` and every check would pass. The same SDPA
+        # call as the ``sdpa`` backend's, with positional arguments (keywords cost ~0.5 us each).
+        backends._record(OP_NAME, "sdpa")
+        if attn_mask is None:
+            if scale_to_use is _SDPA_DEFAULT:
+                return _scaled_dot_product_attention(q, k, v)
+            return _scaled_dot_product_attention(q, k, v, scale=scale_to_use)
+        if attn_mask.dim() < 4:
+            attn_mask = attn_mask.view((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))  # as _inputs does
+        if scale_to_use is _SDPA_DEFAULT:
+            return _scaled_dot_product_attention(q, k, v, attn_mask)
+        return _scaled_dot_product_attention(q, k, v, attn_mask, scale=scale_to_use)
     # A repeat call with the same layout reuses the backend chosen before (the
     # dispatcher's plan cache) and skips the argument checks and every reason.
     # Under torch.compile the checked path runs once, at trace time.
@@ -364,6 +380,74 @@ def attention(
     else:
         inputs = _inputs(q, k, v, attn_mask, scale)
     return chosen.run(inputs)
+
+
+def _cpu_auto_scale(q, k, v, attn_mask, scale, backend) -> Any:
+    """The scale for :func:`attention`'s CPU fast path (straight to SDPA, no plan key, no
+    dispatch): a float, or :data:`_SDPA_DEFAULT` for SDPA's own default; None when the call
+    must take the checked, dispatched path.
+
+    A float only when the dispatcher would choose ``sdpa`` by ``auto`` (CPU tensors; the
+    request is ``auto``: ``backend=None``/``"auto"`` with neither ``use_backend`` nor
+    FASTDIFF_BACKEND naming a backend; auto's CPU order is ``sdpa`` alone, under
+    TRITON_INTERPRET too) and :func:`_check_inputs` would pass. Anything else (a forced
+    backend, ``sdpa`` included, torch.compile tracing, a tensor subclass such as a FakeTensor,
+    an argument the checks might reject, a dispatcher whose select/lookup/backends are being
+    watched or replaced, as pipeline explain and the step census do) gives None: the call is
+    then checked and dispatched exactly as before, with the same errors and choice. Written
+    as straight-line attribute checks: on a small problem SDPA itself takes ~15 us."""
+    if _is_compiling() or (backend is not None and backend != "auto"):
+        return None
+    if type(q) is not _Tensor or type(k) is not _Tensor or type(v) is not _Tensor:
+        return None
+    if not (q.is_cpu and k.is_cpu and v.is_cpu) or (backend is None and not _context_requests_auto()):
+        return None
+    watched = _DISPATCHER.__dict__
+    sdpa = watched["backends"]["sdpa"]
+    if (
+        "select" in watched
+        or "lookup" in watched
+        or watched["priority"] is not _priority
+        or sdpa.run is not _sdpa_run
+        or sdpa.not_supported_reasons is not _sdpa_reasons
+    ):
+        return None
+    q_shape, k_shape = q.shape, k.shape
+    if len(q_shape) != 4 or v.shape != k_shape or len(k_shape) != 4 or 0 in q_shape or 0 in k_shape:
+        return None
+    if k_shape[0] != q_shape[0] or k_shape[1] != q_shape[1] or k_shape[3] != q_shape[3]:
+        return None
+    dtype = q.dtype
+    if dtype not in _DTYPE_SET or k.dtype != dtype or v.dtype != dtype:
+        return None
+    if attn_mask is not None:
+        if type(attn_mask) is not _Tensor or not attn_mask.is_cpu:
+            return None
+        if attn_mask.dtype != torch.bool and attn_mask.dtype != dtype:
+            return None
+        if not _broadcastable(tuple(attn_mask.shape), (q_shape[0], q_shape[1], q_shape[2], k_shape[2])):
+            return None
+    if scale is None:
+        head_dim = q_shape[3]
+        return _SDPA_DEFAULT if head_dim in _SDPA_SAME_DEFAULT_SCALE else head_dim ** -0.5
+    if type(scale) is float and scale == scale:
+        return scale
+    return None
+
+
+# Bound once: attribute lookups through the torch module cost ~0.1 us each on the CPU path.
+_Tensor = torch.Tensor
+_is_compiling = torch.compiler.is_compiling
+_scaled_dot_product_attention = F.scaled_dot_product_attention
+_DTYPE_SET = frozenset(DTYPES)
+
+#: Returned by :func:`_cpu_auto_scale` for "call SDPA without ``scale=``". The ``sdpa`` backend
+#: passes ``D ** -0.5``; SDPA's own default is ``1.0 / sqrt(D)`` (ATen's calculate_scale, in
+#: double). For the head dims listed here the two doubles are equal, so leaving ``scale`` out
+#: gives the very same call; for the others (8, 32, 128, ...: they differ in the last bit)
+#: the fast path passes ``D ** -0.5`` as the backend does.
+_SDPA_DEFAULT = object()
+_SDPA_SAME_DEFAULT_SCALE = frozenset(d for d in range(1, 1025) if d ** -0.5 == 1.0 / math.sqrt(d))
 
 
 def _plan_key(q, k, v, attn_mask, scale) -> Optional[tuple]:
