@@ -27,7 +27,12 @@ nothing is materialised. A mask that does not vary along queries (key padding,
 full (Lq, Lk) mask needs a tile of pointers, which on sm_90 makes the 128x64
 forward tiles spill (ptxas, Triton 3.9), so expect full masks to run slower.
 Even a key-padding mask makes 64x128 tiles spill at D=40/64/80 (255 registers,
-serialised wgmma), so the pruner keeps masked calls on 64-key tiles.
+serialised wgmma), so the pruner keeps masked calls on 64-key tiles. In the
+backward on sm_80, masks make the 64-row dK/dV query steps spill (full masks at
+every head dim, key-padding ones at D=80), so :func:`_bwd_spill_keep` keeps them
+out (as it does the dQ 64x64 tile at D=160, which spills with or without a mask);
+fp32 at D=160 exceeds the card's shared memory in several backward tiles, which
+:func:`_bwd_smem_estimate` prunes.
 A fully-masked row gives zeros (SDPA's behaviour in torch >= 2.5) and zero
 gradients; its saved logsumexp is +inf so that the backward's exp2(s - lse)
 is 0 there.
@@ -385,6 +390,11 @@ AOT_SPILL_ALLOWANCES = {
         "the Ampere list has no other tile of 64+ rows at D=160 (16-row tiles only fill the GPU for short "
         "sequences), so these stay and the tuner measures them; small, left to measurement on an A100"
     ),
+    ("_attn_bwd_dkdv", r"^sm_80 .*HEAD_DIM=80 .*MASK_KIND=1 MASK_KEYS_ONLY=False .* 32x(64|128) "): (
+        "D=80 with a full (Lq, Lk) bool mask on sm_80: the 32-row dK/dV tiles spill 80-104 B (32x64 w4/w8, "
+        "32x128 w8; Triton 3.9) and the 64-row ones 1,728 B (pruned, _bwd_spill_keep), so no listed tile is "
+        "spill-free; full masks are rare in SD. 16-row tiles for this case: open"
+    ),
     ("_attn_bwd_dkdv", r"^sm_80 .*HEAD_DIM=160 .*MASK_KIND=1 MASK_KEYS_ONLY=False .* (16x64|32x64|16x128) "): (
         "D=160 with a full (Lq, Lk) bool mask on sm_80: every large-D dK/dV tile spills 4.8-6.1 KB "
         "(16x64 w4, 16x128 w8, 32x64 w8; Triton 3.9), so no tile is left to prune to; full masks are rare in SD "
@@ -415,25 +425,29 @@ def _bwd_configs(*tile_sets, interpret: Optional[bool] = None) -> List[triton.Co
 
 def _bwd_smem_estimate(kind: str, c: triton.Config, args, capability: Optional[Tuple[int, int]] = None) -> int:
     """Shared memory (bytes) a backward config needs, at or above what Triton 3.9 reports
-    (fastdiff.tools.aot_check, every dK/dV and dQ compile of its ci matrix: fp16/bf16/fp32,
-    D=40/64/80/160, no, key-padding and full bool masks, sm_80 and sm_90; exact for every
-    fp32 one and for fp16 dK/dV, above the fp16 dQ ones on sm_80 by at most two score tiles).
+    (fastdiff.tools.aot_check): checked on 301 distinct dK/dV and dQ compiles (the ci
+    matrix's 200, and a sample near the limits: fp16/bf16/fp32, D=40/64/80/160, no,
+    key-padding and full masks, bool and additive, sm_80 and sm_90). Exact for every fp32
+    one, above the 16-bit ones (by up to 1.53x: sm_80 dQ, sm_90 dK/dV); never below.
     ``kind`` is "dkdv" or "dq"; p is the padded head dim, e the input's element size.
 
-    * dK/dV keeps its K and V tiles (2 x BLOCK_N x p x e) and streams the queries: each
-      pipeline stage but one buffers Q and dO (2 x BLOCK_M x p x e) and the rows' logsumexp
-      and Delta (2 x BLOCK_M x 4). On sm_90 with 16-bit inputs wgmma reads Q and dO from
-      shared memory once more (2 x BLOCK_M x p x e).
+    * dK/dV keeps its K and V tiles (2 x BLOCK_N x p x e) and streams the queries: every
+      pipeline stage but one buffers Q and dO (2 x BLOCK_M x p x e) and the rows'
+      logsumexp and Delta (2 x BLOCK_M x 4). On sm_90 with 16-bit inputs wgmma reads Q and
+      dO from shared memory once more (2 x BLOCK_M x p x e); fp32 inputs stage the score
+      tile (BLOCK_M x BLOCK_N x 4).
     * dQ keeps its Q and dO tiles (2 x BLOCK_M x p x e) and streams K and V (2 x BLOCK_N x
-      p x e) through every stage but one, or every stage on sm_90 with 16-bit inputs (wgmma).
-    * Without wgmma (sm_80, or fp32 inputs, whose ieee dots never use it) a score tile is
-      staged in fp32 (BLOCK_M x BLOCK_N x 4).
-    * A full (Lq, Lk) mask's tile (BLOCK_M x BLOCK_N x its element size) and a key-padding
-      mask's vector, counted for every stage (ptxas pipelines at most stages - 1 of them).
-    * 5% headroom, as the forward's estimate has.
+      p x e) through every stage but one, or every stage on sm_90 with 16-bit inputs
+      (wgmma); without wgmma it stages a score tile (BLOCK_M x BLOCK_N x e).
+    * A full (Lq, Lk) mask's tile (BLOCK_M x BLOCK_N x its element size), or a key-padding
+      mask's BLOCK_N keys, for every stage but one (every stage in the 16-bit sm_90 dK/dV:
+      an additive mask's tiles are pipelined there).
 
-    fp32 at D=160 is where it matters: the dQ tile 128x32 with 3 stages needs 262,144 B (over
-    both cards), with 2 stages 221,184 B (over sm_80's 166,912, under sm_90's 232,448).
+    No headroom: the fp32 terms are exact, and the forward's 5% would drop fitting configs
+    (the fp32 dK/dV 64x128 tile with 3 stages at D=64 and an additive key-padding mask
+    needs 165,888 B of sm_80's 166,912). fp32 at D=160 is where the limit bites: the dQ
+    128x32 tile with 3 stages needs 262,144 B (over both cards), with 2 stages 221,184 B
+    (over sm_80, under sm_90's 232,448).
     """
     bm, bn, stages = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages
     padded = sum(head_dim_chunks(args["HEAD_DIM"]))
@@ -448,33 +462,36 @@ def _bwd_smem_estimate(kind: str, c: triton.Config, args, capability: Optional[T
     else:
         need = (stages if wgmma else stages - 1) * 2 * bn * padded * elt + 2 * bm * padded * elt
         if not wgmma:
-            need += bm * bn * 4
-    mask_kind = args.get("MASK_KIND", MASK_NONE)
-    if mask_kind != MASK_NONE:
+            need += bm * bn * elt
+    if args.get("MASK_KIND", MASK_NONE) != MASK_NONE:
         mask_elt = _element_size(args.get("Mask"), 4)
-        need += stages * (max(bm, bn) if args.get("MASK_KEYS_ONLY", False) else bm * bn) * mask_elt
-    return int(need * 1.05)
+        tiles = stages if kind == "dkdv" and wgmma else stages - 1
+        need += tiles * (bn if args.get("MASK_KEYS_ONLY", False) else bm * bn) * mask_elt
+    return need
 
 
 def _bwd_spill_keep(kind: str, c: triton.Config, padded: int, mask_kind: int, keys_only: bool,
                     capability: Optional[Tuple[int, int]]) -> bool:
     """Whether a backward config escapes the register spills ptxas reports on sm_80 (Triton
-    3.9, fastdiff.tools.aot_check ci matrix, fp16). Pre-Hopper cards only (on sm_90 these
-    tiles do not spill); an unknown device keeps everything.
+    3.9, fastdiff.tools.aot_check, fp16) where a listed alternative does not spill. Pre-Hopper
+    cards only (on sm_90 these tiles do not spill); an unknown device keeps everything.
 
+    * dQ at D=160 (padded above 128): the 64x64 tile spills 1,416 B without a mask and
+      300 B with a full mask; 64x32 and 128x32 do not. Keep BLOCK_N <= 32.
     * dK/dV with a full (Lq, Lk) mask: 64-row query steps spill 88-1,728 B (64x64 at
-      D=40/64/80 and 64x128 at D=40); the 32-row ones do not. Keep BLOCK_M <= 32.
-    * dK/dV with a key-padding mask at D=80 (padded 80): 64x64 spills 28 B. Keep
-      BLOCK_M <= 32 for padded head dims above 64.
-    * dQ with a full mask at D=160: 64x64 spills 300 B; 64x32 and 128x32 do not. Keep
-      BLOCK_N <= 32 for padded head dims above 128.
+      D=40/64/80, 64x128 at D=40); the 32-row ones do not at D=40/64 and spill 80-104 B at
+      D=80 (an allowance, AOT_SPILL_ALLOWANCES). Keep BLOCK_M <= 32.
+    * dK/dV with a key-padding mask at D=80 (padded above 64): 64x64 spills 28 B; the
+      32-row tiles do not. Keep BLOCK_M <= 32 there.
     """
-    if capability is None or capability[0] >= 9 or mask_kind == MASK_NONE:
+    if capability is None or capability[0] >= 9:
         return True
     bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-    if kind == "dkdv":
-        return bm <= 32 or (keys_only and padded <= 64)
-    return keys_only or padded <= 128 or bn <= 32
+    if kind == "dq":
+        return padded <= 128 or bn <= 32
+    if mask_kind == MASK_NONE:
+        return True
+    return bm <= 32 or (keys_only and padded <= 64)
 
 
 def _bwd_pruner(tiles, tiles_large_d, kernel: str = "attention backward", kind: str = "dkdv"):
@@ -482,8 +499,9 @@ def _bwd_pruner(tiles, tiles_large_d, kernel: str = "attention backward", kind: 
     forward's, it refuses to start a tune inside a CUDA graph capture. Then:
 
     * ``tiles`` for padded head dims <= 128, else ``tiles_large_d`` (register use, above);
-    * on pre-Hopper cards, masked calls drop the tiles that spill there
-      (:func:`_bwd_spill_keep`, with the measured spills);
+    * on pre-Hopper cards, the tiles that spill there while another listed tile does not
+      (:func:`_bwd_spill_keep`, with the measured spills: dQ 64x64 at D=160, 64-row dK/dV
+      steps with masks);
     * the configs over the card's shared memory per block are dropped
       (:func:`_bwd_smem_estimate` against :func:`_smem_limit_for`): fp32 at D=160 needs up
       to 262 KB (dQ 128x32 or 64x64, 3 stages), over sm_80's 163 KB and sm_90's 227 KB.

@@ -233,9 +233,11 @@ def test_backward_pruner_drops_what_exceeds_shared_memory(monkeypatch):
     assert _prune_bwd(monkeypatch, "dkdv", _H100, 160, torch.float32) == every_large_dkdv
     every_large_dq = {(bm, bn, w, s) for bm, bn, w in kernels._DQ_TILES_LARGE_D for s in (2, 3)}
     assert _prune_bwd(monkeypatch, "dq", _H100, 160, torch.float32) == every_large_dq - {(64, 64, 8, 3), (128, 32, 8, 3)}
-    # 16-bit inputs fit everywhere: nothing is dropped for shared memory.
+    # 16-bit inputs fit everywhere: nothing is dropped for shared memory (on sm_80 the dQ
+    # 64x64 tile at D=160 goes for its spills, below).
+    assert _prune_bwd(monkeypatch, "dq", _H100, 160, torch.float16) == every_large_dq
+    assert _prune_bwd(monkeypatch, "dq", _A100, 160, torch.float16) == {t for t in every_large_dq if t[1] <= 32}
     for smem in (_A100, _H100):
-        assert _prune_bwd(monkeypatch, "dq", smem, 160, torch.float16) == every_large_dq
         assert _prune_bwd(monkeypatch, "dkdv", smem, 80, torch.bfloat16) == {
             (bm, bn, w, s) for bm, bn, w in kernels._DKDV_TILES for s in (2, 3)
         }
@@ -251,8 +253,8 @@ def test_backward_pruner_keeps_the_smallest_config_when_none_fits_and_says_so(mo
 @pytest.mark.parametrize("smem", [_A100, _H100])
 def test_backward_pruner_drops_the_tiles_that_spill_on_sm80(monkeypatch, smem):
     """Issue 8's spills (sm_80, fp16, Triton 3.9): with a full mask the 64-row dK/dV query steps
-    spill at D=40/64/80 and the dQ 64x64 tile at D=160; with a key-padding mask the 64x64 dK/dV
-    tile spills at D=80. sm_90 keeps them all (no spills there)."""
+    spill at D=40/64/80; with a key-padding mask the 64x64 dK/dV tile spills at D=80; the dQ
+    64x64 tile spills at D=160 with or without a mask. sm_90 keeps them all (no spills there)."""
     kernels = _kernels()
     small_dkdv = {(bm, bn, w, s) for bm, bn, w in kernels._DKDV_TILES for s in (2, 3)}
     ampere = smem == _A100
@@ -267,7 +269,8 @@ def test_backward_pruner_drops_the_tiles_that_spill_on_sm80(monkeypatch, smem):
     large_dq = {(bm, bn, w, s) for bm, bn, w in kernels._DQ_TILES_LARGE_D for s in (2, 3)}
     full_dq = _prune_bwd(monkeypatch, "dq", smem, 160, mask_kind=1)
     assert full_dq == ({t for t in large_dq if t[1] <= 32} if ampere else large_dq)
-    assert _prune_bwd(monkeypatch, "dq", smem, 160, mask_kind=1, keys_only=True) == large_dq
+    assert _prune_bwd(monkeypatch, "dq", smem, 160, mask_kind=1, keys_only=True) == full_dq
+    assert _prune_bwd(monkeypatch, "dq", smem, 160) == full_dq
     small_dq = {(bm, bn, w, s) for bm, bn, w in kernels._DQ_TILES for s in (2, 3)}
     assert _prune_bwd(monkeypatch, "dq", smem, 80, mask_kind=1) == small_dq
 
