@@ -390,15 +390,24 @@ AOT_SPILL_ALLOWANCES = {
         "the Ampere list has no other tile of 64+ rows at D=160 (16-row tiles only fill the GPU for short "
         "sequences), so these stay and the tuner measures them; small, left to measurement on an A100"
     ),
-    ("_attn_bwd_dkdv", r"^sm_80 .*HEAD_DIM=80 .*MASK_KIND=1 MASK_KEYS_ONLY=False .* 32x(64|128) "): (
-        "D=80 with a full (Lq, Lk) bool mask on sm_80: the 32-row dK/dV tiles spill 80-104 B (32x64 w4/w8, "
-        "32x128 w8; Triton 3.9) and the 64-row ones 1,728 B (pruned, _bwd_spill_keep), so no listed tile is "
-        "spill-free; full masks are rare in SD. 16-row tiles for this case: open"
+    ("_attn_bwd_dkdv", r"^sm_80 .*HEAD_DIM=80 .*MASK_KIND=[12] MASK_KEYS_ONLY=False .* 32x(64|128) "): (
+        "D=80 with a full (Lq, Lk) bool or additive mask on sm_80: the 32-row dK/dV tiles spill 44-104 B "
+        "(32x64 w4/w8, 32x128 w8; Triton 3.9) and the 64-row ones 1,728 B (pruned, _bwd_spill_keep), so no "
+        "listed tile is spill-free; full masks are rare in SD. 16-row tiles for this case: open"
     ),
-    ("_attn_bwd_dkdv", r"^sm_80 .*HEAD_DIM=160 .*MASK_KIND=1 MASK_KEYS_ONLY=False .* (16x64|32x64|16x128) "): (
-        "D=160 with a full (Lq, Lk) bool mask on sm_80: every large-D dK/dV tile spills 4.8-6.1 KB "
+    ("_attn_bwd_dkdv", r"^sm_80 .*HEAD_DIM=160 .*MASK_KIND=[12] MASK_KEYS_ONLY=False .* (16x64|32x64|16x128) "): (
+        "D=160 with a full (Lq, Lk) bool or additive mask on sm_80: every large-D dK/dV tile spills 4.8-6.1 KB "
         "(16x64 w4, 16x128 w8, 32x64 w8; Triton 3.9), so no tile is left to prune to; full masks are rare in SD "
         "(key-padding masks and no mask do not spill). A split of the D=160 backward: open"
+    ),
+    ("_attn_bwd_dq", r"^sm_80 .*HEAD_DIM=40 .*MASK_KIND=1 MASK_KEYS_ONLY=True .* 64x64 w4 s3"): (
+        "D=40 with a key-padding bool mask on sm_80: the 64x64 4-warp dQ tile spills 20 B at 3 stages (Triton 3.9; "
+        "its 2-stage twin and every other listed dQ tile do not); small, and the tuner measures it beside them"
+    ),
+    ("_attn_bwd_dq", r"^sm_80 .*HEAD_DIM=160 .*MASK_KIND=2 .* 64x32 w4 s2"): (
+        "D=160 with an additive mask (key-padding or full) on sm_80: the 64x32 4-warp dQ tile spills 8 B "
+        "(Triton 3.9; with a bool mask or none it does not, nor do 64x32 w8 and 128x32 w8 with a bool mask); "
+        "small, and the tuner measures it beside the 8-warp tiles"
     ),
 }
 
@@ -483,12 +492,17 @@ def _bwd_spill_keep(kind: str, c: triton.Config, padded: int, mask_kind: int, ke
       D=80 (an allowance, AOT_SPILL_ALLOWANCES). Keep BLOCK_M <= 32.
     * dK/dV with a key-padding mask at D=80 (padded above 64): 64x64 spills 28 B; the
       32-row tiles do not. Keep BLOCK_M <= 32 there.
+    * dK/dV at D=160: 32x64 w8 spills 32-52 B without a mask and 68-104 B with a
+      key-padding one; 16x64 w4 and 16x128 w8 do not (every-config matrix, fp16). Keep
+      BLOCK_M <= 16 (with a full mask every large-D tile spills, an allowance).
     """
     if capability is None or capability[0] >= 9:
         return True
     bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
     if kind == "dq":
         return padded <= 128 or bn <= 32
+    if padded > 128 and bm > 16:
+        return False
     if mask_kind == MASK_NONE:
         return True
     return bm <= 32 or (keys_only and padded <= 64)

@@ -226,7 +226,8 @@ def test_backward_pruner_drops_what_exceeds_shared_memory(monkeypatch):
     """fp32 at D=160 (issue 8's over-limit backward compiles, Triton 3.9): on sm_80 the dK/dV
     tiles 16x128 and 32x64 with 3 stages and the dQ tiles 64x64, 128x32 and every 3-stage one
     exceed 163 KB; on sm_90 only the 3-stage dQ 64x64 and 128x32 (262 KB) exceed 227 KB."""
-    assert _prune_bwd(monkeypatch, "dkdv", _A100, 160, torch.float32) == {(16, 64, 4, 2), (16, 64, 4, 3), (32, 64, 8, 2)}
+    # (32x64 w8 s2 fits too, but on sm_80 the D=160 dK/dV keeps 16-row tiles for their spills, below.)
+    assert _prune_bwd(monkeypatch, "dkdv", _A100, 160, torch.float32) == {(16, 64, 4, 2), (16, 64, 4, 3)}
     assert _prune_bwd(monkeypatch, "dq", _A100, 160, torch.float32) == {(64, 32, 4, 2), (64, 32, 8, 2)}
     kernels = _kernels()
     every_large_dkdv = {(bm, bn, w, s) for bm, bn, w in kernels._DKDV_TILES_LARGE_D for s in (2, 3)}
@@ -273,6 +274,12 @@ def test_backward_pruner_drops_the_tiles_that_spill_on_sm80(monkeypatch, smem):
     assert _prune_bwd(monkeypatch, "dq", smem, 160) == full_dq
     small_dq = {(bm, bn, w, s) for bm, bn, w in kernels._DQ_TILES for s in (2, 3)}
     assert _prune_bwd(monkeypatch, "dq", smem, 80, mask_kind=1) == small_dq
+    # dK/dV at D=160: 32x64 w8 spills 32-104 B on sm_80 without a mask or with a key-padding one
+    # (the every-config matrix); the 16-row tiles do not.
+    large_dkdv = {(bm, bn, w, s) for bm, bn, w in kernels._DKDV_TILES_LARGE_D for s in (2, 3)}
+    for mask in ({}, {"mask_kind": 1, "keys_only": True}, {"mask_kind": 2, "keys_only": True}):
+        kept = _prune_bwd(monkeypatch, "dkdv", smem, 160, **mask)
+        assert kept == ({t for t in large_dkdv if t[0] <= 16} if ampere else large_dkdv)
 
 
 def test_tma_forward_estimate_counts_the_fp32_transpose_scratch(monkeypatch):
