@@ -11,9 +11,11 @@ against what the kernels are meant to use. Results are cached by kernel source
 (JITFunction.cache_key, which covers the @triton.jit helpers a kernel calls) and
 Triton version under ~/.cache/fastdiff-aot, so only changed kernels are
 recompiled (test_cache_is_keyed_by_kernel_source_and_triton_version). The other
-Triton versions run in scripts/aot_check.sh (CI). The `reachable` matrix (every
-config any real shape can reach) is tens of thousands of compiles and is not run
-here; benchmarks/results/aot_compile.md gives its size.
+Triton versions, and the `every` matrix (every config of every autotune list at
+every SD dtype, mask and layout) with all three Tritons, run in scripts/aot_check.sh
+(CI, beside this suite). The `reachable` matrix (every config any real shape can
+reach) is tens of thousands of compiles and is not run here;
+benchmarks/results/aot_compile.md gives its size.
 """
 
 import json
