@@ -125,6 +125,17 @@ class Dispatcher:
         self._plans: Dict[Any, Backend] = {}
         _ALL_PLANS.append(self._plans)
 
+    def untouched(self, name: str, run: Callable, reasons: Callable, priority: Callable) -> bool:
+        """Whether nobody watches or replaces this dispatcher's choice: no instance ``select`` or
+        ``lookup`` (pipeline explain and the step census patch them), and the op's own ``priority``
+        and backend ``name``'s own ``run`` and reasons. The ops' CPU fast paths skip dispatch only then."""
+        own = self.__dict__
+        backend = own["backends"][name]
+        return (
+            "select" not in own and "lookup" not in own and own["priority"] is priority
+            and backend.run is run and backend.not_supported_reasons is reasons
+        )
+
     def reasons(self, inputs: Mapping[str, Any]) -> Dict[str, List[str]]:
         """Every backend's reasons for ``inputs`` (empty list = can run)."""
         return {name: list(b.not_supported_reasons(inputs)) for name, b in self.backends.items()}
@@ -213,6 +224,24 @@ class Dispatcher:
 # ---------------------------------------------------------------------------
 
 _FORCED: contextvars.ContextVar[Tuple[Dict[str, str], ...]] = contextvars.ContextVar("fastdiff_forced_backends", default=())
+
+
+# The FASTDIFF_BACKEND entry of os.environ's underlying table, read without os.environ.get,
+# whose KeyError on an unset variable costs about 1 us per call (as much as the rest of an op's
+# CPU fast path). os.environ[...] = / del / monkeypatch.setenv all update this table.
+_ENVIRON_DATA = getattr(os.environ, "_data", None)
+_ENV_KEY = os.environ.encodekey(ENV_VAR) if _ENVIRON_DATA is not None else None
+
+
+def context_requests_auto() -> bool:
+    """True when neither :func:`use_backend` nor FASTDIFF_BACKEND (unset or empty) names a
+    backend, so a call with ``backend=None`` asks for ``auto``. False when either does, even
+    for another op: such calls take the dispatcher's path, which reads and checks the request."""
+    if _FORCED.get():
+        return False
+    if _ENVIRON_DATA is not None:
+        return not _ENVIRON_DATA.get(_ENV_KEY)
+    return not os.environ.get(ENV_VAR)
 _TRACES: contextvars.ContextVar[Tuple[list, ...]] = contextvars.ContextVar("fastdiff_dispatch_traces", default=())
 
 _ALL_OPS = "*"

@@ -33,7 +33,6 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensor
 
 from fastdiff import backends
-from fastdiff.ops.group_norm import _context_requests_auto
 
 OP_NAME = "attention"
 #: dtypes the op accepts; fp64 runs on ``reference`` and ``sdpa`` only.
@@ -400,17 +399,9 @@ def _cpu_auto_scale(q, k, v, attn_mask, scale, backend) -> Any:
         return None
     if type(q) is not _Tensor or type(k) is not _Tensor or type(v) is not _Tensor:
         return None
-    if not (q.is_cpu and k.is_cpu and v.is_cpu) or (backend is None and not _context_requests_auto()):
+    if not (q.is_cpu and k.is_cpu and v.is_cpu) or (backend is None and not backends.context_requests_auto()):
         return None
-    watched = _DISPATCHER.__dict__
-    sdpa = watched["backends"]["sdpa"]
-    if (
-        "select" in watched
-        or "lookup" in watched
-        or watched["priority"] is not _priority
-        or sdpa.run is not _sdpa_run
-        or sdpa.not_supported_reasons is not _sdpa_reasons
-    ):
+    if not _DISPATCHER.untouched("sdpa", _sdpa_run, _sdpa_reasons, _priority):
         return None
     q_shape, k_shape = q.shape, k.shape
     if len(q_shape) != 4 or v.shape != k_shape or len(k_shape) != 4 or 0 in q_shape or 0 in k_shape:

@@ -481,24 +481,6 @@ def group_norm(
     return chosen.run(_inputs(x, num_groups, weight, bias, eps, activation, input_bias))
 
 
-# The FASTDIFF_BACKEND entry of os.environ's underlying table, read without os.environ.get,
-# whose KeyError on an unset variable costs about 1 us per call (as much as the rest of the
-# CPU fast path). os.environ[...] = / del / monkeypatch.setenv all update this table.
-_ENVIRON_DATA = getattr(os.environ, "_data", None)
-_ENV_KEY = os.environ.encodekey(backends.ENV_VAR) if _ENVIRON_DATA is not None else None
-
-
-def _context_requests_auto() -> bool:
-    """True when neither ``fastdiff.use_backend`` nor FASTDIFF_BACKEND (unset or empty) names a
-    backend, so a call with ``backend=None`` asks for ``auto``. False when either does, even
-    for another op: such calls take the dispatcher's path, which reads and checks the request."""
-    if backends._FORCED.get():
-        return False
-    if _ENVIRON_DATA is not None:
-        return not _ENVIRON_DATA.get(_ENV_KEY)
-    return not os.environ.get(backends.ENV_VAR)
-
-
 def _cpu_reference_call(x, num_groups, weight, bias, eps, activation, backend, input_bias) -> bool:
     """Whether :func:`group_norm` may skip plan keys and dispatch and run the reference directly:
     True only when the dispatcher would choose ``reference`` (CPU tensors, a request of ``auto``
@@ -512,19 +494,11 @@ def _cpu_reference_call(x, num_groups, weight, bias, eps, activation, backend, i
     if _is_compiling() or type(x) is not _Tensor or not x.is_cpu:
         return False
     if backend is None:
-        if not _context_requests_auto():
+        if not backends.context_requests_auto():
             return False
     elif backend != "reference" and backend != "auto":
         return False
-    watched = _DISPATCHER.__dict__
-    reference = watched["backends"]["reference"]
-    if (
-        "select" in watched
-        or "lookup" in watched
-        or watched["priority"] is not _priority
-        or reference.run is not _reference_run
-        or reference.not_supported_reasons is not _reference_reasons
-    ):
+    if not _DISPATCHER.untouched("reference", _reference_run, _reference_reasons, _priority):
         return False
     shape = x.shape
     if not 3 <= len(shape) <= 5 or 0 in shape or not x.is_floating_point():
