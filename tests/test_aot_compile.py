@@ -161,9 +161,9 @@ print(json.dumps({"runs": runs, "other_version_keys": other}))
 '''
 
 
-def test_cache_is_keyed_by_kernel_source_and_triton_version(tmp_path):
-    """Editing a @triton.jit helper recompiles exactly the kernels that call it; another Triton
-    version gets other keys. Every figure asserted here comes from the tool and Triton's compiler."""
+def _probe_package(tmp_path):
+    """A throwaway kernel package (aotprobe.kern) and the environment that runs the tool on it
+    with its own cache; skips where this Triton cannot compile ahead of time."""
     if not _has_aot_compile():
         pytest.skip("this Triton cannot compile ahead of time (no ASTSource/GPUTarget)")
     package = tmp_path / "aotprobe"
@@ -173,6 +173,13 @@ def test_cache_is_keyed_by_kernel_source_and_triton_version(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), REPO])
     env["FASTDIFF_AOT_CACHE"] = str(tmp_path / "cache")
+    return package, env
+
+
+def test_cache_is_keyed_by_kernel_source_and_triton_version(tmp_path):
+    """Editing a @triton.jit helper recompiles exactly the kernels that call it; another Triton
+    version gets other keys. Every figure asserted here comes from the tool and Triton's compiler."""
+    package, env = _probe_package(tmp_path)
 
     def run(times):
         result = subprocess.run(
@@ -187,6 +194,11 @@ def test_cache_is_keyed_by_kernel_source_and_triton_version(tmp_path):
     assert all(warm[k]["cached"] and warm[k]["key"] == cold[k]["key"] and warm[k]["registers"] == cold[k]["registers"] for k in warm)
     assert cold["_a_kernel"]["key"] != cold["_b_kernel"]["key"]
     assert all(first["other_version_keys"][k] != cold[k]["key"] for k in cold)
+
+    # Lines added above the kernels (a launcher or pruner edited) move them without changing them: every key stays, all cached.
+    (package / "kern.py").write_text("# a comment\n\n\nPLAIN = 3  # a global no kernel reads\n" + _PROBE_KERNELS)
+    (moved,) = run(1)["runs"]
+    assert all(moved[k]["cached"] and moved[k]["key"] == cold[k]["key"] for k in cold), moved
 
     # Change only the helper that _a_kernel calls: _a_kernel recompiles under a new key, _b_kernel is served from the cache.
     source = (package / "kern.py").read_text().replace("return x * F\n", "return x * F + 0.5\n")
@@ -221,15 +233,7 @@ def test_a_stop_file_defers_what_is_not_cached_and_a_later_run_compiles_it(tmp_p
     """CI's every-config matrix runs until the tests end (--stop-file): an uncached compile is then
     deferred (no result, not checked), a run without the stop compiles it, and a cached one is
     always served, stop or not (--deadline alike)."""
-    if not _has_aot_compile():
-        pytest.skip("this Triton cannot compile ahead of time (no ASTSource/GPUTarget)")
-    package = tmp_path / "aotprobe"
-    package.mkdir()
-    (package / "__init__.py").write_text("")
-    (package / "kern.py").write_text(_PROBE_KERNELS)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), REPO])
-    env["FASTDIFF_AOT_CACHE"] = str(tmp_path / "cache")
+    package, env = _probe_package(tmp_path)
     result = subprocess.run(
         [sys.executable, "-c", _DEFER_DRIVER, str(tmp_path / "stop")], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
     )
