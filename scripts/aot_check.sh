@@ -16,6 +16,7 @@
 #        see fastdiff/tools/aot_check.py; `reachable`: every config any real SD/SDXL/VAE shape can reach,
 #        tens of thousands of compiles), FASTDIFF_AOT_STOP_FILE (start no new compile once this file
 #        exists: what is left is deferred, listed and compiled by a later run from the cache),
+#        FASTDIFF_AOT_DEADLINE (the same from a time, in seconds since the epoch),
 #        FASTDIFF_AOT_REDUCE (e.g. "bf16,intclass": merge compiles that a sampled check found identical;
 #        default none), JOBS (default nproc)
 set -euo pipefail
@@ -29,7 +30,8 @@ BASE_SITE=$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])"
 
 failed=0
 STOP_ARGS=()
-[ -n "${FASTDIFF_AOT_STOP_FILE:-}" ] && STOP_ARGS=(--stop-file "$FASTDIFF_AOT_STOP_FILE")
+[ -n "${FASTDIFF_AOT_STOP_FILE:-}" ] && STOP_ARGS+=(--stop-file "$FASTDIFF_AOT_STOP_FILE")
+[ -n "${FASTDIFF_AOT_DEADLINE:-}" ] && STOP_ARGS+=(--deadline "$FASTDIFF_AOT_DEADLINE")
 for version in $VERSIONS; do
   if [ "$version" = venv ]; then
     # .venv's own Triton: the full check (registers, spills and wgmma as well as compile and shared memory).
