@@ -803,17 +803,23 @@ def _bwd_combine_kernel(
     dw = tl.zeros([BLOCK_CPG], dtype=tl.float32)
     db = tl.zeros([BLOCK_CPG], dtype=tl.float32)
     for n in range(0, N):
-        ds_n = tl.zeros([BLOCK_CPG], dtype=tl.float32)
-        db_n = tl.zeros([BLOCK_CPG], dtype=tl.float32)
-        xh_n = tl.zeros([BLOCK_CPG], dtype=tl.float32)
+        # Tile-shaped accumulators, reduced once after the loop: a row sum accumulated inside
+        # the loop makes Triton 3.6's TritonGPUOptimizeThreadLocality pass fail on the
+        # 16x16 and 32x8 tiles without input_bias (fastdiff.tools.aot_check, every matrix).
+        acc_ds = tl.zeros([BLOCK_CPG, BLOCK_K], dtype=tl.float32)
+        acc_db = tl.zeros([BLOCK_CPG, BLOCK_K], dtype=tl.float32)
+        acc_xh = tl.zeros([BLOCK_CPG, BLOCK_K], dtype=tl.float32)
         rows = (n * C + chan) * n_chunks
         for k0 in range(0, n_chunks, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             mask = mask_c[:, None] & (k < n_chunks)[None, :]
-            ds_n += tl.sum(tl.load(PDS + rows[:, None] + k[None, :], mask=mask, other=0.0), axis=1)
-            db_n += tl.sum(tl.load(PDB + rows[:, None] + k[None, :], mask=mask, other=0.0), axis=1)
+            acc_ds += tl.load(PDS + rows[:, None] + k[None, :], mask=mask, other=0.0)
+            acc_db += tl.load(PDB + rows[:, None] + k[None, :], mask=mask, other=0.0)
             if HAS_IB:
-                xh_n += tl.sum(tl.load(PXH + rows[:, None] + k[None, :], mask=mask, other=0.0), axis=1)
+                acc_xh += tl.load(PXH + rows[:, None] + k[None, :], mask=mask, other=0.0)
+        ds_n = tl.sum(acc_ds, axis=1)
+        db_n = tl.sum(acc_db, axis=1)
+        xh_n = tl.sum(acc_xh, axis=1)
         coef_a = tl.sum(w * db_n, axis=0) * inv_group_size
         coef_b = tl.sum(w * ds_n, axis=0) * inv_group_size
         tl.store(COEF_A + n * G + g, coef_a)
