@@ -242,6 +242,8 @@ def context_requests_auto() -> bool:
     if _ENVIRON_DATA is not None:
         return not _ENVIRON_DATA.get(_ENV_KEY)
     return not os.environ.get(ENV_VAR)
+
+
 _TRACES: contextvars.ContextVar[Tuple[list, ...]] = contextvars.ContextVar("fastdiff_dispatch_traces", default=())
 
 _ALL_OPS = "*"

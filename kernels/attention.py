@@ -240,7 +240,7 @@ def _fwd_smem_estimate(c: triton.Config, args, capability: Optional[Tuple[int, i
     their deep pipelines do not fit: 128x64 with 3 stages at D=160 needs 279 KB."""
     bm, bn, stages = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages
     padded = sum(head_dim_chunks(args["HEAD_DIM"], c.kwargs.get("SPLIT_D", True)))
-    elt = args["Out"].element_size() if hasattr(args.get("Out"), "element_size") else 2
+    elt = _element_size(args.get("Out"), 2)
     if capability is not None and capability[0] >= 9 and elt == 2:
         # wgmma reads its operands from shared memory: K/V for every stage, and the query tile.
         need = stages * bn * padded * elt * 2 + bm * padded * elt
@@ -254,7 +254,7 @@ def _fwd_smem_estimate(c: triton.Config, args, capability: Optional[Tuple[int, i
             staging = max(staging, bn * head_dim_chunks(args["HEAD_DIM"], c.kwargs.get("SPLIT_D", True))[0])
         need = (stages - 1) * bn * padded * elt * 2 + bm * padded * elt + staging * elt
     if args.get("MASK_KIND", MASK_NONE) != MASK_NONE:
-        mask_elt = args["Mask"].element_size() if hasattr(args.get("Mask"), "element_size") else 4
+        mask_elt = _element_size(args.get("Mask"), 4)
         need += stages * (bn if args.get("MASK_KEYS_ONLY", False) else bm * bn) * mask_elt
     return int(need * 1.05)
 

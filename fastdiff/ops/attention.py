@@ -311,12 +311,17 @@ torch.library.register_autograd("fastdiff::attention_fwd_triton_tma", _backward,
 # ---------------------------------------------------------------------------
 
 
+def _as_4d_mask(attn_mask: torch.Tensor) -> torch.Tensor:
+    """Leading size-1 dims, as a view: every backend then sees a 4-D mask (SDPA rejects a 1-D one)."""
+    if attn_mask.dim() < 4:
+        return attn_mask.view((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+    return attn_mask
+
+
 def _inputs(q, k, v, attn_mask, scale) -> Dict[str, Any]:
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if attn_mask is not None and attn_mask.dim() < 4:
-        # Leading size-1 dims, as a view: every backend then sees a 4-D mask
-        # (SDPA rejects a 1-D one).
-        attn_mask = attn_mask.view((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+    if attn_mask is not None:
+        attn_mask = _as_4d_mask(attn_mask)
     return {"q": q, "k": k, "v": v, "attn_mask": attn_mask, "scale": scale}
 
 
@@ -358,15 +363,10 @@ def attention(
         # CPU fast path: auto would choose ``sdpa`` and every check would pass. The same SDPA
         # call as the ``sdpa`` backend's, with positional arguments (keywords cost ~0.5 us each).
         backends._record(OP_NAME, "sdpa")
-        if attn_mask is None:
-            if scale_to_use is _SDPA_DEFAULT:
-                return _scaled_dot_product_attention(q, k, v)
-            return _scaled_dot_product_attention(q, k, v, scale=scale_to_use)
-        if attn_mask.dim() < 4:
-            attn_mask = attn_mask.view((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))  # as _inputs does
+        args = (q, k, v) if attn_mask is None else (q, k, v, _as_4d_mask(attn_mask))
         if scale_to_use is _SDPA_DEFAULT:
-            return _scaled_dot_product_attention(q, k, v, attn_mask)
-        return _scaled_dot_product_attention(q, k, v, attn_mask, scale=scale_to_use)
+            return _scaled_dot_product_attention(*args)
+        return _scaled_dot_product_attention(*args, scale=scale_to_use)
     # A repeat call with the same layout reuses the backend chosen before (the
     # dispatcher's plan cache) and skips the argument checks and every reason.
     # Under torch.compile the checked path runs once, at trace time.

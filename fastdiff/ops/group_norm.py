@@ -509,15 +509,16 @@ def _cpu_reference_call(x, num_groups, weight, bias, eps, activation, backend, i
     if type(eps) is not float or not eps >= 0 or (activation is not None and activation != "silu"):
         return False
     dtype = x.dtype
-    if weight is not None and not (isinstance(weight, _Tensor) and weight.is_cpu and weight.dtype == dtype and weight.shape == (channels,)):
-        return False
-    if bias is not None and not (isinstance(bias, _Tensor) and bias.is_cpu and bias.dtype == dtype and bias.shape == (channels,)):
-        return False
-    if input_bias is not None and not (
-        isinstance(input_bias, _Tensor) and input_bias.is_cpu and input_bias.dtype == dtype and input_bias.shape == shape[:2]
-    ):
-        return False
-    return True
+    return (
+        _cpu_param_ok(weight, dtype, (channels,))
+        and _cpu_param_ok(bias, dtype, (channels,))
+        and _cpu_param_ok(input_bias, dtype, shape[:2])
+    )
+
+
+def _cpu_param_ok(t, dtype, shape) -> bool:
+    """None, or a CPU tensor of x's dtype and the expected shape (what _check_inputs accepts)."""
+    return t is None or (isinstance(t, _Tensor) and t.is_cpu and t.dtype == dtype and t.shape == shape)
 
 
 def _tensor_key(t) -> Any:

@@ -831,8 +831,12 @@ def _cache_dir() -> str:
     return os.environ.get("FASTDIFF_AOT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fastdiff-aot")
 
 
+def _cache_path(inst) -> str:
+    return os.path.join(_cache_dir(), triton.__version__, inst["key"] + ".json")
+
+
 def _compile_cached(inst) -> Dict[str, Any]:
-    path = os.path.join(_cache_dir(), triton.__version__, inst["key"] + ".json")
+    path = _cache_path(inst)
     if os.path.exists(path):
         with open(path) as f:
             return dict(json.load(f), cached=True)
@@ -857,8 +861,7 @@ def _should_defer() -> bool:
 
 
 def _compile_or_defer(inst) -> Optional[Dict[str, Any]]:
-    path = os.path.join(_cache_dir(), triton.__version__, inst["key"] + ".json")
-    if _should_defer() and not os.path.exists(path):
+    if _should_defer() and not os.path.exists(_cache_path(inst)):
         return None
     return _compile_cached(inst)
 
